@@ -1,0 +1,206 @@
+// Command baton is a graceful-restart supervisor: it holds a server's
+// listening sockets and replaces one generation of the server with the
+// next without refusing a connection.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/ctl"
+	"github.com/baton-run/baton/listen"
+	"github.com/baton-run/baton/supervisor"
+)
+
+const usage = `baton: graceful-restart supervisor for network servers
+
+Usage:
+  baton run [flags] -- COMMAND [ARGS...]   supervise COMMAND
+  baton restart [flags]                    ask a running supervisor to restart
+  baton status [flags]                     show a running supervisor's generations
+  baton help                               this text
+
+Run 'baton run -h', 'baton restart -h' or 'baton status -h' for flags.
+`
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == supervisor.ShimArg {
+		os.Exit(supervisor.RunShim(os.Args[2:]))
+	}
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	args := os.Args[2:]
+	switch os.Args[1] {
+	case "run":
+		os.Exit(runMain(args, os.Stderr))
+	case "restart":
+		os.Exit(ctl.RestartMain(args, os.Getenv, os.Stdout, os.Stderr))
+	case "status":
+		os.Exit(ctl.StatusMain(args, os.Getenv, os.Stdout, os.Stderr))
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "baton: unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+}
+
+// multiFlag collects a repeatable flag.
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
+
+func runMain(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("baton run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		configPath   = fs.String("config", "", "TOML config file; re-read on every restart (flags win over it)")
+		listens      multiFlag
+		envs         multiFlag
+		control      = fs.String("control", "", "coordination socket path (default $BATON_CONTROL, then "+config.DefaultControl+")")
+		controlGroup = fs.String("control-group", "", "group allowed to use the coordination socket (mode 0660)")
+		ready        = fs.String("ready", "auto", "readiness: auto (inheritance pipe or sd_notify), delay:DURATION, tcp-connect:HOST:PORT")
+		readyTimeout = fs.Duration("ready-timeout", config.DefaultReadyTimeout, "how long a new generation may take to become ready")
+		drainSignal  = fs.String("drain-signal", "SIGTERM", "signal that tells an old generation to drain")
+		drainTimeout = fs.Duration("drain-timeout", config.DefaultDrainTimeout, "SIGKILL a draining generation after this long")
+		maxDraining  = fs.Int("max-draining", config.DefaultMaxDraining, "refuse a restart while this many generations drain")
+		stopTimeout  = fs.Duration("stop-timeout", config.DefaultStopTimeout, "on SIGTERM, SIGKILL generations still running after this long")
+		checkCmd     = fs.String("check-cmd", "", "shell command run before each restart; non-zero exit refuses the restart")
+		checkTimeout = fs.Duration("check-timeout", config.DefaultCheckTimeout, "bound on --check-cmd")
+		userName     = fs.String("user", "", "run generations as this user")
+		groupName    = fs.String("group", "", "run generations with this group (needs --user)")
+		dir          = fs.String("dir", "", "working directory of generations")
+		logFormat    = fs.String("log-format", "text", "log format: text or json")
+		logLevel     = fs.String("log-level", "info", "log level: debug, info, warn, error")
+	)
+	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://ADDR:PORT, udp://ADDR:PORT, unix:///path; options as ?backlog=N&mode=0660&group=G")
+	fs.Var(&envs, "env", "KEY=VALUE added to the generations' environment, repeatable")
+	fs.Usage = func() {
+		fmt.Fprint(stderr, "Usage: baton run [flags] -- COMMAND [ARGS...]\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	command := fs.Args()
+
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	// Parse the flags that need it once, so usage errors show at start.
+	var parsedListeners []config.Listener
+	for _, l := range listens {
+		pl, err := config.ParseListen(l)
+		if err != nil {
+			fmt.Fprintln(stderr, "baton run:", err)
+			return 2
+		}
+		parsedListeners = append(parsedListeners, pl)
+	}
+	overrides := func(c *config.Config) error {
+		if len(command) > 0 {
+			c.Command = command
+		}
+		if len(parsedListeners) > 0 {
+			c.Listeners = parsedListeners
+		}
+		c.Env = append(c.Env, envs...)
+		if set["control"] {
+			c.Control = *control
+		} else if c.Control == config.DefaultControl {
+			c.Control = config.ControlFromEnv(os.Getenv)
+		}
+		str := map[string]*string{"control-group": &c.ControlGroup, "check-cmd": &c.CheckCmd, "user": &c.User,
+			"group": &c.Group, "dir": &c.Dir, "log-format": &c.LogFormat, "log-level": &c.LogLevel}
+		vals := map[string]string{"control-group": *controlGroup, "check-cmd": *checkCmd, "user": *userName,
+			"group": *groupName, "dir": *dir, "log-format": *logFormat, "log-level": *logLevel}
+		for name, dst := range str {
+			if set[name] {
+				*dst = vals[name]
+			}
+		}
+		durs := map[string]struct {
+			dst *time.Duration
+			v   time.Duration
+		}{
+			"ready-timeout": {&c.ReadyTimeout, *readyTimeout}, "drain-timeout": {&c.DrainTimeout, *drainTimeout},
+			"stop-timeout": {&c.StopTimeout, *stopTimeout}, "check-timeout": {&c.CheckTimeout, *checkTimeout},
+		}
+		for name, d := range durs {
+			if set[name] {
+				*d.dst = d.v
+			}
+		}
+		if set["max-draining"] {
+			c.MaxDraining = *maxDraining
+		}
+		if set["ready"] {
+			r, err := config.ParseReady(*ready)
+			if err != nil {
+				return err
+			}
+			c.Ready = r
+		}
+		if set["drain-signal"] {
+			sig, err := config.ParseSignal(*drainSignal)
+			if err != nil {
+				return err
+			}
+			c.DrainSignal = sig
+		}
+		return nil
+	}
+	load := func() (*config.Config, error) { return config.Load(*configPath, overrides) }
+
+	cfg, err := load()
+	if err != nil {
+		fmt.Fprintln(stderr, "baton run:", err)
+		return 2
+	}
+	log := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
+	slog.SetDefault(log)
+
+	activated := listen.Activated()
+	socks, err := listen.Resolve(cfg.Listeners, activated)
+	if err != nil {
+		log.Error("cannot open listeners", "err", err)
+		return 1
+	}
+	defer listen.CloseAll(socks)
+	if len(socks) == 0 {
+		log.Warn("no listeners: pass --listen NAME=URL or start baton with systemd socket activation")
+	}
+	for i, sk := range socks {
+		log.Info("listener", "name", sk.Spec.Name, "url", sk.Spec.URL, "fd", 3+i, "systemd", sk.Activated)
+	}
+
+	sup := supervisor.New(cfg, supervisor.Options{Load: load, Logger: log, Sockets: socks})
+	if err := sup.Run(context.Background()); err != nil {
+		log.Error("baton run failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(w io.Writer, format, level string) *slog.Logger {
+	var lv slog.Level
+	_ = lv.UnmarshalText([]byte(level))
+	opts := &slog.HandlerOptions{Level: lv}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

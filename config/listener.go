@@ -1,0 +1,155 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Listener schemes.
+const (
+	SchemeTCP     = "tcp"
+	SchemeUDP     = "udp"
+	SchemeUnix    = "unix"
+	SchemeSystemd = "systemd" // a socket received from systemd, no URL of its own
+)
+
+// Listener is one named listening socket the supervisor holds for every
+// generation.
+type Listener struct {
+	Name   string
+	URL    string // as the user wrote it
+	Scheme string
+	// Addr is host:port for tcp/udp, the filesystem path for unix.
+	Addr string
+
+	Backlog int         // tcp, unix: listen(2) backlog; 0 = SOMAXCONN
+	V6Only  bool        // tcp, udp on [::]: refuse IPv4-mapped peers
+	Mode    os.FileMode // unix: socket file mode; 0 = leave to umask
+	Owner   string      // unix: user name or uid
+	Group   string      // unix: group name or gid
+}
+
+// ParseListen parses "NAME=URL" as given to --listen.
+func ParseListen(arg string) (Listener, error) {
+	name, raw, ok := strings.Cut(arg, "=")
+	if !ok {
+		return Listener{}, fmt.Errorf("--listen %q: want NAME=URL, e.g. http=tcp://127.0.0.1:8080", arg)
+	}
+	return ParseListener(name, raw)
+}
+
+// ParseListener parses one listener URL such as tcp://:443?backlog=4096 or
+// unix:///run/app.sock?mode=0660&group=www.
+func ParseListener(name, raw string) (Listener, error) {
+	if err := validName(name); err != nil {
+		return Listener{}, err
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return Listener{}, fmt.Errorf("listener %s: %w", name, err)
+	}
+	l := Listener{Name: name, URL: raw, Scheme: u.Scheme}
+	q := u.Query()
+	switch u.Scheme {
+	case SchemeTCP, SchemeUDP:
+		if u.Path != "" && u.Path != "/" {
+			return l, fmt.Errorf("listener %s: %s URL takes no path, got %q", name, u.Scheme, u.Path)
+		}
+		host, port, err := net.SplitHostPort(u.Host)
+		if err != nil {
+			return l, fmt.Errorf("listener %s: address %q: %w (want HOST:PORT, [IPV6]:PORT or :PORT)", name, u.Host, err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil || p <= 0 || p > 65535 {
+			return l, fmt.Errorf("listener %s: port %q must be 1..65535 (a fixed port: every generation shares it)", name, port)
+		}
+		if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+			return l, fmt.Errorf("listener %s: host %q must be an IP address or localhost", name, host)
+		}
+		if host == "localhost" {
+			host = "127.0.0.1"
+		}
+		l.Addr = net.JoinHostPort(host, port)
+	case SchemeUnix:
+		if u.Host != "" {
+			return l, fmt.Errorf("listener %s: unix URL needs an absolute path: unix:///path (three slashes), got host %q", name, u.Host)
+		}
+		if !strings.HasPrefix(u.Path, "/") {
+			return l, fmt.Errorf("listener %s: unix path %q must be absolute", name, u.Path)
+		}
+		l.Addr = u.Path
+	case "":
+		return l, fmt.Errorf("listener %s: %q has no scheme: use tcp://, udp:// or unix://", name, raw)
+	default:
+		return l, fmt.Errorf("listener %s: unknown scheme %q: use tcp://, udp:// or unix://", name, u.Scheme)
+	}
+	for key, vals := range q {
+		v := vals[len(vals)-1]
+		switch {
+		case key == "backlog" && l.Scheme != SchemeUDP:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 1<<20 {
+				return l, fmt.Errorf("listener %s: backlog=%q must be a positive integer", name, v)
+			}
+			l.Backlog = n
+		case key == "v6only" && l.Scheme != SchemeUnix:
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return l, fmt.Errorf("listener %s: v6only=%q must be true or false", name, v)
+			}
+			l.V6Only = b
+		case key == "mode" && l.Scheme == SchemeUnix:
+			m, err := strconv.ParseUint(v, 8, 32)
+			if err != nil || m > 0o777 {
+				return l, fmt.Errorf("listener %s: mode=%q must be octal permission bits like 0660", name, v)
+			}
+			l.Mode = os.FileMode(m)
+		case key == "owner" && l.Scheme == SchemeUnix:
+			l.Owner = v
+		case key == "group" && l.Scheme == SchemeUnix:
+			l.Group = v
+		default:
+			return l, fmt.Errorf("listener %s: option %q is not known for %s:// (known: %s)", name, key, l.Scheme, knownOptions(l.Scheme))
+		}
+	}
+	return l, nil
+}
+
+func knownOptions(scheme string) string {
+	switch scheme {
+	case SchemeTCP:
+		return "backlog, v6only"
+	case SchemeUDP:
+		return "v6only"
+	default:
+		return "backlog, mode, owner, group"
+	}
+}
+
+// validName keeps names usable in LISTEN_FDNAMES, which is colon-separated
+// and limited by systemd to 255 printable ASCII characters.
+func validName(name string) error {
+	if name == "" {
+		return fmt.Errorf("listener name is empty")
+	}
+	if len(name) > 255 {
+		return fmt.Errorf("listener name %q is longer than 255 characters", name)
+	}
+	for _, r := range name {
+		if r <= ' ' || r > '~' || r == ':' {
+			return fmt.Errorf("listener name %q: only printable ASCII without spaces or ':' (it goes into LISTEN_FDNAMES)", name)
+		}
+	}
+	return nil
+}
+
+// Same reports whether two listener definitions describe the same socket.
+func (l Listener) Same(o Listener) bool {
+	return l.Name == o.Name && l.Scheme == o.Scheme && l.Addr == o.Addr &&
+		l.Backlog == o.Backlog && l.V6Only == o.V6Only && l.Mode == o.Mode &&
+		l.Owner == o.Owner && l.Group == o.Group
+}

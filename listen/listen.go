@@ -1,0 +1,251 @@
+// Package listen opens and owns the listening sockets baton holds for its
+// generations: TCP, UDP and Unix sockets from listener URLs, and sockets
+// received from systemd socket activation.
+package listen
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"strconv"
+
+	"github.com/baton-run/baton/config"
+	"golang.org/x/sys/unix"
+)
+
+// Socket is one listening socket held by the supervisor. Its file stays
+// open for the supervisor's whole life so that connections queue in the
+// backlog while no generation accepts.
+type Socket struct {
+	Spec      config.Listener
+	File      *os.File
+	Activated bool // received from systemd rather than opened here
+
+	unixIno uint64 // inode of a Unix socket file we created, for cleanup
+}
+
+// Open creates the socket described by spec.
+func Open(spec config.Listener) (*Socket, error) {
+	switch spec.Scheme {
+	case config.SchemeTCP:
+		return openInet(spec, unix.SOCK_STREAM)
+	case config.SchemeUDP:
+		return openInet(spec, unix.SOCK_DGRAM)
+	case config.SchemeUnix:
+		return openUnix(spec)
+	}
+	return nil, fmt.Errorf("listener %s: cannot open scheme %q", spec.Name, spec.Scheme)
+}
+
+func openInet(spec config.Listener, typ int) (*Socket, error) {
+	host, portStr, err := net.SplitHostPort(spec.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	port, _ := strconv.Atoi(portStr)
+	ip := net.ParseIP(host)
+	family := unix.AF_INET6
+	var sa unix.Sockaddr
+	if ip4 := ip.To4(); ip4 != nil {
+		family = unix.AF_INET
+		s4 := &unix.SockaddrInet4{Port: port}
+		copy(s4.Addr[:], ip4)
+		sa = s4
+	} else {
+		s6 := &unix.SockaddrInet6{Port: port}
+		if ip != nil {
+			copy(s6.Addr[:], ip.To16())
+		}
+		sa = s6
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: socket: %w", spec.Name, err)
+	}
+	fail := func(what string, err error) (*Socket, error) {
+		unix.Close(fd)
+		if errors.Is(err, unix.EADDRINUSE) {
+			return nil, fmt.Errorf("listener %s: %s %s: %w (another process holds it; stop it or pick another port)", spec.Name, what, spec.Addr, err)
+		}
+		if errors.Is(err, unix.EACCES) {
+			return nil, fmt.Errorf("listener %s: %s %s: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", spec.Name, what, spec.Addr, err)
+		}
+		return nil, fmt.Errorf("listener %s: %s %s: %w", spec.Name, what, spec.Addr, err)
+	}
+	if typ == unix.SOCK_STREAM {
+		// Lets a restarted supervisor bind while old connections sit in TIME_WAIT.
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fail("SO_REUSEADDR", err)
+		}
+	}
+	if family == unix.AF_INET6 {
+		v6only := 0
+		if spec.V6Only {
+			v6only = 1
+		}
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v6only); err != nil {
+			return fail("IPV6_V6ONLY", err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fail("bind", err)
+	}
+	if typ == unix.SOCK_STREAM {
+		if err := unix.Listen(fd, backlog(spec.Backlog)); err != nil {
+			return fail("listen", err)
+		}
+	}
+	return &Socket{Spec: spec, File: os.NewFile(uintptr(fd), spec.Name)}, nil
+}
+
+func backlog(n int) int {
+	if n > 0 {
+		return n
+	}
+	return unix.SOMAXCONN
+}
+
+func openUnix(spec config.Listener) (*Socket, error) {
+	path := spec.Addr
+	if err := removeStale(path); err != nil {
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: socket: %w", spec.Name, err)
+	}
+	fail := func(err error) (*Socket, error) {
+		unix.Close(fd)
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return fail(fmt.Errorf("bind %s: %w", path, err))
+	}
+	// Ownership and mode are set before listen(2) so that no client can
+	// connect while the socket still has the umask's permissions.
+	uid, gid := -1, -1
+	if spec.Owner != "" {
+		if uid, err = lookupUID(spec.Owner); err != nil {
+			os.Remove(path)
+			return fail(err)
+		}
+	}
+	if spec.Group != "" {
+		if gid, err = LookupGID(spec.Group); err != nil {
+			os.Remove(path)
+			return fail(err)
+		}
+	}
+	if uid >= 0 || gid >= 0 {
+		if err := os.Lchown(path, uid, gid); err != nil {
+			os.Remove(path)
+			return fail(fmt.Errorf("chown %s: %w", path, err))
+		}
+	}
+	if spec.Mode != 0 {
+		if err := os.Chmod(path, spec.Mode); err != nil {
+			os.Remove(path)
+			return fail(fmt.Errorf("chmod %s: %w", path, err))
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		os.Remove(path)
+		return fail(fmt.Errorf("stat %s: %w", path, err))
+	}
+	if err := unix.Listen(fd, backlog(spec.Backlog)); err != nil {
+		os.Remove(path)
+		return fail(fmt.Errorf("listen %s: %w", path, err))
+	}
+	return &Socket{Spec: spec, File: os.NewFile(uintptr(fd), spec.Name), unixIno: st.Ino}, nil
+}
+
+// removeStale unlinks a socket file left behind by a dead process. A path
+// that a live process still listens on is never unlinked: that would cut
+// it off from every new client without it noticing.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("stat %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket; remove it or choose another path", path)
+	}
+	live, err := Probe(path)
+	if err != nil {
+		return err
+	}
+	if live {
+		return fmt.Errorf("%s: a live process is listening on it; stop it first (baton never unlinks a socket in use)", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	return nil
+}
+
+// Probe reports whether something accepts connections on the Unix socket
+// at path. ECONNREFUSED means nobody listens: the file is stale.
+func Probe(path string) (bool, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return false, fmt.Errorf("probe %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	err = unix.Connect(fd, &unix.SockaddrUnix{Name: path})
+	switch {
+	case err == nil, errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINPROGRESS):
+		// EAGAIN: a live listener whose backlog is full.
+		return true, nil
+	case errors.Is(err, unix.ECONNREFUSED), errors.Is(err, unix.ENOENT):
+		return false, nil
+	}
+	return false, fmt.Errorf("probe %s: %w", path, err)
+}
+
+// Close closes the socket and, for a Unix socket baton created, removes
+// its file if the path still names that same socket.
+func (s *Socket) Close() error {
+	err := s.File.Close()
+	if s.unixIno != 0 {
+		var st unix.Stat_t
+		if unix.Stat(s.Spec.Addr, &st) == nil && st.Ino == s.unixIno {
+			os.Remove(s.Spec.Addr)
+		}
+	}
+	return err
+}
+
+// IsDatagram reports whether the socket is SOCK_DGRAM.
+func (s *Socket) IsDatagram() bool {
+	typ, err := unix.GetsockoptInt(int(s.File.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
+	return err == nil && typ == unix.SOCK_DGRAM
+}
+
+func lookupUID(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	u, err := user.Lookup(s)
+	if err != nil {
+		return 0, fmt.Errorf("user %q: %w", s, err)
+	}
+	return strconv.Atoi(u.Uid)
+}
+
+// LookupGID resolves a group name or number.
+func LookupGID(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	g, err := user.LookupGroup(s)
+	if err != nil {
+		return 0, fmt.Errorf("group %q: %w", s, err)
+	}
+	return strconv.Atoi(g.Gid)
+}

@@ -1,0 +1,93 @@
+package listen
+
+import (
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/baton-run/baton/config"
+	"github.com/coreos/go-systemd/v22/activation"
+	"golang.org/x/sys/unix"
+)
+
+// Activated returns the sockets systemd passed to this process, in fd
+// order, named by LISTEN_FDNAMES. It unsets the activation variables so
+// they are not inherited by accident; it works once per process.
+func Activated() []*Socket {
+	files := activation.Files(true)
+	out := make([]*Socket, 0, len(files))
+	for _, f := range files {
+		spec := config.Listener{Name: f.Name(), Scheme: config.SchemeSystemd, URL: describe(f)}
+		out = append(out, &Socket{Spec: spec, File: f, Activated: true})
+	}
+	return out
+}
+
+// describe renders an activated socket's local address as a listener URL
+// for status output.
+func describe(f *os.File) string {
+	fd := int(f.Fd())
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return "systemd:" + f.Name()
+	}
+	typ, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	scheme := "tcp"
+	if typ == unix.SOCK_DGRAM {
+		scheme = "udp"
+	}
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return fmt.Sprintf("%s://%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)))
+	case *unix.SockaddrInet6:
+		return fmt.Sprintf("%s://%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)))
+	case *unix.SockaddrUnix:
+		return fmt.Sprintf("unix://%s (systemd)", a.Name)
+	}
+	return "systemd:" + f.Name()
+}
+
+// Resolve pairs the configured listeners with activated sockets: a
+// configured listener whose name matches an activated socket uses that
+// socket; the others are opened here. With no configured listeners every
+// activated socket is passed on under its own name. On error every socket
+// opened so far is closed.
+func Resolve(specs []config.Listener, activated []*Socket) ([]*Socket, error) {
+	if len(specs) == 0 {
+		return activated, nil
+	}
+	byName := map[string]*Socket{}
+	for _, s := range activated {
+		byName[s.Spec.Name] = s
+	}
+	var out []*Socket
+	for _, spec := range specs {
+		if a, ok := byName[spec.Name]; ok {
+			a.Spec.URL = spec.URL + " (systemd)"
+			out = append(out, a)
+			delete(byName, spec.Name)
+			continue
+		}
+		s, err := Open(spec)
+		if err != nil {
+			CloseAll(out)
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	// Activated sockets with no configured listener are still passed on:
+	// dropping them silently would hide a unit-file mistake.
+	for _, a := range activated {
+		if _, unused := byName[a.Spec.Name]; unused {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// CloseAll closes every socket.
+func CloseAll(socks []*Socket) {
+	for _, s := range socks {
+		s.Close()
+	}
+}

@@ -1,0 +1,138 @@
+// Package restartsock is baton's coordination socket: a Unix stream socket
+// on which the supervisor takes restart and status requests. It owns the
+// wire format (newline-delimited JSON), the peer-credential check, the
+// server loop used by the supervisor and the client used by `restart` and
+// `baton status`.
+//
+// One request per connection. The client sends one JSON object on one line
+// (at most MaxRequestSize bytes, within RequestReadTimeout). The server
+// answers with zero or more "progress" lines and exactly one final "result"
+// line, then closes the connection. The client keeps its end open (no
+// half-close) until the result: the server takes end-of-file after the
+// request as the client having gone away.
+package restartsock
+
+import (
+	"time"
+)
+
+// ProtocolVersion is the "v" field of every request and response.
+const ProtocolVersion = 1
+
+// MaxRequestSize bounds one request line, newline included.
+const MaxRequestSize = 4096
+
+// RequestReadTimeout bounds how long the server waits for a full request.
+const RequestReadTimeout = 5 * time.Second
+
+// Operations.
+const (
+	OpRestart = "restart"
+	OpStatus  = "status"
+)
+
+// Request is the single line a client sends.
+type Request struct {
+	V  int    `json:"v"`
+	Op string `json:"op"`
+	// Wait makes a restart queue behind one already running instead of
+	// getting ResultBusy.
+	Wait bool `json:"wait,omitempty"`
+}
+
+// Code is the typed outcome of a request.
+type Code string
+
+// Result codes. Each maps to one exit code of `restart` (see ExitCode).
+const (
+	ResultOK              Code = "ok"
+	ResultCheckFailed     Code = "check_failed"
+	ResultChildExited     Code = "child_exited"
+	ResultReadyTimeout    Code = "ready_timeout"
+	ResultBusy            Code = "busy"
+	ResultTooManyDraining Code = "too_many_draining"
+	ResultDenied          Code = "denied"
+	ResultShuttingDown    Code = "shutting_down"
+	ResultBadRequest      Code = "bad_request"
+)
+
+// Message types on the wire.
+const (
+	TypeProgress = "progress"
+	TypeResult   = "result"
+)
+
+// Progress events of a restart, in the order they normally happen.
+const (
+	EventQueued   = "queued"   // waiting behind another restart (--wait)
+	EventChecked  = "checked"  // config re-read and check command passed
+	EventSpawned  = "spawned"  // new generation started: Generation, PID
+	EventReady    = "ready"    // new generation reported ready
+	EventFlipped  = "flipped"  // new generation is the working generation
+	EventDraining = "draining" // old generation told to drain: Generation, PID
+)
+
+// Event is one progress line.
+type Event struct {
+	V          int       `json:"v"`
+	Type       string    `json:"type"` // TypeProgress
+	Event      string    `json:"event"`
+	Generation int       `json:"generation,omitempty"`
+	PID        int       `json:"pid,omitempty"`
+	Message    string    `json:"message,omitempty"`
+	Time       time.Time `json:"time"`
+}
+
+// Result is the final line of every response.
+type Result struct {
+	V          int     `json:"v"`
+	Type       string  `json:"type"` // TypeResult
+	Result     Code    `json:"result"`
+	Message    string  `json:"message,omitempty"`
+	Generation int     `json:"generation,omitempty"` // the working generation after the request
+	PID        int     `json:"pid,omitempty"`        // its pid
+	DurationMS float64 `json:"duration_ms,omitempty"`
+	Status     *Status `json:"status,omitempty"` // for OpStatus
+}
+
+// Status describes the supervisor and its generations.
+type Status struct {
+	PID       int       `json:"pid"`
+	StartedAt time.Time `json:"started_at"`
+	Working   int       `json:"working"` // working generation number, 0 if none
+	Restarts  int       `json:"restarts"`
+	Crashes   int       `json:"crashes"`
+	CrashLoop bool      `json:"crash_loop"`
+	LastCrash string    `json:"last_crash,omitempty"`
+	Stopping  bool      `json:"stopping,omitempty"`
+	// Goroutines and OpenFDs let operators and tests see leaks.
+	Goroutines int              `json:"goroutines"`
+	OpenFDs    int              `json:"open_fds"`
+	Gens       []GenStatus      `json:"generations"`
+	Listeners  []ListenerStatus `json:"listeners"`
+}
+
+// Generation states.
+const (
+	StateStarting = "starting"
+	StateServing  = "serving"
+	StateDraining = "draining"
+)
+
+// GenStatus is one generation.
+type GenStatus struct {
+	Generation   int       `json:"generation"`
+	PID          int       `json:"pid"`
+	State        string    `json:"state"`
+	StartedAt    time.Time `json:"started_at"`
+	ReadyAfterMS float64   `json:"ready_after_ms,omitempty"` // spawn to ready
+	Status       string    `json:"status,omitempty"`         // last STATUS= text
+	DrainingFor  float64   `json:"draining_for_ms,omitempty"`
+}
+
+// ListenerStatus is one listening socket the supervisor holds.
+type ListenerStatus struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+	FD   int    `json:"fd"` // fd number in every generation
+}

@@ -1,0 +1,151 @@
+package supervisor
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// ShimArg is the hidden first argument that makes the baton binary act as
+// the re-exec shim: Go cannot change the environment between fork and
+// exec, yet LISTEN_PID must equal the pid of the process that receives
+// the sockets. The shim runs in the child, sets LISTEN_PID to its own pid
+// and execve's the real command, which keeps the pid.
+const ShimArg = "__baton-exec"
+
+// RunShim is the shim's main: args are the command and its arguments.
+// It only returns on failure.
+func RunShim(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "baton: exec shim: no command")
+		return 127
+	}
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "baton: cannot run %q: %v\n", args[0], err)
+		return 127
+	}
+	env := os.Environ()
+	if os.Getenv("LISTEN_FDS") != "" {
+		env = append(env, "LISTEN_PID="+strconv.Itoa(os.Getpid()))
+	}
+	err = unix.Exec(path, args, env)
+	fmt.Fprintf(os.Stderr, "baton: exec %s: %v\n", path, err)
+	return 127
+}
+
+// spawner starts processes from one OS thread that lives as long as the
+// supervisor. Pdeathsig fires when the thread that forked the child exits,
+// not the process; Go may retire an ordinary thread at any time, which
+// would kill a healthy generation.
+type spawner struct {
+	reqs chan spawnReq
+}
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func newSpawner() *spawner {
+	s := &spawner{reqs: make(chan spawnReq)}
+	go s.run()
+	return s
+}
+
+func (s *spawner) run() {
+	// Never unlocked: the goroutine and its thread live until exit.
+	runtime.LockOSThread()
+	for r := range s.reqs {
+		r.done <- r.cmd.Start()
+	}
+}
+
+func (s *spawner) start(cmd *exec.Cmd) error {
+	done := make(chan error, 1)
+	s.reqs <- spawnReq{cmd: cmd, done: done}
+	return <-done
+}
+
+// credential resolves --user/--group into the child's credentials.
+func credential(userName, groupName string) (*syscall.Credential, error) {
+	if userName == "" {
+		return nil, nil
+	}
+	u, err := lookupUser(userName)
+	if err != nil {
+		return nil, err
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	if groupName != "" {
+		g, err := lookupGroup(groupName)
+		if err != nil {
+			return nil, err
+		}
+		gid, _ = strconv.ParseUint(g.Gid, 10, 32)
+	}
+	cred := &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+	if ids, err := u.GroupIds(); err == nil {
+		for _, s := range ids {
+			if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+				cred.Groups = append(cred.Groups, uint32(n))
+			}
+		}
+	}
+	return cred, nil
+}
+
+func lookupUser(s string) (*user.User, error) {
+	if _, err := strconv.Atoi(s); err == nil {
+		u, err := user.LookupId(s)
+		if err != nil {
+			return nil, fmt.Errorf("--user %s: %w", s, err)
+		}
+		return u, nil
+	}
+	u, err := user.Lookup(s)
+	if err != nil {
+		return nil, fmt.Errorf("--user %s: %w", s, err)
+	}
+	return u, nil
+}
+
+func lookupGroup(s string) (*user.Group, error) {
+	if _, err := strconv.Atoi(s); err == nil {
+		g, err := user.LookupGroupId(s)
+		if err != nil {
+			return nil, fmt.Errorf("--group %s: %w", s, err)
+		}
+		return g, nil
+	}
+	g, err := user.LookupGroup(s)
+	if err != nil {
+		return nil, fmt.Errorf("--group %s: %w", s, err)
+	}
+	return g, nil
+}
+
+// childEnv is baton's environment without the variables that belong to
+// baton's own activation and readiness, plus the configured extras.
+func childEnv(base, extra []string) []string {
+	out := make([]string, 0, len(base)+len(extra)+8)
+	for _, kv := range base {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case k == "LISTEN_FDS", k == "LISTEN_FDNAMES", k == "LISTEN_PID",
+			k == "NOTIFY_SOCKET", k == "WATCHDOG_USEC", k == "WATCHDOG_PID",
+			strings.HasPrefix(k, "BATON_"):
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, extra...)
+}

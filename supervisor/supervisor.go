@@ -1,0 +1,667 @@
+// Package supervisor owns the generation lifecycle: spawn, wait for ready,
+// flip, drain, reap and respawn after a crash. One goroutine (the loop)
+// owns all state; everything else posts closures to it.
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/listen"
+	"github.com/baton-run/baton/restartsock"
+)
+
+// Crash respawn backoff: doubling from the first to the cap; a generation
+// that served for crashResetAfter before crashing starts the series anew.
+const (
+	crashBackoffFirst = 100 * time.Millisecond
+	crashBackoffMax   = 10 * time.Second
+	crashResetAfter   = 30 * time.Second
+	crashLoopAt       = 3
+)
+
+// Options configure a Supervisor.
+type Options struct {
+	// Load reads and validates the configuration; it is called at start
+	// and again on every restart.
+	Load    func() (*config.Config, error)
+	Logger  *slog.Logger
+	Sockets []*listen.Socket // held for the supervisor's whole life
+	// Self is the path of the baton binary used as the exec shim;
+	// defaults to /proc/self/exe, which keeps working if the file is
+	// replaced on disk during an upgrade.
+	Self string
+	// Stderr receives the children's stderr (default os.Stderr).
+	Stderr io.Writer
+	// Events, when set, is told about lifecycle changes (systemd notify).
+	Events EventSink
+}
+
+// EventSink hears about lifecycle changes, e.g. to tell systemd.
+type EventSink interface {
+	Ready(st restartsock.Status)
+	Reloading()
+	Stopping()
+	StatusChanged(st restartsock.Status)
+}
+
+// Supervisor runs generations of one server.
+type Supervisor struct {
+	opts    Options
+	log     *slog.Logger
+	spawner *spawner
+	ops     chan func()
+	sem     chan struct{} // single-flight restarts
+	stopCh  chan struct{} // closed when a stop begins
+	loopEnd chan struct{} // closed when the loop returns
+	stopOne sync.Once
+
+	// loop state
+	cfg           *config.Config
+	gens          []*generation
+	working       *generation
+	nextGen       int
+	restarts      int
+	crashes       int
+	consecCrashes int
+	lastCrash     string
+	stopping      bool
+	startedAt     time.Time
+	respawnTimer  *time.Timer
+	stopTimer     *time.Timer
+}
+
+// New prepares a supervisor with an already loaded configuration.
+func New(cfg *config.Config, opts Options) *Supervisor {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Self == "" {
+		opts.Self = "/proc/self/exe"
+	}
+	if opts.Stderr == nil {
+		opts.Stderr = os.Stderr
+	}
+	return &Supervisor{
+		opts:      opts,
+		log:       opts.Logger,
+		spawner:   newSpawner(),
+		ops:       make(chan func(), 64),
+		sem:       make(chan struct{}, 1),
+		stopCh:    make(chan struct{}),
+		loopEnd:   make(chan struct{}),
+		cfg:       cfg,
+		startedAt: time.Now(),
+	}
+}
+
+// post queues f to run on the loop. It never blocks once the loop ended.
+func (s *Supervisor) post(f func()) {
+	select {
+	case s.ops <- f:
+	case <-s.loopEnd:
+	}
+}
+
+// call runs f on the loop and waits for it; false if the loop has ended.
+func (s *Supervisor) call(f func()) bool {
+	done := make(chan struct{})
+	select {
+	case s.ops <- func() { f(); close(done) }:
+	case <-s.loopEnd:
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-s.loopEnd:
+		return false
+	}
+}
+
+// Run starts the first generation, serves the coordination socket and
+// handles signals until the supervisor is stopped. It returns nil after a
+// graceful or immediate stop, an error if the first generation fails.
+func (s *Supervisor) Run(ctx context.Context) error {
+	cfg := s.cfg
+	ctl, err := restartsock.Listen(cfg.Control, restartsock.Options{Group: cfg.ControlGroup, Logger: s.log})
+	if err != nil {
+		return fmt.Errorf("coordination socket: %w", err)
+	}
+	defer ctl.Close()
+
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+
+	go s.loop()
+
+	s.sem <- struct{}{}
+	res := s.runRestart(false, "start", s.logProgress)
+	<-s.sem
+	if res.Result != restartsock.ResultOK {
+		s.stop(true)
+		<-s.loopEnd
+		return fmt.Errorf("first generation failed: %s: %s", res.Result, res.Message)
+	}
+	if s.opts.Events != nil {
+		s.opts.Events.Ready(s.Status(ctx))
+	}
+
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	serveDone := make(chan struct{})
+	go func() {
+		defer close(serveDone)
+		if err := ctl.Serve(sctx, s); err != nil && sctx.Err() == nil {
+			s.log.Error("coordination socket stopped", "err", err)
+		}
+	}()
+
+	for {
+		select {
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGHUP:
+				go func() {
+					res := s.Restart(sctx, false, s.logProgress)
+					s.log.Info("restart on SIGHUP finished", "result", res.Result, "message", res.Message, "gen", res.Generation, "pid", res.PID)
+				}()
+			case syscall.SIGTERM, syscall.SIGINT:
+				s.log.Info("graceful stop", "signal", sig.String())
+				s.stop(false)
+			case syscall.SIGQUIT:
+				s.log.Info("immediate stop", "signal", sig.String())
+				s.stop(true)
+			}
+		case <-ctx.Done():
+			s.stop(false)
+			ctx = context.Background()
+		case <-s.loopEnd:
+			cancel()
+			ctl.Close()
+			<-serveDone
+			s.log.Info("supervisor stopped")
+			return nil
+		}
+	}
+}
+
+func (s *Supervisor) logProgress(e restartsock.Event) {
+	s.log.Info("restart progress", "event", e.Event, "gen", e.Generation, "pid", e.PID)
+}
+
+// loop runs posted closures until a stop has reaped every generation.
+func (s *Supervisor) loop() {
+	defer close(s.loopEnd)
+	for f := range s.ops {
+		f()
+		if s.stopping && len(s.gens) == 0 {
+			if s.stopTimer != nil {
+				s.stopTimer.Stop()
+			}
+			return
+		}
+	}
+}
+
+// Restart implements restartsock.Handler: single-flight, or queued with wait.
+func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+	select {
+	case s.sem <- struct{}{}:
+	default:
+		if !wait {
+			return result(restartsock.ResultBusy, "another restart is in progress; retry, or use restart --wait to queue behind it", time.Now())
+		}
+		progress(event(restartsock.EventQueued, 0, 0, "waiting for the running restart to finish"))
+		select {
+		case s.sem <- struct{}{}:
+		case <-ctx.Done():
+			return result(restartsock.ResultBusy, "gave up waiting for the running restart", time.Now())
+		case <-s.stopCh:
+			return result(restartsock.ResultShuttingDown, "the supervisor is stopping", time.Now())
+		}
+	}
+	defer func() { <-s.sem }()
+	return s.runRestart(true, "request", progress)
+}
+
+func event(name string, gen, pid int, msg string) restartsock.Event {
+	return restartsock.Event{V: restartsock.ProtocolVersion, Type: restartsock.TypeProgress, Event: name, Generation: gen, PID: pid, Message: msg, Time: time.Now()}
+}
+
+func result(code restartsock.Code, msg string, start time.Time) restartsock.Result {
+	return restartsock.Result{
+		V: restartsock.ProtocolVersion, Type: restartsock.TypeResult, Result: code, Message: msg,
+		DurationMS: float64(time.Since(start).Microseconds()) / 1000,
+	}
+}
+
+// runRestart replaces the working generation. The caller holds s.sem.
+// reload re-reads the config and runs the check command; a crash respawn
+// and the first start use the current config as it is.
+func (s *Supervisor) runRestart(reload bool, reason string, progress func(restartsock.Event)) restartsock.Result {
+	start := time.Now()
+	var cfg *config.Config
+	var stopping bool
+	var draining int
+	var hasWorking bool
+	if !s.call(func() {
+		cfg, stopping, hasWorking = s.cfg, s.stopping, s.working != nil
+		for _, g := range s.gens {
+			if g.state == restartsock.StateDraining {
+				draining++
+			}
+		}
+	}) || stopping {
+		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
+	}
+	if reload {
+		if s.opts.Events != nil {
+			s.opts.Events.Reloading()
+		}
+		next, err := s.opts.Load()
+		if err != nil {
+			return result(restartsock.ResultCheckFailed, "config: "+err.Error(), start)
+		}
+		if err := sameListeners(cfg, next); err != nil {
+			return result(restartsock.ResultCheckFailed, err.Error(), start)
+		}
+		if warn := fixedSettings(cfg, next); warn != "" {
+			s.log.Warn(warn)
+		}
+		cfg = next
+		if hasWorking && draining >= cfg.MaxDraining {
+			return result(restartsock.ResultTooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
+		}
+		if cfg.CheckCmd != "" {
+			if out, err := runCheck(cfg); err != nil {
+				return result(restartsock.ResultCheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
+			}
+		}
+		progress(event(restartsock.EventChecked, 0, 0, "config valid"))
+	}
+
+	var g *generation
+	var err error
+	if !s.call(func() { g, err = s.spawn(cfg) }) {
+		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
+	}
+	if err != nil {
+		return result(restartsock.ResultChildExited, "spawn failed: "+err.Error(), start)
+	}
+	progress(event(restartsock.EventSpawned, g.num, g.pid, ""))
+
+	timer := time.NewTimer(cfg.ReadyTimeout)
+	defer timer.Stop()
+	select {
+	case <-g.ready:
+	case <-g.done:
+		return s.failed(g, restartsock.ResultChildExited, start)
+	case <-timer.C:
+		s.post(func() {
+			g.log.Warn("generation not ready in time; killing it", "ready_timeout", cfg.ReadyTimeout)
+			g.kill()
+		})
+		select {
+		case <-g.done:
+		case <-time.After(5 * time.Second):
+		}
+		res := s.failed(g, restartsock.ResultReadyTimeout, start)
+		res.Message = fmt.Sprintf("generation %d (pid %d) was not ready within %v and was killed", g.num, g.pid, cfg.ReadyTimeout) + indent(g.stderrTail())
+		return res
+	case <-s.stopCh:
+		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
+	}
+	progress(event(restartsock.EventReady, g.num, g.pid, ""))
+
+	var old *generation
+	var ok bool
+	if !s.call(func() { old, ok = s.flip(g, cfg, reason) }) {
+		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
+	}
+	if !ok {
+		return s.failed(g, restartsock.ResultChildExited, start)
+	}
+	progress(event(restartsock.EventFlipped, g.num, g.pid, ""))
+	if old != nil {
+		progress(event(restartsock.EventDraining, old.num, old.pid, ""))
+	}
+	res := result(restartsock.ResultOK, fmt.Sprintf("generation %d (pid %d) serving", g.num, g.pid), start)
+	res.Generation, res.PID = g.num, g.pid
+	return res
+}
+
+// failed builds the result for a generation that did not make it, with
+// its exit status and the last lines of its stderr. The old generation is
+// untouched.
+func (s *Supervisor) failed(g *generation, code restartsock.Code, start time.Time) restartsock.Result {
+	var desc string
+	s.call(func() { desc = g.exitDesc })
+	msg := fmt.Sprintf("generation %d (pid %d) exited before ready: %s", g.num, g.pid, desc)
+	res := result(code, msg+indent(g.stderrTail()), start)
+	s.call(func() {
+		if s.working != nil {
+			res.Generation, res.PID = s.working.num, s.working.pid
+		}
+	})
+	return res
+}
+
+func indent(out string) string {
+	out = strings.TrimSpace(out)
+	if out == "" {
+		return ""
+	}
+	return "\n  " + strings.ReplaceAll(out, "\n", "\n  ")
+}
+
+// runCheck runs the check command with a deadline and returns its output.
+func runCheck(cfg *config.Config) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.CheckTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
+	cmd.Dir = cfg.Dir
+	cmd.Env = childEnv(os.Environ(), cfg.Env)
+	cmd.WaitDelay = time.Second
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("timed out after %v", cfg.CheckTimeout)
+	}
+	tail := string(out)
+	if len(tail) > 2048 {
+		tail = "…" + tail[len(tail)-2048:]
+	}
+	return tail, err
+}
+
+// sameListeners refuses a restart whose config changes the listener set.
+// Reusing the old sockets while the config says otherwise would silently
+// ignore the change.
+func sameListeners(cur, next *config.Config) error {
+	a, b := cur.Listeners, next.Listeners
+	if len(a) != len(b) {
+		return fmt.Errorf("the config changes the listeners (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring them", listenerNames(a), listenerNames(b))
+	}
+	for i := range a {
+		if !a[i].Same(b[i]) {
+			return fmt.Errorf("the config changes listener %s (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring it", a[i].Name, a[i].URL, b[i].URL)
+		}
+	}
+	return nil
+}
+
+// fixedSettings names settings that cannot change without a new supervisor.
+func fixedSettings(cur, next *config.Config) string {
+	var fixed []string
+	if cur.Control != next.Control || cur.ControlGroup != next.ControlGroup {
+		fixed = append(fixed, "control socket")
+	}
+	if cur.LogFormat != next.LogFormat || cur.LogLevel != next.LogLevel {
+		fixed = append(fixed, "log format/level")
+	}
+	if len(fixed) == 0 {
+		return ""
+	}
+	return "config change not applied until baton itself restarts: " + strings.Join(fixed, ", ")
+}
+
+func listenerNames(ls []config.Listener) string {
+	names := make([]string, len(ls))
+	for i, l := range ls {
+		names[i] = l.Name
+	}
+	return "[" + strings.Join(names, " ") + "]"
+}
+
+// spawn runs on the loop: start the next generation and register it.
+func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
+	if s.stopping {
+		return nil, errors.New("the supervisor is stopping")
+	}
+	files := make([]*os.File, len(s.opts.Sockets))
+	names := make([]string, len(s.opts.Sockets))
+	for i, sk := range s.opts.Sockets {
+		files[i], names[i] = sk.File, sk.Spec.Name
+	}
+	s.nextGen++
+	g, err := startGeneration(spawnOpts{
+		num: s.nextGen, cfg: cfg, files: files, names: names, self: s.opts.Self,
+		post: s.post, spawner: s.spawner, log: s.log, supPID: os.Getpid(), stderrOut: s.opts.Stderr,
+		onExit: s.reaped,
+	})
+	if err != nil {
+		s.log.Error("spawn failed", "gen", s.nextGen, "err", err)
+		return nil, err
+	}
+	g.log.Info("generation spawned", "command", cfg.Command)
+	s.gens = append(s.gens, g)
+	return g, nil
+}
+
+// flip makes g the working generation and tells the old one to drain.
+// It fails if g died after reporting ready.
+func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*generation, bool) {
+	if g.exited || s.stopping {
+		return nil, false
+	}
+	old := s.working
+	s.working = g
+	s.cfg = cfg
+	g.state = restartsock.StateServing
+	if reason != "start" {
+		s.restarts++
+	}
+	g.log.Info("generation is now the working generation", "reason", reason, "ready_after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
+	if old != nil {
+		s.drain(old, cfg.DrainTimeout)
+	}
+	if s.opts.Events != nil {
+		s.opts.Events.StatusChanged(s.status())
+	}
+	return old, true
+}
+
+// drain tells g to finish its work and SIGKILLs it at the deadline.
+func (s *Supervisor) drain(g *generation, timeout time.Duration) {
+	if g.state == restartsock.StateDraining || g.exited {
+		return
+	}
+	g.state = restartsock.StateDraining
+	g.drainStart = time.Now()
+	sig := s.cfg.DrainSignal
+	g.log.Info("draining generation", "signal", config.SignalName(sig), "deadline", timeout)
+	g.signal(sig)
+	g.drainTimer = time.AfterFunc(timeout, func() {
+		s.post(func() {
+			if !g.exited {
+				g.log.Warn("generation still running at its drain deadline; sending SIGKILL", "drain_timeout", timeout)
+				g.kill()
+			}
+		})
+	})
+}
+
+// reaped runs on the loop after a generation's process was waited for.
+func (s *Supervisor) reaped(g *generation) {
+	for i, x := range s.gens {
+		if x == g {
+			s.gens = append(s.gens[:i], s.gens[i+1:]...)
+			break
+		}
+	}
+	if g.drainTimer != nil {
+		g.drainTimer.Stop()
+	}
+	g.notify.Close()
+	// Whatever the main process left behind in its group goes with it.
+	g.kill()
+	close(g.done)
+
+	switch {
+	case g == s.working:
+		s.working = nil
+		if s.stopping {
+			g.log.Info("generation exited", "status", g.exitDesc)
+			break
+		}
+		served := time.Since(g.readyAt)
+		if served >= crashResetAfter {
+			s.consecCrashes = 0
+		}
+		s.crashes++
+		s.consecCrashes++
+		s.lastCrash = fmt.Sprintf("generation %d (pid %d) %s at %s", g.num, g.pid, g.exitDesc, time.Now().Format(time.RFC3339))
+		delay := backoff(s.consecCrashes)
+		g.log.Error("serving generation died; respawning", "status", g.exitDesc, "in", delay, "consecutive_crashes", s.consecCrashes, "crash_loop", s.consecCrashes >= crashLoopAt)
+		s.scheduleRespawn(delay)
+	case g.state == restartsock.StateDraining:
+		g.log.Info("generation drained", "status", g.exitDesc, "drain", time.Since(g.drainStart).Round(time.Millisecond))
+	default:
+		g.log.Warn("generation exited before serving", "status", g.exitDesc)
+	}
+	if s.opts.Events != nil && !s.stopping {
+		s.opts.Events.StatusChanged(s.status())
+	}
+}
+
+func backoff(n int) time.Duration {
+	d := crashBackoffFirst
+	for i := 1; i < n && d < crashBackoffMax; i++ {
+		d *= 2
+	}
+	return min(d, crashBackoffMax)
+}
+
+func (s *Supervisor) scheduleRespawn(delay time.Duration) {
+	if s.respawnTimer != nil {
+		s.respawnTimer.Stop()
+	}
+	s.respawnTimer = time.AfterFunc(delay, func() { go s.respawn() })
+}
+
+// respawn replaces a crashed working generation with the current config.
+func (s *Supervisor) respawn() {
+	select {
+	case s.sem <- struct{}{}:
+	case <-s.stopCh:
+		return
+	}
+	defer func() { <-s.sem }()
+	var need bool
+	if !s.call(func() { need = s.working == nil && !s.stopping }) || !need {
+		return
+	}
+	res := s.runRestart(false, "crash", s.logProgress)
+	if res.Result == restartsock.ResultOK {
+		return
+	}
+	s.post(func() {
+		if s.stopping || s.working != nil {
+			return
+		}
+		s.consecCrashes++
+		s.lastCrash = res.Message
+		delay := backoff(s.consecCrashes)
+		s.log.Error("respawn failed; retrying", "result", res.Result, "message", res.Message, "in", delay, "consecutive_crashes", s.consecCrashes)
+		s.scheduleRespawn(delay)
+	})
+}
+
+// stop begins a graceful (drain everything within the stop timeout) or
+// immediate (SIGKILL everything) stop. The loop ends once all are reaped.
+func (s *Supervisor) stop(immediate bool) {
+	s.post(func() {
+		first := !s.stopping
+		s.stopping = true
+		s.stopOne.Do(func() { close(s.stopCh) })
+		if s.respawnTimer != nil {
+			s.respawnTimer.Stop()
+		}
+		if first && s.opts.Events != nil {
+			s.opts.Events.Stopping()
+		}
+		for _, g := range s.gens {
+			switch {
+			case immediate, g.state == restartsock.StateStarting:
+				g.kill()
+			default:
+				s.drain(g, s.cfg.StopTimeout)
+			}
+		}
+		if first && !immediate {
+			timeout := s.cfg.StopTimeout
+			s.stopTimer = time.AfterFunc(timeout, func() {
+				s.post(func() {
+					for _, g := range s.gens {
+						g.log.Warn("generation still running at the stop timeout; sending SIGKILL", "stop_timeout", timeout)
+						g.kill()
+					}
+				})
+			})
+		}
+	})
+	// Wake the loop even when there is nothing to reap.
+	s.post(func() {})
+}
+
+// Status implements restartsock.Handler.
+func (s *Supervisor) Status(ctx context.Context) restartsock.Status {
+	var st restartsock.Status
+	if !s.call(func() { st = s.status() }) {
+		st = restartsock.Status{PID: os.Getpid(), Stopping: true}
+	}
+	st.Goroutines = runtime.NumGoroutine()
+	st.OpenFDs = countFDs()
+	return st
+}
+
+func (s *Supervisor) status() restartsock.Status {
+	st := restartsock.Status{
+		PID:       os.Getpid(),
+		StartedAt: s.startedAt,
+		Restarts:  s.restarts,
+		Crashes:   s.crashes,
+		CrashLoop: s.consecCrashes >= crashLoopAt,
+		LastCrash: s.lastCrash,
+		Stopping:  s.stopping,
+		Gens:      []restartsock.GenStatus{},
+	}
+	if s.working != nil {
+		st.Working = s.working.num
+	}
+	for _, g := range s.gens {
+		gs := restartsock.GenStatus{Generation: g.num, PID: g.pid, State: g.state, StartedAt: g.startedAt, Status: g.status}
+		if !g.readyAt.IsZero() {
+			gs.ReadyAfterMS = float64(g.readyAt.Sub(g.startedAt).Microseconds()) / 1000
+		}
+		if g.state == restartsock.StateDraining {
+			gs.DrainingFor = float64(time.Since(g.drainStart).Milliseconds())
+		}
+		st.Gens = append(st.Gens, gs)
+	}
+	for i, sk := range s.opts.Sockets {
+		st.Listeners = append(st.Listeners, restartsock.ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: 3 + i})
+	}
+	return st
+}
+
+func countFDs() int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(ents)
+}
