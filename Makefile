@@ -1,0 +1,41 @@
+# baton: see README.md. The two set-up commands are `make demo` and `make test`.
+GO      ?= go
+BIN     ?= bin
+BINARIES = baton restart httpd sdhttpd
+
+.PHONY: all build demo test test-unit test-e2e lint fuzz bench clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd
+
+# Runs the bundled example server under baton, drives HTTP load at it,
+# restarts it several times and prints what happened.
+demo: build
+	$(GO) run ./demo -bin $(BIN)
+
+# The whole suite: vet, unit tests (with the race detector) and the
+# end-to-end tests. E2E tests need root for network namespaces; under
+# CI=true they fail instead of skipping.
+test: lint
+	$(GO) test -race -count=1 -timeout 10m $$($(GO) list ./... | grep -v /e2e)
+	$(GO) test -count=1 -timeout 20m ./e2e/
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { gofmt -l .; echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+	@if command -v staticcheck >/dev/null 2>&1; then staticcheck ./...; \
+	 elif [ -x "$$($(GO) env GOPATH)/bin/staticcheck" ]; then "$$($(GO) env GOPATH)/bin/staticcheck" ./...; \
+	 else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@v0.8.2); skipping"; fi
+
+fuzz:
+	$(GO) test -run=XXX -fuzz=FuzzDecodeRequest -fuzztime=60s ./restartsock/
+
+# Figures for BENCHMARKS.md; needs root (runs in its own network namespace).
+bench: build
+	$(GO) run ./bench -bin $(BIN) -out BENCHMARKS.md
+
+clean:
+	rm -rf $(BIN)

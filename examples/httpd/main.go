@@ -1,0 +1,198 @@
+// Command httpd is the demo HTTP server for baton. It serves on the inherited
+// listener named "http" (or on -listen when started standalone), reports
+// readiness and status through the handoff package and drains gracefully on
+// the drain signal. Its fault flags let tests make a generation start slowly,
+// fail, hang or crash.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"time"
+
+	"github.com/baton-run/baton/handoff"
+	"golang.org/x/sys/unix"
+)
+
+// maxSleep bounds /sleep so that a bad query cannot hold a drain open
+// beyond any sensible deadline.
+const maxSleep = 10 * time.Second
+
+type options struct {
+	listen          string
+	readyDelay      time.Duration
+	exitBeforeReady bool
+	neverReady      bool
+	ignoreDrain     bool
+	crashAfter      time.Duration
+	drainTimeout    time.Duration
+	idleTimeout     time.Duration
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.listen, "listen", "127.0.0.1:8080", "address to listen on when no inherited listener named \"http\" exists")
+	flag.DurationVar(&o.readyDelay, "ready-delay", 0, "wait this long before accepting and signalling ready (a slow start)")
+	flag.BoolVar(&o.exitBeforeReady, "exit-before-ready", false, "exit with status 3 instead of becoming ready")
+	flag.BoolVar(&o.neverReady, "never-ready", false, "serve, but never signal ready")
+	flag.BoolVar(&o.ignoreDrain, "ignore-drain", false, "ignore the drain signal and keep serving until killed")
+	flag.DurationVar(&o.crashAfter, "crash-after", 0, "exit with status 2 after this long (0: never)")
+	flag.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "longest wait for in-flight requests once draining")
+	flag.DurationVar(&o.idleTimeout, "idle-timeout", 60*time.Second, "close keep-alive connections idle for this long")
+	flag.Parse()
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("gen", handoff.Generation(), "pid", os.Getpid())
+	slog.SetDefault(log)
+	os.Exit(run(o, log))
+}
+
+func run(o options, log *slog.Logger) int {
+	gen := handoff.Generation()
+
+	// Install the drain handler before anything else: a generation that is
+	// replaced while still starting must not die of the default action.
+	var drain <-chan struct{}
+	if o.ignoreDrain {
+		signal.Ignore(handoff.DrainSignal())
+		log.Info("ignoring the drain signal", "signal", unix.SignalName(handoff.DrainSignal()))
+	} else {
+		drain = handoff.Draining()
+	}
+	var interrupt chan os.Signal
+	if !handoff.Supervised() {
+		// Standalone, Ctrl-C drains like the supervisor's signal would.
+		interrupt = make(chan os.Signal, 1)
+		signal.Notify(interrupt, os.Interrupt)
+	}
+
+	ln, err := handoff.ListenerOr("http", "tcp", o.listen)
+	if err != nil {
+		log.Error("no listener", "err", err)
+		return 1
+	}
+	log.Info("listener", "addr", ln.Addr().String(), "supervised", handoff.Supervised())
+
+	if o.crashAfter > 0 {
+		time.AfterFunc(o.crashAfter, func() {
+			log.Error("crashing as asked", "after", o.crashAfter.String())
+			os.Exit(2)
+		})
+	}
+
+	// Accepting only after the delay matters: the listening socket is
+	// shared with the serving generation, so a generation that accepted
+	// while not ready (or about to fail) would take connections from it.
+	if o.readyDelay > 0 {
+		log.Info("delaying readiness", "delay", o.readyDelay.String())
+		select {
+		case <-time.After(o.readyDelay):
+		case <-drain:
+			log.Info("drain signal before ready; exiting")
+			return 0
+		}
+	}
+	if o.exitBeforeReady {
+		log.Error("exiting before ready as asked (-exit-before-ready)")
+		return 3
+	}
+
+	srv := &http.Server{
+		Handler:           withGeneration(gen, routes(gen)),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       o.idleTimeout,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	if o.neverReady {
+		log.Warn("serving but never signalling ready (-never-ready)")
+	} else {
+		if err := handoff.Ready(); err != nil {
+			log.Error("signalling ready", "err", err)
+			return 1
+		}
+		if err := handoff.Status(fmt.Sprintf("serving generation %d", gen)); err != nil {
+			log.Warn("setting status", "err", err)
+		}
+		log.Info("ready")
+	}
+
+	select {
+	case err := <-served:
+		log.Error("serving stopped", "err", err)
+		return 1
+	case <-drain:
+		log.Info("drain signal received")
+	case <-interrupt:
+		log.Info("interrupted")
+	}
+	return shutdown(srv, served, o.drainTimeout, log)
+}
+
+// shutdown stops accepting and waits for in-flight requests. Shutdown closes
+// keep-alive connections only while they are idle, so a client of this
+// generation never loses a request it already sent.
+func shutdown(srv *http.Server, served <-chan error, timeout time.Duration, log *slog.Logger) int {
+	if err := handoff.Stopping(); err != nil {
+		log.Warn("signalling stopping", "err", err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Error("drain incomplete; closing remaining connections", "err", err, "after", time.Since(start).String())
+		_ = srv.Close()
+		return 1
+	}
+	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("serving stopped", "err", err)
+		return 1
+	}
+	log.Info("drained", "took", time.Since(start).String())
+	return 0
+}
+
+func routes(gen int) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello from generation %d\n", gen)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /sleep", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+		if err != nil || ms < 0 {
+			http.Error(w, "ms must be a non-negative integer", http.StatusBadRequest)
+			return
+		}
+		d := min(time.Duration(ms)*time.Millisecond, maxSleep)
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			return
+		}
+		fmt.Fprintf(w, "slept %d ms in generation %d\n", d.Milliseconds(), gen)
+	})
+	return mux
+}
+
+// withGeneration marks every response, errors included, so a client can
+// tell which generation answered.
+func withGeneration(gen int, next http.Handler) http.Handler {
+	v := strconv.Itoa(gen)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Generation", v)
+		next.ServeHTTP(w, r)
+	})
+}

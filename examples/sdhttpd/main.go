@@ -1,0 +1,142 @@
+// Command sdhttpd stands for an existing server that knows nothing of baton:
+// it speaks only systemd socket activation and sd_notify, through
+// go-systemd, so it runs unchanged under systemd, systemd-socket-activate
+// and baton alike.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/coreos/go-systemd/v22/daemon"
+)
+
+func main() {
+	listen := flag.String("listen", "", "address to listen on when started without socket activation (empty: refuse)")
+	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "longest wait for in-flight requests after SIGTERM")
+	flag.Parse()
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("pid", os.Getpid())
+	os.Exit(run(*listen, *drainTimeout, log))
+}
+
+func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
+	// Before the listener: a SIGTERM during start-up must drain, not kill.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+
+	ln, err := listener(listen)
+	if err != nil {
+		log.Error("no listener", "err", err)
+		return 1
+	}
+	log.Info("listener", "addr", ln.Addr().String())
+
+	served := fmt.Sprintf("sdhttpd pid=%d", os.Getpid())
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "hello from sdhttpd")
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Served-By", served)
+			mux.ServeHTTP(w, r)
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.Warn("sd_notify READY=1", "err", err)
+	}
+	log.Info("ready")
+
+	select {
+	case err := <-errc:
+		log.Error("serving stopped", "err", err)
+		return 1
+	case <-ctx.Done():
+	}
+	log.Info("stopping")
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyStopping); err != nil {
+		log.Warn("sd_notify STOPPING=1", "err", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Error("shutdown incomplete", "err", err)
+		_ = srv.Close()
+		return 1
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("serving stopped", "err", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// listener takes the activated socket named "http", else the first stream
+// socket, so both a named (baton, FileDescriptorName=) and an unnamed
+// (systemd-socket-activate) setup work.
+func listener(fallback string) (net.Listener, error) {
+	// Files checks LISTEN_PID and, with true, clears the variables so a
+	// child of this server does not claim the sockets.
+	files := activation.Files(true)
+	var lns []net.Listener
+	var names []string
+	for _, f := range files {
+		ln, err := net.FileListener(f)
+		// The listener holds its own duplicate of the descriptor.
+		_ = f.Close()
+		if err != nil {
+			continue
+		}
+		lns = append(lns, ln)
+		names = append(names, f.Name())
+	}
+	if len(lns) == 0 {
+		if len(files) > 0 {
+			return nil, fmt.Errorf("none of the %d activated sockets is a stream listener", len(files))
+		}
+		if fallback == "" {
+			return nil, errors.New("no socket-activation sockets (LISTEN_FDS) and no -listen address; run under systemd, systemd-socket-activate or baton")
+		}
+		ln, err := net.Listen("tcp", fallback)
+		if err != nil {
+			return nil, fmt.Errorf("listening on %s: %w", fallback, err)
+		}
+		return ln, nil
+	}
+	pick := 0
+	for i, name := range names {
+		if name == "http" {
+			pick = i
+			break
+		}
+	}
+	// The unused sockets stay open in the supervisor; this process has no
+	// reason to hold them.
+	for i, ln := range lns {
+		if i != pick {
+			_ = ln.Close()
+		}
+	}
+	return lns[pick], nil
+}
