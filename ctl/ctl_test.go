@@ -1,0 +1,465 @@
+package ctl
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/baton-run/baton/handoff"
+	"github.com/baton-run/baton/restartsock"
+)
+
+// The test binary doubles as the restart command run under another uid:
+// TestMain dispatches to RestartMain when helperEnv is set.
+const (
+	helperEnv     = "BATON_CTL_TEST_HELPER_ARGS"
+	helperArgsSep = "\x1f"
+)
+
+func TestMain(m *testing.M) {
+	if args := os.Getenv(helperEnv); args != "" {
+		os.Exit(RestartMain(strings.Split(args, helperArgsSep), func(string) string { return "" }, os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("this test needs root (it runs the command as another uid); CI=true, so skipping is not allowed")
+	}
+	t.Skip("needs root: runs the command as uid 65534")
+}
+
+// sharedDir is a temporary directory uid 65534 can traverse, unlike
+// t.TempDir whose parents are 0700.
+func sharedDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ctl-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// restartAsNobody runs RestartMain with args as uid 65534 and returns its
+// exit code and stderr.
+func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "ctl.test")
+	if _, err := os.Stat(bin); errors.Is(err, os.ErrNotExist) {
+		b, err := os.ReadFile(self)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(bin, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(bin, "-test.run=^$")
+	// GORACE: a race-enabled binary otherwise sleeps a second at exit.
+	cmd.Env = []string{helperEnv + "=" + strings.Join(args, helperArgsSep), "GORACE=atexit_sleep_ms=0"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatalf("run helper: %v", err)
+	}
+	return cmd.ProcessState.ExitCode(), stderr.String()
+}
+
+type fakeHandler struct {
+	restart func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result
+	status  restartsock.Status
+
+	mu       sync.Mutex
+	lastWait bool
+	calls    int
+}
+
+func (f *fakeHandler) Restart(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+	f.mu.Lock()
+	f.lastWait = wait
+	f.calls++
+	f.mu.Unlock()
+	if f.restart == nil {
+		return restartsock.Result{Result: restartsock.ResultOK, Generation: 2, PID: 200}
+	}
+	return f.restart(ctx, wait, progress)
+}
+
+func (f *fakeHandler) Status(ctx context.Context) restartsock.Status {
+	f.mu.Lock()
+	f.calls++
+	f.mu.Unlock()
+	return f.status
+}
+
+// serve runs a coordination socket with h at a fresh path and returns it.
+func serve(t *testing.T, h restartsock.Handler) string {
+	t.Helper()
+	return serveAt(t, filepath.Join(t.TempDir(), "baton.sock"), restartsock.Options{}, h)
+}
+
+func serveAt(t *testing.T, path string, opts restartsock.Options, h restartsock.Handler) string {
+	t.Helper()
+	opts.Logger = slog.New(slog.DiscardHandler)
+	srv, err := restartsock.Listen(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background(), h) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return path
+}
+
+// run calls main with args and no environment.
+func run(main func([]string, func(string) string, io.Writer, io.Writer) int, args ...string) (int, string, string) {
+	var stdout, stderr bytes.Buffer
+	code := main(args, func(string) string { return "" }, &stdout, &stderr)
+	return code, stdout.String(), stderr.String()
+}
+
+func TestRestartExitCodes(t *testing.T) {
+	cases := []struct {
+		code    restartsock.Code
+		exit    int
+		message string
+		stderr  string
+	}{
+		{restartsock.ResultOK, 0, "", ""},
+		{restartsock.ResultChildExited, 1, "generation 3 exited with status 2 before ready", "child_exited: generation 3 exited with status 2 before ready; generation 2 keeps serving"},
+		{restartsock.ResultReadyTimeout, 1, "not ready within 30s", "ready_timeout: not ready within 30s"},
+		{restartsock.ResultBadRequest, 2, "unknown op", "bad_request: unknown op"},
+		{restartsock.ResultCheckFailed, 3, "nginx -t: exit status 1", "check_failed: nginx -t: exit status 1"},
+		{restartsock.ResultBusy, 4, "a restart is running", "busy: a restart is running (use --wait"},
+		{restartsock.ResultDenied, 6, "uid 1000 is not allowed", "denied: uid 1000 is not allowed (run as root"},
+		{restartsock.ResultTooManyDraining, 8, "3 generations draining", "too_many_draining: 3 generations draining"},
+		{restartsock.ResultShuttingDown, 8, "", "shutting_down"},
+		{restartsock.Code("brand_new"), 1, "", "brand_new"},
+	}
+	for _, tc := range cases {
+		t.Run(string(tc.code), func(t *testing.T) {
+			path := serve(t, &fakeHandler{restart: func(context.Context, bool, func(restartsock.Event)) restartsock.Result {
+				return restartsock.Result{Result: tc.code, Message: tc.message, Generation: 2, PID: 200}
+			}})
+			code, stdout, stderr := run(RestartMain, "--control", path)
+			if code != tc.exit {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tc.exit, stderr)
+			}
+			if tc.code == restartsock.ResultOK {
+				if stdout != "restart: ok: generation 2 (pid 200) serving\n" || stderr != "" {
+					t.Errorf("stdout %q stderr %q", stdout, stderr)
+				}
+				return
+			}
+			if !strings.HasPrefix(stderr, "restart: "+tc.stderr) || strings.Count(stderr, "\n") != 1 {
+				t.Errorf("stderr %q, want one line starting %q", stderr, "restart: "+tc.stderr)
+			}
+			if stdout != "" {
+				t.Errorf("stdout %q on failure", stdout)
+			}
+
+			// --json reports the same code and prints the result on stdout.
+			code, stdout, _ = run(RestartMain, "--control", path, "--json")
+			var res restartsock.Result
+			if err := json.Unmarshal([]byte(stdout), &res); err != nil || res.Result != tc.code || code != tc.exit {
+				t.Errorf("--json: exit %d, stdout %q (%v)", code, stdout, err)
+			}
+		})
+	}
+}
+
+func progressHandler() *fakeHandler {
+	return &fakeHandler{restart: func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+		progress(restartsock.Event{Event: restartsock.EventChecked})
+		progress(restartsock.Event{Event: restartsock.EventSpawned, Generation: 3, PID: 1234})
+		progress(restartsock.Event{Event: restartsock.EventReady, Generation: 3, PID: 1234})
+		progress(restartsock.Event{Event: restartsock.EventFlipped, Generation: 3})
+		progress(restartsock.Event{Event: restartsock.EventDraining, Generation: 2, PID: 1200})
+		return restartsock.Result{Result: restartsock.ResultOK, Generation: 3, PID: 1234, DurationMS: 12.34}
+	}}
+}
+
+func TestRestartHumanOutput(t *testing.T) {
+	path := serve(t, progressHandler())
+	code, stdout, stderr := run(RestartMain, "--control", path)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	wantErr := `restart: config checked
+restart: generation 3 spawned (pid 1234)
+restart: generation 3 ready
+restart: generation 3 flipped (now the working generation)
+restart: generation 2 (pid 1200) draining
+`
+	if stderr != wantErr {
+		t.Errorf("stderr:\n%s\nwant:\n%s", stderr, wantErr)
+	}
+	if stdout != "restart: ok: generation 3 (pid 1234) serving, took 12.3ms\n" {
+		t.Errorf("stdout %q", stdout)
+	}
+}
+
+func TestRestartQuiet(t *testing.T) {
+	path := serve(t, progressHandler())
+	code, stdout, stderr := run(RestartMain, "-q", "--control", path)
+	if code != 0 || stdout != "" || stderr != "" {
+		t.Errorf("-q: exit %d stdout %q stderr %q", code, stdout, stderr)
+	}
+}
+
+func TestRestartJSON(t *testing.T) {
+	path := serve(t, progressHandler())
+	code, stdout, stderr := run(RestartMain, "--json", "--control", path)
+	if code != 0 || stderr != "" {
+		t.Fatalf("exit %d stderr %q", code, stderr)
+	}
+	var lines []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(stdout))
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("line %q is not JSON: %v", sc.Text(), err)
+		}
+		lines = append(lines, m)
+	}
+	if len(lines) != 6 {
+		t.Fatalf("got %d lines, want 5 progress and 1 result:\n%s", len(lines), stdout)
+	}
+	for _, m := range lines[:5] {
+		if m["type"] != restartsock.TypeProgress {
+			t.Errorf("progress line %v", m)
+		}
+	}
+	last := lines[5]
+	if last["type"] != restartsock.TypeResult || last["result"] != "ok" || last["generation"] != 3.0 || last["pid"] != 1234.0 {
+		t.Errorf("result line %v", last)
+	}
+
+	// -q with --json keeps only the result.
+	_, stdout, _ = run(RestartMain, "--json", "-q", "--control", path)
+	if strings.Count(stdout, "\n") != 1 || !strings.Contains(stdout, `"type":"result"`) {
+		t.Errorf("--json -q: %q", stdout)
+	}
+}
+
+func TestRestartWaitFlag(t *testing.T) {
+	h := &fakeHandler{}
+	path := serve(t, h)
+	for _, tc := range []struct {
+		args []string
+		want bool
+	}{{nil, false}, {[]string{"--wait"}, true}} {
+		if code, _, stderr := run(RestartMain, append([]string{"-q", "--control", path}, tc.args...)...); code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		h.mu.Lock()
+		got := h.lastWait
+		h.mu.Unlock()
+		if got != tc.want {
+			t.Errorf("args %v: handler saw wait=%v", tc.args, got)
+		}
+	}
+}
+
+func TestRestartUsageErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{"--bogus"},
+		{"now"},
+		{"--timeout", "0"},
+		{"--timeout", "-1s"},
+		{"--timeout", "soon"},
+		{"--control"},
+	} {
+		code, stdout, stderr := run(RestartMain, args...)
+		if code != restartsock.ExitUsage || stdout != "" || !strings.Contains(stderr, "restart --help") {
+			t.Errorf("%v: exit %d stdout %q stderr %q", args, code, stdout, stderr)
+		}
+	}
+	for _, args := range [][]string{{"--bogus"}, {"extra"}, {"--timeout", "0"}} {
+		if code, _, _ := run(StatusMain, args...); code != restartsock.ExitUsage {
+			t.Errorf("status %v: exit %d", args, code)
+		}
+	}
+}
+
+func TestRestartHelp(t *testing.T) {
+	for _, flag := range []string{"--help", "-h", "-help"} {
+		code, stdout, stderr := run(RestartMain, flag)
+		if code != 0 || stderr != "" {
+			t.Errorf("%s: exit %d stderr %q", flag, code, stderr)
+		}
+		for _, want := range []string{
+			"--control", "--timeout", "--wait", "--json", "-q", "Exit codes:",
+			"0  ok", "1  child_exited", "ready_timeout", "2  usage, bad_request", "3  check_failed",
+			"4  busy", "5  no supervisor", "6  denied", "7  timed out", "8  too_many_draining", "shutting_down",
+		} {
+			if !strings.Contains(stdout, want) {
+				t.Errorf("%s: usage lacks %q", flag, want)
+			}
+		}
+	}
+	if code, stdout, _ := run(StatusMain, "--help"); code != 0 || !strings.Contains(stdout, "--json") {
+		t.Errorf("status --help: exit %d %q", code, stdout)
+	}
+}
+
+func TestNoSupervisor(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nobody-home.sock")
+	code, stdout, stderr := run(RestartMain, "--control", path)
+	if code != restartsock.ExitNoSupervisor || stdout != "" {
+		t.Errorf("restart: exit %d stdout %q", code, stdout)
+	}
+	if !strings.Contains(stderr, path) || !strings.Contains(stderr, "baton run --control "+path) {
+		t.Errorf("restart stderr %q lacks the path and the hint", stderr)
+	}
+	code, _, stderr = run(StatusMain, "--control", path)
+	if code != restartsock.ExitNoSupervisor || !strings.Contains(stderr, path) {
+		t.Errorf("status: exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestTimeout(t *testing.T) {
+	path := serve(t, &fakeHandler{restart: func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+		<-ctx.Done()
+		return restartsock.Result{Result: restartsock.ResultOK}
+	}})
+	start := time.Now()
+	code, _, stderr := run(RestartMain, "--control", path, "--timeout", "200ms")
+	if code != restartsock.ExitTimeout || !strings.Contains(stderr, "within 200ms") {
+		t.Errorf("exit %d stderr %q", code, stderr)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("took %s", d)
+	}
+}
+
+func TestStatusTimeout(t *testing.T) {
+	// A listener that accepts and never answers.
+	path := filepath.Join(t.TempDir(), "mute.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	code, _, stderr := run(StatusMain, "--control", path, "--timeout", "150ms")
+	if code != restartsock.ExitTimeout {
+		t.Errorf("exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestControlPath(t *testing.T) {
+	env := func(v string) func(string) string {
+		return func(k string) string {
+			if k == EnvControl {
+				return v
+			}
+			return ""
+		}
+	}
+	if got := controlPath("", env("")); got != DefaultControl {
+		t.Errorf("default: %q", got)
+	}
+	if got := controlPath("", env("/env.sock")); got != "/env.sock" {
+		t.Errorf("env: %q", got)
+	}
+	if got := controlPath("/flag.sock", env("/env.sock")); got != "/flag.sock" {
+		t.Errorf("flag: %q", got)
+	}
+	if got := controlPath("", nil); got != DefaultControl {
+		t.Errorf("nil env: %q", got)
+	}
+	if EnvControl != handoff.EnvControl {
+		t.Errorf("EnvControl %q differs from handoff.EnvControl %q", EnvControl, handoff.EnvControl)
+	}
+
+	// End to end: the environment variable finds the socket.
+	path := serve(t, &fakeHandler{})
+	var stdout, stderr bytes.Buffer
+	if code := RestartMain([]string{"-q"}, env(path), &stdout, &stderr); code != 0 {
+		t.Errorf("via $%s: exit %d %s", EnvControl, code, stderr.String())
+	}
+}
+
+func TestPermissionDeniedBySocket(t *testing.T) {
+	requireRoot(t)
+	dir := sharedDir(t)
+	path := serveAt(t, filepath.Join(dir, "baton.sock"), restartsock.Options{}, &fakeHandler{})
+	code, stderr := restartAsNobody(t, dir, "--control", path)
+	if code != restartsock.ExitDenied || !strings.Contains(stderr, "--control-group") {
+		t.Errorf("nobody on a 0600 socket: exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestPermissionDeniedBySupervisor(t *testing.T) {
+	requireRoot(t)
+	dir := sharedDir(t)
+	h := &fakeHandler{}
+	path := serveAt(t, filepath.Join(dir, "baton.sock"), restartsock.Options{Mode: 0o666}, h)
+	code, stderr := restartAsNobody(t, dir, "--control", path)
+	if code != restartsock.ExitDenied || !strings.Contains(stderr, "denied: permission denied: uid 65534") || !strings.Contains(stderr, "--control-group") {
+		t.Errorf("nobody refused by credentials: exit %d stderr %q", code, stderr)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.calls != 0 {
+		t.Error("handler called for a denied peer")
+	}
+}
+
+func TestFormatting(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{850 * time.Microsecond, "850µs"},
+		{12345 * time.Microsecond, "12.3ms"},
+		{1234 * time.Millisecond, "1.23s"},
+		{125 * time.Second, "2m5s"},
+		{3*time.Hour + 7*time.Minute + 20*time.Second, "3h7m"},
+		{50 * time.Hour, "2d2h"},
+	} {
+		if got := fmtDuration(tc.d); got != tc.want {
+			t.Errorf("fmtDuration(%s) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+	if got := fmtAge(1500 * time.Millisecond); got != "2s" {
+		t.Errorf("fmtAge(1.5s) = %q", got)
+	}
+	if got := cell("a\tb\nc"); got != "a b c" {
+		t.Errorf("cell = %q", got)
+	}
+}

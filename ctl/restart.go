@@ -1,0 +1,178 @@
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/baton-run/baton/restartsock"
+)
+
+// DefaultRestartTimeout bounds a restart, spawn to flip, as seen by the
+// client. It is longer than a typical ready timeout so the supervisor's own
+// verdict normally arrives first.
+const DefaultRestartTimeout = 60 * time.Second
+
+const restartUsage = `Usage: restart [flags]
+
+Ask the running baton supervisor to start a new generation of its server,
+wait until it serves or the restart fails, and exit with a code that says
+what happened. Made for systemd's ExecReload= and for deploy scripts.
+
+Flags:
+  --control PATH      coordination socket (default $BATON_CONTROL, else
+                      /run/baton/baton.sock)
+  --timeout DURATION  stop waiting after this long (default 60s); the
+                      restart may still complete, see 'baton status'
+  --wait              queue behind a restart already running instead of
+                      failing with busy
+  --json              print progress and the result as JSON lines on stdout
+  -q                  print no progress and no success line; errors still
+                      go to stderr
+
+Exit codes:
+  0  ok                  the new generation is serving
+  1  child_exited,       the new generation failed; the old one keeps
+     ready_timeout       serving (also: unknown result, other errors)
+  2  usage, bad_request  bad command line, or the supervisor did not
+                         understand the request
+  3  check_failed        config or check command rejected; nothing changed
+  4  busy                another restart is running (see --wait)
+  5  no supervisor       nothing is listening on the coordination socket
+  6  denied              the supervisor or the socket's permissions refused
+                         this user
+  7  timed out           no result within --timeout
+  8  too_many_draining,  the supervisor cannot take a restart now
+     shutting_down
+`
+
+// RestartMain runs the `restart` command and returns its exit code.
+func RestartMain(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	const prog = "restart"
+	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
+	control := fs.String("control", "", "")
+	timeout := fs.Duration("timeout", DefaultRestartTimeout, "")
+	wait := fs.Bool("wait", false, "")
+	asJSON := fs.Bool("json", false, "")
+	quiet := fs.Bool("q", false, "")
+	if ok, code := parseFlags(fs, args, prog, restartUsage, stdout, stderr); !ok {
+		return code
+	}
+	if *timeout <= 0 {
+		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
+	}
+	path := controlPath(*control, env)
+
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	enc := json.NewEncoder(stdout)
+	progress := func(ev restartsock.Event) {
+		switch {
+		case *quiet:
+		case *asJSON:
+			enc.Encode(ev)
+		default:
+			fmt.Fprintf(stderr, "%s: %s\n", prog, describeEvent(ev))
+		}
+	}
+	res, err := restartsock.Restart(ctx, path, *wait, progress)
+	if err != nil {
+		return clientError(stderr, prog, path, *timeout, err)
+	}
+	code := restartsock.ExitCode(res.Result)
+	if *asJSON {
+		enc.Encode(res)
+		if code != restartsock.ExitOK {
+			// Scripts reading stdout get the JSON; a person or a journal
+			// reading stderr still gets told.
+			fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+		}
+		return code
+	}
+	if code == restartsock.ExitOK {
+		if !*quiet {
+			fmt.Fprintf(stdout, "%s: %s\n", prog, describeSuccess(res))
+		}
+		return code
+	}
+	fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+	return code
+}
+
+func describeEvent(ev restartsock.Event) string {
+	gen := fmt.Sprintf("generation %d", ev.Generation)
+	withPID := gen
+	if ev.PID > 0 {
+		withPID = fmt.Sprintf("%s (pid %d)", gen, ev.PID)
+	}
+	var s string
+	switch ev.Event {
+	case restartsock.EventQueued:
+		s = "queued behind a restart in progress"
+	case restartsock.EventChecked:
+		s = "config checked"
+	case restartsock.EventSpawned:
+		s = gen + " spawned"
+		if ev.PID > 0 {
+			s += fmt.Sprintf(" (pid %d)", ev.PID)
+		}
+	case restartsock.EventReady:
+		s = gen + " ready"
+	case restartsock.EventFlipped:
+		s = gen + " flipped (now the working generation)"
+	case restartsock.EventDraining:
+		s = withPID + " draining"
+	default:
+		s = ev.Event
+		if ev.Generation > 0 {
+			s += " " + withPID
+		}
+	}
+	if ev.Message != "" {
+		s += ": " + ev.Message
+	}
+	return s
+}
+
+func describeSuccess(res restartsock.Result) string {
+	var b strings.Builder
+	b.WriteString("ok")
+	if res.Generation > 0 {
+		fmt.Fprintf(&b, ": generation %d", res.Generation)
+		if res.PID > 0 {
+			fmt.Fprintf(&b, " (pid %d)", res.PID)
+		}
+		b.WriteString(" serving")
+	}
+	if res.DurationMS > 0 {
+		fmt.Fprintf(&b, ", took %s", fmtMS(res.DurationMS))
+	}
+	// The message repeats the generation and pid; show it only when the
+	// result carries no generation of its own.
+	if res.Message != "" && res.Generation == 0 {
+		fmt.Fprintf(&b, " (%s)", res.Message)
+	}
+	return b.String()
+}
+
+func describeFailure(res restartsock.Result) string {
+	s := string(res.Result)
+	if res.Message != "" {
+		s += ": " + res.Message
+	}
+	switch res.Result {
+	case restartsock.ResultBusy:
+		s += " (use --wait to queue behind it)"
+	case restartsock.ResultDenied:
+		s += " (" + permissionHint + ")"
+	case restartsock.ResultChildExited, restartsock.ResultReadyTimeout, restartsock.ResultCheckFailed:
+		if res.Generation > 0 {
+			s += fmt.Sprintf("; generation %d keeps serving", res.Generation)
+		}
+	}
+	return s
+}

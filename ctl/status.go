@@ -1,0 +1,152 @@
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/baton-run/baton/restartsock"
+)
+
+// DefaultStatusTimeout bounds `status`; the supervisor answers from memory,
+// so anything slower means it is stuck.
+const DefaultStatusTimeout = 10 * time.Second
+
+const statusUsage = `Usage: baton status [flags]
+
+Show the running baton supervisor and its generations.
+
+Flags:
+  --control PATH      coordination socket (default $BATON_CONTROL, else
+                      /run/baton/baton.sock)
+  --timeout DURATION  stop waiting after this long (default 10s)
+  --json              print the status as one JSON object on stdout
+
+Exit codes: 0 ok, 2 usage, 5 no supervisor, 6 denied, 7 timed out,
+1 anything else.
+`
+
+// StatusMain runs the `status` command and returns its exit code.
+func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	const prog = "baton status"
+	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
+	control := fs.String("control", "", "")
+	timeout := fs.Duration("timeout", DefaultStatusTimeout, "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parseFlags(fs, args, prog, statusUsage, stdout, stderr); !ok {
+		return code
+	}
+	if *timeout <= 0 {
+		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
+	}
+	path := controlPath(*control, env)
+
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	res, err := restartsock.GetStatus(ctx, path)
+	if err != nil {
+		return clientError(stderr, prog, path, *timeout, err)
+	}
+	if res.Result != restartsock.ResultOK {
+		if *asJSON {
+			json.NewEncoder(stdout).Encode(res)
+		}
+		fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+		return restartsock.ExitCode(res.Result)
+	}
+	if *asJSON {
+		if err := json.NewEncoder(stdout).Encode(res.Status); err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+			return restartsock.ExitFailed
+		}
+		return restartsock.ExitOK
+	}
+	if err := writeStatus(stdout, res.Status, now()); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+		return restartsock.ExitFailed
+	}
+	return restartsock.ExitOK
+}
+
+// writeStatus prints st for a person: a summary, the listeners, then one
+// row per generation.
+func writeStatus(w io.Writer, st *restartsock.Status, at time.Time) error {
+	var head strings.Builder
+	fmt.Fprintf(&head, "supervisor pid %d", st.PID)
+	if !st.StartedAt.IsZero() {
+		fmt.Fprintf(&head, ", up %s", fmtAge(at.Sub(st.StartedAt)))
+	}
+	if st.Working > 0 {
+		fmt.Fprintf(&head, ", working generation %d", st.Working)
+	} else {
+		head.WriteString(", no working generation")
+	}
+	fmt.Fprintf(&head, ", restarts %d, crashes %d", st.Restarts, st.Crashes)
+	if st.CrashLoop {
+		head.WriteString(", CRASH LOOP")
+	}
+	if st.Stopping {
+		head.WriteString(", stopping")
+	}
+	fmt.Fprintln(w, head.String())
+	if st.LastCrash != "" {
+		fmt.Fprintf(w, "last crash: %s\n", st.LastCrash)
+	}
+
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	if len(st.Listeners) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintln(tw, "LISTENER\tURL\tFD")
+		for _, l := range st.Listeners {
+			fmt.Fprintf(tw, "%s\t%s\t%d\n", cell(l.Name), cell(l.URL), l.FD)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write status: %w", err)
+		}
+	}
+
+	fmt.Fprintln(w)
+	if len(st.Gens) == 0 {
+		fmt.Fprintln(w, "no generations")
+		return nil
+	}
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY\tSTATUS")
+	for _, g := range st.Gens {
+		state := cell(g.State)
+		if g.State == restartsock.StateDraining && g.DrainingFor > 0 {
+			state = fmt.Sprintf("%s (%s)", g.State, fmtMS(g.DrainingFor))
+		}
+		age := "-"
+		if !g.StartedAt.IsZero() {
+			age = fmtAge(at.Sub(g.StartedAt))
+		}
+		ready := "-"
+		if g.ReadyAfterMS > 0 {
+			ready = fmtMS(g.ReadyAfterMS)
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\n", g.Generation, g.PID, state, age, ready, cell(g.Status))
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// cell makes a supervisor-provided string safe for one table cell: a tab
+// or newline in a child's STATUS= text would otherwise break the layout.
+func cell(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, s)
+}

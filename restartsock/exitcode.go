@@ -1,0 +1,36 @@
+package restartsock
+
+// Exit codes of `restart` (and `baton restart`). Scripts and ExecReload=
+// depend on them, so they never change meaning.
+const (
+	ExitOK           = 0 // ok
+	ExitFailed       = 1 // child_exited, ready_timeout, or an unknown result
+	ExitUsage        = 2 // bad command line, or bad_request
+	ExitCheckFailed  = 3 // check_failed: config or check command rejected
+	ExitBusy         = 4 // busy: another restart is running (see --wait)
+	ExitNoSupervisor = 5 // nothing listens on the control socket
+	ExitDenied       = 6 // denied, or the socket's permissions refused us
+	ExitTimeout      = 7 // no result within --timeout
+	ExitUnavailable  = 8 // too_many_draining, shutting_down
+)
+
+// ExitCode maps a result code to the exit code of `restart`.
+func ExitCode(c Code) int {
+	switch c {
+	case ResultOK:
+		return ExitOK
+	case ResultChildExited, ResultReadyTimeout:
+		return ExitFailed
+	case ResultBadRequest:
+		return ExitUsage
+	case ResultCheckFailed:
+		return ExitCheckFailed
+	case ResultBusy:
+		return ExitBusy
+	case ResultDenied:
+		return ExitDenied
+	case ResultTooManyDraining, ResultShuttingDown:
+		return ExitUnavailable
+	}
+	return ExitFailed
+}
