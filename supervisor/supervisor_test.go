@@ -363,3 +363,42 @@ func TestBackoffBounded(t *testing.T) {
 		t.Fatalf("backoff(100) = %v", backoff(100))
 	}
 }
+
+func TestReadyFallbacks(t *testing.T) {
+	t.Run("delay", func(t *testing.T) {
+		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond} })
+		st := h.waitWorking(1)
+		if st.Gens[0].ReadyAfterMS < 200 {
+			t.Fatalf("ready after %.1fms, before the 200ms delay", st.Gens[0].ReadyAfterMS)
+		}
+	})
+	t.Run("tcp-connect", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		var mu sync.Mutex
+		var late net.Listener
+		// Nothing listens yet, so the generation cannot be ready; open the
+		// port after a while, as a slow server would.
+		time.AfterFunc(300*time.Millisecond, func() {
+			mu.Lock()
+			defer mu.Unlock()
+			late, _ = net.Listen("tcp", addr)
+		})
+		t.Cleanup(func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if late != nil {
+				late.Close()
+			}
+		})
+		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyTCPConnect, Addr: addr} })
+		st := h.waitWorking(1)
+		if st.Gens[0].ReadyAfterMS < 300 {
+			t.Fatalf("ready after %.1fms, before the port was open", st.Gens[0].ReadyAfterMS)
+		}
+	})
+}
