@@ -113,16 +113,16 @@ func TestLoadErrors(t *testing.T) {
 		return p
 	}
 	cases := map[string]string{
-		`command = ["x"]` + "\nbogus = 1":                                  "unknown keys: bogus",
-		`command = ["x"]` + "\nready_timeout = \"soon\"":                   "ready_timeout",
-		`command = ["x"]` + "\nmax_draining = -1":                          "max draining",
-		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":                 "unknown signal",
-		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"":              "unknown scheme",
-		`command = []`:                                                     "no command",
-		`command = ["x"]` + "\nlog_format = \"xml\"":                       "log format",
-		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                "absolute",
-		`command = ["x"]` + "\ngroup = \"www\"":                            "--group needs --user",
-		`command = ["x"` + "\n":                                            "config",
+		`command = ["x"]` + "\nbogus = 1":                     "unknown keys: bogus",
+		`command = ["x"]` + "\nready_timeout = \"soon\"":      "ready_timeout",
+		`command = ["x"]` + "\nmax_draining = -1":             "max draining",
+		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":    "unknown signal",
+		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"": "unknown scheme",
+		`command = []`: "no command",
+		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log format",
+		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                 "absolute",
+		`command = ["x"]` + "\ngroup = \"www\"":                             "--group needs --user",
+		`command = ["x"` + "\n":                                             "config",
 		`command = ["x"]` + "\n[listen]\na = \"tcp://:1\"\nb = \"tcp://:\"": "listener b",
 	}
 	for body, want := range cases {

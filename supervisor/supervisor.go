@@ -53,6 +53,7 @@ type Options struct {
 type EventSink interface {
 	Ready(st restartsock.Status)
 	Reloading()
+	Reloaded(res restartsock.Result, st restartsock.Status)
 	Stopping()
 	StatusChanged(st restartsock.Status)
 }
@@ -235,7 +236,32 @@ func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(resta
 		}
 	}
 	defer func() { <-s.sem }()
-	return s.runRestart(true, "request", progress)
+	if s.opts.Events == nil {
+		return s.runRestart(true, "request", progress)
+	}
+	s.opts.Events.Reloading()
+	res := s.runRestart(true, "request", progress)
+	s.opts.Events.Reloaded(res, s.Status(ctx))
+	return res
+}
+
+// Ping reports whether the loop answers within ctx: the watchdog's idea
+// of a healthy supervisor.
+func (s *Supervisor) Ping(ctx context.Context) bool {
+	done := make(chan struct{})
+	select {
+	case s.ops <- func() { close(done) }:
+	case <-ctx.Done():
+		return false
+	case <-s.loopEnd:
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 func event(name string, gen, pid int, msg string) restartsock.Event {
@@ -269,9 +295,6 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
 	}
 	if reload {
-		if s.opts.Events != nil {
-			s.opts.Events.Reloading()
-		}
 		next, err := s.opts.Load()
 		if err != nil {
 			return result(restartsock.ResultCheckFailed, "config: "+err.Error(), start)

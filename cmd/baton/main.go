@@ -18,6 +18,7 @@ import (
 	"github.com/baton-run/baton/ctl"
 	"github.com/baton-run/baton/listen"
 	"github.com/baton-run/baton/supervisor"
+	"github.com/baton-run/baton/systemd"
 )
 
 const usage = `baton: graceful-restart supervisor for network servers
@@ -187,8 +188,41 @@ func runMain(args []string, stderr io.Writer) int {
 		log.Info("listener", "name", sk.Spec.Name, "url", sk.Spec.URL, "fd", 3+i, "systemd", sk.Activated)
 	}
 
-	sup := supervisor.New(cfg, supervisor.Options{Load: load, Logger: log, Sockets: socks})
-	if err := sup.Run(context.Background()); err != nil {
+	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	notifier := systemd.FromEnv(os.Getenv, log)
+	if notifier != nil {
+		opts.Events = notifier
+		storeFDs(notifier, socks, log)
+	}
+	sup := supervisor.New(cfg, opts)
+	if every, ok := systemd.WatchdogInterval(os.Getenv); ok && notifier != nil {
+		go notifier.Watchdog(ctx, every, sup.Ping)
+	}
+	return runSupervisor(ctx, sup, log)
+}
+
+// storeFDs pushes the sockets baton opened itself to systemd's fd store,
+// so that if the supervisor dies, systemd hands them back on restart and
+// clients wait in the backlog instead of being refused. Sockets that came
+// from a .socket unit are kept by systemd already.
+func storeFDs(n *systemd.Notifier, socks []*listen.Socket, log *slog.Logger) {
+	if os.Getenv("FDSTORE") == "0" {
+		return
+	}
+	for _, sk := range socks {
+		if sk.Activated {
+			continue
+		}
+		if err := n.StoreFD(sk.Spec.Name, int(sk.File.Fd())); err != nil {
+			log.Warn("could not store listener in systemd's fd store", "name", sk.Spec.Name, "err", err)
+		}
+	}
+}
+
+func runSupervisor(ctx context.Context, sup *supervisor.Supervisor, log *slog.Logger) int {
+	if err := sup.Run(ctx); err != nil {
 		log.Error("baton run failed", "err", err)
 		return 1
 	}
