@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -109,6 +110,7 @@ func run(o options, log *slog.Logger) int {
 		IdleTimeout:       o.idleTimeout,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	drainer := handoff.NewHTTPDrainer(srv)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 
@@ -134,29 +136,29 @@ func run(o options, log *slog.Logger) int {
 	case <-interrupt:
 		log.Info("interrupted")
 	}
-	return shutdown(srv, served, o.drainTimeout, log)
+	return shutdown(drainer, ln, served, o.drainTimeout, log)
 }
 
-// shutdown stops accepting and waits for in-flight requests. Shutdown closes
-// keep-alive connections only while they are idle, so a client of this
-// generation never loses a request it already sent.
-func shutdown(srv *http.Server, served <-chan error, timeout time.Duration, log *slog.Logger) int {
+// shutdown stops accepting and lets every open connection finish without
+// losing a request (see handoff.HTTPDrainer), then exits.
+func shutdown(drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, timeout time.Duration, log *slog.Logger) int {
 	if err := handoff.Stopping(); err != nil {
 		log.Warn("signalling stopping", "err", err)
 	}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil {
-		log.Error("drain incomplete; closing remaining connections", "err", err, "after", time.Since(start).String())
-		_ = srv.Close()
+	open := drainer.Open()
+	if err := drainer.Drain(ctx, ln); err != nil {
+		log.Error("drain incomplete; closed remaining connections", "err", err, "after", time.Since(start).String())
 		return 1
 	}
-	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// Serve returns once the listener is closed; that is the drain's doing.
+	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		log.Error("serving stopped", "err", err)
 		return 1
 	}
-	log.Info("drained", "took", time.Since(start).String())
+	log.Info("drained", "took", time.Since(start).String(), "connections_at_drain", open)
 	return 0
 }
 

@@ -14,6 +14,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -50,11 +52,16 @@ func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
+	conns := &connTracker{m: map[net.Conn]time.Time{}}
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Served-By", served)
+			if conns.draining.Load() {
+				w.Header().Set("Connection", "close")
+			}
 			mux.ServeHTTP(w, r)
 		}),
+		ConnState:         conns.track,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
@@ -79,12 +86,23 @@ func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
 	defer cancel()
+	// Shutdown alone would close idle keep-alive connections under clients
+	// that are sending on them, and drop requests read from connections
+	// accepted just before it. So: stop accepting, answer every further
+	// request with Connection: close, and shut down only once the
+	// connections are gone or have been idle for a moment.
+	conns.draining.Store(true)
+	ln.Close()
+	start := time.Now()
+	for !conns.settled(start, 500*time.Millisecond) && sctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Error("shutdown incomplete", "err", err)
 		_ = srv.Close()
 		return 1
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		log.Error("serving stopped", "err", err)
 		return 1
 	}
@@ -139,4 +157,43 @@ func listener(fallback string) (net.Listener, error) {
 		}
 	}
 	return lns[pick], nil
+}
+
+// connTracker remembers each open connection and since when it is idle
+// (zero time: busy).
+type connTracker struct {
+	draining atomic.Bool
+	mu       sync.Mutex
+	m        map[net.Conn]time.Time
+}
+
+func (t *connTracker) track(c net.Conn, st http.ConnState) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch st {
+	case http.StateClosed, http.StateHijacked:
+		delete(t.m, c)
+	case http.StateIdle:
+		t.m[c] = time.Now()
+	default:
+		t.m[c] = time.Time{}
+	}
+}
+
+func (t *connTracker) settled(start time.Time, grace time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, idle := range t.m {
+		if idle.IsZero() || time.Since(maxTime(idle, start)) < grace {
+			return false
+		}
+	}
+	return true
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
