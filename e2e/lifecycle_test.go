@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -220,4 +222,33 @@ func (h *harness) usage(b *batonProc) (fds, goroutines int, hasGoroutines bool) 
 		hasGoroutines = true
 	}
 	return fds, goroutines, hasGoroutines
+}
+
+// TestUserDropsPrivileges: with --user nobody every generation runs as
+// nobody while baton keeps root to hold sockets and spawn the next one.
+func TestUserDropsPrivileges(t *testing.T) {
+	h := newHarness(t)
+	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--user", "nobody", "--", bin.httpd)
+	uidOf := func(pid int) string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatalf("generation pid %d: %v", pid, err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+				return strings.Fields(rest)[0]
+			}
+		}
+		return ""
+	}
+	if uid := uidOf(findGen(st, st.Working).PID); uid != "65534" {
+		t.Fatalf("generation runs as uid %s, want 65534 (nobody)", uid)
+	}
+	r := h.expectRestart(0, restartsock.ResultOK)
+	if uid := uidOf(r.Result.PID); uid != "65534" {
+		t.Fatalf("restarted generation runs as uid %s, want 65534", uid)
+	}
+	if _, body, err := h.get("/", 5*time.Second); err != nil || !strings.Contains(body, "generation 2") {
+		t.Fatalf("restarted generation does not serve: %v %q", err, body)
+	}
 }

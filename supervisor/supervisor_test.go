@@ -60,6 +60,10 @@ func child(mode string) int {
 		}
 		c.Write([]byte("STATUS=up\nREADY=1"))
 		c.Close()
+	case "crash":
+		fmt.Fprintln(pipe, handoff.ReadyLine)
+		time.Sleep(20 * time.Millisecond)
+		return 1
 	case "ignore":
 		signal.Ignore(syscall.SIGTERM)
 		fmt.Fprintln(pipe, handoff.ReadyLine)
@@ -401,4 +405,27 @@ func TestReadyFallbacks(t *testing.T) {
 			t.Fatalf("ready after %.1fms, before the port was open", st.Gens[0].ReadyAfterMS)
 		}
 	})
+}
+
+func TestCrashLoopVisible(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.mu.Lock()
+	h.mode = "crash"
+	h.mu.Unlock()
+	// Respawns use the current config, so make the running one crash too.
+	h.sup.call(func() { h.sup.cfg, _ = h.load() })
+	h.sup.call(func() { h.sup.working.signal(syscall.SIGKILL) })
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		st := h.sup.Status(context.Background())
+		if st.CrashLoop {
+			if st.Crashes < crashLoopAt || st.LastCrash == "" {
+				t.Fatalf("crash loop without crashes recorded: %+v", st)
+			}
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no crash loop reported: %+v", h.sup.Status(context.Background()))
 }
