@@ -1,0 +1,139 @@
+package bpf
+
+import (
+	"errors"
+	"os"
+	"regexp"
+	"strconv"
+	"testing"
+
+	"github.com/cilium/ebpf"
+)
+
+// TestLimitsMatchSource fails when an enum in steer.c and its Go mirror in
+// limits.go drift apart.
+func TestLimitsMatchSource(t *testing.T) {
+	src, err := os.ReadFile("steer.c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{
+		"STEER_SLOTS":         Slots,
+		"STEER_MAX_WORKERS":   MaxWorkers,
+		"STEER_N_COUNTERS":    CountersPerSlot,
+		"STEER_MAX_CID_LEN":   MaxCIDLen,
+		"STEER_PIN_CID_BYTES": PinCIDBytes,
+		"STEER_NO_WORKER":     NoWorker,
+		"STEER_HDR_BYTES":     HeaderBytes,
+		"STEER_MODE_OFF":      ModeOff,
+		"STEER_MODE_FLOW":     ModeFlow,
+		"STEER_MODE_QUIC":     ModeQUIC,
+		"STEER_CNT_CID":       CounterCID,
+		"STEER_CNT_PIN":       CounterPin,
+		"STEER_CNT_NEW":       CounterNew,
+		"STEER_CNT_FALLBACK":  CounterFallback,
+		"STEER_CNT_ERROR":     CounterError,
+		"STEER_CNT_DROP":      CounterDrop,
+	}
+	for name, v := range want {
+		m := regexp.MustCompile(`\b` + name + `\s*=\s*(0x[0-9a-fA-F]+|\d+)`).FindSubmatch(src)
+		if m == nil {
+			t.Errorf("%s not defined in steer.c", name)
+			continue
+		}
+		got, err := strconv.ParseInt(string(m[1]), 0, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int(got) != v {
+			t.Errorf("%s = %d in steer.c, %d in limits.go", name, got, v)
+		}
+	}
+}
+
+// TestSpec checks the embedded object against what user space relies on,
+// without loading it (no privileges needed).
+func TestSpec(t *testing.T) {
+	spec, err := LoadSteer()
+	if err != nil {
+		t.Fatalf("parse embedded object: %v", err)
+	}
+	prog := spec.Programs[SteerProgSteer]
+	if prog == nil || prog.Type != ebpf.SkReuseport {
+		t.Fatalf("program %q missing or not sk_reuseport: %+v", SteerProgSteer, prog)
+	}
+	checks := []struct {
+		name    string
+		typ     ebpf.MapType
+		entries uint32
+	}{
+		{SteerMapSockets, ebpf.ReusePortSockArray, Slots * MaxWorkers},
+		{SteerMapConfig, ebpf.Array, 1},
+		{SteerMapFlows, ebpf.LRUHash, 0},
+		{SteerMapInitials, ebpf.LRUHash, 0},
+		{SteerMapCounters, ebpf.PerCPUArray, Slots * CountersPerSlot},
+	}
+	for _, c := range checks {
+		m := spec.Maps[c.name]
+		if m == nil {
+			t.Errorf("map %q missing", c.name)
+			continue
+		}
+		if m.Type != c.typ {
+			t.Errorf("map %q: type %v, want %v", c.name, m.Type, c.typ)
+		}
+		if c.entries != 0 && m.MaxEntries != c.entries {
+			t.Errorf("map %q: %d entries, want %d", c.name, m.MaxEntries, c.entries)
+		}
+	}
+}
+
+// TestVerifier loads the program into the kernel, which runs the verifier,
+// for each mode and for extreme layouts. The mode and layout are load-time
+// constants, so each combination is a different program to the verifier.
+func TestVerifier(t *testing.T) {
+	if os.Geteuid() != 0 {
+		const msg = "needs root to load BPF programs (run with sudo)"
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg + "; CI=true, so a skip would count as a pass")
+		}
+		t.Skip(msg)
+	}
+	type shape struct{ mode, workers, cidLen, slotOff, workerOff uint32 }
+	for _, sh := range []shape{
+		{ModeFlow, 1, 8, 0, NoWorker},
+		{ModeFlow, MaxWorkers, 8, 0, NoWorker},
+		{ModeQUIC, 1, 8, 0, NoWorker},
+		{ModeQUIC, 4, 8, 0, 1},
+		{ModeQUIC, MaxWorkers, MaxCIDLen, MaxCIDLen - 1, 0},
+		{ModeQUIC, 3, 1, 0, NoWorker},
+	} {
+		spec, err := LoadSteer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, v := range map[string]uint32{
+			"steer_mode": sh.mode, "steer_workers": sh.workers, "steer_cid_len": sh.cidLen,
+			"steer_slot_offset": sh.slotOff, "steer_worker_offset": sh.workerOff,
+		} {
+			if err := spec.Variables[name].Set(v); err != nil {
+				t.Fatalf("set %s: %v", name, err)
+			}
+		}
+		var objs SteerObjects
+		if err := spec.LoadAndAssign(&objs, nil); err != nil {
+			var ve *ebpf.VerifierError
+			if errors.As(err, &ve) {
+				t.Fatalf("%+v: verifier rejected steer: %+v", sh, ve)
+			}
+			t.Fatalf("%+v: load: %v", sh, err)
+		}
+		info, err := objs.Steer.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := info.VerifiedInstructions()
+		t.Logf("%+v: %d instructions verified", sh, n)
+		objs.Close()
+	}
+}

@@ -1,0 +1,14 @@
+// Package bpf holds baton's BPF programs and their generated Go bindings.
+//
+// steer.c is the SO_REUSEPORT selector that keeps UDP and QUIC datagrams
+// on the generation that owns their flow while generations overlap; the
+// udpdrain package drives it. The compiled objects (little- and big-endian)
+// are committed, so building baton needs no clang; `go generate ./bpf/`
+// rebuilds them and must reproduce the committed files byte for byte.
+//
+// include/asm holds one-line shims that point the kernel UAPI headers at
+// their architecture-independent versions, so the objects do not depend on
+// the build host's multiarch include directory.
+package bpf
+
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -mcpu=v3 -Wall -Werror -I./include" Steer steer.c
