@@ -27,6 +27,7 @@ const (
 	DefaultStopTimeout  = 30 * time.Second
 	DefaultCheckTimeout = 60 * time.Second
 	DefaultMaxDraining  = 4
+	DefaultUDPIdle      = 5 * time.Second
 )
 
 // Config is the validated configuration of one supervisor.
@@ -45,10 +46,14 @@ type Config struct {
 	StopTimeout  time.Duration
 	CheckCmd     string
 	CheckTimeout time.Duration
-	User         string
-	Group        string
-	LogFormat    string
-	LogLevel     string
+	// UDPIdle: a draining generation that reported IDLE=1 and whose UDP
+	// sockets got no datagram for this long is stopped without waiting
+	// for its drain deadline.
+	UDPIdle   time.Duration
+	User      string
+	Group     string
+	LogFormat string
+	LogLevel  string
 }
 
 // File is the TOML form. Durations are strings ("30s"); listeners are a
@@ -68,6 +73,7 @@ type File struct {
 	StopTimeout  string            `toml:"stop_timeout"`
 	CheckCmd     string            `toml:"check_cmd"`
 	CheckTimeout string            `toml:"check_timeout"`
+	UDPIdle      string            `toml:"udp_idle"`
 	User         string            `toml:"user"`
 	Group        string            `toml:"group"`
 	LogFormat    string            `toml:"log_format"`
@@ -85,6 +91,7 @@ func Defaults() *Config {
 		MaxDraining:  DefaultMaxDraining,
 		StopTimeout:  DefaultStopTimeout,
 		CheckTimeout: DefaultCheckTimeout,
+		UDPIdle:      DefaultUDPIdle,
 		LogFormat:    "text",
 		LogLevel:     "info",
 	}
@@ -174,6 +181,7 @@ func (c *Config) applyFile(path string) error {
 		{"drain_timeout", f.DrainTimeout, &c.DrainTimeout},
 		{"stop_timeout", f.StopTimeout, &c.StopTimeout},
 		{"check_timeout", f.CheckTimeout, &c.CheckTimeout},
+		{"udp_idle", f.UDPIdle, &c.UDPIdle},
 	} {
 		if d.v == "" {
 			continue
@@ -213,7 +221,7 @@ func (c *Config) Validate() error {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"stop timeout", c.StopTimeout}, {"check timeout", c.CheckTimeout}} {
+	}{{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"stop timeout", c.StopTimeout}, {"check timeout", c.CheckTimeout}, {"udp idle", c.UDPIdle}} {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %v", d.name, d.v))
 		}
@@ -238,6 +246,22 @@ func (c *Config) Validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		errs = append(errs, fmt.Errorf("log level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	// A generation has one slot and one CID layout for all its UDP
+	// listeners (BATON_CID_* is per generation), so they must agree.
+	var firstUDP *Listener
+	for i := range c.Listeners {
+		l := &c.Listeners[i]
+		if l.Scheme != SchemeUDP {
+			continue
+		}
+		if firstUDP == nil {
+			firstUDP = l
+			continue
+		}
+		if l.Workers != firstUDP.Workers || l.CIDLen != firstUDP.CIDLen || l.CIDSlotOffset != firstUDP.CIDSlotOffset || l.CIDWorkerOffset != firstUDP.CIDWorkerOffset {
+			errs = append(errs, fmt.Errorf("UDP listeners %s and %s differ in workers or CID layout; a generation has one of each", firstUDP.Name, l.Name))
+		}
 	}
 	if c.Group != "" && c.User == "" {
 		errs = append(errs, errors.New("--group needs --user"))

@@ -19,7 +19,12 @@ func TestParseListener(t *testing.T) {
 		{arg: "http=tcp://:443?backlog=4096", want: Listener{Name: "http", Scheme: "tcp", Addr: ":443", Backlog: 4096}},
 		{arg: "v6=tcp://[::1]:8080?v6only=true", want: Listener{Name: "v6", Scheme: "tcp", Addr: "[::1]:8080", V6Only: true}},
 		{arg: "l=tcp://localhost:80", want: Listener{Name: "l", Scheme: "tcp", Addr: "127.0.0.1:80"}},
-		{arg: "dns=udp://[::]:53", want: Listener{Name: "dns", Scheme: "udp", Addr: "[::]:53"}},
+		{arg: "dns=udp://[::]:53", want: Listener{Name: "dns", Scheme: "udp", Addr: "[::]:53", Steer: SteerFlow}},
+		{arg: "h3=quic://127.0.0.1:443?workers=4&cid_len=12&cid_worker_offset=1", want: Listener{Name: "h3", Scheme: "udp", Addr: "127.0.0.1:443", Steer: SteerQUIC, Workers: 4, CIDLen: 12, CIDWorkerOffset: 1}},
+		{arg: "d=udp://127.0.0.1:53?steer=off&flow_idle=5s", want: Listener{Name: "d", Scheme: "udp", Addr: "127.0.0.1:53", Steer: SteerOff, FlowIdle: 5 * time.Second}},
+		{arg: "x=udp://:53?steer=maybe", wantErr: "want flow, quic or off"},
+		{arg: "x=quic://:443?workers=99", wantErr: "1..16"},
+		{arg: "x=quic://:443?cid_len=21", wantErr: "RFC 9000"},
 		{arg: "app=unix:///run/app.sock?mode=0660&group=www", want: Listener{Name: "app", Scheme: "unix", Addr: "/run/app.sock", Mode: 0o660, Group: "www"}},
 		{arg: "noequals", wantErr: "want NAME=URL"},
 		{arg: "a:b=tcp://:80", wantErr: "LISTEN_FDNAMES"},
@@ -46,6 +51,9 @@ func TestParseListener(t *testing.T) {
 			continue
 		}
 		got.URL = ""
+		if c.want.CIDWorkerOffset == 0 {
+			c.want.CIDWorkerOffset = -1
+		}
 		if !got.Same(c.want) {
 			t.Errorf("%s: got %+v, want %+v", c.arg, got, c.want)
 		}

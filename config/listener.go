@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Listener schemes.
@@ -14,6 +15,7 @@ const (
 	SchemeTCP     = "tcp"
 	SchemeUDP     = "udp"
 	SchemeUnix    = "unix"
+	SchemeQUIC    = "quic"    // udp with steer=quic
 	SchemeSystemd = "systemd" // a socket received from systemd, no URL of its own
 )
 
@@ -31,7 +33,22 @@ type Listener struct {
 	Mode    os.FileMode // unix: socket file mode; 0 = leave to umask
 	Owner   string      // unix: user name or uid
 	Group   string      // unix: group name or gid
+
+	// UDP steering across generations (see udpdrain).
+	Steer           string        // udp: flow (default), quic or off
+	Workers         int           // udp: sockets per generation; 0 = 1
+	CIDLen          int           // quic: server CID length; 0 = default
+	CIDSlotOffset   int           // quic: octet holding the slot
+	CIDWorkerOffset int           // quic: octet holding the worker, -1 = none
+	FlowIdle        time.Duration // flow: idle time that ends a flow's pin; 0 = default
 }
+
+// Steering modes of a UDP listener.
+const (
+	SteerFlow = "flow"
+	SteerQUIC = "quic"
+	SteerOff  = "off"
+)
 
 // ParseListen parses "NAME=URL" as given to --listen.
 func ParseListen(arg string) (Listener, error) {
@@ -52,9 +69,15 @@ func ParseListener(name, raw string) (Listener, error) {
 	if err != nil {
 		return Listener{}, fmt.Errorf("listener %s: %w", name, err)
 	}
-	l := Listener{Name: name, URL: raw, Scheme: u.Scheme}
+	l := Listener{Name: name, URL: raw, Scheme: u.Scheme, CIDWorkerOffset: -1}
 	q := u.Query()
 	switch u.Scheme {
+	case SchemeUDP:
+		l.Steer = SteerFlow
+	case SchemeQUIC:
+		l.Scheme, l.Steer = SchemeUDP, SteerQUIC
+	}
+	switch l.Scheme {
 	case SchemeTCP, SchemeUDP:
 		if u.Path != "" && u.Path != "/" {
 			return l, fmt.Errorf("listener %s: %s URL takes no path, got %q", name, u.Scheme, u.Path)
@@ -83,9 +106,9 @@ func ParseListener(name, raw string) (Listener, error) {
 		}
 		l.Addr = u.Path
 	case "":
-		return l, fmt.Errorf("listener %s: %q has no scheme: use tcp://, udp:// or unix://", name, raw)
+		return l, fmt.Errorf("listener %s: %q has no scheme: use tcp://, udp://, quic:// or unix://", name, raw)
 	default:
-		return l, fmt.Errorf("listener %s: unknown scheme %q: use tcp://, udp:// or unix://", name, u.Scheme)
+		return l, fmt.Errorf("listener %s: unknown scheme %q: use tcp://, udp://, quic:// or unix://", name, u.Scheme)
 	}
 	for key, vals := range q {
 		v := vals[len(vals)-1]
@@ -108,6 +131,43 @@ func ParseListener(name, raw string) (Listener, error) {
 				return l, fmt.Errorf("listener %s: mode=%q must be octal permission bits like 0660", name, v)
 			}
 			l.Mode = os.FileMode(m)
+		case key == "steer" && l.Scheme == SchemeUDP:
+			switch v {
+			case SteerFlow, SteerQUIC, SteerOff:
+				l.Steer = v
+			default:
+				return l, fmt.Errorf("listener %s: steer=%q: want flow, quic or off", name, v)
+			}
+		case key == "workers" && l.Scheme == SchemeUDP:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 16 {
+				return l, fmt.Errorf("listener %s: workers=%q must be 1..16", name, v)
+			}
+			l.Workers = n
+		case key == "cid_len" && l.Scheme == SchemeUDP:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 20 {
+				return l, fmt.Errorf("listener %s: cid_len=%q must be 1..20 (RFC 9000)", name, v)
+			}
+			l.CIDLen = n
+		case key == "cid_slot_offset" && l.Scheme == SchemeUDP:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > 19 {
+				return l, fmt.Errorf("listener %s: cid_slot_offset=%q must be 0..19", name, v)
+			}
+			l.CIDSlotOffset = n
+		case key == "cid_worker_offset" && l.Scheme == SchemeUDP:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < -1 || n > 19 {
+				return l, fmt.Errorf("listener %s: cid_worker_offset=%q must be -1 (none) or 0..19", name, v)
+			}
+			l.CIDWorkerOffset = n
+		case key == "flow_idle" && l.Scheme == SchemeUDP:
+			d, err := time.ParseDuration(v)
+			if err != nil || d <= 0 {
+				return l, fmt.Errorf("listener %s: flow_idle=%q must be a positive duration", name, v)
+			}
+			l.FlowIdle = d
 		case key == "owner" && l.Scheme == SchemeUnix:
 			l.Owner = v
 		case key == "group" && l.Scheme == SchemeUnix:
@@ -124,7 +184,7 @@ func knownOptions(scheme string) string {
 	case SchemeTCP:
 		return "backlog, v6only"
 	case SchemeUDP:
-		return "v6only"
+		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
 	default:
 		return "backlog, mode, owner, group"
 	}
@@ -151,5 +211,7 @@ func validName(name string) error {
 func (l Listener) Same(o Listener) bool {
 	return l.Name == o.Name && l.Scheme == o.Scheme && l.Addr == o.Addr &&
 		l.Backlog == o.Backlog && l.V6Only == o.V6Only && l.Mode == o.Mode &&
-		l.Owner == o.Owner && l.Group == o.Group
+		l.Owner == o.Owner && l.Group == o.Group && l.Steer == o.Steer &&
+		l.Workers == o.Workers && l.CIDLen == o.CIDLen && l.CIDSlotOffset == o.CIDSlotOffset &&
+		l.CIDWorkerOffset == o.CIDWorkerOffset && l.FlowIdle == o.FlowIdle
 }

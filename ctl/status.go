@@ -101,12 +101,19 @@ func writeStatus(w io.Writer, st *restartsock.Status, at time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if len(st.Listeners) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintln(tw, "LISTENER\tURL\tFD")
+		fmt.Fprintln(tw, "LISTENER\tURL\tFD\tSTEER")
 		for _, l := range st.Listeners {
-			fmt.Fprintf(tw, "%s\t%s\t%d\n", cell(l.Name), cell(l.URL), l.FD)
+			steer := "-"
+			if l.Steer != "" {
+				steer = fmt.Sprintf("%s, %d per generation, working slot %d", l.Steer, l.Workers, l.Working)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", cell(l.Name), cell(l.URL), l.FD, steer)
 		}
 		if err := tw.Flush(); err != nil {
 			return fmt.Errorf("write status: %w", err)
+		}
+		if err := writeUDP(tw, st.Listeners); err != nil {
+			return err
 		}
 	}
 
@@ -149,4 +156,27 @@ func cell(s string) string {
 		}
 		return r
 	}, s)
+}
+
+// writeUDP prints the steering program's per-generation datagram counters.
+func writeUDP(tw *tabwriter.Writer, ls []restartsock.ListenerStatus) error {
+	var any bool
+	for _, l := range ls {
+		for _, u := range l.UDP {
+			if !any {
+				fmt.Fprintln(tw)
+				fmt.Fprintln(tw, "UDP\tSLOT\tGEN\tBY CID\tBY PIN\tNEW\tFALLBACK\tERRORS\tDROPPED")
+				any = true
+			}
+			gen := "-"
+			if u.Generation > 0 {
+				gen = fmt.Sprint(u.Generation)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", cell(l.Name), u.Slot, gen, u.CID, u.Pinned, u.New, u.Fallback, u.Errors, u.Dropped)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
 }

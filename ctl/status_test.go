@@ -24,7 +24,10 @@ func sampleStatus(at time.Time) restartsock.Status {
 		},
 		Listeners: []restartsock.ListenerStatus{
 			{Name: "http", URL: "tcp://127.0.0.1:8080", FD: 3},
-			{Name: "quic", URL: "udp://:8443", FD: 4},
+			{Name: "quic", URL: "quic://:8443", FD: 4, Steer: "quic", Workers: 2, Working: 3, UDP: []restartsock.UDPStatus{
+				{Slot: 2, Generation: 2, CID: 120, Pinned: 3},
+				{Slot: 3, Generation: 3, CID: 40, New: 9, Fallback: 1},
+			}},
 		},
 	}
 }
@@ -43,9 +46,13 @@ func TestStatusTable(t *testing.T) {
 	want := `supervisor pid 1100, up 3h5m, working generation 3, restarts 2, crashes 1, CRASH LOOP
 last crash: generation 1 exited with status 1
 
-LISTENER  URL                   FD
-http      tcp://127.0.0.1:8080  3
-quic      udp://:8443           4
+LISTENER  URL                   FD  STEER
+http      tcp://127.0.0.1:8080  3   -
+quic      quic://:8443          4   quic, 2 per generation, working slot 3
+
+UDP   SLOT  GEN  BY CID  BY PIN  NEW  FALLBACK  ERRORS  DROPPED
+quic  2     2    120     3       0    0         0       0
+quic  3     3    40      0       9    1         0       0
 
 GEN  PID   STATE            AGE   READY   STATUS
 3    1234  serving          2m0s  12.3ms  accepting connections

@@ -6,12 +6,14 @@ package listen
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
 	"strconv"
 
 	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/udpdrain"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,8 +22,12 @@ import (
 // backlog while no generation accepts.
 type Socket struct {
 	Spec      config.Listener
-	File      *os.File
-	Activated bool // received from systemd rather than opened here
+	File      *os.File // shared by every generation; nil for UDP groups
+	Activated bool     // received from systemd rather than opened here
+	// UDP, for a UDP listener, gives every generation its own sockets in
+	// one reuseport group steered by BPF (or plain duplicates with
+	// steer=off).
+	UDP *udpdrain.Group
 
 	unixIno uint64 // inode of a Unix socket file we created, for cleanup
 }
@@ -32,7 +38,11 @@ func Open(spec config.Listener) (*Socket, error) {
 	case config.SchemeTCP:
 		return openInet(spec, unix.SOCK_STREAM)
 	case config.SchemeUDP:
-		return openInet(spec, unix.SOCK_DGRAM)
+		g, err := udpdrain.NewGroup(spec.Addr, UDPConfig(spec))
+		if err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+		}
+		return &Socket{Spec: spec, UDP: g}, nil
 	case config.SchemeUnix:
 		return openUnix(spec)
 	}
@@ -211,6 +221,9 @@ func Probe(path string) (bool, error) {
 // Close closes the socket and, for a Unix socket baton created, removes
 // its file if the path still names that same socket.
 func (s *Socket) Close() error {
+	if s.UDP != nil {
+		return s.UDP.Close()
+	}
 	err := s.File.Close()
 	if s.unixIno != 0 {
 		var st unix.Stat_t
@@ -221,8 +234,29 @@ func (s *Socket) Close() error {
 	return err
 }
 
+// UDPConfig is the steering configuration of a UDP listener.
+func UDPConfig(spec config.Listener) udpdrain.Config {
+	mode := udpdrain.ModeFlow
+	switch spec.Steer {
+	case config.SteerQUIC:
+		mode = udpdrain.ModeQUIC
+	case config.SteerOff:
+		mode = udpdrain.ModeOff
+	}
+	cid := udpdrain.DefaultCIDLayout()
+	if spec.CIDLen > 0 {
+		cid.Len = spec.CIDLen
+	}
+	cid.SlotOffset = spec.CIDSlotOffset
+	cid.WorkerOffset = spec.CIDWorkerOffset
+	return udpdrain.Config{Mode: mode, Workers: spec.Workers, CID: cid, FlowIdle: spec.FlowIdle, V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
+}
+
 // IsDatagram reports whether the socket is SOCK_DGRAM.
 func (s *Socket) IsDatagram() bool {
+	if s.UDP != nil {
+		return true
+	}
 	typ, err := unix.GetsockoptInt(int(s.File.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
 	return err == nil && typ == unix.SOCK_DGRAM
 }

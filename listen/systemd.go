@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/udpdrain"
 	"github.com/coreos/go-systemd/v22/activation"
 	"golang.org/x/sys/unix"
 )
@@ -63,9 +64,13 @@ func Resolve(specs []config.Listener, activated []*Socket) ([]*Socket, error) {
 	var out []*Socket
 	for _, spec := range specs {
 		if a, ok := byName[spec.Name]; ok {
-			a.Spec.URL = spec.URL + " (systemd)"
-			out = append(out, a)
 			delete(byName, spec.Name)
+			s, err := adopt(spec, a)
+			if err != nil {
+				CloseAll(out)
+				return nil, err
+			}
+			out = append(out, s)
 			continue
 		}
 		s, err := Open(spec)
@@ -90,4 +95,32 @@ func CloseAll(socks []*Socket) {
 	for _, s := range socks {
 		s.Close()
 	}
+}
+
+// adopt takes an activated socket for a configured listener. An activated
+// UDP socket becomes the first member (the anchor) of the listener's
+// reuseport group, and baton adds the per-generation siblings.
+func adopt(spec config.Listener, a *Socket) (*Socket, error) {
+	if (spec.Scheme == config.SchemeUDP) != a.IsDatagram() {
+		return nil, fmt.Errorf("listener %s: systemd passed a %s socket named %q but the listener is %s; fix ListenStream=/ListenDatagram= or the listener URL", spec.Name, sockKind(a.IsDatagram()), spec.Name, spec.URL)
+	}
+	spec.URL += " (systemd)"
+	if spec.Scheme != config.SchemeUDP {
+		a.Spec = spec
+		return a, nil
+	}
+	g, err := udpdrain.NewGroupFromFile(a.File, UDPConfig(spec))
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: systemd socket: %w (set ReusePort=yes in the .socket unit, and run baton as the socket's owner)", spec.Name, err)
+	}
+	// The group holds its own duplicate; systemd keeps the original.
+	a.File.Close()
+	return &Socket{Spec: spec, UDP: g, Activated: true}, nil
+}
+
+func sockKind(dgram bool) string {
+	if dgram {
+		return "datagram"
+	}
+	return "stream"
 }

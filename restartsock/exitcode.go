@@ -11,7 +11,7 @@ const (
 	ExitNoSupervisor = 5 // nothing listens on the control socket
 	ExitDenied       = 6 // denied, or the socket's permissions refused us
 	ExitTimeout      = 7 // no result within --timeout
-	ExitUnavailable  = 8 // too_many_draining, shutting_down
+	ExitUnavailable  = 8 // too_many_draining, no_slot, shutting_down
 )
 
 // ExitCode maps a result code to the exit code of `restart`.
@@ -29,7 +29,7 @@ func ExitCode(c Code) int {
 		return ExitBusy
 	case ResultDenied:
 		return ExitDenied
-	case ResultTooManyDraining, ResultShuttingDown:
+	case ResultTooManyDraining, ResultNoSlot, ResultShuttingDown:
 		return ExitUnavailable
 	}
 	return ExitFailed

@@ -54,6 +54,8 @@ const (
 	ResultDenied          Code = "denied"
 	ResultShuttingDown    Code = "shutting_down"
 	ResultBadRequest      Code = "bad_request"
+	// ResultNoSlot: all 31 UDP steering slots belong to live generations.
+	ResultNoSlot Code = "no_slot"
 )
 
 // Message types on the wire.
@@ -134,5 +136,24 @@ type GenStatus struct {
 type ListenerStatus struct {
 	Name string `json:"name"`
 	URL  string `json:"url"`
-	FD   int    `json:"fd"` // fd number in every generation
+	FD   int    `json:"fd"` // first fd number in every generation
+	// For UDP listeners: the steering mode, sockets per generation, the
+	// working slot and each generation's counters.
+	Steer   string      `json:"steer,omitempty"`
+	Workers int         `json:"workers,omitempty"`
+	Working int         `json:"working_slot,omitempty"`
+	UDP     []UDPStatus `json:"udp,omitempty"`
+}
+
+// UDPStatus is one generation's slot in a UDP listener and the steering
+// program's per-slot counters (datagrams).
+type UDPStatus struct {
+	Slot       int    `json:"slot"`
+	Generation int    `json:"generation,omitempty"` // 0: slot 0 (drops) or a generation already reaped
+	CID        uint64 `json:"by_cid"`
+	Pinned     uint64 `json:"by_pin"`
+	New        uint64 `json:"new"`
+	Fallback   uint64 `json:"fallback"`
+	Errors     uint64 `json:"errors"`
+	Dropped    uint64 `json:"dropped"`
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/udpdrain"
 	"golang.org/x/sys/unix"
 )
 
@@ -50,6 +51,22 @@ type generation struct {
 	exitDesc   string
 	drainTimer *time.Timer
 	exited     bool
+	idle       bool // reported IDLE=1 while draining
+	idleTimer  *time.Timer
+	slot       int               // UDP steering slot, 0 if no UDP listener
+	groups     []*udpdrain.Group // UDP groups holding sockets in slot
+}
+
+// udpIdle reports whether every UDP socket of the generation got no
+// datagram for quiet.
+func (g *generation) udpIdle(quiet time.Duration) bool {
+	for _, grp := range g.groups {
+		idle, err := grp.Idle(g.slot, quiet)
+		if err != nil || !idle {
+			return false
+		}
+	}
+	return true
 }
 
 // spawnOpts is what a generation needs from the supervisor to start.
@@ -58,6 +75,7 @@ type spawnOpts struct {
 	cfg       *config.Config
 	files     []*os.File // listeners, in fd order from 3
 	names     []string
+	env       []string // per-generation additions (UDP steering)
 	self      string // path of the baton binary for the shim
 	post      func(func())
 	spawner   *spawner
@@ -111,6 +129,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 
 	extra := append(append([]*os.File{}, o.files...), readyW)
 	env := childEnv(os.Environ(), cfg.Env)
+	env = append(env, o.env...)
 	env = append(env,
 		handoff.EnvListenFDs+"="+strconv.Itoa(len(o.files)),
 		handoff.EnvListenFDNames+"="+strings.Join(o.names, ":"),
@@ -267,6 +286,10 @@ func (g *generation) handleAssignments(lines []string, via string, post func(fun
 		case "STOPPING":
 			if v == "1" {
 				post(func() { g.log.Info("generation reports stopping") })
+			}
+		case "IDLE":
+			if v == "1" {
+				post(func() { g.idle = true })
 			}
 		}
 	}

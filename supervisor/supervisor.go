@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/listen"
 	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/udpdrain"
 )
 
 // Crash respawn backoff: doubling from the first to the cap; a generation
@@ -322,6 +324,9 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 	if !s.call(func() { g, err = s.spawn(cfg) }) {
 		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
 	}
+	if errors.Is(err, errNoSlot) {
+		return result(restartsock.ResultNoSlot, err.Error(), start)
+	}
 	if err != nil {
 		return result(restartsock.ResultChildExited, "spawn failed: "+err.Error(), start)
 	}
@@ -449,25 +454,65 @@ func listenerNames(ls []config.Listener) string {
 	return "[" + strings.Join(names, " ") + "]"
 }
 
+// errNoSlot: every UDP steering slot is held by a live generation.
+var errNoSlot = errors.New("all 31 UDP steering slots belong to live generations; wait for draining generations to exit")
+
 // spawn runs on the loop: start the next generation and register it.
 func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 	if s.stopping {
 		return nil, errors.New("the supervisor is stopping")
 	}
-	files := make([]*os.File, len(s.opts.Sockets))
-	names := make([]string, len(s.opts.Sockets))
-	for i, sk := range s.opts.Sockets {
-		files[i], names[i] = sk.File, sk.Spec.Name
+	var files []*os.File
+	var names, env []string
+	slot := 0
+	var groups []*udpdrain.Group
+	release := func() {
+		for _, grp := range groups {
+			grp.Release(slot)
+		}
+	}
+	for _, sk := range s.opts.Sockets {
+		if sk.UDP == nil {
+			files, names = append(files, sk.File), append(names, sk.Spec.Name)
+			continue
+		}
+		// One slot for all UDP listeners: the generation's CIDs carry one.
+		var fs []*os.File
+		var err error
+		if slot == 0 {
+			slot, fs, err = sk.UDP.AddGeneration()
+			if err == nil {
+				env, err = sk.UDP.Env(slot)
+			}
+		} else {
+			fs, err = sk.UDP.AddGenerationAt(slot)
+		}
+		if err != nil {
+			release()
+			if errors.Is(err, udpdrain.ErrNoSlot) {
+				return nil, errNoSlot
+			}
+			return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
+		}
+		groups = append(groups, sk.UDP)
+		for _, f := range fs {
+			files, names = append(files, f), append(names, sk.Spec.Name)
+		}
 	}
 	s.nextGen++
 	g, err := startGeneration(spawnOpts{
-		num: s.nextGen, cfg: cfg, files: files, names: names, self: s.opts.Self,
+		num: s.nextGen, cfg: cfg, files: files, names: names, env: env, self: s.opts.Self,
 		post: s.post, spawner: s.spawner, log: s.log, supPID: os.Getpid(), stderrOut: s.opts.Stderr,
 		onExit: s.reaped,
 	})
 	if err != nil {
+		release()
 		s.log.Error("spawn failed", "gen", s.nextGen, "err", err)
 		return nil, err
+	}
+	g.slot, g.groups = slot, groups
+	if slot != 0 {
+		g.log = g.log.With("slot", slot)
 	}
 	g.log.Info("generation spawned", "command", cfg.Command)
 	s.gens = append(s.gens, g)
@@ -484,6 +529,11 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	s.working = g
 	s.cfg = cfg
 	g.state = restartsock.StateServing
+	for _, grp := range g.groups {
+		if err := grp.SetWorking(g.slot); err != nil {
+			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
+		}
+	}
 	if reason != "start" {
 		s.restarts++
 	}
@@ -507,6 +557,9 @@ func (s *Supervisor) drain(g *generation, timeout time.Duration) {
 	sig := s.cfg.DrainSignal
 	g.log.Info("draining generation", "signal", config.SignalName(sig), "deadline", timeout)
 	g.signal(sig)
+	if len(g.groups) > 0 {
+		s.watchUDPIdle(g)
+	}
 	g.drainTimer = time.AfterFunc(timeout, func() {
 		s.post(func() {
 			if !g.exited {
@@ -531,6 +584,16 @@ func (s *Supervisor) reaped(g *generation) {
 	g.notify.Close()
 	// Whatever the main process left behind in its group goes with it.
 	g.kill()
+	if g.idleTimer != nil {
+		g.idleTimer.Stop()
+	}
+	// Only now may the slot go to another generation: its sockets are
+	// closed with its processes.
+	for _, grp := range g.groups {
+		if err := grp.Release(g.slot); err != nil {
+			g.log.Warn("UDP slot release failed", "err", err)
+		}
+	}
 	close(g.done)
 
 	switch {
@@ -558,6 +621,30 @@ func (s *Supervisor) reaped(g *generation) {
 	if s.opts.Events != nil && !s.stopping {
 		s.opts.Events.StatusChanged(s.status())
 	}
+}
+
+// watchUDPIdle ends a draining generation's drain early once it has
+// reported IDLE=1 and its UDP sockets got no datagram for cfg.UDPIdle:
+// with no connection-oriented socket to watch, that is the only way to
+// know a UDP server is done before its drain deadline.
+func (s *Supervisor) watchUDPIdle(g *generation) {
+	quiet := s.cfg.UDPIdle
+	every := min(quiet/4, time.Second)
+	var check func()
+	check = func() {
+		s.post(func() {
+			if g.exited {
+				return
+			}
+			if g.idle && g.udpIdle(quiet) {
+				g.log.Info("drain ended early: generation reported idle and its UDP sockets are quiet", "quiet", quiet)
+				g.kill()
+				return
+			}
+			g.idleTimer = time.AfterFunc(every, check)
+		})
+	}
+	g.idleTimer = time.AfterFunc(every, check)
 }
 
 func backoff(n int) time.Duration {
@@ -675,10 +762,38 @@ func (s *Supervisor) status() restartsock.Status {
 		}
 		st.Gens = append(st.Gens, gs)
 	}
-	for i, sk := range s.opts.Sockets {
-		st.Listeners = append(st.Listeners, restartsock.ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: 3 + i})
+	fd := 3
+	for _, sk := range s.opts.Sockets {
+		ls := restartsock.ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd}
+		fd++
+		if sk.UDP != nil {
+			cfg := sk.UDP.Config()
+			fd += cfg.Workers - 1
+			ls.Steer, ls.Workers, ls.Working = cfg.Mode.String(), cfg.Workers, sk.UDP.Working()
+			ls.UDP = s.udpStatus(sk.UDP)
+		}
+		st.Listeners = append(st.Listeners, ls)
 	}
 	return st
+}
+
+func (s *Supervisor) udpStatus(grp *udpdrain.Group) []restartsock.UDPStatus {
+	counters, err := grp.Counters()
+	if err != nil {
+		return nil
+	}
+	genOf := map[int]int{}
+	for _, g := range s.gens {
+		if g.slot != 0 {
+			genOf[g.slot] = g.num
+		}
+	}
+	out := make([]restartsock.UDPStatus, 0, len(counters))
+	for slot, c := range counters {
+		out = append(out, restartsock.UDPStatus{Slot: slot, Generation: genOf[slot], CID: c.CID, Pinned: c.Pinned, New: c.New, Fallback: c.Fallback, Errors: c.Errors, Dropped: c.Dropped})
+	}
+	slices.SortFunc(out, func(a, b restartsock.UDPStatus) int { return a.Slot - b.Slot })
+	return out
 }
 
 func countFDs() int {

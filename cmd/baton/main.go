@@ -79,13 +79,14 @@ func runMain(args []string, stderr io.Writer) int {
 		stopTimeout  = fs.Duration("stop-timeout", config.DefaultStopTimeout, "on SIGTERM, SIGKILL generations still running after this long")
 		checkCmd     = fs.String("check-cmd", "", "shell command run before each restart; non-zero exit refuses the restart")
 		checkTimeout = fs.Duration("check-timeout", config.DefaultCheckTimeout, "bound on --check-cmd")
+		udpIdle      = fs.Duration("udp-idle", config.DefaultUDPIdle, "end the drain of a generation that reported IDLE=1 once its UDP sockets were quiet this long")
 		userName     = fs.String("user", "", "run generations as this user")
 		groupName    = fs.String("group", "", "run generations with this group (needs --user)")
 		dir          = fs.String("dir", "", "working directory of generations")
 		logFormat    = fs.String("log-format", "text", "log format: text or json")
 		logLevel     = fs.String("log-level", "info", "log level: debug, info, warn, error")
 	)
-	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://ADDR:PORT, udp://ADDR:PORT, unix:///path; options as ?backlog=N&mode=0660&group=G")
+	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://HOST:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\noptions as a query: ?backlog=N, ?mode=0660&group=G (unix), ?steer=flow|quic|off&workers=W&cid_len=L (udp)")
 	fs.Var(&envs, "env", "KEY=VALUE added to the generations' environment, repeatable")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, "Usage: baton run [flags] -- COMMAND [ARGS...]\n\nFlags:\n")
@@ -139,6 +140,7 @@ func runMain(args []string, stderr io.Writer) int {
 		}{
 			"ready-timeout": {&c.ReadyTimeout, *readyTimeout}, "drain-timeout": {&c.DrainTimeout, *drainTimeout},
 			"stop-timeout": {&c.StopTimeout, *stopTimeout}, "check-timeout": {&c.CheckTimeout, *checkTimeout},
+			"udp-idle": {&c.UDPIdle, *udpIdle},
 		}
 		for name, d := range durs {
 			if set[name] {
