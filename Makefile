@@ -3,7 +3,7 @@ GO      ?= go
 BIN     ?= bin
 BINARIES = baton restart httpd sdhttpd
 
-.PHONY: all build demo test test-unit test-e2e lint fuzz bench clean
+.PHONY: all build demo test lint fuzz bench generate check-generate clean
 
 all: build
 
@@ -29,6 +29,15 @@ lint:
 	@if command -v staticcheck >/dev/null 2>&1; then staticcheck ./...; \
 	 elif [ -x "$$($(GO) env GOPATH)/bin/staticcheck" ]; then "$$($(GO) env GOPATH)/bin/staticcheck" ./...; \
 	 else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@v0.8.2); skipping"; fi
+
+# BPF C -> objects and Go bindings (needs clang, llvm, libbpf-dev). The
+# objects are committed so that a plain build needs no clang.
+generate:
+	$(GO) generate ./bpf/
+
+# Fails if the committed BPF objects differ from a fresh build of the C.
+check-generate: generate
+	git diff --exit-code -- bpf/ || { echo "bpf/: committed objects are stale: run make generate and commit"; exit 1; }
 
 fuzz:
 	$(GO) test -run=XXX -fuzz=FuzzDecodeRequest -fuzztime=60s ./restartsock/

@@ -76,7 +76,7 @@ type spawnOpts struct {
 	files     []*os.File // listeners, in fd order from 3
 	names     []string
 	env       []string // per-generation additions (UDP steering)
-	self      string // path of the baton binary for the shim
+	self      string   // path of the baton binary for the shim
 	post      func(func())
 	spawner   *spawner
 	log       *slog.Logger
