@@ -264,7 +264,7 @@ func (c child) command(t *testing.T) *exec.Cmd {
 		}
 		cmd.Env = append(cmd.Env, kv)
 	}
-	cmd.Env = append(cmd.Env, envChildMode+"="+c.mode)
+	cmd.Env = append(cmd.Env, envChildMode+"="+c.mode, "GORACE=atexit_sleep_ms=0")
 	if c.setPID {
 		cmd.Env = append(cmd.Env, envChildSetPID+"=1")
 	}

@@ -2,6 +2,7 @@ package handoff
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -96,7 +97,9 @@ func (d *HTTPDrainer) Drain(ctx context.Context, ln net.Listener) error {
 		case <-t.C:
 		}
 	}
-	if err := d.srv.Shutdown(ctx); err != nil {
+	// Shutdown closes the listeners Serve still tracks; ours is closed
+	// already, which is no failure of the drain.
+	if err := d.srv.Shutdown(ctx); err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("drain: shutdown: %w", err)
 	}
 	return nil

@@ -1,8 +1,10 @@
 // Command httpd is the demo HTTP server for baton. It serves on the inherited
-// listener named "http" (or on -listen when started standalone), reports
-// readiness and status through the handoff package and drains gracefully on
-// the drain signal. Its fault flags let tests make a generation start slowly,
-// fail, hang or crash.
+// listener named "http" (or on -listen when started standalone) and, when a
+// UDP listener named "h3" is inherited (or -listen-h3 is given), HTTP/3 with
+// one QUIC listener per worker socket. It reports readiness and status
+// through the handoff package and drains both gracefully on the drain
+// signal. Its fault flags let tests make a generation start slowly, fail,
+// hang or crash.
 package main
 
 import (
@@ -16,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/baton-run/baton/handoff"
@@ -35,6 +38,12 @@ type options struct {
 	crashAfter      time.Duration
 	drainTimeout    time.Duration
 	idleTimeout     time.Duration
+
+	listenH3         string
+	certFile         string
+	keyFile          string
+	h3IdleTimeout    time.Duration
+	h3HandshakeGrace time.Duration
 }
 
 func main() {
@@ -46,7 +55,12 @@ func main() {
 	flag.BoolVar(&o.ignoreDrain, "ignore-drain", false, "ignore the drain signal and keep serving until killed")
 	flag.DurationVar(&o.crashAfter, "crash-after", 0, "exit with status 2 after this long (0: never)")
 	flag.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "longest wait for in-flight requests once draining")
-	flag.DurationVar(&o.idleTimeout, "idle-timeout", 60*time.Second, "close keep-alive connections idle for this long")
+	flag.DurationVar(&o.idleTimeout, "idle-timeout", 60*time.Second, "close keep-alive connections (HTTP/1 and HTTP/3) without a request for this long")
+	flag.StringVar(&o.listenH3, "listen-h3", "", "UDP address for HTTP/3 when no inherited listener named \"h3\" exists; empty: no HTTP/3 then")
+	flag.StringVar(&o.certFile, "cert", "", "PEM certificate for HTTP/3 (default: self-signed for localhost, 127.0.0.1 and ::1)")
+	flag.StringVar(&o.keyFile, "key", "", "PEM private key for -cert")
+	flag.DurationVar(&o.h3IdleTimeout, "h3-idle-timeout", 30*time.Second, "close a QUIC connection silent for this long (client PINGs count)")
+	flag.DurationVar(&o.h3HandshakeGrace, "h3-handshake-grace", 2*time.Second, "once draining, longest wait for QUIC handshakes in flight before closing the QUIC listeners")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("gen", handoff.Generation(), "pid", os.Getpid())
@@ -79,6 +93,11 @@ func run(o options, log *slog.Logger) int {
 		return 1
 	}
 	log.Info("listener", "addr", ln.Addr().String(), "supervised", handoff.Supervised())
+	h3Conns, err := openH3Sockets(o)
+	if err != nil {
+		log.Error("no h3 sockets", "err", err)
+		return 1
+	}
 
 	if o.crashAfter > 0 {
 		time.AfterFunc(o.crashAfter, func() {
@@ -104,8 +123,19 @@ func run(o options, log *slog.Logger) int {
 		return 3
 	}
 
+	handler := withGeneration(gen, routes(gen))
+	var h3 *h3Server
+	if len(h3Conns) > 0 {
+		// Per-generation sockets: nothing reaches them from the serving
+		// generation, but start before Ready all the same, so that ready
+		// means serving on every protocol.
+		if h3, err = startH3(o, h3Conns, handler, log); err != nil {
+			log.Error("starting HTTP/3", "err", err)
+			return 1
+		}
+	}
 	srv := &http.Server{
-		Handler:           withGeneration(gen, routes(gen)),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       o.idleTimeout,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
@@ -127,29 +157,57 @@ func run(o options, log *slog.Logger) int {
 		log.Info("ready")
 	}
 
+	var h3Served <-chan error
+	if h3 != nil {
+		h3Served = h3.served
+	}
 	select {
 	case err := <-served:
 		log.Error("serving stopped", "err", err)
+		return 1
+	case err := <-h3Served:
+		log.Error("HTTP/3 serving stopped", "err", err)
 		return 1
 	case <-drain:
 		log.Info("drain signal received")
 	case <-interrupt:
 		log.Info("interrupted")
 	}
-	return shutdown(drainer, ln, served, o.drainTimeout, log)
+	return shutdown(drainer, ln, served, h3, o, log)
 }
 
-// shutdown stops accepting and lets every open connection finish without
-// losing a request (see handoff.HTTPDrainer), then exits.
-func shutdown(drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, timeout time.Duration, log *slog.Logger) int {
+// shutdown drains TCP and, if served, HTTP/3 at once under one
+// -drain-timeout, and exits 0 only if both drained.
+func shutdown(drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, h3 *h3Server, o options, log *slog.Logger) int {
 	if err := handoff.Stopping(); err != nil {
 		log.Warn("signalling stopping", "err", err)
 	}
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
+	var wg sync.WaitGroup
+	h3Code := 0
+	if h3 != nil {
+		wg.Go(func() {
+			if err := h3.drain(ctx, o.h3HandshakeGrace); err != nil {
+				log.Error("HTTP/3 drain incomplete; closed remaining connections", "err", err)
+				h3Code = 1
+			}
+		})
+	}
+	code := shutdownTCP(ctx, drainer, ln, served, log)
+	wg.Wait()
+	return max(code, h3Code)
+}
+
+// shutdownTCP stops accepting and lets every open connection finish
+// without losing a request (see handoff.HTTPDrainer).
+func shutdownTCP(ctx context.Context, drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, log *slog.Logger) int {
+	start := time.Now()
 	open := drainer.Open()
-	if err := drainer.Drain(ctx, ln); err != nil {
+	// The drainer closes ln itself; when Serve has not yet dropped it,
+	// http.Server.Shutdown closes it a second time and reports that, after
+	// a complete shutdown. Only other errors mean an incomplete drain.
+	if err := drainer.Drain(ctx, ln); err != nil && !errors.Is(err, net.ErrClosed) {
 		log.Error("drain incomplete; closed remaining connections", "err", err, "after", time.Since(start).String())
 		return 1
 	}
