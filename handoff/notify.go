@@ -18,6 +18,10 @@ import (
 const (
 	NotifyReady    = "READY=1"
 	NotifyStopping = "STOPPING=1"
+	// NotifyIdle is baton's own addition: a draining generation has no
+	// more work. With UDP listeners the supervisor then ends the drain
+	// once the generation's sockets are quiet (--udp-idle).
+	NotifyIdle = "IDLE=1"
 	NotifyStatus   = "STATUS="
 )
 
@@ -138,5 +142,14 @@ func Stopping() error {
 	notify.mu.Lock()
 	defer notify.mu.Unlock()
 	_, err := send(NotifyStopping, NotifyStopping)
+	return err
+}
+
+// Idle tells the supervisor that this draining generation has no work
+// left. For a UDP server, which cannot see its clients go away, baton then
+// ends the drain as soon as no datagram has reached the generation for a
+// while, instead of waiting for the drain deadline.
+func Idle() error {
+	_, err := send(NotifyIdle, NotifyIdle)
 	return err
 }
