@@ -21,8 +21,8 @@ const (
 	// NotifyIdle is baton's own addition: a draining generation has no
 	// more work. With UDP listeners the supervisor then ends the drain
 	// once the generation's sockets are quiet (--udp-idle).
-	NotifyIdle = "IDLE=1"
-	NotifyStatus   = "STATUS="
+	NotifyIdle   = "IDLE=1"
+	NotifyStatus = "STATUS="
 )
 
 // pipeWriteTimeout bounds a write to the inheritance pipe: a supervisor that
@@ -150,6 +150,8 @@ func Stopping() error {
 // ends the drain as soon as no datagram has reached the generation for a
 // while, instead of waiting for the drain deadline.
 func Idle() error {
+	notify.mu.Lock()
+	defer notify.mu.Unlock()
 	_, err := send(NotifyIdle, NotifyIdle)
 	return err
 }
