@@ -178,8 +178,10 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
+				// Queued rather than busy: under Type=notify-reload systemd
+				// waits for RELOADING=1 and READY=1 after every SIGHUP.
 				go func() {
-					res := s.Restart(sctx, false, s.logProgress)
+					res := s.Restart(sctx, true, s.logProgress)
 					s.log.Info("restart on SIGHUP finished", "result", res.Result, "message", res.Message, "gen", res.Generation, "pid", res.PID)
 				}()
 			case syscall.SIGTERM, syscall.SIGINT:
