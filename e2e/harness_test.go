@@ -177,8 +177,18 @@ func (h *harness) startBaton(args ...string) *batonProc {
 
 func (h *harness) startBatonControl(control string, args ...string) *batonProc {
 	h.t.Helper()
+	return h.startBatonEnv(control, nil, args...)
+}
+
+// startBatonEnv is startBatonControl with extra environment variables,
+// e.g. NOTIFY_SOCKET or LISTEN_FDS as systemd would set them.
+func (h *harness) startBatonEnv(control string, env []string, args ...string) *batonProc {
+	h.t.Helper()
 	full := append([]string{"run", "--control", control}, args...)
 	cmd := h.ns.Command(bin.baton, full...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	out := &syncBuffer{}
 	cmd.Stdout = out
 	cmd.Stderr = out
