@@ -23,6 +23,7 @@ import (
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
 	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/supervisor"
 )
 
 // httpAddr is where every test's server listens. Each test has its own
@@ -184,8 +185,20 @@ func (h *harness) startBatonControl(control string, args ...string) *batonProc {
 // e.g. NOTIFY_SOCKET or LISTEN_FDS as systemd would set them.
 func (h *harness) startBatonEnv(control string, env []string, args ...string) *batonProc {
 	h.t.Helper()
+	return h.startBatonFiles(control, env, nil, args...)
+}
+
+// startBatonFiles also passes files at fds 3.., the way systemd passes
+// LISTEN_FDS. The new baton is started through its own exec shim, which
+// sets LISTEN_PID to its pid as systemd would.
+func (h *harness) startBatonFiles(control string, env []string, files []*os.File, args ...string) *batonProc {
+	h.t.Helper()
 	full := append([]string{"run", "--control", control}, args...)
 	cmd := h.ns.Command(bin.baton, full...)
+	if len(files) > 0 {
+		cmd = h.ns.Command(bin.baton, append([]string{supervisor.ShimArg, bin.baton}, full...)...)
+		cmd.ExtraFiles = files
+	}
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
 	}
