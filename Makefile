@@ -9,7 +9,7 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd
+	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd ./examples/udpecho
 
 # Runs the bundled example server under baton, drives HTTP load at it,
 # restarts it several times and prints what happened.

@@ -153,6 +153,8 @@ func TestSupervisorNotifySequence(t *testing.T) {
 	if code, ok := b.waitExit(15 * time.Second); !ok || code != 0 {
 		t.Fatalf("baton exit %d (exited: %v) after SIGTERM", code, ok)
 	}
+	// The datagram is in the socket; let the reader pick it up.
+	r.waitFor("STOPPING=1", func(m notifyMsg) bool { return kind(m) == "STOPPING" })
 
 	var kinds []string
 	for _, m := range r.all() {
