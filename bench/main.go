@@ -161,18 +161,40 @@ func run(o options) error {
 		progress("  %s", r.res)
 	}
 
-	var w io.Writer = os.Stdout
-	if o.out != "" {
-		f, err := os.Create(o.out)
-		if err != nil {
-			return fmt.Errorf("create %s: %w", o.out, err)
-		}
-		defer f.Close()
-		w = f
+	if o.out == "" {
+		rep.write(os.Stdout, o)
+		return nil
 	}
-	rep.write(w, o)
-	if o.out != "" {
-		progress("wrote %s", o.out)
+	var buf bytes.Buffer
+	rep.write(&buf, o)
+	if err := replaceSection(o.out, buf.String()); err != nil {
+		return err
+	}
+	progress("wrote %s", o.out)
+	return nil
+}
+
+// Markers around the part of BENCHMARKS.md this command owns, so that
+// figures produced by other commands in the same file survive a rerun.
+const (
+	sectionBegin = "<!-- bench:supervisor:begin (go run ./bench) -->\n"
+	sectionEnd   = "<!-- bench:supervisor:end -->\n"
+)
+
+func replaceSection(path, section string) error {
+	old, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	text := string(old)
+	block := sectionBegin + section + sectionEnd
+	if i, j := strings.Index(text, sectionBegin), strings.Index(text, sectionEnd); i >= 0 && j > i {
+		text = text[:i] + block + text[j+len(sectionEnd):]
+	} else {
+		text = block + text
+	}
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
 }
