@@ -7,7 +7,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -299,10 +298,4 @@ func ControlFromEnv(getenv func(string) string) string {
 		return v
 	}
 	return DefaultControl
-}
-
-// Exists reports whether a config file exists; used to give a clear error.
-func Exists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
 }

@@ -123,8 +123,7 @@ func TestNotifierMessages(t *testing.T) {
 
 func TestWatchdogStopsWhenUnhealthy(t *testing.T) {
 	r := newReceiver(t)
-	n := &Notifier{addr: r.path, log: nil}
-	n.log = FromEnv(func(string) string { return r.path }, nil).log
+	n := FromEnv(func(string) string { return r.path }, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	healthy := make(chan bool, 1)
