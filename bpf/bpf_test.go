@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/baton-run/baton/internal/testenv"
 )
 
 // TestLimitsMatchSource fails when an enum in steer.c and its Go mirror in
@@ -92,13 +94,7 @@ func TestSpec(t *testing.T) {
 // for each mode and for extreme layouts. The mode and layout are load-time
 // constants, so each combination is a different program to the verifier.
 func TestVerifier(t *testing.T) {
-	if os.Geteuid() != 0 {
-		const msg = "needs root to load BPF programs (run with sudo)"
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg + "; CI=true, so a skip would count as a pass")
-		}
-		t.Skip(msg)
-	}
+	testenv.RequireRoot(t, "loads BPF programs")
 	type shape struct{ mode, workers, cidLen, slotOff, workerOff uint32 }
 	for _, sh := range []shape{
 		{ModeFlow, 1, 8, 0, NoWorker},

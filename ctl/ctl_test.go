@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/handoff"
+	"github.com/baton-run/baton/internal/testenv"
 	"github.com/baton-run/baton/restartsock"
 )
 
@@ -38,28 +39,7 @@ func TestMain(m *testing.M) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (it runs the command as another uid); CI=true, so skipping is not allowed")
-	}
-	t.Skip("needs root: runs the command as uid 65534")
-}
-
-// sharedDir is a temporary directory uid 65534 can traverse, unlike
-// t.TempDir whose parents are 0700.
-func sharedDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "ctl-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	testenv.RequireRoot(t, "runs the command as uid 65534")
 }
 
 // restartAsNobody runs RestartMain with args as uid 65534 and returns its
@@ -416,7 +396,7 @@ func TestControlPath(t *testing.T) {
 
 func TestPermissionDeniedBySocket(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	path := serveAt(t, filepath.Join(dir, "baton.sock"), restartsock.Options{}, &fakeHandler{})
 	code, stderr := restartAsNobody(t, dir, "--control", path)
 	if code != restartsock.ExitDenied || !strings.Contains(stderr, "--control-group") {
@@ -426,7 +406,7 @@ func TestPermissionDeniedBySocket(t *testing.T) {
 
 func TestPermissionDeniedBySupervisor(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	h := &fakeHandler{}
 	path := serveAt(t, filepath.Join(dir, "baton.sock"), restartsock.Options{Mode: 0o666}, h)
 	code, stderr := restartAsNobody(t, dir, "--control", path)

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/baton-run/baton/internal/testenv"
 )
 
 // The test binary doubles as a client run under another uid: TestMain
@@ -69,28 +71,7 @@ func runHelper(op, path string) int {
 // skipped privilege test would silently hide a gap in coverage.
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (it runs a client as another uid); CI=true, so skipping is not allowed")
-	}
-	t.Skip("needs root: runs a client as uid 65534")
-}
-
-// sharedDir is a temporary directory other users can traverse, unlike
-// t.TempDir whose parents are 0700.
-func sharedDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "restartsock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	testenv.RequireRoot(t, "runs a client as uid 65534")
 }
 
 // runAs runs op against path from a copy of the test binary as uid/gid with

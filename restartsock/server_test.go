@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/baton-run/baton/internal/testenv"
 )
 
 func TestRestartRoundTrip(t *testing.T) {
@@ -522,7 +524,7 @@ func TestClientTimeout(t *testing.T) {
 
 func TestDeniedPeer(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	path := filepath.Join(dir, "baton.sock")
 	h := &fakeHandler{}
 	// 0666 so the filesystem lets nobody connect and the peer-credential
@@ -548,7 +550,7 @@ func TestDeniedPeer(t *testing.T) {
 
 func TestGroupPeerAllowed(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	path := filepath.Join(dir, "baton.sock")
 	const gid = 54321
 	h := &fakeHandler{}
@@ -580,7 +582,7 @@ func TestGroupPeerAllowed(t *testing.T) {
 
 func TestGroupPeerDeniedByCredentials(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	path := filepath.Join(dir, "baton.sock")
 	startServer(t, path, Options{Group: "54321", Mode: 0o666}, &fakeHandler{}, nil)
 	out := runAs(t, dir, 65534, 65534, []uint32{100, 200}, OpStatus, path)
@@ -591,7 +593,7 @@ func TestGroupPeerDeniedByCredentials(t *testing.T) {
 
 func TestPermissionOnConnect(t *testing.T) {
 	requireRoot(t)
-	dir := sharedDir(t)
+	dir := testenv.SharedDir(t)
 	path := filepath.Join(dir, "baton.sock")
 	startServer(t, path, Options{}, &fakeHandler{}, nil)
 	out := runAs(t, dir, 65534, 65534, nil, OpStatus, path)

@@ -9,8 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/restartsock"
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/restartsock"
 )
 
 // receiver stands in for systemd: a unixgram socket that reads the

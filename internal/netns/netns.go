@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"os/exec"
 	"runtime"
 	"sync"
@@ -26,6 +25,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/testenv"
 )
 
 // NamePrefix starts the name of every namespace this package creates, so a
@@ -37,14 +38,7 @@ const NamePrefix = "baton-"
 // would hide a misconfigured runner, so there it fails instead.
 func RequireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	const msg = "needs root: creates network namespaces with `ip netns` (run with sudo)"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg + "; CI=true, so a skip would count as a pass")
-	}
-	t.Skip(msg)
+	testenv.RequireRoot(t, "creates network namespaces with `ip netns`")
 }
 
 // NS is a named network namespace with its loopback up.
