@@ -12,7 +12,7 @@ import (
 
 // bin holds the absolute paths of the binaries built once for all tests.
 var bin struct {
-	dir, baton, restart, httpd, sdhttpd string
+	dir, baton, restart, httpd, sdhttpd, udpecho string
 }
 
 func TestMain(m *testing.M) {
@@ -50,6 +50,7 @@ func run(m *testing.M) int {
 	bin.restart = filepath.Join(dir, "restart")
 	bin.httpd = filepath.Join(dir, "httpd")
 	bin.sdhttpd = filepath.Join(dir, "sdhttpd")
+	bin.udpecho = filepath.Join(dir, "udpecho")
 	return m.Run()
 }
 
@@ -65,7 +66,7 @@ func build(dir string) error {
 		goBin = "/usr/local/go/bin/go"
 	}
 	cmd := exec.Command(goBin, "build", "-o", dir+string(filepath.Separator),
-		"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd")
+		"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho")
 	cmd.Dir = root
 	var out bytes.Buffer
 	cmd.Stdout = &out

@@ -17,7 +17,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/baton-run/baton/restartsock"
@@ -30,43 +29,6 @@ const (
 	h3Addr   = "127.0.0.1:8443"
 	echoAddr = "127.0.0.1:9000"
 )
-
-// ---- binaries ----
-
-// udpecho is built on first use: TestMain builds only what every test
-// needs.
-var udpecho struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-func udpechoBin(t *testing.T) string {
-	t.Helper()
-	udpecho.once.Do(func() {
-		root, err := filepath.Abs("..")
-		if err != nil {
-			udpecho.err = err
-			return
-		}
-		goBin, err := exec.LookPath("go")
-		if err != nil {
-			goBin = "/usr/local/go/bin/go"
-		}
-		path := filepath.Join(bin.dir, "udpecho")
-		cmd := exec.Command(goBin, "build", "-o", path, "./examples/udpecho")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			udpecho.err = fmt.Errorf("build udpecho: %w\n%s", err, out)
-			return
-		}
-		udpecho.path = path
-	})
-	if udpecho.err != nil {
-		t.Fatal(udpecho.err)
-	}
-	return udpecho.path
-}
 
 // ---- client UDP sockets ----
 

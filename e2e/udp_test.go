@@ -15,7 +15,7 @@ import (
 
 func TestUDPFlowMode(t *testing.T) {
 	h := newHarness(t)
-	echo := udpechoBin(t)
+	echo := bin.udpecho
 	_, st := h.startServing("--listen", "udp=udp://"+echoAddr, "--drain-timeout", "30s", "--", echo, "-idle", "1s")
 	old := h.rememberPID(findGen(st, 1).PID)
 	if l, _ := udpListener(st, "udp"); l.Steer != "flow" {
@@ -135,7 +135,7 @@ func TestUDPFlowMode(t *testing.T) {
 
 func TestSlotExhaustion(t *testing.T) {
 	h := newHarness(t)
-	echo := udpechoBin(t)
+	echo := bin.udpecho
 	// Generations that never finish draining within the test: each keeps
 	// its slot.
 	h.startServing("--listen", "udp=udp://"+echoAddr, "--max-draining", "40", "--drain-timeout", "120s", "--stop-timeout", "3s",
@@ -195,7 +195,7 @@ func TestSlotExhaustion(t *testing.T) {
 
 func TestSteeringNeedsPrivileges(t *testing.T) {
 	h := newHarness(t)
-	echo := udpechoBin(t)
+	echo := bin.udpecho
 	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
 	// The control socket goes where nobody may create it.
 	dir, err := os.MkdirTemp("", "baton-e2e-nobody-")
