@@ -16,7 +16,7 @@ import (
 )
 
 // DefaultControl is the coordination socket used when neither --control
-// nor BATON_CONTROL says otherwise.
+// nor BATON_CONTROL says otherwise; it equals ctl.DefaultControl (tested).
 const DefaultControl = "/run/baton/baton.sock"
 
 // Defaults for the bounded waits.
@@ -290,12 +290,4 @@ func SignalName(s syscall.Signal) string {
 		return n
 	}
 	return fmt.Sprint(int(s))
-}
-
-// ControlFromEnv returns BATON_CONTROL or the default.
-func ControlFromEnv(getenv func(string) string) string {
-	if v := getenv("BATON_CONTROL"); v != "" {
-		return v
-	}
-	return DefaultControl
 }

@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/baton-run/baton/ctl"
 )
 
 func TestParseListener(t *testing.T) {
@@ -170,5 +172,13 @@ func TestParseReadyAndSignal(t *testing.T) {
 	}
 	if SignalName(syscall.SIGTERM) != "SIGTERM" {
 		t.Errorf("SignalName = %q", SignalName(syscall.SIGTERM))
+	}
+}
+
+// The supervisor (config) and its clients (ctl, linked into the small
+// restart binary without config) must agree on where the socket is.
+func TestDefaultControlMatchesClients(t *testing.T) {
+	if DefaultControl != ctl.DefaultControl {
+		t.Fatalf("config.DefaultControl %q != ctl.DefaultControl %q", DefaultControl, ctl.DefaultControl)
 	}
 }

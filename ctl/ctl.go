@@ -28,7 +28,10 @@ const EnvControl = "BATON_CONTROL"
 // now is replaced in tests to make ages deterministic.
 var now = time.Now
 
-func controlPath(flagValue string, env func(string) string) string {
+// ControlPath is the coordination socket to use: the flag, then
+// $BATON_CONTROL, then DefaultControl. baton run uses it too, so the
+// supervisor and its clients agree without configuration.
+func ControlPath(flagValue string, env func(string) string) string {
 	if flagValue != "" {
 		return flagValue
 	}

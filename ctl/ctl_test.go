@@ -370,16 +370,16 @@ func TestControlPath(t *testing.T) {
 			return ""
 		}
 	}
-	if got := controlPath("", env("")); got != DefaultControl {
+	if got := ControlPath("", env("")); got != DefaultControl {
 		t.Errorf("default: %q", got)
 	}
-	if got := controlPath("", env("/env.sock")); got != "/env.sock" {
+	if got := ControlPath("", env("/env.sock")); got != "/env.sock" {
 		t.Errorf("env: %q", got)
 	}
-	if got := controlPath("/flag.sock", env("/env.sock")); got != "/flag.sock" {
+	if got := ControlPath("/flag.sock", env("/env.sock")); got != "/flag.sock" {
 		t.Errorf("flag: %q", got)
 	}
-	if got := controlPath("", nil); got != DefaultControl {
+	if got := ControlPath("", nil); got != DefaultControl {
 		t.Errorf("nil env: %q", got)
 	}
 	if EnvControl != handoff.EnvControl {

@@ -65,7 +65,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	if *timeout <= 0 {
 		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
 	}
-	path := controlPath(*control, env)
+	path := ControlPath(*control, env)
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()

@@ -123,7 +123,7 @@ func runMain(args []string, stderr io.Writer) int {
 		if set["control"] {
 			c.Control = *control
 		} else if c.Control == config.DefaultControl {
-			c.Control = config.ControlFromEnv(os.Getenv)
+			c.Control = ctl.ControlPath("", os.Getenv)
 		}
 		str := map[string]*string{"control-group": &c.ControlGroup, "check-cmd": &c.CheckCmd, "user": &c.User,
 			"group": &c.Group, "dir": &c.Dir, "log-format": &c.LogFormat, "log-level": &c.LogLevel}
