@@ -11,6 +11,7 @@ require (
 )
 
 require (
+	github.com/cloudflare/tableflip v1.2.3 // indirect
 	github.com/quic-go/qpack v0.6.0 // indirect
 	golang.org/x/crypto v0.54.0 // indirect
 	golang.org/x/net v0.56.0 // indirect

@@ -76,6 +76,7 @@ func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
 
 type fakeHandler struct {
 	restart func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result
+	upgrade func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result
 	status  restartsock.Status
 
 	mu       sync.Mutex
@@ -92,6 +93,17 @@ func (f *fakeHandler) Restart(ctx context.Context, wait bool, progress func(rest
 		return restartsock.Result{Result: restartsock.ResultOK, Generation: 2, PID: 200}
 	}
 	return f.restart(ctx, wait, progress)
+}
+
+// Upgrade answers a failed self-upgrade unless upgrade is set.
+func (f *fakeHandler) Upgrade(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+	f.mu.Lock()
+	f.calls++
+	f.mu.Unlock()
+	if f.upgrade != nil {
+		return f.upgrade(ctx, wait, progress)
+	}
+	return restartsock.Result{Result: restartsock.ResultUpgradeFailed, Message: "new supervisor failed: child pid=9 exited: exit status 1", Generation: 2, PID: 200}
 }
 
 func (f *fakeHandler) Status(ctx context.Context) restartsock.Status {
@@ -179,6 +191,31 @@ func TestRestartExitCodes(t *testing.T) {
 				t.Errorf("--json: exit %d, stdout %q (%v)", code, stdout, err)
 			}
 		})
+	}
+}
+
+// TestRestartSupervisor: --supervisor sends op "upgrade"; a failed upgrade
+// exits 1 and says the old supervisor keeps serving; a good one names the
+// new supervisor's pid.
+func TestRestartSupervisor(t *testing.T) {
+	path := serve(t, &fakeHandler{})
+	code, stdout, stderr := run(RestartMain, "--control", path, "--supervisor")
+	if code != 1 || stdout != "" || !strings.Contains(stderr, "upgrade_failed: new supervisor failed") || !strings.Contains(stderr, "generation 2 keeps serving") {
+		t.Errorf("failed upgrade: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	path = serve(t, &fakeHandler{upgrade: func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+		progress(restartsock.Event{Event: restartsock.EventSupervisorReady, Generation: 3, PID: 900})
+		progress(restartsock.Event{Event: restartsock.EventSupervisorHandover, PID: 800})
+		return restartsock.Result{Result: restartsock.ResultOK, Generation: 3, PID: 301, SupervisorPID: 900}
+	}})
+	code, stdout, stderr = run(RestartMain, "--control", path, "--supervisor")
+	if code != 0 || stdout != "restart: ok: generation 3 (pid 301) serving, supervisor pid 900\n" {
+		t.Errorf("upgrade: exit %d, stdout %q", code, stdout)
+	}
+	for _, want := range []string{"new supervisor (pid 900) took over; generation 3 serving", "old supervisor (pid 800) draining"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("progress %q lacks %q", stderr, want)
+		}
 	}
 }
 

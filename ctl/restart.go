@@ -30,14 +30,19 @@ Flags:
                       restart may still complete, see 'baton status'
   --wait              queue behind a restart already running instead of
                       failing with busy
+  --supervisor        upgrade baton itself: start the baton binary now at
+                      the supervisor's path, hand it every socket, let it
+                      start a new generation, then drain the old supervisor
+                      and its generations (same as SIGUSR2)
   --json              print progress and the result as JSON lines on stdout
   -q                  print no progress and no success line; errors still
                       go to stderr
 
 Exit codes:
   0  ok                  the new generation is serving
-  1  child_exited,       the new generation failed; the old one keeps
-     ready_timeout       serving (also: unknown result, other errors)
+  1  child_exited,       the new generation (or, with --supervisor, the new
+     ready_timeout,      supervisor) failed; the old one keeps serving
+     upgrade_failed      (also: unknown result, other errors)
   2  usage, bad_request  bad command line, or the supervisor did not
                          understand the request
   3  check_failed        config or check command rejected; nothing changed
@@ -57,6 +62,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	control := fs.String("control", "", "")
 	timeout := fs.Duration("timeout", DefaultRestartTimeout, "")
 	wait := fs.Bool("wait", false, "")
+	super := fs.Bool("supervisor", false, "")
 	asJSON := fs.Bool("json", false, "")
 	quiet := fs.Bool("q", false, "")
 	if ok, code := parseFlags(fs, args, prog, restartUsage, stdout, stderr); !ok {
@@ -79,7 +85,11 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 			fmt.Fprintf(stderr, "%s: %s\n", prog, describeEvent(ev))
 		}
 	}
-	res, err := restartsock.Restart(ctx, path, *wait, progress)
+	send := restartsock.Restart
+	if *super {
+		send = restartsock.Upgrade
+	}
+	res, err := send(ctx, path, *wait, progress)
 	if err != nil {
 		return clientError(stderr, prog, path, *timeout, err)
 	}
@@ -126,6 +136,12 @@ func describeEvent(ev restartsock.Event) string {
 		s = gen + " flipped (now the working generation)"
 	case restartsock.EventDraining:
 		s = withPID + " draining"
+	case restartsock.EventSupervisorSpawned:
+		s = fmt.Sprintf("new supervisor started (pid %d)", ev.PID)
+	case restartsock.EventSupervisorReady:
+		s = fmt.Sprintf("new supervisor (pid %d) took over; %s serving", ev.PID, gen)
+	case restartsock.EventSupervisorHandover:
+		s = fmt.Sprintf("old supervisor (pid %d) draining its generations", ev.PID)
 	default:
 		s = ev.Event
 		if ev.Generation > 0 {
@@ -148,6 +164,9 @@ func describeSuccess(res restartsock.Result) string {
 		}
 		b.WriteString(" serving")
 	}
+	if res.SupervisorPID > 0 {
+		fmt.Fprintf(&b, ", supervisor pid %d", res.SupervisorPID)
+	}
 	if res.DurationMS > 0 {
 		fmt.Fprintf(&b, ", took %s", fmtMS(res.DurationMS))
 	}
@@ -169,7 +188,7 @@ func describeFailure(res restartsock.Result) string {
 		s += " (use --wait to queue behind it)"
 	case restartsock.ResultDenied:
 		s += " (" + permissionHint + ")"
-	case restartsock.ResultChildExited, restartsock.ResultReadyTimeout, restartsock.ResultCheckFailed:
+	case restartsock.ResultChildExited, restartsock.ResultReadyTimeout, restartsock.ResultCheckFailed, restartsock.ResultUpgradeFailed:
 		if res.Generation > 0 {
 			s += fmt.Sprintf("; generation %d keeps serving", res.Generation)
 		}

@@ -193,10 +193,22 @@ func (h *harness) startBatonEnv(control string, env []string, args ...string) *b
 // sets LISTEN_PID to its pid as systemd would.
 func (h *harness) startBatonFiles(control string, env []string, files []*os.File, args ...string) *batonProc {
 	h.t.Helper()
+	return h.startBatonBinaryFiles(bin.baton, control, env, files, args...)
+}
+
+// startBatonBinary is startBatonEnv with another baton binary, e.g. a copy
+// the test replaces to exercise self-upgrade.
+func (h *harness) startBatonBinary(path, control string, env []string, args ...string) *batonProc {
+	h.t.Helper()
+	return h.startBatonBinaryFiles(path, control, env, nil, args...)
+}
+
+func (h *harness) startBatonBinaryFiles(path, control string, env []string, files []*os.File, args ...string) *batonProc {
+	h.t.Helper()
 	full := append([]string{"run", "--control", control}, args...)
-	cmd := h.ns.Command(bin.baton, full...)
+	cmd := h.ns.Command(path, full...)
 	if len(files) > 0 {
-		cmd = h.ns.Command(bin.baton, append([]string{supervisor.ShimArg, bin.baton}, full...)...)
+		cmd = h.ns.Command(path, append([]string{supervisor.ShimArg, path}, full...)...)
 		cmd.ExtraFiles = files
 	}
 	if env != nil {

@@ -39,6 +39,13 @@ func Restart(ctx context.Context, path string, wait bool, progress func(Event)) 
 	return roundTrip(ctx, path, Request{V: ProtocolVersion, Op: OpRestart, Wait: wait}, progress)
 }
 
+// Upgrade asks the supervisor at path to replace itself with the baton
+// binary now at its path, and waits for the result. wait and progress are
+// as for Restart.
+func Upgrade(ctx context.Context, path string, wait bool, progress func(Event)) (Result, error) {
+	return roundTrip(ctx, path, Request{V: ProtocolVersion, Op: OpUpgrade, Wait: wait}, progress)
+}
+
 // GetStatus asks the supervisor at path for its status; on success
 // Result.Status is set.
 func GetStatus(ctx context.Context, path string) (Result, error) {

@@ -50,15 +50,15 @@ func DecodeRequest(line []byte) (Request, error) {
 		return Request{}, fmt.Errorf("unsupported protocol version %d (this supervisor speaks v%d)", req.V, ProtocolVersion)
 	}
 	switch req.Op {
-	case OpRestart:
+	case OpRestart, OpUpgrade:
 	case OpStatus:
 		if req.Wait {
-			return Request{}, errors.New("\"wait\" only applies to op \"restart\"")
+			return Request{}, errors.New("\"wait\" only applies to ops \"restart\" and \"upgrade\"")
 		}
 	case "":
 		return Request{}, errors.New("missing \"op\"")
 	default:
-		return Request{}, fmt.Errorf("unknown op %q (want %q or %q)", req.Op, OpRestart, OpStatus)
+		return Request{}, fmt.Errorf("unknown op %q (want %q, %q or %q)", req.Op, OpRestart, OpStatus, OpUpgrade)
 	}
 	return req, nil
 }

@@ -4,7 +4,7 @@ package restartsock
 // depend on them, so they never change meaning.
 const (
 	ExitOK           = 0 // ok
-	ExitFailed       = 1 // child_exited, ready_timeout, or an unknown result
+	ExitFailed       = 1 // child_exited, ready_timeout, upgrade_failed, or an unknown result
 	ExitUsage        = 2 // bad command line, or bad_request
 	ExitCheckFailed  = 3 // check_failed: config or check command rejected
 	ExitBusy         = 4 // busy: another restart is running (see --wait)
@@ -19,7 +19,7 @@ func ExitCode(c Code) int {
 	switch c {
 	case ResultOK:
 		return ExitOK
-	case ResultChildExited, ResultReadyTimeout:
+	case ResultChildExited, ResultReadyTimeout, ResultUpgradeFailed:
 		return ExitFailed
 	case ResultBadRequest:
 		return ExitUsage

@@ -130,6 +130,7 @@ type fakeHandler struct {
 	status        Status
 	restartCalls  atomic.Int32
 	statusCalls   atomic.Int32
+	upgradeCalls  atomic.Int32
 	mu            sync.Mutex
 	lastWait      bool
 	restartReturn chan struct{} // closed when a Restart returns, if set
@@ -147,6 +148,14 @@ func (f *fakeHandler) Restart(ctx context.Context, wait bool, progress func(Even
 		return Result{Result: ResultOK, Generation: 2, PID: 4242}
 	}
 	return f.restart(ctx, wait, progress)
+}
+
+// Upgrade answers like the supervisor after a handover, so the server's
+// op dispatch can be told apart from Restart.
+func (f *fakeHandler) Upgrade(ctx context.Context, wait bool, progress func(Event)) Result {
+	f.upgradeCalls.Add(1)
+	progress(Event{Event: EventSupervisorSpawned, PID: 777})
+	return Result{Result: ResultOK, Generation: 3, PID: 4343, SupervisorPID: 777}
 }
 
 func (f *fakeHandler) Status(ctx context.Context) Status {

@@ -68,6 +68,7 @@ type Server struct {
 	closed    bool
 	closeDone chan struct{} // closed when the first Close has finished
 	serving   bool
+	keepPath  bool               // a successor serves the same socket: never unlink
 	cancel    context.CancelFunc // cancels the Serve context; nil before Serve
 }
 
@@ -126,6 +127,82 @@ func Listen(path string, opts Options) (*Server, error) {
 		ln:             ln,
 		closeDone:      make(chan struct{}),
 	}, nil
+}
+
+// FromFile serves a coordination socket a previous supervisor handed over
+// (an already listening Unix socket). path is where it is bound; Close
+// removes that file only if it still names this socket.
+func FromFile(path string, f *os.File, opts Options) (*Server, error) {
+	gid := -1
+	if opts.Group != "" {
+		g, err := lookupGroup(opts.Group)
+		if err != nil {
+			return nil, fmt.Errorf("coordination socket %s: %w", path, err)
+		}
+		gid = g
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("coordination socket %s: inherited socket: %w", path, err)
+	}
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, fmt.Errorf("coordination socket %s: inherited socket is a %T, not a Unix listener", path, l)
+	}
+	ul.SetUnlinkOnClose(false)
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		ul.Close()
+		return nil, fmt.Errorf("coordination socket %s: %w", path, err)
+	}
+	return &Server{
+		ReadTimeout:    RequestReadTimeout,
+		WriteTimeout:   DefaultWriteTimeout,
+		MaxConns:       DefaultMaxConns,
+		ProgressBuffer: DefaultProgressBuffer,
+		path:           path,
+		dev:            st.Dev,
+		ino:            st.Ino,
+		gid:            gid,
+		euid:           os.Geteuid(),
+		log:            log,
+		ln:             ul,
+		closeDone:      make(chan struct{}),
+	}, nil
+}
+
+// File returns a close-on-exec duplicate of the listening socket, for a
+// new supervisor. The duplicate shares the socket: connections queue for
+// whichever process accepts.
+func (s *Server) File() (*os.File, error) {
+	rc, err := s.ln.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("coordination socket %s: %w", s.path, err)
+	}
+	var fd int
+	var derr error
+	if err := rc.Control(func(raw uintptr) {
+		fd, derr = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("coordination socket %s: %w", s.path, err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("coordination socket %s: dup: %w", s.path, derr)
+	}
+	return os.NewFile(uintptr(fd), s.path), nil
+}
+
+// KeepPath makes Close leave the socket file alone: after a handover the
+// new supervisor accepts on the same socket.
+func (s *Server) KeepPath() {
+	s.mu.Lock()
+	s.keepPath = true
+	s.mu.Unlock()
 }
 
 func lookupGroup(group string) (int, error) {
@@ -244,6 +321,7 @@ func (s *Server) Close() error {
 	}
 	s.closed = true
 	cancel := s.cancel
+	keep := s.keepPath
 	s.mu.Unlock()
 	defer close(s.closeDone)
 	if cancel != nil {
@@ -257,7 +335,7 @@ func (s *Server) Close() error {
 		err = fmt.Errorf("coordination socket %s: close: %w", s.path, err)
 	}
 	var st unix.Stat_t
-	if lerr := unix.Lstat(s.path, &st); lerr == nil && st.Dev == s.dev && st.Ino == s.ino {
+	if lerr := unix.Lstat(s.path, &st); !keep && lerr == nil && st.Dev == s.dev && st.Ino == s.ino {
 		if rerr := os.Remove(s.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
 			err = fmt.Errorf("coordination socket %s: remove: %w", s.path, rerr)
 		}

@@ -2,6 +2,7 @@ package restartsock
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // makeStaleSocket leaves a socket file nobody listens on, as a supervisor
@@ -190,5 +192,49 @@ func TestCloseRemovesOwnSocket(t *testing.T) {
 	}
 	if _, err := os.Lstat(path); !os.IsNotExist(err) {
 		t.Fatalf("socket left after Close: %v", err)
+	}
+}
+
+// TestHandOverSocket: a supervisor hands its coordination socket to a
+// successor. The old one closes without removing the file, clients keep
+// connecting to the same path, and the successor's Close removes it.
+func TestHandOverSocket(t *testing.T) {
+	path := sockPath(t)
+	old, err := Listen(path, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := old.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	old.KeepPath()
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("socket file gone after a handover close: %v", err)
+	}
+
+	h := &fakeHandler{status: Status{PID: 99}}
+	next, err := FromFile(path, f, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- next.Serve(context.Background(), h) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := GetStatus(ctx, path)
+	if err != nil || res.Status.PID != 99 {
+		t.Fatalf("status through the handed-over socket: %+v, %v", res, err)
+	}
+	next.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("successor's Close left the socket file: %v", err)
 	}
 }

@@ -29,6 +29,9 @@ const RequestReadTimeout = 5 * time.Second
 const (
 	OpRestart = "restart"
 	OpStatus  = "status"
+	// OpUpgrade replaces the supervisor itself with the baton binary now
+	// at its path (`restart --supervisor`), handing over every socket.
+	OpUpgrade = "upgrade"
 )
 
 // Request is the single line a client sends.
@@ -56,6 +59,9 @@ const (
 	ResultBadRequest      Code = "bad_request"
 	// ResultNoSlot: all 31 UDP steering slots belong to live generations.
 	ResultNoSlot Code = "no_slot"
+	// ResultUpgradeFailed: the new supervisor exited, timed out or
+	// refused the handover; the old one keeps serving.
+	ResultUpgradeFailed Code = "upgrade_failed"
 )
 
 // Message types on the wire.
@@ -72,6 +78,12 @@ const (
 	EventReady    = "ready"    // new generation reported ready
 	EventFlipped  = "flipped"  // new generation is the working generation
 	EventDraining = "draining" // old generation told to drain: Generation, PID
+
+	// Supervisor upgrade: the new baton started (PID), took over (PID,
+	// with its first generation), and the old one began to drain.
+	EventSupervisorSpawned  = "supervisor_spawned"
+	EventSupervisorReady    = "supervisor_ready"
+	EventSupervisorHandover = "supervisor_handover"
 )
 
 // Event is one progress line.
@@ -95,6 +107,9 @@ type Result struct {
 	PID        int     `json:"pid,omitempty"`        // its pid
 	DurationMS float64 `json:"duration_ms,omitempty"`
 	Status     *Status `json:"status,omitempty"` // for OpStatus
+	// SupervisorPID, for OpUpgrade: the pid of the supervisor serving
+	// after the request (the new one on success).
+	SupervisorPID int `json:"supervisor_pid,omitempty"`
 }
 
 // Status describes the supervisor and its generations.

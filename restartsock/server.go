@@ -23,6 +23,8 @@ import (
 // calls are dropped).
 type Handler interface {
 	Restart(ctx context.Context, wait bool, progress func(Event)) Result
+	// Upgrade replaces the supervisor itself (OpUpgrade).
+	Upgrade(ctx context.Context, wait bool, progress func(Event)) Result
 	Status(ctx context.Context) Status
 }
 
@@ -160,10 +162,14 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, h Handler) {
 				res.PID = g.PID
 			}
 		}
-	case OpRestart:
-		log.Info("coordination socket: restart requested", "wait", req.Wait)
+	case OpRestart, OpUpgrade:
+		log.Info("coordination socket: "+req.Op+" requested", "wait", req.Wait)
+		run := h.Restart
+		if req.Op == OpUpgrade {
+			run = h.Upgrade
+		}
 		var werr error
-		res, werr = s.restart(ctx, c, h, req.Wait, log)
+		res, werr = s.restart(ctx, c, run, req.Wait, log)
 		if werr != nil {
 			// The client stopped reading; trying the result too would
 			// only wait out another write deadline.
@@ -220,7 +226,7 @@ func (s *Server) readRequest(c *net.UnixConn, br *bufio.Reader) (Request, error)
 // full lines are dropped, so a slow or stuck client never holds up the
 // supervisor.
 // The error is the first failed progress write, if any.
-func (s *Server) restart(ctx context.Context, c *net.UnixConn, h Handler, wait bool, log *slog.Logger) (Result, error) {
+func (s *Server) restart(ctx context.Context, c *net.UnixConn, run func(context.Context, bool, func(Event)) Result, wait bool, log *slog.Logger) (Result, error) {
 	size := s.ProgressBuffer
 	if size <= 0 {
 		size = DefaultProgressBuffer
@@ -263,7 +269,7 @@ func (s *Server) restart(ctx context.Context, c *net.UnixConn, h Handler, wait b
 		}
 	}()
 
-	res := h.Restart(ctx, wait, progress)
+	res := run(ctx, wait, progress)
 
 	mu.Lock()
 	done = true

@@ -57,6 +57,33 @@ func TestRestartRoundTrip(t *testing.T) {
 	}
 }
 
+// TestUpgradeRoundTrip: op "upgrade" reaches the handler's Upgrade, not
+// Restart, with its progress and the new supervisor's pid.
+func TestUpgradeRoundTrip(t *testing.T) {
+	path := sockPath(t)
+	h := &fakeHandler{}
+	startServer(t, path, Options{}, h, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var events []Event
+	res, err := Upgrade(ctx, path, false, func(ev Event) { events = append(events, ev) })
+	if err != nil {
+		t.Fatalf("Upgrade: %v", err)
+	}
+	if res.Result != ResultOK || res.SupervisorPID != 777 || res.Generation != 3 {
+		t.Errorf("result = %+v", res)
+	}
+	if len(events) != 1 || events[0].Event != EventSupervisorSpawned || events[0].PID != 777 {
+		t.Errorf("events = %+v", events)
+	}
+	if h.upgradeCalls.Load() != 1 || h.restartCalls.Load() != 0 {
+		t.Errorf("upgrade calls %d, restart calls %d; want 1 and 0", h.upgradeCalls.Load(), h.restartCalls.Load())
+	}
+	if got := ExitCode(ResultUpgradeFailed); got != ExitFailed {
+		t.Errorf("ExitCode(upgrade_failed) = %d, want %d", got, ExitFailed)
+	}
+}
+
 func TestStatusRoundTrip(t *testing.T) {
 	path := sockPath(t)
 	started := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)

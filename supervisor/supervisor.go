@@ -49,6 +49,11 @@ type Options struct {
 	Stderr io.Writer
 	// Events, when set, is told about lifecycle changes (systemd notify).
 	Events EventSink
+	// Upgrader, when set, makes self-upgrade (Upgrade, SIGUSR2) possible.
+	Upgrader Upgrader
+	// Successor is set when this supervisor took over from a previous
+	// one (see TakeOver); Sockets then came from it.
+	Successor *Successor
 }
 
 // EventSink hears about lifecycle changes, e.g. to tell systemd.
@@ -58,6 +63,8 @@ type EventSink interface {
 	Reloaded(res restartsock.Result, st restartsock.Status)
 	Stopping()
 	StatusChanged(st restartsock.Status)
+	// HandedOver: a new supervisor, pid, serves from now on.
+	HandedOver(pid int)
 }
 
 // Supervisor runs generations of one server.
@@ -70,6 +77,9 @@ type Supervisor struct {
 	stopCh  chan struct{} // closed when a stop begins
 	loopEnd chan struct{} // closed when the loop returns
 	stopOne sync.Once
+	// handoverDone is closed once a successor serves.
+	handoverDone chan struct{}
+	handoverFile *os.File // memfd shared with predecessor/successor
 
 	// loop state
 	cfg           *config.Config
@@ -84,6 +94,9 @@ type Supervisor struct {
 	startedAt     time.Time
 	respawnTimer  *time.Timer
 	stopTimer     *time.Timer
+	upgrading     bool          // UDP maps frozen for a handover
+	successor     int           // pid of the supervisor we handed over to
+	adopted       []*adoptedGen // the previous supervisor's generations
 }
 
 // New prepares a supervisor with an already loaded configuration.
@@ -98,15 +111,16 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 		opts.Stderr = os.Stderr
 	}
 	return &Supervisor{
-		opts:      opts,
-		log:       opts.Logger,
-		spawner:   newSpawner(),
-		ops:       make(chan func(), 64),
-		sem:       make(chan struct{}, 1),
-		stopCh:    make(chan struct{}),
-		loopEnd:   make(chan struct{}),
-		cfg:       cfg,
-		startedAt: time.Now(),
+		opts:         opts,
+		log:          opts.Logger,
+		spawner:      newSpawner(),
+		ops:          make(chan func(), 64),
+		sem:          make(chan struct{}, 1),
+		stopCh:       make(chan struct{}),
+		loopEnd:      make(chan struct{}),
+		cfg:          cfg,
+		handoverDone: make(chan struct{}),
+		startedAt:    time.Now(),
 	}
 }
 
@@ -139,32 +153,72 @@ func (s *Supervisor) call(f func()) bool {
 // graceful or immediate stop, an error if the first generation fails.
 func (s *Supervisor) Run(ctx context.Context) error {
 	cfg := s.cfg
-	ctl, err := restartsock.Listen(cfg.Control, restartsock.Options{Group: cfg.ControlGroup, Logger: s.log})
+	succ := s.opts.Successor
+	ctlOpts := restartsock.Options{Group: cfg.ControlGroup, Logger: s.log}
+	var ctl *restartsock.Server
+	var err error
+	if succ != nil {
+		ctl, err = restartsock.FromFile(cfg.Control, succ.control, ctlOpts)
+	} else {
+		ctl, err = restartsock.Listen(cfg.Control, ctlOpts)
+	}
 	if err != nil {
 		return fmt.Errorf("coordination socket: %w", err)
 	}
 	defer ctl.Close()
+	if err := s.prepareUpgrades(ctl); err != nil {
+		// Serving matters more than being upgradable.
+		s.log.Error("self-upgrade unavailable", "err", err)
+		s.opts.Upgrader = nil
+	}
 
 	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 
 	go s.loop()
 
+	reason := "start"
+	if succ != nil {
+		reason = "upgrade"
+		s.startAsSuccessor()
+	}
 	s.sem <- struct{}{}
-	res := s.runRestart(false, "start", s.logProgress)
+	res := s.runRestart(false, reason, s.logProgress)
 	<-s.sem
+	if succ != nil {
+		if err := s.finishTakeOver(res); err != nil {
+			s.log.Error("could not report to the previous supervisor", "err", err)
+		}
+		if res.Result != restartsock.ResultOK {
+			// The previous supervisor keeps serving these paths.
+			ctl.KeepPath()
+			for _, sk := range s.opts.Sockets {
+				sk.KeepPath()
+			}
+		}
+	}
 	if res.Result != restartsock.ResultOK {
 		s.stop(true)
 		<-s.loopEnd
 		return fmt.Errorf("first generation failed: %s: %s", res.Result, res.Message)
 	}
-	if s.opts.Events != nil {
+	switch {
+	case succ != nil:
+		// The previous supervisor tells systemd about us (MAINPID=).
+		s.log.Info("took over from the previous supervisor", "previous_pid", succ.State.FromPID, "their_generations", len(succ.State.Gens))
+	case s.opts.Events != nil:
 		s.opts.Events.Ready(s.Status(ctx))
+	}
+	if s.opts.Upgrader != nil && succ == nil {
+		if err := s.opts.Upgrader.Ready(); err != nil {
+			s.log.Error("self-upgrade unavailable", "err", err)
+		}
 	}
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	handover := s.handoverDone
 	serveDone := make(chan struct{})
 	go func() {
 		defer close(serveDone)
@@ -184,13 +238,25 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					res := s.Restart(sctx, true, s.logProgress)
 					s.log.Info("restart on SIGHUP finished", "result", res.Result, "message", res.Message, "gen", res.Generation, "pid", res.PID)
 				}()
+			case syscall.SIGUSR2:
+				go func() {
+					res := s.Upgrade(sctx, false, s.logProgress)
+					s.log.Info("supervisor upgrade on SIGUSR2 finished", "result", res.Result, "message", res.Message, "supervisor_pid", res.SupervisorPID)
+				}()
 			case syscall.SIGTERM, syscall.SIGINT:
 				s.log.Info("graceful stop", "signal", sig.String())
+				s.signalPredecessor(syscall.SIGTERM)
 				s.stop(false)
 			case syscall.SIGQUIT:
 				s.log.Info("immediate stop", "signal", sig.String())
+				s.signalPredecessor(syscall.SIGQUIT)
 				s.stop(true)
 			}
+		case <-handover:
+			// The successor accepts on the same socket from now on.
+			handover = nil
+			ctl.KeepPath()
+			ctl.Close()
 		case <-ctx.Done():
 			s.stop(false)
 			ctx = context.Background()
@@ -295,8 +361,9 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 				draining++
 			}
 		}
+		draining += len(s.adopted)
 	}) || stopping {
-		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
+		return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
 	}
 	if reload {
 		next, err := s.opts.Load()
@@ -764,6 +831,12 @@ func (s *Supervisor) status() restartsock.Status {
 		}
 		st.Gens = append(st.Gens, gs)
 	}
+	for _, a := range s.adopted {
+		st.Gens = append(st.Gens, restartsock.GenStatus{
+			Generation: a.Num, PID: a.PID, State: restartsock.StateDraining, StartedAt: a.StartedAt,
+			Status: fmt.Sprintf("previous supervisor's (pid %d)", s.predecessorPID()),
+		})
+	}
 	fd := 3
 	for _, sk := range s.opts.Sockets {
 		ls := restartsock.ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd}
@@ -788,6 +861,11 @@ func (s *Supervisor) udpStatus(grp *udpdrain.Group) []restartsock.UDPStatus {
 	for _, g := range s.gens {
 		if g.slot != 0 {
 			genOf[g.slot] = g.num
+		}
+	}
+	for _, a := range s.adopted {
+		if a.Slot != 0 {
+			genOf[a.Slot] = a.Num
 		}
 	}
 	out := make([]restartsock.UDPStatus, 0, len(counters))

@@ -24,6 +24,9 @@ type Notifier struct {
 	addr string
 	log  *slog.Logger
 	mu   sync.Mutex
+	// handedOver: a successor is the main pid now. systemd (with
+	// NotifyAccess=main) would reject and log anything more from us.
+	handedOver bool
 }
 
 // FromEnv returns a Notifier for NOTIFY_SOCKET, or nil when unset.
@@ -48,6 +51,9 @@ func (n *Notifier) Send(state string, fds ...int) error {
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.handedOver {
+		return nil
+	}
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("sd_notify socket: %w", err)
@@ -127,6 +133,19 @@ func (n *Notifier) StatusChanged(st restartsock.Status) {
 // MainPID tells systemd a new process is the service's main pid.
 func (n *Notifier) MainPID(pid int) error {
 	return n.Send("MAINPID=" + strconv.Itoa(pid))
+}
+
+// HandedOver tells systemd that pid, a new supervisor this one handed its
+// sockets to, is the main pid from now on, and silences this Notifier:
+// the new supervisor sends READY, STATUS and WATCHDOG from here on.
+func (n *Notifier) HandedOver(pid int) {
+	if n == nil {
+		return
+	}
+	n.send(fmt.Sprintf("MAINPID=%d\nSTATUS=supervisor upgraded; new supervisor pid %d", pid, pid))
+	n.mu.Lock()
+	n.handedOver = true
+	n.mu.Unlock()
 }
 
 // StatusLine is the one-line summary used in STATUS=.

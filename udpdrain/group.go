@@ -115,6 +115,8 @@ func (c *Config) validate() error {
 }
 
 // generation is one slot's sockets, held open by the group until Release.
+// A generation adopted from a previous supervisor has no files here: its
+// process holds them.
 type generation struct {
 	files      []*os.File
 	epoch      uint32
@@ -139,6 +141,10 @@ type Group struct {
 	epoch   uint32
 	closed  bool
 	working int
+	// frozen: another supervisor may be writing the maps (a handover is
+	// under way, or done). This group then writes nothing to the kernel;
+	// see handover.go.
+	frozen bool
 }
 
 // NewGroup binds the anchor socket for addr ("host:port", IP literal host;
@@ -334,6 +340,9 @@ func (g *Group) AddGenerationAt(slot int) ([]*os.File, error) {
 }
 
 func (g *Group) addLocked(slot int) ([]*os.File, error) {
+	if g.frozen {
+		return nil, errFrozen
+	}
 	gen := &generation{lastChange: time.Now()}
 	closeAll := func() {
 		for _, f := range gen.files {
@@ -395,6 +404,9 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 }
 
 func (g *Group) writeConfigLocked(next bpf.SteerConfig) error {
+	if g.frozen {
+		return errFrozen
+	}
 	if err := g.objs.Config.Update(uint32(0), &next, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write steering config: %w", err)
 	}
@@ -472,7 +484,7 @@ func (g *Group) Release(slot int) error {
 	}
 	gen := g.gens[slot]
 	var errs []error
-	if g.objs != nil && !g.closed {
+	if g.objs != nil && !g.closed && !g.frozen {
 		// Dead before its sockets go, so that no datagram is steered
 		// to a slot whose sockets are half removed.
 		next := g.kcfg
@@ -494,7 +506,10 @@ func (g *Group) Release(slot int) error {
 		}
 	}
 	g.gens[slot] = nil
-	if g.working == slot {
+	if g.frozen {
+		// The successor's group owns the maps and the slot now.
+		g.log.Info("udp generation's sockets closed", "slot", slot)
+	} else if g.working == slot {
 		g.working = 0
 		g.log.Warn("udp working generation released; datagrams are dropped until the next generation", "slot", slot)
 	} else {

@@ -11,8 +11,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/cloudflare/tableflip"
 
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/ctl"
@@ -176,11 +179,34 @@ func runMain(args []string, stderr io.Writer) int {
 	log := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
 	slog.SetDefault(log)
 
-	activated := listen.Activated()
-	socks, err := listen.Resolve(cfg.Listeners, activated)
+	// Every supervisor can be replaced by the binary at its path. One
+	// started by an upgrade takes its sockets from its predecessor.
+	upg, err := tableflip.New(tableflip.Options{UpgradeTimeout: cfg.ReadyTimeout + upgradeGrace})
 	if err != nil {
-		log.Error("cannot open listeners", "err", err)
+		log.Error("cannot set up self-upgrade", "err", err)
 		return 1
+	}
+	defer upg.Stop()
+	var socks []*listen.Socket
+	var succ *supervisor.Successor
+	if upg.HasParent() {
+		succ, socks, err = supervisor.TakeOver(upg, cfg.Listeners)
+		if err != nil {
+			log.Error("cannot take over from the previous supervisor; it keeps serving", "err", err)
+			return 1
+		}
+		// The watchdog was armed for the previous main pid, which hands
+		// that role to this process.
+		if os.Getenv("WATCHDOG_PID") == strconv.Itoa(succ.State.FromPID) {
+			os.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+		}
+	} else {
+		activated := listen.Activated()
+		socks, err = listen.Resolve(cfg.Listeners, activated)
+		if err != nil {
+			log.Error("cannot open listeners", "err", err)
+			return 1
+		}
 	}
 	defer listen.CloseAll(socks)
 	if len(socks) == 0 {
@@ -190,13 +216,16 @@ func runMain(args []string, stderr io.Writer) int {
 		log.Info("listener", "name", sk.Spec.Name, "url", sk.Spec.URL, "fd", 3+i, "systemd", sk.Activated)
 	}
 
-	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks}
+	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks, Upgrader: upg, Successor: succ}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	notifier := systemd.FromEnv(os.Getenv, log)
 	if notifier != nil {
 		opts.Events = notifier
-		storeFDs(notifier, socks, log)
+		if succ == nil {
+			// A successor's sockets are the ones already stored.
+			storeFDs(notifier, socks, log)
+		}
 	}
 	sup := supervisor.New(cfg, opts)
 	if every, ok := systemd.WatchdogInterval(os.Getenv); ok && notifier != nil {
@@ -222,6 +251,10 @@ func storeFDs(n *systemd.Notifier, socks []*listen.Socket, log *slog.Logger) {
 		}
 	}
 }
+
+// upgradeGrace is how long, beyond the ready timeout of its first
+// generation, a new supervisor may take to report back in an upgrade.
+const upgradeGrace = 15 * time.Second
 
 func runSupervisor(ctx context.Context, sup *supervisor.Supervisor, log *slog.Logger) int {
 	if err := sup.Run(ctx); err != nil {

@@ -1,0 +1,34 @@
+package listen
+
+import (
+	"os"
+
+	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/udpdrain"
+	"golang.org/x/sys/unix"
+)
+
+// Inherited wraps a stream (TCP or Unix) listening socket that a previous
+// supervisor handed over. For a Unix socket whose file still names it,
+// Close removes the file as if this process had created it.
+func Inherited(spec config.Listener, f *os.File, activated bool) *Socket {
+	s := &Socket{Spec: spec, File: f, Activated: activated}
+	if spec.Scheme == config.SchemeUnix && !activated {
+		// Only a path the socket is bound to is ours to remove later.
+		var st unix.Stat_t
+		sa, err := unix.Getsockname(int(f.Fd()))
+		if u, ok := sa.(*unix.SockaddrUnix); err == nil && ok && u.Name == spec.Addr && unix.Stat(spec.Addr, &st) == nil {
+			s.unixIno = st.Ino
+		}
+	}
+	return s
+}
+
+// InheritedUDP wraps a UDP group adopted from a previous supervisor.
+func InheritedUDP(spec config.Listener, g *udpdrain.Group, activated bool) *Socket {
+	return &Socket{Spec: spec, UDP: g, Activated: activated}
+}
+
+// KeepPath makes Close leave a Unix socket's file in place: after a
+// handover the new supervisor serves the same socket.
+func (s *Socket) KeepPath() { s.unixIno = 0 }
