@@ -197,25 +197,38 @@ func TestSupervisorNotifySequence(t *testing.T) {
 // baton starts with the descriptors from the fd store as LISTEN_FDS. The
 // listening socket never closed, so every connection made during the gap
 // waits in the backlog and is served by the new supervisor's generation.
+// The UDP listener's stored anchor socket becomes the new baton's
+// reuseport group, steered again.
 func TestSupervisorCrashFDStore(t *testing.T) {
 	h := newHarness(t)
 	r := newNotifyReceiver(t, h.dir)
-	b := h.startBatonEnv(h.control, []string{"NOTIFY_SOCKET=" + r.path}, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	listeners := []string{"--listen", "http=tcp://" + httpAddr, "--listen", "h3=quic://" + h3Addr}
+	b := h.startBatonEnv(h.control, []string{"NOTIFY_SOCKET=" + r.path}, append(listeners, "--", bin.httpd)...)
 	st := h.waitServing(b, 1)
 	genPID := h.rememberPID(findGen(st, 1).PID)
-	r.waitFor("FDSTORE=1", func(m notifyMsg) bool { return kind(m) == "FDSTORE http" && len(m.fds) == 1 })
-	var stored *os.File
-	for _, m := range r.all() {
-		if kind(m) == "FDSTORE http" {
-			fd, err := unix.Dup(m.fds[0])
-			if err != nil {
-				t.Fatal(err)
+	var stored []*os.File
+	for _, name := range []string{"http", "h3"} {
+		r.waitFor("FDSTORE=1 "+name, func(m notifyMsg) bool { return kind(m) == "FDSTORE "+name && len(m.fds) == 1 })
+		for _, m := range r.all() {
+			if kind(m) == "FDSTORE "+name {
+				fd, err := unix.Dup(m.fds[0])
+				if err != nil {
+					t.Fatal(err)
+				}
+				stored = append(stored, os.NewFile(uintptr(fd), name))
+				break
 			}
-			stored = os.NewFile(uintptr(fd), "http")
-			break
 		}
 	}
-	defer stored.Close()
+	defer func() {
+		for _, f := range stored {
+			f.Close()
+		}
+	}()
+	// The UDP listener is stored as its reuseport group's anchor.
+	if rp, err := unix.GetsockoptInt(int(stored[1].Fd()), unix.SOL_SOCKET, unix.SO_REUSEPORT); err != nil || rp != 1 {
+		t.Fatalf("stored h3 socket: SO_REUSEPORT %d (%v), want 1", rp, err)
+	}
 
 	if err := b.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -233,8 +246,12 @@ func TestSupervisorCrashFDStore(t *testing.T) {
 	gapSent := lg.Results().Sent
 	restarted := time.Now()
 	control2 := filepath.Join(h.dir, "baton2.sock")
-	b2 := h.startBatonFiles(control2, []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=http"}, []*os.File{stored}, "--", bin.httpd)
-	h.other(t, control2).waitServing(b2, 1)
+	b2 := h.startBatonFiles(control2, []string{"LISTEN_FDS=2", "LISTEN_FDNAMES=http:h3"}, stored, append(listeners, "--", bin.httpd)...)
+	h2 := h.other(t, control2)
+	h2.waitServing(b2, 1)
+	if msg := checkH3(h2, 1); msg != "" {
+		t.Errorf("HTTP/3 on the restored UDP socket: %s", msg)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := lg.WaitGenSince(ctx, 1, restarted); err != nil {

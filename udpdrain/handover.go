@@ -308,3 +308,16 @@ func FileNames(st HandoverState) []string {
 	}
 	return names
 }
+
+// AnchorFile returns a close-on-exec duplicate of the anchor socket, for
+// systemd's fd store: with it, a baton restarted after a crash rebuilds
+// the group on the same socket (see listen.Resolve).
+func (g *Group) AnchorFile() (*os.File, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f, err := dupFile(g.anchor)
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain %s: anchor: %w", g.addr, err)
+	}
+	return f, nil
+}

@@ -246,7 +246,21 @@ func storeFDs(n *systemd.Notifier, socks []*listen.Socket, log *slog.Logger) {
 		if sk.Activated {
 			continue
 		}
-		if err := n.StoreFD(sk.Spec.Name, int(sk.File.Fd())); err != nil {
+		f := sk.File
+		if sk.UDP != nil {
+			// The anchor keeps the address bound and the reuseport group
+			// alive. The program and maps are not stored: a supervisor
+			// crash takes every generation with it (Pdeathsig), so there
+			// is no steering state worth keeping, and the restarted baton
+			// attaches a fresh program to the same group.
+			var err error
+			if f, err = sk.UDP.AnchorFile(); err != nil {
+				log.Warn("could not store listener in systemd's fd store", "name", sk.Spec.Name, "err", err)
+				continue
+			}
+			defer f.Close()
+		}
+		if err := n.StoreFD(sk.Spec.Name, int(f.Fd())); err != nil {
 			log.Warn("could not store listener in systemd's fd store", "name", sk.Spec.Name, "err", err)
 		}
 	}
