@@ -254,6 +254,15 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 	if msg := checkH3(h, out.Result.Generation); msg != "" {
 		t.Errorf("HTTP/3 after the good upgrade: %s", msg)
 	}
+	// The new supervisor's generations must not see tableflip's marker:
+	// a server using tableflip would take its fds for a parent's pipes.
+	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", out.Result.PID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(env), "TABLEFLIP") {
+		t.Errorf("generation %d inherited tableflip's environment marker", out.Result.Generation)
+	}
 	h.expectNoFailures(lg)
 }
 

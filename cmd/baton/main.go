@@ -187,6 +187,10 @@ func runMain(args []string, stderr io.Writer) int {
 		return 1
 	}
 	defer upg.Stop()
+	// tableflip marks a child it started with this variable and reads it
+	// only in New. Generations must not inherit it: a server that uses
+	// tableflip itself would take fds 3 and 4 for its parent's pipes.
+	os.Unsetenv(tableflipSentinel)
 	var socks []*listen.Socket
 	var succ *supervisor.Successor
 	if upg.HasParent() {
@@ -265,6 +269,10 @@ func storeFDs(n *systemd.Notifier, socks []*listen.Socket, log *slog.Logger) {
 		}
 	}
 }
+
+// tableflipSentinel is the variable tableflip v1.2.3 sets in the
+// environment of the process it starts.
+const tableflipSentinel = "TABLEFLIP_HAS_PARENT_7DIU3"
 
 // upgradeGrace is how long, beyond the ready timeout of its first
 // generation, a new supervisor may take to report back in an upgrade.
