@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/udpdrain"
@@ -99,7 +100,11 @@ func CloseAll(socks []*Socket) {
 
 // adopt takes an activated socket for a configured listener. An activated
 // UDP socket becomes the first member (the anchor) of the listener's
-// reuseport group, and baton adds the per-generation siblings.
+// reuseport group, and baton adds the per-generation siblings. It need not
+// have been bound with SO_REUSEPORT (systemd-socket-activate cannot set
+// it, and ReusePort= defaults to no): udpdrain sets it on the bound socket,
+// which works as long as baton runs as the socket's owner; the error says
+// so otherwise.
 func adopt(spec config.Listener, a *Socket) (*Socket, error) {
 	if (spec.Scheme == config.SchemeUDP) != a.IsDatagram() {
 		return nil, fmt.Errorf("listener %s: systemd passed a %s socket named %q but the listener is %s; fix ListenStream=/ListenDatagram= or the listener URL", spec.Name, sockKind(a.IsDatagram()), spec.Name, spec.URL)
@@ -109,13 +114,42 @@ func adopt(spec config.Listener, a *Socket) (*Socket, error) {
 		a.Spec = spec
 		return a, nil
 	}
+	if spec.Steer != config.SteerOff {
+		// udpdrain refuses another user's socket only when it has to set
+		// SO_REUSEPORT itself; one bound with it (ReusePort=yes) would
+		// otherwise pass and fail at the first generation's bind, with
+		// a less helpful message. steer=off adds no sockets, so any
+		// owner will do.
+		if err := sameOwner(a.File); err != nil {
+			return nil, fmt.Errorf("listener %s: systemd socket: %w", spec.Name, err)
+		}
+	}
 	g, err := udpdrain.NewGroupFromFile(a.File, UDPConfig(spec))
 	if err != nil {
-		return nil, fmt.Errorf("listener %s: systemd socket: %w (set ReusePort=yes in the .socket unit, and run baton as the socket's owner)", spec.Name, err)
+		return nil, fmt.Errorf("listener %s: systemd socket: %w", spec.Name, err)
 	}
 	// The group holds its own duplicate; systemd keeps the original.
 	a.File.Close()
 	return &Socket{Spec: spec, UDP: g, Activated: true}, nil
+}
+
+// sameOwner checks that f's socket belongs to the user baton runs as:
+// sockets of one reuseport group must share an owner uid (the creator's,
+// or one set by fchown), and the kernel makes no exception for root.
+func sameOwner(f *os.File) error {
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("fstat: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("fstat: no owner in %T", fi.Sys())
+	}
+	if uid := os.Geteuid(); int(st.Uid) != uid {
+		return fmt.Errorf("the socket belongs to uid %d while baton runs as uid %d: the kernel only groups sockets of one owner, "+
+			"so baton cannot add its sockets beside it (run baton as uid %d, let baton open this listener itself, or use ?steer=off)", st.Uid, uid, st.Uid)
+	}
+	return nil
 }
 
 func sockKind(dgram bool) string {

@@ -462,23 +462,87 @@ func TestNewGroupFromFile(t *testing.T) {
 	h.add("gen1")
 	h.expect(ns.client(t, "udp4", "127.0.0.1:0"), []byte{0}, "gen1", "datagram to an inherited anchor")
 
-	// A socket without SO_REUSEPORT cannot anchor a group.
-	var plain *os.File
-	err = ns.do(func() error {
-		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
+	reuseport := func(t *testing.T, f *os.File) int {
+		t.Helper()
+		var v int
+		err := withFD(f, func(fd int) error {
+			var err error
+			v, err = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
 			return err
+		})
+		if err != nil {
+			t.Fatalf("SO_REUSEPORT: %v", err)
 		}
-		defer c.Close()
-		plain, err = c.File()
+		return v
+	}
+	// A socket bound without SO_REUSEPORT, as systemd-socket-activate and
+	// a socket unit without ReusePort=yes make it, anchors a group too:
+	// the group sets SO_REUSEPORT on it and its siblings join.
+	plainSock := func(t *testing.T) *os.File {
+		t.Helper()
+		var f *os.File
+		err := ns.do(func() error {
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			f, err = c.File()
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		if rp := reuseport(t, f); rp != 0 {
+			t.Fatalf("a plain UDP socket has SO_REUSEPORT %d; the test needs one without", rp)
+		}
+		return f
+	}
+	plain := plainSock(t)
+	var pg *Group
+	err = ns.do(func() error {
+		var err error
+		pg, err = NewGroupFromFile(plain, Config{Mode: ModeQUIC})
 		return err
 	})
 	if err != nil {
+		t.Fatalf("anchor without SO_REUSEPORT: %v", err)
+	}
+	defer pg.Close()
+	if rp := reuseport(t, plain); rp != 1 {
+		t.Errorf("SO_REUSEPORT on the adopted socket: %d, want 1", rp)
+	}
+	ph := newHarness(t, ns, pg)
+	ph.add("gen1")
+	slot2 := ph.add("gen2")
+	ph.expect(ns.client(t, "udp4", "127.0.0.1:0"), longHeader(quicV1, "initial", clientDCID(8)), "gen1",
+		"Initial to a group anchored on a socket bound without SO_REUSEPORT")
+	if err := pg.SetWorking(slot2); err != nil {
 		t.Fatal(err)
 	}
-	defer plain.Close()
-	if _, err := NewGroupFromFile(plain, Config{Mode: ModeQUIC}); err == nil || !strings.Contains(err.Error(), "ReusePort=yes") {
-		t.Errorf("anchor without SO_REUSEPORT: %v, want an error naming ReusePort=yes", err)
+	ph.expect(ns.client(t, "udp4", "127.0.0.1:0"), longHeader(quicV1, "initial", clientDCID(8)), "gen2", "Initial after the flip")
+
+	// One owned by another user cannot: the kernel groups only sockets of
+	// one owner uid, root's included. The error names the fix and the
+	// socket is left as it was.
+	foreign := plainSock(t)
+	// fchown(2) on a socket changes the owner the kernel compares.
+	if err := withFD(foreign, func(fd int) error { return unix.Fchown(fd, 65534, 65534) }); err != nil {
+		t.Fatal(err)
+	}
+	err = ns.do(func() error {
+		g, err := NewGroupFromFile(foreign, Config{Mode: ModeQUIC})
+		if err == nil {
+			g.Close()
+		}
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "belongs to uid 65534") || !strings.Contains(err.Error(), "run baton as uid 65534") {
+		t.Errorf("anchor owned by uid 65534: %v, want an error naming the owner and the fix", err)
+	}
+	if rp := reuseport(t, foreign); rp != 0 {
+		t.Errorf("SO_REUSEPORT on a socket that could not anchor: %d, want it left at 0", rp)
 	}
 }
 

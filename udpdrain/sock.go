@@ -108,7 +108,9 @@ func withFD(f *os.File, fn func(fd int) error) error {
 }
 
 // inspectAnchor checks that an inherited socket can anchor a group and
-// returns the address it is bound to.
+// returns the address it is bound to. A socket bound without SO_REUSEPORT
+// (systemd's default ReusePort=no, and systemd-socket-activate, which has
+// no such option) is made into a group's first member by joinReuseport.
 func inspectAnchor(f *os.File) (sockAddr, error) {
 	var sa sockAddr
 	err := withFD(f, func(fd int) error {
@@ -118,13 +120,6 @@ func inspectAnchor(f *os.File) (sockAddr, error) {
 		}
 		if typ != unix.SOCK_DGRAM {
 			return fmt.Errorf("not a datagram socket (SO_TYPE %d)", typ)
-		}
-		rp, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
-		if err != nil {
-			return fmt.Errorf("SO_REUSEPORT: %w", err)
-		}
-		if rp == 0 {
-			return errors.New("SO_REUSEPORT is not set (add ReusePort=yes to the .socket unit)")
 		}
 		name, err := unix.Getsockname(fd)
 		if err != nil {
@@ -145,9 +140,58 @@ func inspectAnchor(f *os.File) (sockAddr, error) {
 		if sa.ap.Port() == 0 {
 			return errors.New("not bound")
 		}
-		return nil
+		rp, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
+		if err != nil {
+			return fmt.Errorf("SO_REUSEPORT: %w", err)
+		}
+		if rp != 0 {
+			// Bound with SO_REUSEPORT (ReusePort=yes): the kernel made
+			// the group at bind(2).
+			return nil
+		}
+		return joinReuseport(fd, sa)
 	})
 	return sa, err
+}
+
+// joinReuseport makes fd, bound to sa without SO_REUSEPORT, the first
+// member of a reuseport group. Linux accepts SO_REUSEPORT after bind(2),
+// and a socket bound later to the same address with SO_REUSEPORT by the
+// same owner uid joins it: the kernel allocates the group for fd lazily,
+// at that second bind. Until then fd has no group and attaching the
+// steering program to it fails with EINVAL, so one sibling is bound and
+// closed at once; the group stays with fd. A datagram hashed to that
+// sibling in the moment it exists is lost, like every datagram that
+// reaches fd before the program is attached: nothing ever reads an anchor.
+//
+// The kernel keeps a group to one owner uid (the uid that created the
+// socket, or set by fchown), and root is no exception, so a socket of
+// another user cannot be joined. That is refused with the fix, and fd is
+// left as it was.
+func joinReuseport(fd int, sa sockAddr) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fstat: %w", err)
+	}
+	if uid := os.Geteuid(); int(st.Uid) != uid {
+		return fmt.Errorf("SO_REUSEPORT is not set, and the socket belongs to uid %d while baton runs as uid %d: "+
+			"the kernel only groups sockets of one owner, so baton cannot add its sockets beside it "+
+			"(run baton as uid %d, or let baton open this listener itself)", st.Uid, uid, st.Uid)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+		return fmt.Errorf("set SO_REUSEPORT on the bound socket: %w", err)
+	}
+	sibling, err := bindReuseport(sa)
+	if err != nil {
+		if rerr := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 0); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("clear SO_REUSEPORT again: %w", rerr))
+		}
+		return fmt.Errorf("SO_REUSEPORT was not set; setting it did not let a second socket join: %w", err)
+	}
+	if err := sibling.Close(); err != nil {
+		return fmt.Errorf("close the socket that made the reuseport group: %w", err)
+	}
+	return nil
 }
 
 // boundPort returns the port f is bound to, for groups asked to bind port 0.
