@@ -6,6 +6,13 @@
 //   - requests sent and failed while restarting under load, baton against
 //     the naive stop-then-start of the same httpd (what `systemctl restart`
 //     does), in the same run;
+//   - long-lived HTTP/3 connections broken per restart: baton with a
+//     quic:// listener (steered by connection ID), baton with a plain
+//     reuseport group (steer=off), and stop-then-start of httpd, side by
+//     side in each run;
+//   - a supervisor crash (SIGKILL) and restart under new-connection load:
+//     connections refused when the listening socket comes back from
+//     systemd's fd store, against a new baton that opens its own;
 //   - the supervisor's resident memory and CPU use when idle.
 //
 // It needs root: everything runs in a private network namespace on
@@ -39,6 +46,7 @@ import (
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
 	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/supervisor"
 )
 
 const (
@@ -57,6 +65,19 @@ type options struct {
 	keepAlive    int
 	newConn      int
 	pause        time.Duration
+
+	quicConns    int
+	quicRestarts int
+	quicRuns     int
+	quicInterval time.Duration
+	quicEvery    time.Duration
+	quicTimeout  time.Duration
+	quicDrain    time.Duration
+
+	crashRuns    int
+	crashGap     time.Duration
+	crashNewConn int
+	crashPause   time.Duration
 }
 
 func main() {
@@ -71,9 +92,21 @@ func main() {
 	flag.IntVar(&o.keepAlive, "keepalive", 16, "load workers that reuse one connection each")
 	flag.IntVar(&o.newConn, "newconn", 4, "load workers that open a connection per request")
 	flag.DurationVar(&o.pause, "pause", time.Millisecond, "pause of each load worker between requests")
+	flag.IntVar(&o.quicConns, "quic-conns", 100, "long-lived HTTP/3 connections in the QUIC comparison")
+	flag.IntVar(&o.quicRestarts, "quic-restarts", 10, "restarts per run of the QUIC comparison")
+	flag.IntVar(&o.quicRuns, "quic-runs", 3, "runs of the QUIC comparison (each runs all three ways); 0 leaves it out")
+	flag.DurationVar(&o.quicInterval, "quic-interval", 500*time.Millisecond, "pause between restarts in the QUIC comparison")
+	flag.DurationVar(&o.quicEvery, "quic-every", 20*time.Millisecond, "each HTTP/3 connection sends a request this often")
+	flag.DurationVar(&o.quicTimeout, "quic-timeout", 2*time.Second, "an HTTP/3 request without a response for this long has failed")
+	flag.DurationVar(&o.quicDrain, "quic-drain", time.Second, "stop-then-start: httpd's -drain-timeout (its QUIC connections never end by themselves, so every stop takes this long)")
+	flag.IntVar(&o.crashRuns, "crash-runs", 5, "runs of the supervisor crash comparison; 0 leaves it out")
+	flag.DurationVar(&o.crashGap, "crash-gap", 300*time.Millisecond, "supervisor crash: from SIGKILL to the start of the new supervisor (systemd's RestartSec)")
+	flag.IntVar(&o.crashNewConn, "crash-newconn", 4, "supervisor crash: load workers, each opening a connection per request")
+	flag.DurationVar(&o.crashPause, "crash-pause", time.Millisecond, "supervisor crash: pause of each load worker between requests")
 	flag.Parse()
-	if o.restarts < 100 || o.loadRestarts < 50 || o.runs < 1 {
-		fmt.Fprintln(os.Stderr, "bench: need -restarts >= 100, -load-restarts >= 50, -runs >= 1")
+	if o.restarts < 100 || o.loadRestarts < 50 || o.runs < 1 || o.quicRuns < 0 || o.crashRuns < 0 ||
+		(o.quicRuns > 0 && (o.quicConns < 1 || o.quicRestarts < 1)) || (o.crashRuns > 0 && o.crashNewConn < 1) {
+		fmt.Fprintln(os.Stderr, "bench: need -restarts >= 100, -load-restarts >= 50, -runs >= 1, and with -quic-runs > 0 -quic-conns and -quic-restarts >= 1, with -crash-runs > 0 -crash-newconn >= 1")
 		os.Exit(2)
 	}
 	if err := run(o); err != nil {
@@ -161,6 +194,27 @@ func run(o options) error {
 		progress("  %s", r.res)
 	}
 
+	for i := 1; i <= o.quicRuns; i++ {
+		if err := e.quicRun(i, &rep.quic); err != nil {
+			return err
+		}
+	}
+	for i := 1; i <= o.crashRuns; i++ {
+		for _, withStore := range []bool{true, false} {
+			progress("supervisor crash, run %d/%d: %s", i, o.crashRuns, crashSide(withStore))
+			r, err := e.crash(i, withStore)
+			if err != nil {
+				return err
+			}
+			progress("  %s", r)
+			if withStore {
+				rep.crashStore = append(rep.crashStore, r)
+			} else {
+				rep.crashOwn = append(rep.crashOwn, r)
+			}
+		}
+	}
+
 	if o.out == "" {
 		rep.write(os.Stdout, o)
 		return nil
@@ -232,12 +286,30 @@ func (p *proc) stop() error {
 }
 
 func (e *env) start(name string, args ...string) (*proc, error) {
+	return e.startWith(nil, nil, name, args...)
+}
+
+// startWith starts name inside the namespace with env added to a
+// copy of this process's environment (without the socket-activation
+// variables, which belong to this process if anything) and files at fds
+// 3.., and logs to a file in the temp dir.
+func (e *env) startWith(env []string, files []*os.File, name string, args ...string) (*proc, error) {
 	logPath := filepath.Join(e.dir, fmt.Sprintf("%s-%d.log", filepath.Base(name), time.Now().UnixNano()))
 	f, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("create log: %w", err)
 	}
 	cmd := e.ns.Command(name, args...)
+	cmd.ExtraFiles = files
+	if env != nil {
+		for _, kv := range os.Environ() {
+			k, _, _ := strings.Cut(kv, "=")
+			if !strings.HasPrefix(k, "LISTEN_") && k != "NOTIFY_SOCKET" && k != "FDSTORE" {
+				cmd.Env = append(cmd.Env, kv)
+			}
+		}
+		cmd.Env = append(cmd.Env, env...)
+	}
 	cmd.Stdout = f
 	cmd.Stderr = f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -257,10 +329,34 @@ func (e *env) start(name string, args ...string) (*proc, error) {
 func (e *env) control(tag string) string { return filepath.Join(e.dir, tag+".sock") }
 
 func (e *env) startBaton(tag string, extra ...string) (*proc, error) {
-	args := append([]string{"run", "--control", e.control(tag), "--listen", "http=tcp://" + addr,
-		"--drain-timeout", "10s", "--stop-timeout", "20s"}, extra...)
-	args = append(args, "--", e.b.httpd)
-	p, err := e.start(e.b.baton, args...)
+	return e.startBatonWith(batonSpec{tag: tag, listen: []string{"http=tcp://" + addr},
+		flags: append([]string{"--drain-timeout", "10s", "--stop-timeout", "20s"}, extra...)})
+}
+
+// batonSpec is one `baton run` of the bench.
+type batonSpec struct {
+	tag    string   // names the control socket
+	listen []string // --listen values; none: the sockets come from files
+	flags  []string
+	env    []string // added to the environment (see startWith)
+	// files are passed at fds 3.. as systemd passes LISTEN_FDS: baton is
+	// started through its own exec shim, which sets LISTEN_PID to the
+	// pid that receives them.
+	files []*os.File
+}
+
+// startBatonWith starts baton with httpd and waits until a generation
+// serves.
+func (e *env) startBatonWith(s batonSpec) (*proc, error) {
+	args := []string{"run", "--control", e.control(s.tag)}
+	for _, l := range s.listen {
+		args = append(args, "--listen", l)
+	}
+	args = append(append(args, s.flags...), "--", e.b.httpd)
+	if len(s.files) > 0 {
+		args = append([]string{supervisor.ShimArg, e.b.baton}, args...)
+	}
+	p, err := e.startWith(s.env, s.files, e.b.baton, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -271,21 +367,32 @@ func (e *env) startBaton(tag string, extra ...string) (*proc, error) {
 			return nil, fmt.Errorf("baton exited before serving: %v (log %s)", p.err, p.log)
 		default:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		res, err := restartsock.GetStatus(ctx, e.control(tag))
-		cancel()
-		if err == nil && res.Status != nil && res.Status.Working > 0 {
+		if st, err := e.status(s.tag); err == nil && st.Working > 0 {
 			return p, nil
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	_ = p.stop()
 	return nil, fmt.Errorf("baton not serving within 20s (log %s)", p.log)
 }
 
+// status asks the supervisor behind tag's control socket for its status.
+func (e *env) status(tag string) (restartsock.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	res, err := restartsock.GetStatus(ctx, e.control(tag))
+	if err != nil {
+		return restartsock.Status{}, fmt.Errorf("status of %s: %w", tag, err)
+	}
+	if res.Status == nil {
+		return restartsock.Status{}, fmt.Errorf("status of %s: answer without a status (%s)", tag, res.Result)
+	}
+	return *res.Status, nil
+}
+
 // restart runs the restart binary and returns its wall time, exit code and
-// the supervisor's own duration.
-func (e *env) restart(tag string) (time.Duration, int, float64, error) {
+// the supervisor's result.
+func (e *env) restart(tag string) (time.Duration, int, restartsock.Result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, e.b.restart, "--control", e.control(tag), "--json")
@@ -302,17 +409,17 @@ func (e *env) restart(tag string) (time.Duration, int, float64, error) {
 	case errors.As(err, &exitErr) && exitErr.ExitCode() >= 0:
 		code = exitErr.ExitCode()
 	default:
-		return took, -1, 0, fmt.Errorf("run restart: %w; %s", err, stderr.Bytes())
+		return took, -1, restartsock.Result{}, fmt.Errorf("run restart: %w; %s", err, stderr.Bytes())
 	}
-	var supMS float64
+	var res restartsock.Result
 	sc := bufio.NewScanner(&stdout)
 	for sc.Scan() {
 		var r restartsock.Result
 		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == restartsock.TypeResult {
-			supMS = r.DurationMS
+			res = r
 		}
 	}
-	return took, code, supMS, nil
+	return took, code, res, nil
 }
 
 // ---- (a) round trip ----
@@ -326,7 +433,7 @@ type roundTrip struct {
 func (e *env) roundTrips(sup *proc, n int) (roundTrip, error) {
 	rt := roundTrip{nonZero: map[int]int{}}
 	for i := 0; i < n; i++ {
-		took, code, supMS, err := e.restart("rt")
+		took, code, res, err := e.restart("rt")
 		if err != nil {
 			return rt, err
 		}
@@ -335,7 +442,7 @@ func (e *env) roundTrips(sup *proc, n int) (roundTrip, error) {
 			continue
 		}
 		rt.wall = append(rt.wall, took)
-		rt.sup = append(rt.sup, supMS)
+		rt.sup = append(rt.sup, res.DurationMS)
 		// Let the old generation finish draining, so every restart starts
 		// from one running generation.
 		time.Sleep(20 * time.Millisecond)
@@ -510,13 +617,16 @@ type report struct {
 	cpuIdle            float64
 	rt                 roundTrip
 	baton, naive       []loadRun
+	quic               quicRuns
+	crashStore         []crashRun
+	crashOwn           []crashRun
 }
 
 func (r *report) write(w io.Writer, o options) {
-	fmt.Fprintf(w, "## baton benchmarks\n\n")
+	fmt.Fprintf(w, "## Supervisor (`make bench`)\n\n")
 	fmt.Fprintf(w, "Command: `go run ./bench %s`  \n", strings.Join(os.Args[1:], " "))
 	fmt.Fprintf(w, "Run: %s; %s  \n", r.started.UTC().Format("2006-01-02 15:04 MST"), machine())
-	fmt.Fprintf(w, "Everything runs in a private network namespace on loopback: baton, examples/httpd, and the load generator (internal/loadgen: no retries, any non-200 or transport error counts as failed).\n\n")
+	fmt.Fprintf(w, "Everything runs in a private network namespace on loopback: baton, examples/httpd, and the load generators (internal/loadgen for HTTP/1.1, internal/quicload for HTTP/3: no retries, any non-200 or transport error counts as failed).\n\n")
 
 	fmt.Fprintf(w, "### Restart round trip\n\n")
 	fmt.Fprintf(w, "Wall time from exec of `restart` to its exit 0; httpd ready at once, no load, %d restarts 20ms apart. \"Supervisor\" is the duration the supervisor reports in its result.\n\n", o.restarts)
@@ -556,6 +666,13 @@ func (r *report) write(w io.Writer, o options) {
 			}
 			fmt.Fprintln(w)
 		}
+	}
+
+	if len(r.quic.steered) > 0 {
+		r.writeQUIC(w, o)
+	}
+	if len(r.crashStore) > 0 {
+		r.writeCrash(w, o)
 	}
 
 	fmt.Fprintf(w, "### Supervisor footprint\n\n")
@@ -601,7 +718,8 @@ func pctF(s []float64, p int) float64 {
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
 
-func medianOf(runs []loadRun, f func(loadRun) float64) float64 {
+// medianOf is the median of f over runs.
+func medianOf[T any](runs []T, f func(T) float64) float64 {
 	v := make([]float64, len(runs))
 	for i, r := range runs {
 		v[i] = f(r)
@@ -627,10 +745,18 @@ func eachRun(runs []loadRun) string {
 // firstErrors returns up to n failure messages of distinct kinds (equal
 // but for numbers), without their timestamps.
 func firstErrors(runs []loadRun, n int) []string {
+	var all [][]string
+	for _, r := range runs {
+		all = append(all, r.res.Errors)
+	}
+	return distinctErrors(all, n)
+}
+
+func distinctErrors(lists [][]string, n int) []string {
 	seen := map[string]bool{}
 	var out []string
-	for _, r := range runs {
-		for _, e := range r.res.Errors {
+	for _, errs := range lists {
+		for _, e := range errs {
 			if _, msg, ok := strings.Cut(e, " "); ok {
 				e = msg
 			}

@@ -1,7 +1,12 @@
 // Command demo shows baton doing its job: it runs examples/httpd under
-// `baton run` on a loopback port, sends HTTP load at it, restarts it
-// several times with the `restart` binary and reports what the clients
-// saw. It exits non-zero if any request or restart failed.
+// `baton run` on a loopback port, sends HTTP load at it, keeps long-lived
+// HTTP/3 connections busy, restarts it several times with the `restart`
+// binary and reports what the clients saw. It exits non-zero if any
+// request or restart failed or any HTTP/3 connection broke.
+//
+// The HTTP/3 part needs root: steering QUIC datagrams to their generation
+// loads a BPF program (CAP_BPF and CAP_NET_ADMIN). Without root the demo
+// says so and runs HTTP only.
 //
 // Usage (after `make build`): go run ./demo -bin bin
 package main
@@ -21,21 +26,26 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/baton-run/baton/internal/loadgen"
+	"github.com/baton-run/baton/internal/quicload"
 	"github.com/baton-run/baton/restartsock"
 )
 
 type options struct {
-	bin       string
-	restarts  int
-	interval  time.Duration
-	keepAlive int
-	newConn   int
+	bin            string
+	restarts       int
+	interval       time.Duration
+	keepAlive      int
+	newConn        int
+	quic           bool
+	quicConns      int
+	quicPerRestart int
 }
 
 func main() {
@@ -45,9 +55,12 @@ func main() {
 	flag.DurationVar(&o.interval, "interval", 500*time.Millisecond, "pause between restarts, so load flows to each generation")
 	flag.IntVar(&o.keepAlive, "keepalive", 8, "load workers that reuse one connection each")
 	flag.IntVar(&o.newConn, "newconn", 2, "load workers that open a connection per request")
+	flag.BoolVar(&o.quic, "quic", true, "also keep HTTP/3 connections open across the restarts (needs root)")
+	flag.IntVar(&o.quicConns, "quic-conns", 16, "HTTP/3 connections opened on the first generation")
+	flag.IntVar(&o.quicPerRestart, "quic-per-restart", 2, "HTTP/3 connections opened after each restart, on the new generation")
 	flag.Parse()
-	if o.restarts < 1 || o.keepAlive < 0 || o.newConn < 0 || o.keepAlive+o.newConn == 0 {
-		fmt.Fprintln(os.Stderr, "demo: need -restarts >= 1 and at least one load worker")
+	if o.restarts < 1 || o.keepAlive < 0 || o.newConn < 0 || o.keepAlive+o.newConn == 0 || o.quicConns < 0 || o.quicPerRestart < 0 {
+		fmt.Fprintln(os.Stderr, "demo: need -restarts >= 1, at least one load worker, and no negative connection counts")
 		os.Exit(2)
 	}
 	ok, err := run(o)
@@ -96,14 +109,36 @@ func run(o options) (bool, error) {
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	url := "http://" + addr + "/"
+	quic := o.quic && o.quicConns+o.quicPerRestart > 0
+	if quic && os.Geteuid() != 0 {
+		quic = false
+		step("HTTP/3: skipped: steering QUIC connections to their generation loads a BPF program, which needs root (CAP_BPF and CAP_NET_ADMIN); run `sudo make demo` to see HTTP/3 connections survive the restarts")
+	}
+	var h3Addr string
+	if quic {
+		udpPort, err := freeUDPPort()
+		if err != nil {
+			return false, err
+		}
+		h3Addr = fmt.Sprintf("127.0.0.1:%d", udpPort)
+	}
 
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return false, fmt.Errorf("create log: %w", err)
 	}
 	defer logFile.Close()
-	args := []string{"run", "--control", control, "--listen", "http=tcp://" + addr,
-		"--drain-timeout", "10s", "--stop-timeout", "15s", "--", bins["httpd"]}
+	args := []string{"run", "--control", control, "--listen", "http=tcp://" + addr}
+	if quic {
+		// A generation drains for as long as its HTTP/3 connections last,
+		// which is the rest of the demo; all of them may be draining at
+		// once.
+		args = append(args, "--listen", "h3=quic://"+h3Addr, "--drain-timeout", "60s",
+			"--max-draining", strconv.Itoa(o.restarts+2))
+	} else {
+		args = append(args, "--drain-timeout", "10s")
+	}
+	args = append(args, "--stop-timeout", "15s", "--", bins["httpd"])
 	step("starting: baton %s", strings.Join(args, " "))
 	baton := exec.Command(bins["baton"], args...)
 	baton.Stdout = logFile
@@ -150,6 +185,24 @@ func run(o options) (bool, error) {
 	if err != nil {
 		return fail(err)
 	}
+	var ql *quicload.Load
+	if quic {
+		step("HTTP/3: %d connections to %s now, %d more after each restart; each sends a GET every 20ms, no retries", o.quicConns, h3Addr, o.quicPerRestart)
+		ql, err = quicload.Start(quicload.Config{Addr: h3Addr, Every: 20 * time.Millisecond, RequestTimeout: 5 * time.Second,
+			Duration: 10 * time.Minute})
+		if err != nil {
+			lg.Stop()
+			return fail(err)
+		}
+		ql.SetWorking(st.Working)
+		ql.Ramp(o.quicConns, 8, 50*time.Millisecond)
+	}
+	stopQUIC := func() {
+		if ql != nil {
+			ql.Stop()
+			ql.Close()
+		}
+	}
 	time.Sleep(o.interval)
 
 	var records []restartRecord
@@ -164,13 +217,19 @@ loop:
 		default:
 		}
 		before := lg.Results()
+		qSent0, qFailed0 := quicCounts(ql)
 		rec, err := restart(bins["restart"], control)
 		if err != nil {
 			lg.Stop()
+			stopQUIC()
 			return fail(err)
 		}
 		rec.n = i
 		records = append(records, rec)
+		if ql != nil && rec.code == 0 {
+			ql.SetWorking(rec.result.Generation)
+			ql.Open(o.quicPerRestart)
+		}
 		// Report after the pause, so that requests lost to this restart
 		// (a drain ends shortly after the restart returns) count for it.
 		time.Sleep(o.interval)
@@ -182,27 +241,57 @@ loop:
 			restartFailed = true
 			line += " " + firstLine(rec.result.Message+rec.stderr)
 		}
-		step("%s in %s | during it and the %s after: %d requests, %d failed",
-			line, rec.took.Round(time.Millisecond), o.interval, after.Sent-before.Sent, after.Failed-before.Failed)
+		during := fmt.Sprintf("%d requests, %d failed", after.Sent-before.Sent, after.Failed-before.Failed)
+		if ql != nil {
+			qSent, qFailed := quicCounts(ql)
+			during += fmt.Sprintf("; HTTP/3: %d requests, %d failed", qSent-qSent0, qFailed-qFailed0)
+		}
+		step("%s in %s | during it and the %s after: %s", line, rec.took.Round(time.Millisecond), o.interval, during)
 	}
 
 	res := lg.Stop()
+	var qres *quicload.Result
+	if ql != nil {
+		r := ql.Stop()
+		// Before the clients close: every generation that still holds a
+		// connection is alive.
+		if st, err := status(control); err == nil {
+			r.Generations = len(st.Gens)
+		}
+		ql.Close()
+		qres = &r
+	}
 	step("load stopped; stopping baton with SIGTERM")
 	exitDesc, exitOK := stopBaton()
 
-	report(os.Stdout, records, res, exitDesc)
+	report(os.Stdout, records, res, qres, exitDesc)
 	if restartFailed || !exitOK {
 		fmt.Fprintf(os.Stderr, "---- baton log (last 40 lines) ----\n%s\n", tail(logPath, 40))
 	}
-	if restartFailed || !exitOK || res.Failed > 0 {
+	quicBad := qres != nil && (qres.Broken > 0 || qres.Failed > 0 || qres.NewOnOldGen > 0)
+	if restartFailed || !exitOK || res.Failed > 0 || quicBad {
 		fmt.Println("\nRESULT: FAIL")
 		return false, nil
 	}
-	fmt.Println("\nRESULT: PASS: every restart succeeded and no request failed")
+	if qres != nil {
+		fmt.Println("\nRESULT: PASS: every restart succeeded, no request failed and no HTTP/3 connection broke")
+		return true, nil
+	}
+	fmt.Println("\nRESULT: PASS: every restart succeeded and no request failed (HTTP/3 not run: needs root)")
 	return true, nil
 }
 
-func report(w io.Writer, recs []restartRecord, res loadgen.Results, exitDesc string) {
+// quicCounts is the HTTP/3 requests sent and failed so far (none without
+// HTTP/3).
+func quicCounts(l *quicload.Load) (sent, failed int64) {
+	if l == nil {
+		return 0, 0
+	}
+	sent, _, failed = l.Counts()
+	return sent, failed
+}
+
+func report(w io.Writer, recs []restartRecord, res loadgen.Results, q *quicload.Result, exitDesc string) {
 	fmt.Fprintln(w, "\n== Restarts ==")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "#\texit\tresult\tgeneration\tpid\tround trip\tsupervisor")
@@ -233,7 +322,28 @@ func report(w io.Writer, recs []restartRecord, res loadgen.Results, exitDesc str
 	}
 	tw.Flush()
 
+	if q != nil {
+		reportQUIC(w, *q)
+	}
+
 	fmt.Fprintf(w, "\n== baton ==\nafter SIGTERM: %s\n", exitDesc)
+}
+
+func reportQUIC(w io.Writer, q quicload.Result) {
+	fmt.Fprintln(w, "\n== HTTP/3 connections (quic://, steered by connection ID) ==")
+	fmt.Fprintf(w, "connections %d, requests sent %d, ok %d, failed %d over %s\n", q.Conns, q.Sent, q.OK, q.Failed, q.Elapsed.Round(time.Millisecond))
+	fmt.Fprintf(w, "broken %d (handshake failed %d, ended under the client %d); responses from another generation than the connection's first: %d; new connections not served by the working generation: %d\n",
+		q.Broken, q.DialFailed, q.Closed, q.WrongGen, q.NewOnOldGen)
+	fmt.Fprintf(w, "generations running at the end, held by their connections: %d\n", q.Generations)
+	for _, e := range q.Errors {
+		fmt.Fprintf(w, "  error: %s\n", e)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "generation\tHTTP/3 responses\t")
+	for _, g := range q.Gens() {
+		fmt.Fprintf(tw, "%s\t%d\t\n", g, q.PerGen[g])
+	}
+	tw.Flush()
 }
 
 func restart(bin, control string) (restartRecord, error) {
@@ -263,6 +373,20 @@ func restart(bin, control string) (restartRecord, error) {
 		}
 	}
 	return rec, nil
+}
+
+// status asks the supervisor for its status.
+func status(control string) (restartsock.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	res, err := restartsock.GetStatus(ctx, control)
+	if err != nil {
+		return restartsock.Status{}, fmt.Errorf("status: %w", err)
+	}
+	if res.Status == nil {
+		return restartsock.Status{}, fmt.Errorf("status: answer without a status (%s)", res.Result)
+	}
+	return *res.Status, nil
 }
 
 func waitServing(control string, exited <-chan error, bound time.Duration) (restartsock.Status, error) {
@@ -305,6 +429,16 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// freeUDPPort is freePort for the HTTP/3 listener.
+func freeUDPPort() (int, error) {
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return 0, fmt.Errorf("pick a free UDP port: %w", err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port, nil
 }
 
 func describeExit(err error) string {

@@ -6,12 +6,10 @@ import (
 	"net/url"
 	"path/filepath"
 	"strconv"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/quicload"
 	"github.com/baton-run/baton/restartsock"
 )
 
@@ -28,63 +26,7 @@ type h3LoadConfig struct {
 }
 
 // h3LoadResult is what the clients saw.
-type h3LoadResult struct {
-	Conns      int // connections attempted
-	DialFailed int
-	Sent       int64
-	OK         int64
-	Failed     int64 // requests that got no complete 200
-	// Of Failed: on a connection quic-go still held open, by deadline, and
-	// on one that had ended (closed, reset or timed out).
-	TimeoutsOnLiveConn int64
-	FailedOnDeadConn   int64
-	// Closed counts connections that ended before the client closed
-	// them; Recovered those that failed a request and later succeeded.
-	Closed    int
-	Recovered int
-	// WrongGen counts responses whose X-Generation differs from the first
-	// response on the same connection; NewOnOldGen new connections whose
-	// first response did not come from the working generation.
-	WrongGen    int64
-	NewOnOldGen int
-	// Broken counts connections the client saw fail in any way: handshake
-	// failed, a request failed, the connection ended under it, or it
-	// changed generation.
-	Broken int
-	// Generations is how many were running at the end, before the
-	// clients closed their connections.
-	Generations int
-	Elapsed     time.Duration
-	// MaxLatency is the slowest successful request.
-	MaxLatency time.Duration
-	Errors     []string
-}
-
-func (r h3LoadResult) String() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s, %d generations at the end, %.0f responses/s, slowest %s: ", r.Elapsed.Round(time.Millisecond), r.Generations, float64(r.OK)/r.Elapsed.Seconds(), r.MaxLatency.Round(time.Millisecond))
-	fmt.Fprintf(&b, "conns=%d broken=%d (dial_failed=%d closed=%d recovered_after_failure=%d) requests sent=%d ok=%d failed=%d (timeouts_on_live_conn=%d on_dead_conn=%d) wrong_gen=%d new_conn_on_old_gen=%d",
-		r.Conns, r.Broken, r.DialFailed, r.Closed, r.Recovered, r.Sent, r.OK, r.Failed, r.TimeoutsOnLiveConn, r.FailedOnDeadConn, r.WrongGen, r.NewOnOldGen)
-	for _, e := range r.Errors {
-		fmt.Fprintf(&b, "\n  error: %s", e)
-	}
-	return b.String()
-}
-
-// h3ConnStat is one client connection's record.
-type h3ConnStat struct {
-	mu        sync.Mutex
-	c         *h3Client
-	dialErr   error
-	wantGen   int    // working generation when it was dialled
-	first     string // X-Generation of its first response
-	ok        int64
-	failed    int64
-	wrong     int64
-	recovered bool
-	closedErr error
-	slowest   time.Duration
-}
+type h3LoadResult = quicload.Result
 
 // runH3Load starts baton with httpd on cfg's listeners (h's control
 // socket), keeps long-lived HTTP/3 connections busy across cfg.Restarts
@@ -103,179 +45,38 @@ func runH3Load(h *harness, cfg h3LoadConfig) h3LoadResult {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h3 := u.Host
-
-	var (
-		mu       sync.Mutex
-		stats    []*h3ConnStat
-		errs     []string
-		sent     atomic.Int64
-		deadReq  atomic.Int64
-		liveTO   atomic.Int64
-		wg       sync.WaitGroup
-		stop     = make(chan struct{})
-		workingG atomic.Int64
-	)
-	workingG.Store(1)
-	keepErr := func(format string, args ...any) {
-		mu.Lock()
-		defer mu.Unlock()
-		if len(errs) < 12 {
-			errs = append(errs, fmt.Sprintf(format, args...))
-		}
+	load, err := quicload.Start(quicload.Config{
+		Addr:           u.Host,
+		Options:        quicload.Options{ListenUDP: h.listenUDP},
+		Every:          cfg.Every,
+		RequestTimeout: cfg.RequestTimeout,
+		// A bound even if a restart hangs past restartBound.
+		Duration: 10 * time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
-	// conn dials one connection and sends a GET every cfg.Every until
-	// stop, never catching up on missed ticks.
-	conn := func(s *h3ConnStat) {
-		defer wg.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		c, err := h.dialH3(ctx, h3, h3Opts{})
-		cancel()
-		s.mu.Lock()
-		s.c, s.dialErr = c, err
-		s.mu.Unlock()
-		if err != nil {
-			keepErr("dial (working generation %d): %v", s.wantGen, err)
-			return
-		}
-		next := time.Now()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			sent.Add(1)
-			t0 := time.Now()
-			resp, err := c.getTimeout("/", cfg.RequestTimeout)
-			took := time.Since(t0)
-			s.mu.Lock()
-			if err == nil {
-				s.slowest = max(s.slowest, took)
-			}
-			switch {
-			case err != nil:
-				s.failed++
-				if dead := c.closed(); dead != nil {
-					deadReq.Add(1)
-					s.closedErr = dead
-					s.mu.Unlock()
-					keepErr("connection %s (generation %s) ended: %v (request error: %v)", c.localAddr(), s.first, dead, err)
-					return
-				}
-				if isTimeoutErr(err) {
-					liveTO.Add(1)
-				}
-				keepErr("GET on live connection %s (generation %s): %v", c.localAddr(), s.first, err)
-			case s.first == "":
-				s.first = resp.Gen
-				s.ok++
-			default:
-				s.ok++
-				if s.failed > 0 {
-					s.recovered = true
-				}
-				if resp.Gen != s.first {
-					if s.wrong == 0 {
-						keepErr("connection %s: first response from generation %s, now %s", c.localAddr(), s.first, resp.Gen)
-					}
-					s.wrong++
-				}
-			}
-			s.mu.Unlock()
-			next = next.Add(cfg.Every)
-			if now := time.Now(); next.Before(now) {
-				next = now
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(time.Until(next)):
-			}
-		}
-	}
-	open := func(n int) {
-		for range n {
-			s := &h3ConnStat{wantGen: int(workingG.Load())}
-			mu.Lock()
-			stats = append(stats, s)
-			mu.Unlock()
-			wg.Add(1)
-			go conn(s)
-		}
-	}
-
-	// closeAll closes every client connection once the workers are done.
-	closeAll := func() {
-		for _, s := range stats {
-			if s.c != nil {
-				s.c.close()
-			}
-		}
-	}
-
-	start := time.Now()
-	// Open the first connections in small batches, so that 2 cores are
-	// not asked for a hundred handshakes at once.
-	for i := 0; i < cfg.Initial; i += 20 {
-		open(min(20, cfg.Initial-i))
-		time.Sleep(100 * time.Millisecond)
-	}
+	load.SetWorking(1)
+	load.Ramp(cfg.Initial, 20, 100*time.Millisecond)
 	time.Sleep(500 * time.Millisecond)
 	gen := 1
 	for i := range cfg.Restarts {
 		r := h.restart()
 		if r.Code != 0 || r.Result.Result != restartsock.ResultOK || r.Result.Generation != gen+1 {
-			close(stop)
-			wg.Wait()
-			closeAll()
+			load.Stop()
+			load.Close()
 			t.Fatalf("restart %d/%d: want exit 0 ok, generation %d; got %s", i+1, cfg.Restarts, gen+1, r)
 		}
 		gen = r.Result.Generation
-		workingG.Store(int64(gen))
-		open(cfg.PerRestart)
+		load.SetWorking(gen)
+		load.Open(cfg.PerRestart)
 		time.Sleep(300 * time.Millisecond)
 	}
 	time.Sleep(time.Second)
-	close(stop)
-	wg.Wait()
-
-	res := h3LoadResult{Conns: len(stats), Sent: sent.Load(), FailedOnDeadConn: deadReq.Load(), TimeoutsOnLiveConn: liveTO.Load(), Elapsed: time.Since(start)}
+	res := load.Stop()
 	st, _ := h.status()
 	res.Generations = len(st.Gens)
-	for _, s := range stats {
-		broken := false
-		if s.dialErr != nil {
-			res.DialFailed++
-			broken = true
-		}
-		if s.c != nil && s.closedErr == nil {
-			// Ended without a request noticing (between requests).
-			s.closedErr = s.c.closed()
-		}
-		if s.closedErr != nil {
-			res.Closed++
-			broken = true
-		}
-		if s.failed > 0 || s.wrong > 0 {
-			broken = true
-		}
-		if s.recovered {
-			res.Recovered++
-		}
-		if s.first != "" && s.first != strconv.Itoa(s.wantGen) {
-			res.NewOnOldGen++
-		}
-		res.OK += s.ok
-		res.MaxLatency = max(res.MaxLatency, s.slowest)
-		res.Failed += s.failed
-		res.WrongGen += s.wrong
-		if broken {
-			res.Broken++
-		}
-	}
-	res.Errors = errs
-	closeAll()
+	load.Close()
 	return res
 }
 
@@ -460,21 +261,21 @@ func TestQUICMigrationDuringDrain(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	from := oldSock.udp.LocalAddr()
+	from := oldSock.LocalAddr()
 	if err := c.migrate(ctx); err != nil {
 		t.Fatalf("migrating while generation 1 drains: %v (connection ended: %v)", err, c.closed())
 	}
 	newSock := c.sniffed()
-	t.Logf("migrated from %s to %s", from, newSock.udp.LocalAddr())
+	t.Logf("migrated from %s to %s", from, newSock.LocalAddr())
 	// Packets packed before the switch may still leave on the old path;
 	// after a few requests only the new one carries the connection.
 	expectGen(t, c, 1, 5, "after migrating to a new local port")
-	oldWrites, newWrites := oldSock.writes.Load(), newSock.writes.Load()
+	oldWrites, newWrites := oldSock.Writes(), newSock.Writes()
 	expectGen(t, c, 1, 15, "after migrating to a new local port")
-	if n := oldSock.writes.Load() - oldWrites; n != 0 {
+	if n := oldSock.Writes() - oldWrites; n != 0 {
 		t.Errorf("the old socket sent %d datagrams during 15 requests after the switch", n)
 	}
-	if n := newSock.writes.Load() - newWrites; n < 15 {
+	if n := newSock.Writes() - newWrites; n < 15 {
 		t.Errorf("the new socket sent %d datagrams for 15 requests; they did not use the new path", n)
 	}
 	newCID := newSock.lastDCID()
@@ -523,6 +324,8 @@ func TestQUICWorkers(t *testing.T) {
 	const n = 12
 	clients := make([]*h3Client, n)
 	before := make([]int, n)
+	// X-Worker of each connection's responses before it migrates.
+	header := make([]string, n)
 	seen := map[int]int{}
 	for i := range clients {
 		c, first := mustDialH3(h, h3Opts{SniffCIDLen: cidLen})
@@ -533,6 +336,12 @@ func TestQUICWorkers(t *testing.T) {
 		before[i] = workerOf(c.sniffed().lastDCID())
 		seen[before[i]]++
 		checkWorkerHeader(t, first, before[i])
+		header[i] = first.Worker
+		for _, resp := range expectGen(t, c, 1, 2, fmt.Sprintf("connection %d before migrating", i)) {
+			if resp.Worker != header[i] {
+				t.Errorf("connection %d before migrating: X-Worker %q, then %q", i, header[i], resp.Worker)
+			}
+		}
 	}
 	if len(seen) < 2 {
 		t.Errorf("%d connections all landed on one worker (%v): handshakes are not spread over the workers", n, seen)
@@ -546,8 +355,13 @@ func TestQUICWorkers(t *testing.T) {
 		if err != nil {
 			t.Fatalf("connection %d (worker %d): migrating to a new port: %v (connection ended: %v)", i, before[i], err, c.closed())
 		}
-		for _, resp := range expectGen(t, c, 1, 3, fmt.Sprintf("connection %d after migrating", i)) {
-			checkWorkerHeader(t, resp, before[i])
+		// The worker socket that accepted the connection still serves
+		// every request on it: the migrated path's packets are steered
+		// by the CIDs' worker octet, not by the new 4-tuple.
+		for j, resp := range expectGen(t, c, 1, 5, fmt.Sprintf("connection %d after migrating", i)) {
+			if resp.Worker != header[i] {
+				t.Errorf("connection %d, request %d after migrating: X-Worker %q, before migrating %q", i, j+1, resp.Worker, header[i])
+			}
 		}
 		if w := workerOf(c.sniffed().lastDCID()); w != before[i] {
 			t.Errorf("connection %d: CIDs from worker %d before migrating, worker %d after", i, before[i], w)
@@ -555,11 +369,11 @@ func TestQUICWorkers(t *testing.T) {
 	}
 }
 
-// checkWorkerHeader compares X-Worker, when httpd sends it, with the
-// worker the CIDs name.
+// checkWorkerHeader compares X-Worker, which httpd sends on every HTTP/3
+// response, with the worker the CIDs name.
 func checkWorkerHeader(t *testing.T, r h3Resp, want int) {
 	t.Helper()
-	if r.Worker != "" && r.Worker != strconv.Itoa(want) {
+	if r.Worker != strconv.Itoa(want) {
 		t.Errorf("X-Worker %q, but the connection's CIDs name worker %d", r.Worker, want)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -66,7 +67,7 @@ func startH3(o options, conns []*net.UDPConn, handler http.Handler, log *slog.Lo
 	}
 	h := &h3Server{
 		srv: &http3.Server{
-			Handler: handler,
+			Handler: withWorker(handler),
 			// Like the TCP side's keep-alive timeout: a connection with no
 			// request for this long is closed.
 			IdleTimeout: o.idleTimeout,
@@ -92,7 +93,7 @@ func startH3(o options, conns []*net.UDPConn, handler http.Handler, log *slog.Lo
 		}
 		// No StatelessResetKey: see handoff.QUICTransport for why a
 		// generation must not reset connections it does not know.
-		tr := &quic.Transport{Conn: c, ConnectionIDGenerator: gen, ConnContext: h.track.connContext}
+		tr := &quic.Transport{Conn: c, ConnectionIDGenerator: gen, ConnContext: h.connContext(i)}
 		h.transports = append(h.transports, tr)
 		ln, err := tr.Listen(tlsConf, qconf)
 		if err != nil {
@@ -106,6 +107,33 @@ func startH3(o options, conns []*net.UDPConn, handler http.Handler, log *slog.Lo
 	}
 	log.Info("h3 listener", "addr", conns[0].LocalAddr().String(), "workers", len(conns))
 	return h, nil
+}
+
+// connContext is worker i's Transport.ConnContext: it tracks the
+// connection and records the worker, which the connection keeps for its
+// whole life (its CIDs name the worker, so a migrated connection stays).
+func (h *h3Server) connContext(i int) func(context.Context, *quic.ClientInfo) (context.Context, error) {
+	return func(ctx context.Context, info *quic.ClientInfo) (context.Context, error) {
+		ctx, err := h.track.connContext(ctx, info)
+		if err != nil {
+			return nil, err
+		}
+		return context.WithValue(ctx, workerKey{}, i), nil
+	}
+}
+
+type workerKey struct{}
+
+// withWorker marks every HTTP/3 response with the worker socket its
+// connection was accepted on, so that a client can check that steering
+// keeps a connection on the worker that holds its state.
+func withWorker(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if i, ok := r.Context().Value(workerKey{}).(int); ok {
+			w.Header().Set("X-Worker", strconv.Itoa(i))
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // drain stops taking new QUIC connections and waits, bounded by ctx, for

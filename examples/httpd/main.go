@@ -1,10 +1,11 @@
 // Command httpd is the demo HTTP server for baton. It serves on the inherited
 // listener named "http" (or on -listen when started standalone) and, when a
 // UDP listener named "h3" is inherited (or -listen-h3 is given), HTTP/3 with
-// one QUIC listener per worker socket. It reports readiness and status
-// through the handoff package and drains both gracefully on the drain
-// signal. Its fault flags let tests make a generation start slowly, fail,
-// hang or crash.
+// one QUIC listener per worker socket; every HTTP/3 response carries
+// X-Worker, the index of the worker socket its connection was accepted on,
+// next to X-Generation. It reports readiness and status through the handoff
+// package and drains both gracefully on the drain signal. Its fault flags
+// let tests make a generation start slowly, fail, hang or crash.
 package main
 
 import (
