@@ -78,6 +78,8 @@ type options struct {
 	crashGap     time.Duration
 	crashNewConn int
 	crashPause   time.Duration
+
+	upgrades int
 }
 
 func main() {
@@ -103,7 +105,12 @@ func main() {
 	flag.DurationVar(&o.crashGap, "crash-gap", 300*time.Millisecond, "supervisor crash: from SIGKILL to the start of the new supervisor (systemd's RestartSec)")
 	flag.IntVar(&o.crashNewConn, "crash-newconn", 4, "supervisor crash: load workers, each opening a connection per request")
 	flag.DurationVar(&o.crashPause, "crash-pause", time.Millisecond, "supervisor crash: pause of each load worker between requests")
+	flag.IntVar(&o.upgrades, "upgrades", 20, "supervisor self-upgrades (at least 20); 0 leaves them out")
 	flag.Parse()
+	if o.upgrades != 0 && o.upgrades < 20 {
+		fmt.Fprintln(os.Stderr, "bench: need -upgrades >= 20 (or 0)")
+		os.Exit(2)
+	}
 	if o.restarts < 100 || o.loadRestarts < 50 || o.runs < 1 || o.quicRuns < 0 || o.crashRuns < 0 ||
 		(o.quicRuns > 0 && (o.quicConns < 1 || o.quicRestarts < 1)) || (o.crashRuns > 0 && o.crashNewConn < 1) {
 		fmt.Fprintln(os.Stderr, "bench: need -restarts >= 100, -load-restarts >= 50, -runs >= 1, and with -quic-runs > 0 -quic-conns and -quic-restarts >= 1, with -crash-runs > 0 -crash-newconn >= 1")
@@ -212,6 +219,13 @@ func run(o options) error {
 			} else {
 				rep.crashOwn = append(rep.crashOwn, r)
 			}
+		}
+	}
+
+	if o.upgrades > 0 {
+		progress("supervisor self-upgrade: %d upgrades", o.upgrades)
+		if rep.upgrade, err = e.upgrades(o.upgrades); err != nil {
+			return err
 		}
 	}
 
@@ -393,9 +407,14 @@ func (e *env) status(tag string) (restartsock.Status, error) {
 // restart runs the restart binary and returns its wall time, exit code and
 // the supervisor's result.
 func (e *env) restart(tag string) (time.Duration, int, restartsock.Result, error) {
+	return e.restartArgs(tag)
+}
+
+// restartArgs is restart with extra arguments, e.g. --supervisor.
+func (e *env) restartArgs(tag string, extra ...string) (time.Duration, int, restartsock.Result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, e.b.restart, "--control", e.control(tag), "--json")
+	cmd := exec.CommandContext(ctx, e.b.restart, append([]string{"--control", e.control(tag), "--json"}, extra...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
@@ -620,6 +639,7 @@ type report struct {
 	quic               quicRuns
 	crashStore         []crashRun
 	crashOwn           []crashRun
+	upgrade            upgradeRuns
 }
 
 func (r *report) write(w io.Writer, o options) {
@@ -673,6 +693,9 @@ func (r *report) write(w io.Writer, o options) {
 	}
 	if len(r.crashStore) > 0 {
 		r.writeCrash(w, o)
+	}
+	if len(r.upgrade.upgrade) > 0 {
+		r.writeUpgrade(w, o)
 	}
 
 	fmt.Fprintf(w, "### Supervisor footprint\n\n")
