@@ -11,8 +11,9 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd ./examples/udpecho
 
-# Runs the bundled example server under baton, drives HTTP load at it,
-# restarts it several times and prints what happened.
+# Runs the bundled example server under baton, drives HTTP load (and, as
+# root, long-lived HTTP/3 connections) at it, restarts it several times
+# and prints what happened.
 demo: build
 	$(GO) run ./demo -bin $(BIN)
 

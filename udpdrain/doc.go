@@ -109,8 +109,8 @@
 // wraps ErrSteeringUnavailable and names the fix: run as root, grant
 // CAP_BPF and CAP_NET_ADMIN, or use ?steer=off. The program is small
 // enough for the verifier without CAP_PERFMON. All sockets of a group are
-// created by the group (or, for the anchor, inherited from systemd with
-// ReusePort=yes) so they share an owner, which the kernel requires of a
-// reuseport group. Close does not detach the program: generations still
+// created by the group (or, for the anchor, inherited from systemd and
+// given SO_REUSEPORT if it lacks it) so they share an owner, which the
+// kernel requires of a reuseport group. Close does not detach the program: generations still
 // running keep being steered by the last configuration.
 package udpdrain
