@@ -94,7 +94,6 @@ type Supervisor struct {
 	startedAt     time.Time
 	respawnTimer  *time.Timer
 	stopTimer     *time.Timer
-	upgrading     bool          // UDP maps frozen for a handover
 	successor     int           // pid of the supervisor we handed over to
 	adopted       []*adoptedGen // the previous supervisor's generations
 }

@@ -353,7 +353,6 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(resta
 	}
 	thaw := func() {
 		s.call(func() {
-			s.upgrading = false
 			for _, sk := range s.opts.Sockets {
 				if sk.UDP != nil {
 					if err := sk.UDP.Thaw(false); err != nil {
@@ -433,7 +432,6 @@ func (s *Supervisor) freeze() (Handover, bool, string) {
 			st.Gens = append(st.Gens, a.HandoverGen)
 		}
 	}
-	s.upgrading = true
 	return st, true, ""
 }
 
