@@ -13,7 +13,14 @@
  * User space (udpdrain) owns all policy: it sets the group's shape at load
  * time, inserts sockets, and writes the config map (working slot, live
  * slots, timeouts). The structs and maps below reach it through the
- * generated Go bindings. */
+ * generated Go bindings.
+ *
+ * Cost: every call out of the program (a helper, or a map operation the
+ * verifier does not inline) is the expensive part of a run, far more than
+ * the parsing. The per-datagram paths therefore make as few as possible:
+ * the clock is read inline (jiffies), addresses are only read where a
+ * handshake is recorded or trusted, and the header is copied without a
+ * helper whenever the kernel has it in the linear area. */
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -74,6 +81,12 @@ volatile const __u32 steer_slot_offset = 0;     /* DCID octet with the slot, < L
 volatile const __u32 steer_slot_shift = 0;      /* slot bits within that octet */
 volatile const __u32 steer_slot_mask = 0x1f;
 volatile const __u32 steer_worker_offset = STEER_NO_WORKER; /* < L, or none */
+/* The kernel's tick (jiffy) in ns, 1e9/HZ, as clock_getres reports for
+ * CLOCK_MONOTONIC_COARSE. With it the program's clock is jiffies * tick,
+ * which the verifier inlines to one load; 0 means "unknown" and costs a
+ * bpf_ktime_get_coarse_ns call per datagram instead. Both clocks advance
+ * once per tick, so timeouts behave the same with either. */
+volatile const __u32 steer_tick_ns = 0;
 
 /* What changes at run time: written whole by user space. */
 struct config {
@@ -87,28 +100,71 @@ struct config {
 	__u32 epoch[STEER_SLOTS];
 };
 
-struct tuple {
+/* A 4-tuple as the kernel's own reuseport hash sees it. ctx->hash is the
+ * hash the UDP socket lookup computed to pick a socket in the group:
+ * udp_ehashfn (IPv4) or udp6_ehashfn (IPv6), a jhash of the addresses and
+ * ports keyed with a secret chosen once per boot and mixed with the
+ * network namespace. It is the same for every datagram of a 4-tuple, and
+ * reading it costs nothing, where reading the addresses costs a helper
+ * call. The source port, already at hand, is added to the key.
+ *
+ * Different 4-tuples can still share a key. On the hash alone a full map
+ * of 65536 flows would hold such a pair about every other time; with the
+ * port (when sources pick ports at random) about once in 2^16. IPv6 hashes
+ * only the low 32 bits of the local address, so one client socket that
+ * talks to two local addresses sharing them always has one key. What a
+ * shared key can do is bounded by what the key decides:
+ *
+ *   - flow mode: the second flow follows the first one's entry, to a
+ *     generation that is alive (entries of a released generation never
+ *     match) and still serves the flows it has, and stays there until the
+ *     entry idles out or the generation is released, like any flow of that
+ *     generation. No flow changes generation because of it: an entry, once
+ *     made, sends every flow with its key to the same slot.
+ *   - Initial pins (struct pin_key, and the DCID bytes in a QUIC record)
+ *     add the first 8 DCID bytes, random in a client's first Initials
+ *     (RFC 9000 7.2: at least 8 unpredictable bytes) and in the CIDs a
+ *     server issues: in practice a pin matches only datagrams of its own
+ *     handshake.
+ *   - QUIC mode's record of a 4-tuple's latest handshake (struct flow)
+ *     decides whether an Initial that names an older generation's CID may
+ *     go there, which a random client DCID must not. It keeps the exact
+ *     addresses and is only used for that when they match; a record that
+ *     another 4-tuple's handshake replaces first hands its pin over to the
+ *     initials map. So a shared key can make the record miss (as an
+ *     evicted one does: the Initial goes to the working generation), never
+ *     send a handshake to a generation that did not take it. */
+struct flow_key {
+	__u32 hash;  /* ctx->hash */
+	__u16 sport; /* network order */
+	__u16 zero;
+};
+
+struct addrs {
 	__u32 saddr[4]; /* network order; IPv4 as v4-mapped IPv6 */
 	__u32 daddr[4];
-	__u16 sport;    /* network order */
-	__u16 dport;
 };
 
 struct flow {
 	__u32 slot;
 	__u32 epoch;
-	__u64 last_seen; /* coarse CLOCK_MONOTONIC ns */
+	__u64 last_seen; /* see now_ns */
+	/* QUIC mode only, zero in flow mode: the exact addresses, and the
+	 * pin_key DCID bytes of the handshake that made the record, whose
+	 * pin the record is (see quic_pinned). */
+	struct addrs addrs;
+	__u8 dcid[STEER_PIN_CID_BYTES];
 };
 
 struct pin_key {
-	struct tuple tuple;
+	struct flow_key flow;
 	__u8 dcid[STEER_PIN_CID_BYTES]; /* first DCID bytes, zero padded */
 };
 
 struct pin {
 	__u32 slot;
 	__u32 epoch;
-	__u64 expires; /* coarse CLOCK_MONOTONIC ns */
+	__u64 expires; /* see now_ns */
 };
 
 struct {
@@ -125,18 +181,21 @@ struct {
 	__type(value, struct config);
 } config SEC(".maps");
 
-/* Flow mode: 4-tuple -> slot. QUIC mode: 4-tuple -> slot its most recent
- * new handshake went to, which lets an Initial carrying an older
- * generation's CID (the client's Initial after a Retry) reach that
+/* Flow mode: 4-tuple (struct flow_key) -> slot. QUIC mode: 4-tuple -> slot
+ * its most recent new handshake went to, which lets an Initial carrying an
+ * older generation's CID (the client's Initial after a Retry) reach that
  * generation while a random client DCID that merely looks like one does
- * not. */
+ * not; the record also pins that handshake's own Initials. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct tuple);
+	__type(key, struct flow_key);
 	__type(value, struct flow);
 } flows SEC(".maps");
 
+/* Pins of the handshakes that a 4-tuple's record in flows does not hold:
+ * a client's further connections from one socket, and its Initials that
+ * carry the server's CID. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -171,10 +230,13 @@ static __always_inline int slot_current(const struct config *cfg, __u32 slot, __
 	return slot_live(cfg, slot) && cfg->epoch[slot & (STEER_SLOTS - 1)] == epoch;
 }
 
-/* Timestamps only need to resolve idle and pin timeouts of a second or
- * more; the coarse clock costs a fraction of bpf_ktime_get_ns. */
+/* Timestamps only need to resolve idle and pin timeouts of a millisecond
+ * or more. Tick resolution, as the coarse clock has; the verifier inlines
+ * bpf_jiffies64 to a load where bpf_ktime_get_coarse_ns is a call. */
 static __always_inline __u64 now_ns(void)
 {
+	if (steer_tick_ns)
+		return bpf_jiffies64() * steer_tick_ns;
 	return bpf_ktime_get_coarse_ns();
 }
 
@@ -216,43 +278,85 @@ static __always_inline void route_cid(const __u8 *h, __u32 start, __u32 slot, st
 	}
 }
 
-static __always_inline int load_tuple(struct sk_reuseport_md *ctx, const __u8 *h,
-				      struct tuple *t)
+/* The exact addresses, for the QUIC handshake record only: a helper call. */
+static __always_inline int load_addrs(struct sk_reuseport_md *ctx, struct addrs *a)
 {
-	/* Ports from the UDP header copy; like the addresses they stay in
-	 * network order. */
-	t->sport = (__u16)h[0] | ((__u16)h[1] << 8);
-	t->dport = (__u16)h[2] | ((__u16)h[3] << 8);
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IP)) {
-		__u32 a[2];
+		__u32 v4[2];
 
-		if (bpf_skb_load_bytes_relative(ctx, 12, a, sizeof(a), BPF_HDR_START_NET))
+		if (bpf_skb_load_bytes_relative(ctx, 12, v4, sizeof(v4), BPF_HDR_START_NET))
 			return -1;
-		t->saddr[2] = bpf_htonl(0xffff);
-		t->saddr[3] = a[0];
-		t->daddr[2] = bpf_htonl(0xffff);
-		t->daddr[3] = a[1];
+		a->saddr[2] = bpf_htonl(0xffff);
+		a->saddr[3] = v4[0];
+		a->daddr[2] = bpf_htonl(0xffff);
+		a->daddr[3] = v4[1];
 		return 0;
 	}
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6))
-		return bpf_skb_load_bytes_relative(ctx, 8, t->saddr, 32, BPF_HDR_START_NET) ? -1 : 0;
+		return bpf_skb_load_bytes_relative(ctx, 8, a, sizeof(*a), BPF_HDR_START_NET) ? -1 : 0;
 	return -1;
+}
+
+static __always_inline int addrs_equal(const struct addrs *x, const struct addrs *y)
+{
+	__u32 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		diff |= (x->saddr[i] ^ y->saddr[i]) | (x->daddr[i] ^ y->daddr[i]);
+	return diff == 0;
+}
+
+static __always_inline int dcid_equal(const __u8 *x, const __u8 *y)
+{
+	__u8 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < STEER_PIN_CID_BYTES; i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+/* A live pin in the initials map for key. */
+static __always_inline int pinned(const struct config *cfg, const struct pin_key *key, __u64 now,
+				  struct choice *c)
+{
+	struct pin *p = bpf_map_lookup_elem(&initials, key);
+
+	if (p && slot_current(cfg, p->slot, p->epoch) && now < p->expires) {
+		c->slot = p->slot;
+		c->kind = STEER_CNT_PIN;
+		return 1;
+	}
+	return 0;
 }
 
 /* Long-header packets not routed by CID. A pin from an earlier Initial of
  * the same handshake (4-tuple + first DCID bytes) wins; else the working
  * slot. Only Initial and 0-RTT create pins: they are what a client
- * retransmits with the same DCID across a flip. */
+ * retransmits with the same DCID across a flip.
+ *
+ * A new client's first Initial makes one map entry, not two: the 4-tuple's
+ * record in flows (which the Retry case needs anyway) carries the DCID
+ * bytes of that handshake and is its pin. An insert is the costliest
+ * thing the program does (it allocates, locks, and touches cold memory),
+ * so the initials map only takes the pins the record cannot hold: further
+ * handshakes of the same 4-tuple, and the handshake a record held before
+ * it was replaced. */
 static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struct config *cfg,
 					const __u8 *h, __u32 len, __u32 dlen, int type,
 					__u32 working, struct choice *c)
 {
-	struct pin_key key = {};
-	struct pin *p;
-	__u64 now;
+	struct pin_key key = {
+		.flow = {
+			.hash = ctx->hash,
+			.sport = *(const __u16 *)h,
+		},
+	};
+	__u64 now, pin_ns = cfg->initial_pin_ns;
+	struct addrs a = {};
+	struct flow *rec;
 
-	if (load_tuple(ctx, h, &key.tuple))
-		return;
 	/* DCID bytes start at h[14]; h is zero past the datagram's end. */
 #pragma unroll
 	for (__u32 i = 0; i < STEER_PIN_CID_BYTES; i++)
@@ -260,14 +364,36 @@ static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struc
 			key.dcid[i] = h[UDP_HDR + 6 + i];
 
 	now = now_ns();
-	p = bpf_map_lookup_elem(&initials, &key);
-	if (p && slot_current(cfg, p->slot, p->epoch) && now < p->expires) {
-		c->slot = p->slot;
+	/* A DCID in the server CID shape that names a live slot is a
+	 * server's CID (or, 1 time in 37, a client's random one that looks
+	 * like it): the client's Initials that carry it (its ACKs of the
+	 * server's Initials, or the ClientHello again after a Retry) are
+	 * pinned in the initials map, if at all, so look there first. */
+	__u32 cs = 0;
+
+	if (dlen == steer_cid_len && len >= UDP_HDR + 6 + dlen)
+		cs = cid_slot(cfg, h, 6);
+	if (cs && pinned(cfg, &key, now, c))
+		return;
+	/* Like a pin, the record matches on the DCID bytes alone, without
+	 * the addresses (see struct flow_key). */
+	rec = bpf_map_lookup_elem(&flows, &key.flow);
+	int rec_live = rec && slot_current(cfg, rec->slot, rec->epoch) && now - rec->last_seen < pin_ns;
+
+	if (rec_live && dcid_equal(rec->dcid, key.dcid)) {
+		c->slot = rec->slot;
 		c->kind = STEER_CNT_PIN;
 		return;
 	}
+	if (!cs && pinned(cfg, &key, now, c))
+		return;
 	if (type != PT_INITIAL && type != PT_ZERO_RTT)
 		return;
+	/* From here on the record is trusted for where a handshake goes or
+	 * written, which takes the exact addresses. */
+	if (load_addrs(ctx, &a))
+		return;
+	int same_tuple = rec_live && addrs_equal(&rec->addrs, &a);
 
 	/* An Initial or 0-RTT whose DCID has the server CID shape and names
 	 * a live older slot continues a handshake that generation started
@@ -276,35 +402,53 @@ static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struc
 	 * random client DCID names a given slot about 1 time in 37, and must
 	 * not be sent to a draining generation that ignores new
 	 * connections. */
-	if (dlen == steer_cid_len && len >= UDP_HDR + 6 + dlen) {
-		__u32 cs = cid_slot(cfg, h, 6);
-
-		if (cs && cs != working) {
-			struct flow *f = bpf_map_lookup_elem(&flows, &key.tuple);
-
-			if (f && f->slot == cs && slot_current(cfg, cs, f->epoch) &&
-			    now - f->last_seen < cfg->initial_pin_ns) {
-				route_cid(h, 6, cs, c);
-				return;
-			}
-		}
+	if (same_tuple && cs && cs != working && rec->slot == cs) {
+		route_cid(h, 6, cs, c);
+		return;
 	}
 
 	if (!slot_live(cfg, working))
 		return;
 	__u32 epoch = cfg->epoch[working & (STEER_SLOTS - 1)];
-	struct pin pin = {
-		.slot = working,
-		.epoch = epoch,
-		.expires = now + cfg->initial_pin_ns,
-	};
-	struct flow hs = {
-		.slot = working,
-		.epoch = epoch,
-		.last_seen = now,
-	};
-	bpf_map_update_elem(&initials, &key, &pin, BPF_ANY);
-	bpf_map_update_elem(&flows, &key.tuple, &hs, BPF_ANY);
+
+	if (same_tuple && rec->slot == working) {
+		/* Another handshake of a 4-tuple whose latest one went to the
+		 * working generation too: its own pin, and the record's time
+		 * moves in place. */
+		struct pin pin = {
+			.slot = working,
+			.epoch = epoch,
+			.expires = now + pin_ns,
+		};
+		bpf_map_update_elem(&initials, &key, &pin, BPF_ANY);
+		rec->last_seen = now;
+	} else {
+		if (rec_live) {
+			/* The record still pins a handshake (on an older
+			 * generation, or of another 4-tuple with the same key):
+			 * it moves to the initials map before the record is
+			 * replaced, so its retransmissions stay where they
+			 * are. */
+			struct pin_key old = { .flow = key.flow };
+			struct pin op = {
+				.slot = rec->slot,
+				.epoch = rec->epoch,
+				.expires = rec->last_seen + pin_ns,
+			};
+
+			__builtin_memcpy(old.dcid, rec->dcid, sizeof(old.dcid));
+			bpf_map_update_elem(&initials, &old, &op, BPF_ANY);
+		}
+		struct flow nr = {
+			.slot = working,
+			.epoch = epoch,
+			.last_seen = now,
+			.addrs = a,
+		};
+
+		__builtin_memcpy(nr.dcid, key.dcid, sizeof(nr.dcid));
+		bpf_map_update_elem(&flows, &key.flow, &nr, BPF_ANY);
+	}
 	c->kind = STEER_CNT_NEW;
 }
 
@@ -356,17 +500,24 @@ static __always_inline void steer_quic(struct sk_reuseport_md *ctx, const struct
 	quic_pinned(ctx, cfg, h, len, dlen, type, working, c);
 }
 
+/* Flow mode reads nothing but the source port, straight from the packet:
+ * the UDP header is always in the linear area by the time the socket
+ * lookup runs (udp_rcv pulls it), so no copy and no helper. */
 static __always_inline void steer_flow(struct sk_reuseport_md *ctx, const struct config *cfg,
-				       const __u8 *h, __u32 working, struct choice *c)
+				       __u32 working, struct choice *c)
 {
-	struct tuple t = {};
+	__u8 *data = (void *)(long)ctx->data;
+	__u8 *data_end = (void *)(long)ctx->data_end;
+	struct flow_key k = { .hash = ctx->hash };
 	struct flow *f;
 	__u64 now, idle = cfg->flow_idle_ns;
 
-	if (load_tuple(ctx, h, &t))
+	if (data + UDP_HDR <= data_end)
+		k.sport = *(__u16 *)data;
+	else if (bpf_skb_load_bytes(ctx, 0, &k.sport, sizeof(k.sport)))
 		return;
 	now = now_ns();
-	f = bpf_map_lookup_elem(&flows, &t);
+	f = bpf_map_lookup_elem(&flows, &k);
 	if (f && slot_current(cfg, f->slot, f->epoch) && now - f->last_seen < idle) {
 		c->slot = f->slot;
 		c->kind = STEER_CNT_PIN;
@@ -384,8 +535,62 @@ static __always_inline void steer_flow(struct sk_reuseport_md *ctx, const struct
 		.epoch = cfg->epoch[working & (STEER_SLOTS - 1)],
 		.last_seen = now,
 	};
-	bpf_map_update_elem(&flows, &t, &nf, BPF_ANY);
+	bpf_map_update_elem(&flows, &k, &nf, BPF_ANY);
 	c->kind = STEER_CNT_NEW;
+}
+
+/* Bytes of the copy the QUIC parser reads for a datagram whose first
+ * QUIC byte is b0 (see steer_quic and quic_pinned): a short header's
+ * DCID, or a long header's version, DCID length and the DCID bytes that
+ * a CID or a pin key takes. */
+static __always_inline __u32 quic_head_need(__u8 b0)
+{
+	if (!(b0 & 0x80))
+		return UDP_HDR + 1 + steer_cid_len;
+	return UDP_HDR + 6 +
+	       (steer_cid_len > STEER_PIN_CID_BYTES ? steer_cid_len : STEER_PIN_CID_BYTES);
+}
+
+/* Copies the head of the datagram (UDP header included) into hw, zero
+ * past what was copied; returns 0 if what the parser will read is there.
+ * The copy comes from the skb's linear area without a helper call: all
+ * STEER_HDR_BYTES in the usual case, else whole words, which is enough
+ * for the parser in most short datagrams (QUIC ACKs are often under 40
+ * bytes with the UDP header). Only a head the linear area does not hold,
+ * as from NICs that leave just the UDP header there, takes
+ * bpf_skb_load_bytes. Packet offsets are immediates throughout: without
+ * CAP_PERFMON the verifier refuses a packet pointer plus a register. */
+static __always_inline int load_head(struct sk_reuseport_md *ctx, __u64 *hw, __u32 len)
+{
+	__u8 *data = (void *)(long)ctx->data;
+	__u8 *data_end = (void *)(long)ctx->data_end;
+	__u8 *h = (__u8 *)hw;
+	__u32 n = 0, need;
+
+	if (data + STEER_HDR_BYTES <= data_end) {
+#pragma unroll
+		for (int i = 0; i < STEER_HDR_BYTES / 8; i++)
+			hw[i] = ((__u64 *)data)[i];
+		return 0;
+	}
+#pragma unroll
+	for (int i = 0; i < STEER_HDR_BYTES / 8; i++)
+		hw[i] = 0;
+#pragma unroll
+	for (int i = 0; i < STEER_HDR_BYTES / 8 - 1; i++) {
+		if (data + 8 * i + 8 > data_end)
+			break;
+		hw[i] = ((__u64 *)data)[i];
+		n = 8 * i + 8;
+	}
+	need = len < STEER_HDR_BYTES ? len : STEER_HDR_BYTES;
+	if (n > UDP_HDR && quic_head_need(h[UDP_HDR]) < need)
+		need = quic_head_need(h[UDP_HDR]);
+	if (n >= need)
+		return 0;
+	if (len < UDP_HDR)
+		return -1;
+	return bpf_skb_load_bytes(ctx, 0, h, len < STEER_HDR_BYTES ? len : STEER_HDR_BYTES);
 }
 
 SEC("sk_reuseport")
@@ -411,34 +616,22 @@ int steer(struct sk_reuseport_md *ctx)
 		.worker = ctx->hash,
 	};
 
-	__u64 hw[STEER_HDR_BYTES / 8] = {};
-	__u8 *h = (__u8 *)hw;
-	__u32 len = ctx->len; /* UDP length: ctx->data is the UDP header */
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	int loaded = 0;
+	if (steer_mode == STEER_MODE_QUIC) {
+		__u64 hw[STEER_HDR_BYTES / 8];
+		__u32 len = ctx->len; /* UDP length: ctx->data is the UDP header */
 
-	/* Usually the head of the datagram is in the skb's linear area and
-	 * can be copied without a helper call; NICs that put the payload in
-	 * page fragments leave only the UDP header there. */
-	if (data + STEER_HDR_BYTES <= data_end) {
-#pragma unroll
-		for (int i = 0; i < STEER_HDR_BYTES / 8; i++)
-			hw[i] = ((__u64 *)data)[i];
-		loaded = 1;
-	} else if (len >= UDP_HDR) {
-		__u32 n = len < STEER_HDR_BYTES ? len : STEER_HDR_BYTES;
-
-		loaded = bpf_skb_load_bytes(ctx, 0, h, n) == 0;
-	}
-	if (loaded) {
-		if (steer_mode == STEER_MODE_QUIC)
-			steer_quic(ctx, cfg, h, len, working, &c);
-		else if (steer_mode == STEER_MODE_FLOW)
-			steer_flow(ctx, cfg, h, working, &c);
+		if (load_head(ctx, hw, len) == 0)
+			steer_quic(ctx, cfg, (__u8 *)hw, len, working, &c);
+	} else if (steer_mode == STEER_MODE_FLOW) {
+		steer_flow(ctx, cfg, working, &c);
 	}
 
-	__u32 worker = c.worker % w;
+	/* W is a load-time constant: with one worker the verifier drops
+	 * the division. */
+	__u32 worker = 0;
+
+	if (w > 1)
+		worker = c.worker % w;
 	__u32 idx = (c.slot & (STEER_SLOTS - 1)) * w + worker;
 
 	if (bpf_sk_select_reuseport(ctx, &sockets, &idx, 0) == 0) {

@@ -27,6 +27,19 @@ type SteerFlow struct {
 	Slot     uint32
 	Epoch    uint32
 	LastSeen uint64
+	Addrs    struct {
+		_     structs.HostLayout
+		Saddr [4]uint32
+		Daddr [4]uint32
+	}
+	Dcid [8]uint8
+}
+
+type SteerFlowKey struct {
+	_     structs.HostLayout
+	Hash  uint32
+	Sport uint16
+	Zero  uint16
 }
 
 type SteerPin struct {
@@ -37,17 +50,9 @@ type SteerPin struct {
 }
 
 type SteerPinKey struct {
-	_     structs.HostLayout
-	Tuple SteerTuple
-	Dcid  [8]uint8
-}
-
-type SteerTuple struct {
-	_     structs.HostLayout
-	Saddr [4]uint32
-	Daddr [4]uint32
-	Sport uint16
-	Dport uint16
+	_    structs.HostLayout
+	Flow SteerFlowKey
+	Dcid [8]uint8
 }
 
 // Names of all BPF objects in the ELF.
@@ -65,6 +70,7 @@ const (
 	SteerVarSteerSlotMask     = "steer_slot_mask"
 	SteerVarSteerSlotOffset   = "steer_slot_offset"
 	SteerVarSteerSlotShift    = "steer_slot_shift"
+	SteerVarSteerTickNs       = "steer_tick_ns"
 	SteerVarSteerWorkerOffset = "steer_worker_offset"
 	SteerVarSteerWorkers      = "steer_workers"
 )
@@ -134,6 +140,7 @@ type SteerVariableSpecs struct {
 	SteerSlotMask     *ebpf.VariableSpec `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.VariableSpec `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.VariableSpec `ebpf:"steer_slot_shift"`
+	SteerTickNs       *ebpf.VariableSpec `ebpf:"steer_tick_ns"`
 	SteerWorkerOffset *ebpf.VariableSpec `ebpf:"steer_worker_offset"`
 	SteerWorkers      *ebpf.VariableSpec `ebpf:"steer_workers"`
 }
@@ -184,6 +191,7 @@ type SteerVariables struct {
 	SteerSlotMask     *ebpf.Variable `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.Variable `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.Variable `ebpf:"steer_slot_shift"`
+	SteerTickNs       *ebpf.Variable `ebpf:"steer_tick_ns"`
 	SteerWorkerOffset *ebpf.Variable `ebpf:"steer_worker_offset"`
 	SteerWorkers      *ebpf.Variable `ebpf:"steer_workers"`
 }

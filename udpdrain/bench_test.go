@@ -1,8 +1,10 @@
 package udpdrain
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -28,7 +30,7 @@ func TestProgramCost(t *testing.T) {
 	const packets, rounds = 20000, 7
 
 	layout := DefaultCIDLayout()
-	q := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC, PinEntries: packets * rounds})
+	q := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC, FlowEntries: packets * rounds, PinEntries: packets * rounds})
 	qh := newHarness(t, ns, q)
 	gen1 := qh.add("gen1")
 	gen2 := qh.add("gen2")
@@ -36,7 +38,13 @@ func TestProgramCost(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := ns.client(t, "udp4", "127.0.0.1:0")
+	// A client that retransmits its one handshake's first Initial.
+	rtc := ns.client(t, "udp4", "127.0.0.1:0")
 	short := shortHeader(serverCID(t, layout, gen1, 0))
+	// An ACK-only short header is about 29 bytes of QUIC (the least
+	// header protection allows is 1+L+4+16 = 29 with L = 8): shorter
+	// than the program's 40-byte header copy.
+	ack := short[:29]
 	retrans := longHeader(quicV1, "initial", clientDCID(8))
 	// New handshakes: a fresh DCID per datagram, so every one inserts a
 	// pin. Built up front so that building them is not measured.
@@ -47,11 +55,20 @@ func TestProgramCost(t *testing.T) {
 		fresh[i] = longHeader(quicV1, "initial", clientDCID(8))[:128]
 	}
 
-	f := ns.group(t, "127.0.0.1:0", Config{Mode: ModeFlow})
+	f := ns.group(t, "127.0.0.1:0", Config{Mode: ModeFlow, FlowEntries: packets * rounds})
 	fh := newHarness(t, ns, f)
 	fh.add("gen1")
 	fc := ns.client(t, "udp4", "127.0.0.1:0")
 	payload := []byte("flow datagram")
+
+	// New 4-tuples, one per datagram, from a raw socket: 127.1.0.0 and
+	// up, so that no map entry is reused and none is evicted.
+	raw := newRawUDP4(t, ns)
+	round := 0
+	newTuple := func(i int) netip.AddrPort {
+		k := round*packets + i
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, byte(1 + k>>16), byte(k >> 8), byte(k)}), 40000)
+	}
 
 	// The reference: a program that only selects a fixed socket, the
 	// least any steering program does. Its figure is this machine's
@@ -63,7 +80,6 @@ func TestProgramCost(t *testing.T) {
 	ref := minimalSelector(t, r, uint32(rslot*r.Config().Workers))
 	rc := ns.client(t, "udp4", "127.0.0.1:0")
 
-	round := 0
 	cases := []struct {
 		name string
 		cost func(send func(int) error) (float64, error)
@@ -72,9 +88,12 @@ func TestProgramCost(t *testing.T) {
 		{"reference: select only", func(send func(int) error) (float64, error) { return measureProgram(ref, packets, send) },
 			func(int) error { return sendTo(rc, short, r) }},
 		{"quic short header (CID)", costOf(q, packets), func(int) error { return sendTo(c, short, q) }},
-		{"quic Initial, new (pin insert)", costOf(q, packets), func(i int) error { return sendTo(c, fresh[round*packets+i], q) }},
-		{"quic Initial, retransmit (pinned)", costOf(q, packets), func(int) error { return sendTo(c, retrans, q) }},
+		{"quic short header, 37-byte datagram", costOf(q, packets), func(int) error { return sendTo(c, ack, q) }},
+		{"quic Initial, new, same 4-tuple", costOf(q, packets), func(i int) error { return sendTo(c, fresh[round*packets+i], q) }},
+		{"quic Initial, new 4-tuple", costOf(q, packets), func(i int) error { return raw.send(newTuple(i), q.Addr(), fresh[round*packets+i]) }},
+		{"quic Initial, retransmit (pinned)", costOf(q, packets), func(int) error { return sendTo(rtc, retrans, q) }},
 		{"flow, established", costOf(f, packets), func(int) error { return sendTo(fc, payload, f) }},
+		{"flow, new 4-tuple", costOf(f, packets), func(i int) error { return raw.send(newTuple(i), f.Addr(), payload) }},
 	}
 	for _, tc := range cases {
 		var runs []float64
@@ -92,6 +111,44 @@ func TestProgramCost(t *testing.T) {
 		t.Logf("%-36s median %5.1f ns/datagram (min %5.1f, max %5.1f, %d rounds of %d)",
 			tc.name, runs[len(runs)/2], runs[0], runs[len(runs)-1], rounds, packets)
 	}
+}
+
+// rawUDP4 sends IPv4 UDP datagrams from any source address and port on
+// loopback, through a raw socket in the namespace: a new 4-tuple per
+// datagram without a socket per tuple.
+type rawUDP4 struct {
+	fd  int
+	buf []byte
+}
+
+func newRawUDP4(t testing.TB, ns *testNS) *rawUDP4 {
+	t.Helper()
+	r := &rawUDP4{fd: -1}
+	err := ns.do(func() error {
+		var err error
+		r.fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("raw socket: %v", err)
+	}
+	t.Cleanup(func() { unix.Close(r.fd) })
+	return r
+}
+
+func (r *rawUDP4) send(src, dst netip.AddrPort, payload []byte) error {
+	// With IPPROTO_RAW the kernel fills in the total length, the ID and
+	// the header checksum; a zero UDP checksum means none (IPv4).
+	b := append(r.buf[:0], 0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, unix.IPPROTO_UDP, 0, 0)
+	b = append(b, src.Addr().AsSlice()...)
+	b = append(b, dst.Addr().AsSlice()...)
+	b = binary.BigEndian.AppendUint16(b, src.Port())
+	b = binary.BigEndian.AppendUint16(b, dst.Port())
+	b = binary.BigEndian.AppendUint16(b, uint16(8+len(payload)))
+	b = append(b, 0, 0)
+	b = append(b, payload...)
+	r.buf = b
+	return unix.Sendto(r.fd, b, 0, &unix.SockaddrInet4{Addr: dst.Addr().As4()})
 }
 
 func costOf(g *Group, packets int) func(send func(int) error) (float64, error) {

@@ -237,6 +237,7 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
 		"steer_slot_shift":    0,
 		"steer_slot_mask":     bpf.Slots - 1,
 		"steer_worker_offset": wo,
+		"steer_tick_ns":       bpf.TickNs(),
 	}
 	for name, v := range vals {
 		vs := spec.Variables[name]
