@@ -514,6 +514,21 @@ func (e *env) loadBaton(run int) (loadRun, error) {
 	return lr, sup.stop()
 }
 
+// waitAccepting polls until a TCP connect to addr succeeds, or deadline.
+func (e *env) waitAccepting(deadline time.Time) bool {
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := e.ns.DialContext(ctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return true
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return false
+}
+
 func (e *env) loadNaive() (loadRun, error) {
 	var lr loadRun
 	startHTTPD := func() (*proc, error) {
@@ -522,16 +537,8 @@ func (e *env) loadNaive() (loadRun, error) {
 			return nil, err
 		}
 		// Wait until it accepts, as a start-up probe would; bounded.
-		deadline := time.Now().Add(10 * time.Second)
-		for time.Now().Before(deadline) {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			c, err := e.ns.DialContext(ctx, "tcp", addr)
-			cancel()
-			if err == nil {
-				c.Close()
-				return p, nil
-			}
-			time.Sleep(time.Millisecond)
+		if e.waitAccepting(time.Now().Add(10 * time.Second)) {
+			return p, nil
 		}
 		_ = p.stop()
 		return nil, fmt.Errorf("standalone httpd not accepting within 10s (log %s)", p.log)

@@ -205,16 +205,7 @@ func (e *env) startStandaloneH3() (*proc, error) {
 	// httpd binds its TCP listener just before its UDP socket: poll the
 	// cheap one first, so that the first QUIC probe's Initial does not
 	// wait for a retransmission.
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, err := e.ns.DialContext(ctx, "tcp", addr)
-		cancel()
-		if err == nil {
-			c.Close()
-			break
-		}
-		time.Sleep(time.Millisecond)
-	}
+	e.waitAccepting(deadline)
 	var last error
 	for time.Now().Before(deadline) {
 		select {

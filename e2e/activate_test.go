@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -70,28 +69,7 @@ func (h *harness) startActivated(sa string, env []string, udpName, udpAddr, tcpN
 	cmdline = append(cmdline, args...)
 	cmd := h.ns.Command(cmdline[0], cmdline[1:]...)
 	cmd.Env = append(os.Environ(), env...)
-	out := &syncBuffer{}
-	cmd.Stdout = out
-	cmd.Stderr = out
-	cmd.Dir = h.dir
-	// As startBatonFiles: its own process group for cleanup, and no
-	// supervisor outlives a killed test run (the parent-death signal
-	// survives the execs).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		h.t.Fatalf("start systemd-socket-activate: %v", err)
-	}
-	b := &batonProc{cmd: cmd, out: out, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		b.state = cmd.ProcessState
-		close(b.exited)
-	}()
-	h.mu.Lock()
-	h.batons = append(h.batons, b)
-	h.mu.Unlock()
-	h.t.Logf("started pid %d: %s", b.pid(), strings.Join(cmdline, " "))
-	return b
+	return h.launch(cmd, strings.Join(cmdline, " "))
 }
 
 // grabSocket waits until process pid holds, at fd, a socket of type typ

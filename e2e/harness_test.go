@@ -214,6 +214,13 @@ func (h *harness) startBatonBinaryFiles(path, control string, env []string, file
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
 	}
+	return h.launch(cmd, "baton "+strings.Join(full, " "))
+}
+
+// launch starts cmd (a baton, or something that execs one) with its output
+// kept for failure reports, and registers it for cleanup.
+func (h *harness) launch(cmd *exec.Cmd, desc string) *batonProc {
+	h.t.Helper()
 	out := &syncBuffer{}
 	cmd.Stdout = out
 	cmd.Stderr = out
@@ -222,11 +229,12 @@ func (h *harness) startBatonBinaryFiles(path, control string, env []string, file
 		// Its own process group, so cleanup can kill baton and anything
 		// it left in its group without touching the test binary.
 		Setpgid: true,
-		// A killed test run must not leave supervisors behind.
+		// A killed test run must not leave supervisors behind (the
+		// parent-death signal survives execs).
 		Pdeathsig: syscall.SIGKILL,
 	}
 	if err := cmd.Start(); err != nil {
-		h.t.Fatalf("start baton: %v", err)
+		h.t.Fatalf("start %s: %v", desc, err)
 	}
 	b := &batonProc{cmd: cmd, out: out, exited: make(chan struct{})}
 	go func() {
@@ -237,7 +245,7 @@ func (h *harness) startBatonBinaryFiles(path, control string, env []string, file
 	h.mu.Lock()
 	h.batons = append(h.batons, b)
 	h.mu.Unlock()
-	h.t.Logf("started baton pid %d: baton %s", b.pid(), strings.Join(full, " "))
+	h.t.Logf("started pid %d: %s", b.pid(), desc)
 	return b
 }
 

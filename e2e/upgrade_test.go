@@ -271,12 +271,14 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 func checkH3(h *harness, gen int) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := quicload.Dial(ctx, h3Addr, quicload.Options{ListenUDP: h.listenUDP})
+	c, err := h.dialH3(ctx, h3Addr, h3Opts{})
 	if err != nil {
 		return fmt.Sprintf("dial: %v", err)
 	}
-	defer c.Close()
-	resp, err := c.GetTimeout("/", 5*time.Second)
+	// Closed at once: an open connection would hold its generation in
+	// its drain.
+	defer c.close()
+	resp, err := c.getTimeout("/", 5*time.Second)
 	if err != nil {
 		return fmt.Sprintf("request: %v", err)
 	}

@@ -82,13 +82,9 @@ func Listen(path string, opts Options) (*Server, error) {
 	if len(path) >= maxSunPath {
 		return nil, fmt.Errorf("coordination socket %s: path is %d bytes, the limit for a Unix socket is %d", path, len(path), maxSunPath-1)
 	}
-	gid := -1
-	if opts.Group != "" {
-		g, err := lookupGroup(opts.Group)
-		if err != nil {
-			return nil, fmt.Errorf("coordination socket %s: %w", path, err)
-		}
-		gid = g
+	gid, log, err := opts.resolve(path)
+	if err != nil {
+		return nil, err
 	}
 	mode := opts.Mode.Perm()
 	if mode == 0 {
@@ -96,10 +92,6 @@ func Listen(path string, opts Options) (*Server, error) {
 		if gid >= 0 {
 			mode = 0o660
 		}
-	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
 	}
 
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -113,6 +105,10 @@ func Listen(path string, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newServer(path, ln, st, gid, log), nil
+}
+
+func newServer(path string, ln *net.UnixListener, st *unix.Stat_t, gid int, log *slog.Logger) *Server {
 	return &Server{
 		ReadTimeout:    RequestReadTimeout,
 		WriteTimeout:   DefaultWriteTimeout,
@@ -126,24 +122,16 @@ func Listen(path string, opts Options) (*Server, error) {
 		log:            log,
 		ln:             ln,
 		closeDone:      make(chan struct{}),
-	}, nil
+	}
 }
 
 // FromFile serves a coordination socket a previous supervisor handed over
 // (an already listening Unix socket). path is where it is bound; Close
 // removes that file only if it still names this socket.
 func FromFile(path string, f *os.File, opts Options) (*Server, error) {
-	gid := -1
-	if opts.Group != "" {
-		g, err := lookupGroup(opts.Group)
-		if err != nil {
-			return nil, fmt.Errorf("coordination socket %s: %w", path, err)
-		}
-		gid = g
-	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
+	gid, log, err := opts.resolve(path)
+	if err != nil {
+		return nil, err
 	}
 	l, err := net.FileListener(f)
 	if err != nil {
@@ -160,20 +148,7 @@ func FromFile(path string, f *os.File, opts Options) (*Server, error) {
 		ul.Close()
 		return nil, fmt.Errorf("coordination socket %s: %w", path, err)
 	}
-	return &Server{
-		ReadTimeout:    RequestReadTimeout,
-		WriteTimeout:   DefaultWriteTimeout,
-		MaxConns:       DefaultMaxConns,
-		ProgressBuffer: DefaultProgressBuffer,
-		path:           path,
-		dev:            st.Dev,
-		ino:            st.Ino,
-		gid:            gid,
-		euid:           os.Geteuid(),
-		log:            log,
-		ln:             ul,
-		closeDone:      make(chan struct{}),
-	}, nil
+	return newServer(path, ul, &st, gid, log), nil
 }
 
 // File returns a close-on-exec duplicate of the listening socket, for a
@@ -203,6 +178,22 @@ func (s *Server) KeepPath() {
 	s.mu.Lock()
 	s.keepPath = true
 	s.mu.Unlock()
+}
+
+// resolve returns the allowed group's gid (-1 for none) and the logger.
+func (opts Options) resolve(path string) (int, *slog.Logger, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if opts.Group == "" {
+		return -1, log, nil
+	}
+	gid, err := lookupGroup(opts.Group)
+	if err != nil {
+		return 0, nil, fmt.Errorf("coordination socket %s: %w", path, err)
+	}
+	return gid, log, nil
 }
 
 func lookupGroup(group string) (int, error) {

@@ -289,20 +289,8 @@ func (s *Supervisor) loop() {
 
 // Restart implements restartsock.Handler: single-flight, or queued with wait.
 func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
-	select {
-	case s.sem <- struct{}{}:
-	default:
-		if !wait {
-			return result(restartsock.ResultBusy, "another restart is in progress; retry, or use restart --wait to queue behind it", time.Now())
-		}
-		progress(event(restartsock.EventQueued, 0, 0, "waiting for the running restart to finish"))
-		select {
-		case s.sem <- struct{}{}:
-		case <-ctx.Done():
-			return result(restartsock.ResultBusy, "gave up waiting for the running restart", time.Now())
-		case <-s.stopCh:
-			return result(restartsock.ResultShuttingDown, "the supervisor is stopping", time.Now())
-		}
+	if res, ok := s.acquire(ctx, wait, progress); !ok {
+		return res
 	}
 	defer func() { <-s.sem }()
 	if s.opts.Events == nil {
@@ -312,6 +300,28 @@ func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(resta
 	res := s.runRestart(true, "request", progress)
 	s.opts.Events.Reloaded(res, s.Status(ctx))
 	return res
+}
+
+// acquire takes the single-flight lock that restarts and upgrades share,
+// or queues for it with wait. When it fails, the result says why.
+func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(restartsock.Event)) (restartsock.Result, bool) {
+	select {
+	case s.sem <- struct{}{}:
+		return restartsock.Result{}, true
+	default:
+	}
+	if !wait {
+		return result(restartsock.ResultBusy, "another restart or upgrade is in progress; retry, or use --wait to queue behind it", time.Now()), false
+	}
+	progress(event(restartsock.EventQueued, 0, 0, "waiting for the running restart to finish"))
+	select {
+	case s.sem <- struct{}{}:
+		return restartsock.Result{}, true
+	case <-ctx.Done():
+		return result(restartsock.ResultBusy, "gave up waiting for the running restart", time.Now()), false
+	case <-s.stopCh:
+		return result(restartsock.ResultShuttingDown, s.stoppingMessage(), time.Now()), false
+	}
 }
 
 // Ping reports whether the loop answers within ctx: the watchdog's idea

@@ -325,20 +325,8 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(resta
 		}
 	}
 
-	select {
-	case s.sem <- struct{}{}:
-	default:
-		if !wait {
-			return result(restartsock.ResultBusy, "a restart or upgrade is in progress; retry, or use --wait to queue behind it", start)
-		}
-		progress(event(restartsock.EventQueued, 0, 0, "waiting for the running restart to finish"))
-		select {
-		case s.sem <- struct{}{}:
-		case <-ctx.Done():
-			return result(restartsock.ResultBusy, "gave up waiting for the running restart", start)
-		case <-s.stopCh:
-			return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
-		}
+	if res, ok := s.acquire(ctx, wait, progress); !ok {
+		return res
 	}
 	defer func() { <-s.sem }()
 

@@ -57,16 +57,15 @@ type SlotState struct {
 	Epoch uint32 `json:"epoch"`
 }
 
-func (g *Group) steerMaps() map[string]*ebpf.Map {
-	if g.objs == nil {
-		return nil
-	}
-	return map[string]*ebpf.Map{
-		bpf.SteerMapConfig:   g.objs.Config,
-		bpf.SteerMapCounters: g.objs.Counters,
-		bpf.SteerMapFlows:    g.objs.Flows,
-		bpf.SteerMapInitials: g.objs.Initials,
-		bpf.SteerMapSockets:  g.objs.Sockets,
+// steerMaps names the program's maps, the one list Files, Adopt and
+// FileNames share.
+func steerMaps(objs *bpf.SteerObjects) map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		bpf.SteerMapConfig:   &objs.Config,
+		bpf.SteerMapCounters: &objs.Counters,
+		bpf.SteerMapFlows:    &objs.Flows,
+		bpf.SteerMapInitials: &objs.Initials,
+		bpf.SteerMapSockets:  &objs.Sockets,
 	}
 }
 
@@ -101,8 +100,8 @@ func (g *Group) Files() (map[string]*os.File, error) {
 	if err := dup(FileProgram, g.objs.Steer.FD()); err != nil {
 		return fail(err)
 	}
-	for name, m := range g.steerMaps() {
-		if err := dup(filePrefixM+name, m.FD()); err != nil {
+	for name, m := range steerMaps(g.objs) {
+		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
 			return fail(err)
 		}
 	}
@@ -271,14 +270,7 @@ func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("program: %w", err)
 	}
-	dst := map[string]**ebpf.Map{
-		bpf.SteerMapConfig:   &objs.Config,
-		bpf.SteerMapCounters: &objs.Counters,
-		bpf.SteerMapFlows:    &objs.Flows,
-		bpf.SteerMapInitials: &objs.Initials,
-		bpf.SteerMapSockets:  &objs.Sockets,
-	}
-	for name, p := range dst {
+	for name, p := range steerMaps(objs) {
 		fd, err := take(filePrefixM + name)
 		if err != nil {
 			objs.Close()
@@ -303,7 +295,7 @@ func FileNames(st HandoverState) []string {
 		return names
 	}
 	names = append(names, FileProgram)
-	for _, m := range []string{bpf.SteerMapConfig, bpf.SteerMapCounters, bpf.SteerMapFlows, bpf.SteerMapInitials, bpf.SteerMapSockets} {
+	for m := range steerMaps(new(bpf.SteerObjects)) {
 		names = append(names, filePrefixM+m)
 	}
 	return names
