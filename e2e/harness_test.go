@@ -759,8 +759,10 @@ func writeFile(t *testing.T, path, content string) {
 	}
 }
 
-// tomlConfig renders the small config files the tests use.
-func tomlConfig(command []string, listen map[string]string, extra string) string {
+// tomlConfig renders the small config files the tests use. listen holds
+// name, URL pairs in order: the order is the fd order, and baton refuses a
+// rewrite that changes it, so it must not come from a map.
+func tomlConfig(command []string, listen []string, extra string) string {
 	var b strings.Builder
 	q := make([]string, len(command))
 	for i, c := range command {
@@ -771,8 +773,8 @@ func tomlConfig(command []string, listen map[string]string, extra string) string
 		b.WriteString(extra + "\n")
 	}
 	b.WriteString("\n[listen]\n")
-	for name, url := range listen {
-		fmt.Fprintf(&b, "%s = %s\n", name, strconv.Quote(url))
+	for i := 0; i+1 < len(listen); i += 2 {
+		fmt.Fprintf(&b, "%s = %s\n", listen[i], strconv.Quote(listen[i+1]))
 	}
 	return b.String()
 }

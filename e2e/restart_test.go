@@ -165,7 +165,7 @@ func TestUnixListener(t *testing.T) {
 func TestChildExitsBeforeReady(t *testing.T) {
 	h := newHarness(t)
 	cfgPath := filepath.Join(h.dir, "app.toml")
-	listen := map[string]string{"http": "tcp://" + httpAddr}
+	listen := []string{"http", "tcp://" + httpAddr}
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `drain_timeout = "10s"`))
 	h.startServing("--config", cfgPath)
 	lg := h.load(modestLoad())
@@ -208,7 +208,7 @@ func TestChildExitsBeforeReady(t *testing.T) {
 func TestNeverReady(t *testing.T) {
 	h := newHarness(t)
 	cfgPath := filepath.Join(h.dir, "app.toml")
-	listen := map[string]string{"http": "tcp://" + httpAddr}
+	listen := []string{"http", "tcp://" + httpAddr}
 	// The file's ready timeout would make this test take a minute; the
 	// flag must win over it.
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `ready_timeout = "60s"`))

@@ -202,7 +202,7 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 	h := newHarness(t)
 	path := copyBaton(t, h.dir)
 	cfgPath := filepath.Join(h.dir, "baton.toml")
-	listen := map[string]string{"http": "tcp://" + httpAddr, "h3": "quic://" + h3Addr}
+	listen := []string{"http", "tcp://" + httpAddr, "h3", "quic://" + h3Addr}
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, ""))
 	b := h.startBatonBinary(path, h.control, nil, "--config", cfgPath)
 	stopSupervisorAtCleanup(h)
