@@ -4,8 +4,8 @@ import (
 	"os"
 
 	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/internal/unixsock"
 	"github.com/baton-run/baton/udpdrain"
-	"golang.org/x/sys/unix"
 )
 
 // Inherited wraps a stream (TCP or Unix) listening socket that a previous
@@ -15,10 +15,8 @@ func Inherited(spec config.Listener, f *os.File, activated bool) *Socket {
 	s := &Socket{Spec: spec, File: f, Activated: activated}
 	if spec.Scheme == config.SchemeUnix && !activated {
 		// Only a path the socket is bound to is ours to remove later.
-		var st unix.Stat_t
-		sa, err := unix.Getsockname(int(f.Fd()))
-		if u, ok := sa.(*unix.SockaddrUnix); err == nil && ok && u.Name == spec.Addr && unix.Stat(spec.Addr, &st) == nil {
-			s.unixIno = st.Ino
+		if id, ok := unixsock.Identify(f, spec.Addr); ok {
+			s.unixID = id
 		}
 	}
 	return s
@@ -31,4 +29,4 @@ func InheritedUDP(spec config.Listener, g *udpdrain.Group, activated bool) *Sock
 
 // KeepPath makes Close leave a Unix socket's file in place: after a
 // handover the new supervisor serves the same socket.
-func (s *Socket) KeepPath() { s.unixIno = 0 }
+func (s *Socket) KeepPath() { s.unixID = unixsock.FileID{} }

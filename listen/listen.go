@@ -10,9 +10,11 @@ import (
 	"net"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
 
 	"github.com/baton-run/baton/config"
+	"github.com/baton-run/baton/internal/unixsock"
 	"github.com/baton-run/baton/udpdrain"
 	"golang.org/x/sys/unix"
 )
@@ -29,7 +31,7 @@ type Socket struct {
 	// steer=off).
 	UDP *udpdrain.Group
 
-	unixIno uint64 // inode of a Unix socket file we created, for cleanup
+	unixID unixsock.FileID // the Unix socket file we created, for cleanup
 }
 
 // Open creates the socket described by spec.
@@ -119,104 +121,40 @@ func backlog(n int) int {
 
 func openUnix(spec config.Listener) (*Socket, error) {
 	path := spec.Addr
-	if err := removeStale(path); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("listener %s: create the socket's directory: %w", spec.Name, err)
+	}
+	if who := unixsock.Writers(dir); who != "" {
+		// A legitimate layout (a directory the service user owns), but
+		// that user can then replace the socket: say so once.
+		slog.Warn("listener directory is writable by another user, who can replace the socket", "listener", spec.Name, "dir", dir, "why", who)
+	}
+	if err := unixsock.RemoveStale(path); err != nil {
 		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 	}
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("listener %s: socket: %w", spec.Name, err)
-	}
-	fail := func(err error) (*Socket, error) {
-		unix.Close(fd)
-		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
-		return fail(fmt.Errorf("bind %s: %w", path, err))
-	}
-	// Ownership and mode are set before listen(2) so that no client can
-	// connect while the socket still has the umask's permissions.
-	uid, gid := -1, -1
+	o := unixsock.Options{Mode: spec.Mode, UID: -1, GID: -1, Backlog: spec.Backlog}
+	var err error
 	if spec.Owner != "" {
-		if uid, err = lookupUID(spec.Owner); err != nil {
-			os.Remove(path)
-			return fail(err)
+		if o.UID, err = lookupUID(spec.Owner); err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 		}
 	}
 	if spec.Group != "" {
-		if gid, err = LookupGID(spec.Group); err != nil {
-			os.Remove(path)
-			return fail(err)
+		if o.GID, err = LookupGID(spec.Group); err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 		}
 	}
-	if uid >= 0 || gid >= 0 {
-		if err := os.Lchown(path, uid, gid); err != nil {
-			os.Remove(path)
-			return fail(fmt.Errorf("chown %s: %w", path, err))
-		}
-	}
-	if spec.Mode != 0 {
-		if err := os.Chmod(path, spec.Mode); err != nil {
-			os.Remove(path)
-			return fail(fmt.Errorf("chmod %s: %w", path, err))
-		}
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		os.Remove(path)
-		return fail(fmt.Errorf("stat %s: %w", path, err))
-	}
-	if err := unix.Listen(fd, backlog(spec.Backlog)); err != nil {
-		os.Remove(path)
-		return fail(fmt.Errorf("listen %s: %w", path, err))
-	}
-	return &Socket{Spec: spec, File: os.NewFile(uintptr(fd), spec.Name), unixIno: st.Ino}, nil
-}
-
-// removeStale unlinks a socket file left behind by a dead process. A path
-// that a live process still listens on is never unlinked: that would cut
-// it off from every new client without it noticing.
-func removeStale(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
+	f, id, err := unixsock.Listen(path, o)
 	if err != nil {
-		return fmt.Errorf("stat %s: %w", path, err)
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s exists and is not a socket; remove it or choose another path", path)
-	}
-	live, err := Probe(path)
-	if err != nil {
-		return err
-	}
-	if live {
-		return fmt.Errorf("%s: a live process is listening on it; stop it first (baton never unlinks a socket in use)", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove stale socket %s: %w", path, err)
-	}
-	return nil
+	return &Socket{Spec: spec, File: f, unixID: id}, nil
 }
 
 // Probe reports whether something accepts connections on the Unix socket
-// at path. ECONNREFUSED means nobody listens: the file is stale.
-func Probe(path string) (bool, error) {
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
-	if err != nil {
-		return false, fmt.Errorf("probe %s: %w", path, err)
-	}
-	defer unix.Close(fd)
-	err = unix.Connect(fd, &unix.SockaddrUnix{Name: path})
-	switch {
-	case err == nil, errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINPROGRESS):
-		// EAGAIN: a live listener whose backlog is full.
-		return true, nil
-	case errors.Is(err, unix.ECONNREFUSED), errors.Is(err, unix.ENOENT):
-		return false, nil
-	}
-	return false, fmt.Errorf("probe %s: %w", path, err)
-}
+// at path.
+func Probe(path string) (bool, error) { return unixsock.Probe(path) }
 
 // Close closes the socket and, for a Unix socket baton created, removes
 // its file if the path still names that same socket.
@@ -225,11 +163,8 @@ func (s *Socket) Close() error {
 		return s.UDP.Close()
 	}
 	err := s.File.Close()
-	if s.unixIno != 0 {
-		var st unix.Stat_t
-		if unix.Stat(s.Spec.Addr, &st) == nil && st.Ino == s.unixIno {
-			os.Remove(s.Spec.Addr)
-		}
+	if rerr := unixsock.Remove(s.Spec.Addr, s.unixID); rerr != nil && err == nil {
+		err = rerr
 	}
 	return err
 }

@@ -170,3 +170,30 @@ func TestResolveByName(t *testing.T) {
 		t.Fatalf("pass-through = %+v", got)
 	}
 }
+
+// TestUnixListenerModeOwnerAndDirectory: the file gets exactly the mode
+// and owner asked for whatever the umask, its missing directory is
+// created, and the Socket remembers the inode it created.
+func TestUnixListenerModeOwnerAndDirectory(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown to another user needs root")
+	}
+	old := unix.Umask(0o077)
+	defer unix.Umask(old)
+	path := filepath.Join(t.TempDir(), "missing", "dir", "admin.sock")
+	s, err := Open(mustSpec(t, "admin=unix://"+path+"?mode=0666&owner=65534&group=65534"))
+	if err != nil {
+		t.Fatalf("open in a missing directory: %v", err)
+	}
+	defer s.Close()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if os.FileMode(st.Mode).Perm() != 0o666 || st.Uid != 65534 || st.Gid != 65534 {
+		t.Fatalf("socket file mode %o owner %d:%d; want 666 65534:65534", os.FileMode(st.Mode).Perm(), st.Uid, st.Gid)
+	}
+	if !s.unixID.Names(path) {
+		t.Fatal("the socket does not know the file it created")
+	}
+}
