@@ -2,8 +2,11 @@ package listen
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/baton-run/baton/config"
@@ -59,8 +62,19 @@ func Resolve(specs []config.Listener, activated []*Socket) ([]*Socket, error) {
 		return activated, nil
 	}
 	byName := map[string]*Socket{}
+	dups := map[string][]string{}
 	for _, s := range activated {
 		byName[s.Spec.Name] = s
+		dups[s.Spec.Name] = append(dups[s.Spec.Name], s.Spec.URL)
+	}
+	for _, spec := range specs {
+		// One listener, several sockets: generations would get one and
+		// clients of the others would wait in a backlog nobody serves.
+		if urls := dups[spec.Name]; len(urls) > 1 {
+			return nil, fmt.Errorf("listener %s: systemd passed %d sockets named %q (%s); a socket unit's FileDescriptorName= names all of its sockets, "+
+				"so give each address its own .socket unit, or, if a drop-in added one (systemctl edit), start it with an empty ListenStream= line to clear the unit's",
+				spec.Name, len(urls), spec.Name, strings.Join(urls, ", "))
+		}
 	}
 	var out []*Socket
 	for _, spec := range specs {
@@ -109,7 +123,14 @@ func adopt(spec config.Listener, a *Socket) (*Socket, error) {
 	if (spec.Scheme == config.SchemeUDP) != a.IsDatagram() {
 		return nil, fmt.Errorf("listener %s: systemd passed a %s socket named %q but the listener is %s; fix ListenStream=/ListenDatagram= or the listener URL", spec.Name, sockKind(a.IsDatagram()), spec.Name, spec.URL)
 	}
-	spec.URL += " (systemd)"
+	if got := a.Spec.URL; !sameAddress(spec, a.File) {
+		// systemd's socket wins: it is the one clients reach. Say so,
+		// and show what is really served.
+		slog.Warn("the socket systemd passed is not bound where the listener says; serving systemd's", "listener", spec.Name, "configured", spec.URL, "systemd", got)
+		spec.URL = strings.TrimSuffix(got, " (systemd)") + " (systemd; configured " + spec.URL + ")"
+	} else {
+		spec.URL += " (systemd)"
+	}
 	if spec.Scheme != config.SchemeUDP {
 		a.Spec = spec
 		return a, nil
@@ -150,6 +171,40 @@ func sameOwner(f *os.File) error {
 			"so baton cannot add its sockets beside it (run baton as uid %d, let baton open this listener itself, or use ?steer=off)", st.Uid, uid, st.Uid)
 	}
 	return nil
+}
+
+// sameAddress reports whether the activated socket f is bound to the
+// address spec names (for a wildcard host, any host on that port).
+func sameAddress(spec config.Listener, f *os.File) bool {
+	sa, err := unix.Getsockname(int(f.Fd()))
+	if err != nil {
+		return true // nothing to compare; not worth a false alarm
+	}
+	if u, ok := sa.(*unix.SockaddrUnix); ok {
+		return spec.Scheme == config.SchemeUnix && u.Name == spec.Addr
+	}
+	host, port, err := net.SplitHostPort(spec.Addr)
+	if err != nil {
+		return false
+	}
+	var ip net.IP
+	var got int
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		ip, got = net.IP(a.Addr[:]), a.Port
+	case *unix.SockaddrInet6:
+		ip, got = net.IP(a.Addr[:]), a.Port
+	default:
+		return false
+	}
+	if strconv.Itoa(got) != port {
+		return false
+	}
+	if host == "" {
+		return true
+	}
+	want := net.ParseIP(host)
+	return want != nil && (want.Equal(ip) || (want.IsUnspecified() && ip.IsUnspecified()))
 }
 
 func sockKind(dgram bool) string {

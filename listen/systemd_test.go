@@ -145,3 +145,66 @@ func TestResolveActivatedUDPOtherOwner(t *testing.T) {
 		})
 	}
 }
+
+// activatedTCP is a listening TCP socket on an ephemeral loopback port, as
+// systemd would pass it under name.
+func activatedTCP(t *testing.T, name string) (*Socket, string) {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), name)
+	t.Cleanup(func() { f.Close() })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 8); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(sa.(*unix.SockaddrInet4).Port)
+	return &Socket{Spec: config.Listener{Name: name, Scheme: config.SchemeSystemd, URL: describe(f)}, File: f, Activated: true}, addr
+}
+
+// TestResolveActivatedAddressDiffers: when the unit's socket is not where
+// --listen says, baton serves systemd's socket (the one clients reach) and
+// its URL, as shown in logs and status, says so.
+func TestResolveActivatedAddressDiffers(t *testing.T) {
+	act, addr := activatedTCP(t, "http")
+	socks, err := Resolve([]config.Listener{mustSpec(t, "http=tcp://127.0.0.1:1")}, []*Socket{act})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := socks[0].Spec.URL; !strings.Contains(got, "tcp://"+addr) || !strings.Contains(got, "configured tcp://127.0.0.1:1") {
+		t.Fatalf("URL %q: want the served address %s and the configured one", got, addr)
+	}
+	act2, addr2 := activatedTCP(t, "http")
+	socks, err = Resolve([]config.Listener{mustSpec(t, "http=tcp://"+addr2)}, []*Socket{act2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := socks[0].Spec.URL; got != "tcp://"+addr2+" (systemd)" {
+		t.Fatalf("URL %q for a matching socket", got)
+	}
+}
+
+// TestResolveDuplicateActivatedNames: two sockets under one name (a
+// drop-in that added ListenStream= without clearing the unit's) are
+// refused with the fix, never half-served.
+func TestResolveDuplicateActivatedNames(t *testing.T) {
+	a, _ := activatedTCP(t, "http")
+	b, _ := activatedTCP(t, "http")
+	_, err := Resolve([]config.Listener{mustSpec(t, "http=tcp://127.0.0.1:8080")}, []*Socket{a, b})
+	if err == nil || !strings.Contains(err.Error(), "2 sockets named \"http\"") || !strings.Contains(err.Error(), "empty ListenStream=") {
+		t.Fatalf("duplicate names: %v", err)
+	}
+	// Passed through without a configured listener, both are served.
+	got, err := Resolve(nil, []*Socket{a, b})
+	if err != nil || len(got) != 2 {
+		t.Fatalf("pass-through of both: %v %v", got, err)
+	}
+}
