@@ -5,13 +5,13 @@
 package config
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/BurntSushi/toml"
 	"golang.org/x/sys/unix"
 )
 
@@ -55,30 +55,6 @@ type Config struct {
 	LogLevel  string
 }
 
-// File is the TOML form. Durations are strings ("30s"); listeners are a
-// table of name = URL, kept in file order.
-type File struct {
-	Command      []string          `toml:"command"`
-	Dir          string            `toml:"dir"`
-	Env          map[string]string `toml:"env"`
-	Listen       map[string]string `toml:"listen"`
-	Control      string            `toml:"control"`
-	ControlGroup string            `toml:"control_group"`
-	Ready        string            `toml:"ready"`
-	ReadyTimeout string            `toml:"ready_timeout"`
-	DrainSignal  string            `toml:"drain_signal"`
-	DrainTimeout string            `toml:"drain_timeout"`
-	MaxDraining  int               `toml:"max_draining"`
-	StopTimeout  string            `toml:"stop_timeout"`
-	CheckCmd     string            `toml:"check_cmd"`
-	CheckTimeout string            `toml:"check_timeout"`
-	UDPIdle      string            `toml:"udp_idle"`
-	User         string            `toml:"user"`
-	Group        string            `toml:"group"`
-	LogFormat    string            `toml:"log_format"`
-	LogLevel     string            `toml:"log_level"`
-}
-
 // Defaults returns a Config with every default filled in.
 func Defaults() *Config {
 	return &Config{
@@ -98,10 +74,21 @@ func Defaults() *Config {
 
 // Load builds a Config from defaults, then the TOML file at path (if path
 // is not empty), then overrides (the command-line flags), and validates it.
+// Reading the file is bounded by FileReadTimeout and MaxFileSize.
 func Load(path string, overrides func(*Config) error) (*Config, error) {
+	return LoadContext(context.Background(), path, overrides)
+}
+
+// LoadContext is Load that gives up reading the file once ctx is done,
+// for a caller that is stopping.
+func LoadContext(ctx context.Context, path string, overrides func(*Config) error) (*Config, error) {
 	c := Defaults()
 	if path != "" {
-		if err := c.applyFile(path); err != nil {
+		data, err := readFile(ctx, path)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.applyFile(path, data); err != nil {
 			return nil, err
 		}
 	}
@@ -114,94 +101,6 @@ func Load(path string, overrides func(*Config) error) (*Config, error) {
 		return nil, err
 	}
 	return c, nil
-}
-
-func (c *Config) applyFile(path string) error {
-	var f File
-	md, err := toml.DecodeFile(path, &f)
-	if err != nil {
-		return fmt.Errorf("config %s: %w", path, err)
-	}
-	if und := md.Undecoded(); len(und) > 0 {
-		keys := make([]string, len(und))
-		for i, k := range und {
-			keys[i] = k.String()
-		}
-		return fmt.Errorf("config %s: unknown keys: %s", path, strings.Join(keys, ", "))
-	}
-	wrap := func(err error) error { return fmt.Errorf("config %s: %w", path, err) }
-	if len(f.Command) > 0 {
-		c.Command = f.Command
-	}
-	if f.Dir != "" {
-		c.Dir = f.Dir
-	}
-	// Keep file order for listeners and env so fd numbers stay stable.
-	for _, k := range md.Keys() {
-		if len(k) != 2 {
-			continue
-		}
-		switch k[0] {
-		case "listen":
-			l, err := ParseListener(k[1], f.Listen[k[1]])
-			if err != nil {
-				return wrap(err)
-			}
-			c.Listeners = append(c.Listeners, l)
-		case "env":
-			c.Env = append(c.Env, k[1]+"="+f.Env[k[1]])
-		}
-	}
-	setStr := func(dst *string, v string) {
-		if v != "" {
-			*dst = v
-		}
-	}
-	setStr(&c.Control, f.Control)
-	setStr(&c.ControlGroup, f.ControlGroup)
-	setStr(&c.CheckCmd, f.CheckCmd)
-	setStr(&c.User, f.User)
-	setStr(&c.Group, f.Group)
-	setStr(&c.LogFormat, f.LogFormat)
-	setStr(&c.LogLevel, f.LogLevel)
-	if f.Ready != "" {
-		r, err := ParseReady(f.Ready)
-		if err != nil {
-			return wrap(err)
-		}
-		c.Ready = r
-	}
-	for _, d := range []struct {
-		name string
-		v    string
-		dst  *time.Duration
-	}{
-		{"ready_timeout", f.ReadyTimeout, &c.ReadyTimeout},
-		{"drain_timeout", f.DrainTimeout, &c.DrainTimeout},
-		{"stop_timeout", f.StopTimeout, &c.StopTimeout},
-		{"check_timeout", f.CheckTimeout, &c.CheckTimeout},
-		{"udp_idle", f.UDPIdle, &c.UDPIdle},
-	} {
-		if d.v == "" {
-			continue
-		}
-		v, err := time.ParseDuration(d.v)
-		if err != nil {
-			return wrap(fmt.Errorf("%s: %w", d.name, err))
-		}
-		*d.dst = v
-	}
-	if f.DrainSignal != "" {
-		s, err := ParseSignal(f.DrainSignal)
-		if err != nil {
-			return wrap(err)
-		}
-		c.DrainSignal = s
-	}
-	if f.MaxDraining != 0 {
-		c.MaxDraining = f.MaxDraining
-	}
-	return nil
 }
 
 // Validate checks the whole configuration and names what to fix.
@@ -236,15 +135,11 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("environment entry %q: want KEY=VALUE", e))
 		}
 	}
-	switch c.LogFormat {
-	case "text", "json":
-	default:
-		errs = append(errs, fmt.Errorf("log format %q: want text or json", c.LogFormat))
+	if err := checkLogFormat(c.LogFormat); err != nil {
+		errs = append(errs, fmt.Errorf("log format: %w", err))
 	}
-	switch c.LogLevel {
-	case "debug", "info", "warn", "error":
-	default:
-		errs = append(errs, fmt.Errorf("log level %q: want debug, info, warn or error", c.LogLevel))
+	if err := checkLogLevel(c.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("log level: %w", err))
 	}
 	// A generation has one slot and one CID layout for all its UDP
 	// listeners (BATON_CID_* is per generation), so they must agree.
@@ -266,6 +161,22 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--group needs --user"))
 	}
 	return errors.Join(errs...)
+}
+
+func checkLogFormat(s string) error {
+	switch s {
+	case "text", "json":
+		return nil
+	}
+	return fmt.Errorf(`want "text" or "json", got %q`, s)
+}
+
+func checkLogLevel(s string) error {
+	switch s {
+	case "debug", "info", "warn", "error":
+		return nil
+	}
+	return fmt.Errorf(`want "debug", "info", "warn" or "error", got %q`, s)
 }
 
 // ParseSignal accepts "SIGTERM", "TERM", "term" or a number.

@@ -123,13 +123,13 @@ func TestLoadErrors(t *testing.T) {
 		return p
 	}
 	cases := map[string]string{
-		`command = ["x"]` + "\nbogus = 1":                     "unknown keys: bogus",
+		`command = ["x"]` + "\nbogus = 1":                     "unknown key: bogus (known: command, ",
 		`command = ["x"]` + "\nready_timeout = \"soon\"":      "ready_timeout",
-		`command = ["x"]` + "\nmax_draining = -1":             "max draining",
+		`command = ["x"]` + "\nmax_draining = -1":             "max_draining: must be at least 1, got -1",
 		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":    "unknown signal",
 		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"": "unknown scheme",
-		`command = []`: "no command",
-		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log format",
+		`command = []`: "command: is empty",
+		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log_format: want \"text\" or \"json\", got \"xml\"",
 		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                 "absolute",
 		`command = ["x"]` + "\ngroup = \"www\"":                             "--group needs --user",
 		`command = ["x"` + "\n":                                             "config",

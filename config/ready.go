@@ -34,6 +34,16 @@ func (r Ready) String() string {
 
 // ParseReady parses --ready: auto, delay:2s or tcp-connect:127.0.0.1:8080.
 func ParseReady(s string) (Ready, error) {
+	r, err := parseReady(s)
+	if err != nil {
+		return Ready{}, fmt.Errorf("--ready: %w", err)
+	}
+	return r, nil
+}
+
+// parseReady is ParseReady with messages that name no flag, for the
+// config file's ready key as well.
+func parseReady(s string) (Ready, error) {
 	kind, arg, _ := strings.Cut(s, ":")
 	switch kind {
 	case ReadyAuto, "pipe", "notify":
@@ -41,14 +51,14 @@ func ParseReady(s string) (Ready, error) {
 	case ReadyDelay:
 		d, err := time.ParseDuration(arg)
 		if err != nil || d < 0 {
-			return Ready{}, fmt.Errorf("--ready=%s: want delay:DURATION, e.g. delay:2s", s)
+			return Ready{}, fmt.Errorf("want delay:DURATION such as delay:2s, got %q", s)
 		}
 		return Ready{Kind: ReadyDelay, Delay: d}, nil
 	case ReadyTCPConnect:
 		if _, _, err := net.SplitHostPort(arg); err != nil {
-			return Ready{}, fmt.Errorf("--ready=%s: want tcp-connect:HOST:PORT: %w", s, err)
+			return Ready{}, fmt.Errorf("want tcp-connect:HOST:PORT, got %q: %w", s, err)
 		}
 		return Ready{Kind: ReadyTCPConnect, Addr: arg}, nil
 	}
-	return Ready{}, fmt.Errorf("--ready=%q: want auto, delay:DURATION or tcp-connect:HOST:PORT", s)
+	return Ready{}, fmt.Errorf("want auto, delay:DURATION or tcp-connect:HOST:PORT, got %q", s)
 }
