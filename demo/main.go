@@ -101,7 +101,14 @@ func run(o options) (bool, error) {
 	}
 	defer os.RemoveAll(dir)
 	control := filepath.Join(dir, "baton.sock")
-	logPath := filepath.Join(dir, "baton.log")
+	// The log outlives the demo's temporary directory: the demo points
+	// the user to it.
+	logFile, err := os.CreateTemp("", "baton-demo-*.log")
+	if err != nil {
+		return false, fmt.Errorf("create log: %w", err)
+	}
+	defer logFile.Close()
+	logPath := logFile.Name()
 
 	port, err := freePort()
 	if err != nil {
@@ -123,11 +130,6 @@ func run(o options) (bool, error) {
 		h3Addr = fmt.Sprintf("127.0.0.1:%d", udpPort)
 	}
 
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		return false, fmt.Errorf("create log: %w", err)
-	}
-	defer logFile.Close()
 	args := []string{"run", "--control", control, "--listen", "http=tcp://" + addr}
 	if quic {
 		// A generation drains for as long as its HTTP/3 connections last,
@@ -265,6 +267,7 @@ loop:
 	exitDesc, exitOK := stopBaton()
 
 	report(os.Stdout, records, res, qres, exitDesc)
+	fmt.Printf("\nbaton's log: %s\n", logPath)
 	if restartFailed || !exitOK {
 		fmt.Fprintf(os.Stderr, "---- baton log (last 40 lines) ----\n%s\n", tail(logPath, 40))
 	}

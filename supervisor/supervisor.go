@@ -36,9 +36,10 @@ const (
 
 // Options configure a Supervisor.
 type Options struct {
-	// Load reads and validates the configuration; it is called at start
-	// and again on every restart.
-	Load    func() (*config.Config, error)
+	// Load reads and validates the configuration; it is called again on
+	// every restart. ctx ends when the supervisor stops: a read that is
+	// still going on then is abandoned.
+	Load    func(ctx context.Context) (*config.Config, error)
 	Logger  *slog.Logger
 	Sockets []*listen.Socket // held for the supervisor's whole life
 	// Self is the path of the baton binary used as the exec shim;
@@ -75,8 +76,12 @@ type Supervisor struct {
 	ops     chan func()
 	sem     chan struct{} // single-flight restarts
 	stopCh  chan struct{} // closed when a stop begins
-	loopEnd chan struct{} // closed when the loop returns
-	stopOne sync.Once
+	// stopCtx is cancelled when stopCh is closed, for waits that take a
+	// context.
+	stopCtx    context.Context
+	stopCancel context.CancelFunc
+	loopEnd    chan struct{} // closed when the loop returns
+	stopOne    sync.Once
 	// handoverDone is closed once a successor serves.
 	handoverDone chan struct{}
 	handoverFile *os.File // memfd shared with predecessor/successor
@@ -109,7 +114,10 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 	if opts.Stderr == nil {
 		opts.Stderr = os.Stderr
 	}
+	stopCtx, stopCancel := context.WithCancel(context.Background())
 	return &Supervisor{
+		stopCtx:      stopCtx,
+		stopCancel:   stopCancel,
 		opts:         opts,
 		log:          opts.Logger,
 		spawner:      newSpawner(),
@@ -162,7 +170,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		ctl, err = restartsock.Listen(cfg.Control, ctlOpts)
 	}
 	if err != nil {
-		return fmt.Errorf("coordination socket: %w", err)
+		return err
 	}
 	defer ctl.Close()
 	if err := s.prepareUpgrades(ctl); err != nil {
@@ -177,57 +185,43 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	go s.loop()
 
-	reason := "start"
+	reason := reasonStart
 	if succ != nil {
-		reason = "upgrade"
+		reason = reasonUpgrade
 		s.startAsSuccessor()
 	}
-	s.sem <- struct{}{}
-	res := s.runRestart(false, reason, s.logProgress)
-	<-s.sem
-	if succ != nil {
-		if err := s.finishTakeOver(res); err != nil {
-			s.log.Error("could not report to the previous supervisor", "err", err)
-		}
-		if res.Result != restartsock.ResultOK {
-			// The previous supervisor keeps serving these paths.
-			ctl.KeepPath()
-			for _, sk := range s.opts.Sockets {
-				sk.KeepPath()
-			}
-		}
-	}
-	if res.Result != restartsock.ResultOK {
-		s.stop(true)
-		<-s.loopEnd
-		return fmt.Errorf("first generation failed: %s: %s", res.Result, res.Message)
-	}
-	switch {
-	case succ != nil:
-		// The previous supervisor tells systemd about us (MAINPID=).
-		s.log.Info("took over from the previous supervisor", "previous_pid", succ.State.FromPID, "their_generations", len(succ.State.Gens))
-	case s.opts.Events != nil:
-		s.opts.Events.Ready(s.Status(ctx))
-	}
-	if s.opts.Upgrader != nil && succ == nil {
-		if err := s.opts.Upgrader.Ready(); err != nil {
-			s.log.Error("self-upgrade unavailable", "err", err)
-		}
-	}
+	// The first generation starts while signals are already handled: a
+	// stop during its start must not wait for its ready timeout.
+	first := make(chan restartsock.Result, 1)
+	go func() {
+		s.sem <- struct{}{}
+		res := s.runRestart(false, reason, s.logProgress)
+		<-s.sem
+		first <- res
+	}()
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	handover := s.handoverDone
-	serveDone := make(chan struct{})
-	go func() {
-		defer close(serveDone)
-		if err := ctl.Serve(sctx, s); err != nil && sctx.Err() == nil {
-			s.log.Error("coordination socket stopped", "err", err)
-		}
-	}()
-
+	var serveDone chan struct{}
 	for {
 		select {
+		case res := <-first:
+			if err := s.started(ctx, ctl, res); err != nil {
+				<-s.loopEnd
+				if errors.Is(err, errStopping) {
+					s.log.Info("supervisor stopped before the first generation was ready")
+					return nil
+				}
+				return err
+			}
+			serveDone = make(chan struct{})
+			go func() {
+				defer close(serveDone)
+				if err := ctl.Serve(sctx, s); err != nil && sctx.Err() == nil {
+					s.log.Error("coordination socket stopped", "err", err)
+				}
+			}()
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
@@ -262,11 +256,59 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		case <-s.loopEnd:
 			cancel()
 			ctl.Close()
-			<-serveDone
+			if serveDone != nil {
+				// Every request handler returns once the loop has
+				// ended; a bound all the same, so that nothing keeps
+				// a stopped supervisor from exiting.
+				select {
+				case <-serveDone:
+				case <-time.After(5 * time.Second):
+					s.log.Warn("coordination socket requests still running 5s after the stop; exiting anyway")
+				}
+			}
 			s.log.Info("supervisor stopped")
 			return nil
 		}
 	}
+}
+
+// started finishes the start once the first generation's restart is done:
+// report to a predecessor, or to systemd, and arm self-upgrade. An error
+// means the first generation failed and the supervisor is stopping.
+func (s *Supervisor) started(ctx context.Context, ctl *restartsock.Server, res restartsock.Result) error {
+	succ := s.opts.Successor
+	if succ != nil {
+		if err := s.finishTakeOver(res); err != nil {
+			s.log.Error("could not report to the previous supervisor", "err", err)
+		}
+		if res.Result != restartsock.ResultOK {
+			// The previous supervisor keeps serving these paths.
+			ctl.KeepPath()
+			for _, sk := range s.opts.Sockets {
+				sk.KeepPath()
+			}
+		}
+	}
+	if res.Result != restartsock.ResultOK {
+		s.stop(true)
+		if res.Result == restartsock.ResultShuttingDown {
+			return errStopping
+		}
+		return fmt.Errorf("first generation failed: %s: %s", res.Result, res.Message)
+	}
+	switch {
+	case succ != nil:
+		// The previous supervisor tells systemd about us (MAINPID=).
+		s.log.Info("took over from the previous supervisor", "previous_pid", succ.State.FromPID, "their_generations", len(succ.State.Gens))
+	case s.opts.Events != nil:
+		s.opts.Events.Ready(s.Status(ctx))
+	}
+	if s.opts.Upgrader != nil && succ == nil {
+		if err := s.opts.Upgrader.Ready(); err != nil {
+			s.log.Error("self-upgrade unavailable", "err", err)
+		}
+	}
+	return nil
 }
 
 func (s *Supervisor) logProgress(e restartsock.Event) {
@@ -287,6 +329,14 @@ func (s *Supervisor) loop() {
 	}
 }
 
+// Why a generation is started.
+const (
+	reasonStart   = "start"
+	reasonRequest = "request"
+	reasonCrash   = "crash"
+	reasonUpgrade = "upgrade"
+)
+
 // Restart implements restartsock.Handler: single-flight, or queued with wait.
 func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
 	if res, ok := s.acquire(ctx, wait, progress); !ok {
@@ -294,10 +344,10 @@ func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(resta
 	}
 	defer func() { <-s.sem }()
 	if s.opts.Events == nil {
-		return s.runRestart(true, "request", progress)
+		return s.runRestart(true, reasonRequest, progress)
 	}
 	s.opts.Events.Reloading()
-	res := s.runRestart(true, "request", progress)
+	res := s.runRestart(true, reasonRequest, progress)
 	s.opts.Events.Reloaded(res, s.Status(ctx))
 	return res
 }
@@ -375,9 +425,12 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 		return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
 	}
 	if reload {
-		next, err := s.opts.Load()
+		next, err := s.loadConfig()
+		if errors.Is(err, errStopping) {
+			return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
+		}
 		if err != nil {
-			return result(restartsock.ResultCheckFailed, "config: "+err.Error(), start)
+			return result(restartsock.ResultCheckFailed, err.Error(), start)
 		}
 		if err := sameListeners(cfg, next); err != nil {
 			return result(restartsock.ResultCheckFailed, err.Error(), start)
@@ -390,7 +443,11 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 			return result(restartsock.ResultTooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
 		}
 		if cfg.CheckCmd != "" {
-			if out, err := runCheck(cfg); err != nil {
+			out, err := runCheck(s.stopCtx, cfg)
+			if errors.Is(err, errStopping) {
+				return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
+			}
+			if err != nil {
 				return result(restartsock.ResultCheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
 			}
 		}
@@ -474,23 +531,74 @@ func indent(out string) string {
 	return "\n  " + strings.ReplaceAll(out, "\n", "\n  ")
 }
 
-// runCheck runs the check command with a deadline and returns its output.
-func runCheck(cfg *config.Config) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.CheckTimeout)
+// errStopping: a stop began while the restart waited for something.
+var errStopping = errors.New("the supervisor is stopping")
+
+// loadConfig re-reads the config, giving up at once when a stop begins: a
+// config on a hung mount must never keep baton from stopping.
+func (s *Supervisor) loadConfig() (*config.Config, error) {
+	c, err := s.opts.Load(s.stopCtx)
+	if s.stopCtx.Err() != nil {
+		return nil, errStopping
+	}
+	return c, err
+}
+
+// runCheck runs the check command, bounded by the check timeout and by a
+// stop of the supervisor, and returns its output. The command runs in its
+// own process group, all of which is killed when it times out and when
+// the shell exits, so nothing it started outlives it.
+func runCheck(stop context.Context, cfg *config.Config) (string, error) {
+	ctx, cancel := context.WithTimeout(stop, cfg.CheckTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
 	cmd.Dir = cfg.Dir
 	cmd.Env = childEnv(os.Environ(), cfg.Env)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	// A background process holding the output pipe must not keep the
+	// check waiting once the shell is gone.
 	cmd.WaitDelay = time.Second
-	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
+	var out lockedBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Start()
+	if err == nil {
+		err = cmd.Wait()
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+	switch {
+	case stop.Err() != nil:
+		err = errStopping
+	case ctx.Err() != nil:
 		err = fmt.Errorf("timed out after %v", cfg.CheckTimeout)
 	}
-	tail := string(out)
+	tail := out.String()
 	if len(tail) > 2048 {
 		tail = "…" + tail[len(tail)-2048:]
 	}
 	return tail, err
+}
+
+// lockedBuffer collects a command's output up to 1 MiB: a check that
+// prints without end must not grow the supervisor without bound.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.buf.Len() < 1<<20 {
+		b.buf.Write(p)
+	}
+	return len(p), nil
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // sameListeners refuses a restart whose config changes the listener set.
@@ -612,7 +720,9 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
 		}
 	}
-	if reason != "start" {
+	// Restarts are what someone asked for; crash respawns are counted
+	// as crashes, and an upgrade's first generation as the upgrade.
+	if reason == reasonRequest {
 		s.restarts++
 	}
 	g.log.Info("generation is now the working generation", "reason", reason, "ready_after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
@@ -752,7 +862,7 @@ func (s *Supervisor) respawn() {
 	if !s.call(func() { need = s.working == nil && !s.stopping }) || !need {
 		return
 	}
-	res := s.runRestart(false, "crash", s.logProgress)
+	res := s.runRestart(false, reasonCrash, s.logProgress)
 	if res.Result == restartsock.ResultOK {
 		return
 	}
@@ -774,7 +884,7 @@ func (s *Supervisor) stop(immediate bool) {
 	s.post(func() {
 		first := !s.stopping
 		s.stopping = true
-		s.stopOne.Do(func() { close(s.stopCh) })
+		s.stopOne.Do(s.beginStop)
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}
@@ -803,6 +913,12 @@ func (s *Supervisor) stop(immediate bool) {
 	})
 	// Wake the loop even when there is nothing to reap.
 	s.post(func() {})
+}
+
+// beginStop wakes everything that waits for a stop; run it through stopOne.
+func (s *Supervisor) beginStop() {
+	close(s.stopCh)
+	s.stopCancel()
 }
 
 // Status implements restartsock.Handler.

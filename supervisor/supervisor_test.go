@@ -81,6 +81,9 @@ type harness struct {
 	mu   sync.Mutex
 	mode string
 	cfg  func(*config.Config)
+	// hang makes a reload block like a config on a hung mount, until
+	// the supervisor abandons it.
+	hang chan struct{}
 	done chan error
 	ctl  string
 	stop context.CancelFunc
@@ -103,7 +106,7 @@ func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sock.Close() })
-	cfg, err := h.load()
+	cfg, err := h.load(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,10 +131,15 @@ func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness 
 
 func (h *harness) setMode(m string) { h.mu.Lock(); h.mode = m; h.mu.Unlock() }
 
-func (h *harness) load() (*config.Config, error) {
+func (h *harness) load(ctx context.Context) (*config.Config, error) {
 	h.mu.Lock()
-	mode := h.mode
+	mode, hang := h.mode, h.hang
 	h.mu.Unlock()
+	if hang != nil {
+		close(hang)
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	c := config.Defaults()
 	self, _ := os.Executable()
 	c.Command = []string{self}
@@ -414,7 +422,7 @@ func TestCrashLoopVisible(t *testing.T) {
 	h.mode = "crash"
 	h.mu.Unlock()
 	// Respawns use the current config, so make the running one crash too.
-	h.sup.call(func() { h.sup.cfg, _ = h.load() })
+	h.sup.call(func() { h.sup.cfg, _ = h.load(context.Background()) })
 	h.sup.call(func() { h.sup.working.signal(syscall.SIGKILL) })
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -428,4 +436,41 @@ func TestCrashLoopVisible(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("no crash loop reported: %+v", h.sup.Status(context.Background()))
+}
+
+// TestStopWinsOverHungConfig: a stop while a restart reads a config that
+// never arrives (a hung mount) abandons the read, answers the restart
+// with shutting_down and lets the supervisor exit.
+func TestStopWinsOverHungConfig(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	reading := make(chan struct{})
+	h.mu.Lock()
+	h.hang = reading
+	h.mu.Unlock()
+	got := make(chan restartsock.Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), false, func(restartsock.Event) {}) }()
+	select {
+	case <-reading:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restart never read the config")
+	}
+	h.stop()
+	select {
+	case r := <-got:
+		if r.Result != restartsock.ResultShuttingDown {
+			t.Errorf("restart during a stop = %+v, want shutting_down", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restart still waits for the config 10s after the stop")
+	}
+	select {
+	case err := <-h.done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("supervisor did not stop while a config read hung")
+	}
+	h.done <- nil // for the cleanup
 }

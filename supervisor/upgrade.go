@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -360,6 +361,7 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(resta
 	kind, rerr := readHandover(s.handoverFile, &reply)
 	if uerr != nil {
 		thaw()
+		go collectUpgradeLeftovers()
 		msg := "new supervisor failed: " + uerr.Error()
 		if rerr == nil && kind == "reply" && reply.Error != "" {
 			msg += ": " + reply.Error
@@ -385,6 +387,21 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(resta
 	res := result(restartsock.ResultOK, fmt.Sprintf("supervisor pid %d replaced by pid %d; generation %d (pid %d) serving", os.Getpid(), reply.PID, reply.Gen, reply.GenPID), start)
 	res.Generation, res.PID, res.SupervisorPID = reply.Gen, reply.GenPID, reply.PID
 	return res
+}
+
+// collectUpgradeLeftovers closes what tableflip v1.2.3 leaves open after a
+// failed upgrade: the parent's copies of the pipe ends it gives the child
+// (the ready pipe's write end, the names pipe's read end). Nothing closes
+// them but their *os.File finalizers, which run only after tableflip's
+// goroutines for the dead child have ended and a garbage collection has
+// run, and an idle supervisor may not collect for hours: two descriptors
+// per failed upgrade would pile up. Closing them by number instead would
+// race those finalizers into closing a reused descriptor.
+func collectUpgradeLeftovers() {
+	for _, d := range []time.Duration{0, 50 * time.Millisecond, 250 * time.Millisecond, time.Second, 5 * time.Second} {
+		time.Sleep(d)
+		runtime.GC()
+	}
 }
 
 // freeze runs on the loop: stop writing the UDP maps and describe
@@ -433,7 +450,7 @@ func (s *Supervisor) handedOver(pid int) {
 	s.call(func() {
 		s.successor = pid
 		s.stopping = true
-		s.stopOne.Do(func() { close(s.stopCh) })
+		s.stopOne.Do(s.beginStop)
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}

@@ -10,12 +10,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cloudflare/tableflip"
+	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/ctl"
@@ -66,6 +70,18 @@ func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 func runMain(args []string, stderr io.Writer) int {
+	// A log pipe that breaks (baton run ... | head) must never take the
+	// supervisor, and with it every generation, down: with SIGPIPE
+	// handled, writes fail with EPIPE instead. Handled, not ignored, so
+	// that generations still start with the default disposition.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+	// Descriptors baton inherited are not the generations' business (nor
+	// a successor supervisor's): only the listeners and the handover
+	// files are passed on, explicitly.
+	if err := closeOnExecAll(); err != nil {
+		fmt.Fprintln(stderr, "baton run:", err)
+		return 1
+	}
 	fs := flag.NewFlagSet("baton run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
@@ -89,7 +105,9 @@ func runMain(args []string, stderr io.Writer) int {
 		logFormat    = fs.String("log-format", "text", "log format: text or json")
 		logLevel     = fs.String("log-level", "info", "log level: debug, info, warn, error")
 	)
-	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://HOST:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\noptions as a query: ?backlog=N, ?mode=0660&group=G (unix), ?steer=flow|quic|off&workers=W&cid_len=L (udp)")
+	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\n"+
+		"options as a query: ?backlog=N (tcp, unix), ?v6only=true (tcp, udp), ?mode=0660&owner=U&group=G (unix),\n"+
+		"?steer=flow|quic|off&workers=W&flow_idle=D (udp, quic), ?cid_len=L&cid_slot_offset=N&cid_worker_offset=N (quic)")
 	fs.Var(&envs, "env", "KEY=VALUE added to the generations' environment, repeatable")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, "Usage: baton run [flags] -- COMMAND [ARGS...]\n\nFlags:\n")
@@ -169,9 +187,9 @@ func runMain(args []string, stderr io.Writer) int {
 		}
 		return nil
 	}
-	load := func() (*config.Config, error) { return config.Load(*configPath, overrides) }
+	load := func(ctx context.Context) (*config.Config, error) { return config.LoadContext(ctx, *configPath, overrides) }
 
-	cfg, err := load()
+	cfg, err := load(context.Background())
 	if err != nil {
 		fmt.Fprintln(stderr, "baton run:", err)
 		return 2
@@ -268,6 +286,34 @@ func storeFDs(n *systemd.Notifier, socks []*listen.Socket, log *slog.Logger) {
 			log.Warn("could not store listener in systemd's fd store", "name", sk.Spec.Name, "err", err)
 		}
 	}
+}
+
+// closeOnExecAll marks every descriptor from 3 up close-on-exec. Sockets
+// from systemd and from a previous supervisor stay open in baton; a
+// descriptor a shell left open (exec 7>file) no longer reaches children.
+func closeOnExecAll() error {
+	err := unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("mark inherited descriptors close-on-exec: %w", err)
+	}
+	// Kernels before 5.11: one by one.
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("mark inherited descriptors close-on-exec: %w", err)
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && !errors.Is(err, unix.EBADF) {
+			return fmt.Errorf("mark descriptor %d close-on-exec: %w", fd, err)
+		}
+	}
+	return nil
 }
 
 // tableflipSentinel is the variable tableflip v1.2.3 sets in the
