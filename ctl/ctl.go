@@ -70,22 +70,93 @@ func usageError(stderr io.Writer, prog, msg string) int {
 // refused us.
 const permissionHint = "run as root, the supervisor's user, or a member of its --control-group"
 
+// request says what a command asked for, so its messages can tell what
+// became of it.
+type request struct {
+	prog    string
+	path    string
+	timeout time.Duration
+	// what the request does: "restart", "upgrade"; empty for a status,
+	// which changes nothing.
+	what string
+	wait bool
+	// queued: the last progress line said the request waits behind a
+	// running restart.
+	queued bool
+}
+
+// statusHint points at the command that shows what serves now.
+func (r *request) statusHint() string {
+	return fmt.Sprintf("`baton status --control %s`", r.path)
+}
+
 // clientError reports a failure to get a result at all and returns the
-// exit code for it.
-func clientError(stderr io.Writer, prog, path string, timeout time.Duration, err error) int {
+// exit code for it. err's text never starts with prog, and names the path
+// at most once.
+func (r *request) clientError(stderr io.Writer, err error) int {
 	switch {
+	case errors.Is(err, restartsock.ErrUntrusted):
+		fmt.Fprintf(stderr, "%s: %v\n", r.prog, err)
+		return restartsock.ExitUntrusted
 	case errors.Is(err, restartsock.ErrNoSupervisor):
-		fmt.Fprintf(stderr, "%s: %v; is the supervisor running? Start one with `baton run --control %s ...`\n", prog, err, path)
+		fmt.Fprintf(stderr, "%s: %v; is the supervisor running? Start one with `baton run --control %s ...`\n", r.prog, err, r.path)
+		return restartsock.ExitNoSupervisor
+	case errors.Is(err, restartsock.ErrNoResult):
+		msg := fmt.Sprintf("%s: the supervisor at %s closed the connection without a result: it went away mid-request (stopped, crashed or killed)", r.prog, r.path)
+		if r.what != "" {
+			msg += fmt.Sprintf("; whether the %s took place is unknown: see %s once a supervisor runs", r.what, r.statusHint())
+		}
+		fmt.Fprintln(stderr, msg)
 		return restartsock.ExitNoSupervisor
 	case errors.Is(err, restartsock.ErrPermission):
-		fmt.Fprintf(stderr, "%s: %v: %s\n", prog, err, permissionHint)
+		fmt.Fprintf(stderr, "%s: %v: %s\n", r.prog, err, permissionHint)
 		return restartsock.ExitDenied
+	case errors.Is(err, restartsock.ErrTimeout) && errors.Is(err, restartsock.ErrNotSent):
+		fmt.Fprintf(stderr, "%s: could not connect to the supervisor at %s within %s; the request was not sent\n", r.prog, r.path, r.timeout)
+		return restartsock.ExitTimeout
 	case errors.Is(err, restartsock.ErrTimeout):
-		fmt.Fprintf(stderr, "%s: no result from the supervisor at %s within %s\n", prog, path, timeout)
+		msg := fmt.Sprintf("%s: no result from the supervisor at %s within %s", r.prog, r.path, r.timeout)
+		switch {
+		case r.what == "":
+		case r.queued:
+			msg += fmt.Sprintf(": still queued behind another restart, so the supervisor drops this %s; the running one carries on: see %s", r.what, r.statusHint())
+		default:
+			msg += fmt.Sprintf("; the %s carries on in the supervisor: see %s for its outcome", r.what, r.statusHint())
+		}
+		fmt.Fprintln(stderr, msg)
 		return restartsock.ExitTimeout
 	}
-	fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+	fmt.Fprintf(stderr, "%s: %v\n", r.prog, err)
 	return restartsock.ExitFailed
+}
+
+// describeFailure explains a result other than ok, with a hint when one
+// helps and the supervisor's message does not already give it.
+func (r *request) describeFailure(res restartsock.Result) string {
+	s := string(res.Result)
+	if res.Message != "" {
+		s += ": " + res.Message
+	}
+	switch res.Result {
+	case restartsock.ResultBusy:
+		switch {
+		case res.Limit != "" && r.what == "":
+			s += "; still refused after retrying: try again once those connections close"
+		case res.Limit != "" && r.wait:
+			s += fmt.Sprintf("; still refused when --timeout (%s) ran out; nothing was started", r.timeout)
+		case res.Limit != "":
+			s += "; nothing was started: retry, or use --wait, which also retries until --timeout"
+		case !r.wait && r.what != "" && !strings.Contains(res.Message, "--wait"):
+			s += " (use --wait to queue behind it)"
+		}
+	case restartsock.ResultDenied:
+		s += " (" + permissionHint + ")"
+	case restartsock.ResultChildExited, restartsock.ResultReadyTimeout, restartsock.ResultCheckFailed, restartsock.ResultUpgradeFailed, restartsock.ResultSpawnFailed:
+		if res.Generation > 0 {
+			s += fmt.Sprintf("; generation %d keeps serving", res.Generation)
+		}
+	}
+	return s
 }
 
 // fmtMS formats a duration given in milliseconds, as results and status

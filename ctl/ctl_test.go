@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -28,23 +30,134 @@ import (
 const (
 	helperEnv     = "BATON_CTL_TEST_HELPER_ARGS"
 	helperArgsSep = "\x1f"
+	// serverEnv makes the test binary a supervisor-side helper instead:
+	// "plant" or "dying", at the path in serverPathEnv.
+	serverEnv     = "BATON_CTL_TEST_SERVER"
+	serverPathEnv = "BATON_CTL_TEST_SERVER_PATH"
 )
 
 func TestMain(m *testing.M) {
 	if args := os.Getenv(helperEnv); args != "" {
 		os.Exit(RestartMain(strings.Split(args, helperArgsSep), func(string) string { return "" }, os.Stdout, os.Stderr))
 	}
+	if mode := os.Getenv(serverEnv); mode != "" {
+		if err := runServer(mode, os.Getenv(serverPathEnv)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	testenv.RequireRoot(t, "runs the command as uid 65534")
+// runServer is the supervisor side run in a child process: "plant", a
+// socket someone else put at the control path that answers ok to
+// anything, or "dying", a real coordination socket whose supervisor dies
+// in the middle of a restart. It prints "ready" and runs until its
+// standard input closes.
+func runServer(mode, path string) error {
+	go func() {
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	switch mode {
+	case "plant":
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			return err
+		}
+		fmt.Println("ready")
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return err
+			}
+			go func() {
+				defer c.Close()
+				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+					return
+				}
+				c.Write([]byte(`{"v":1,"type":"result","result":"ok","message":"generation 99 (pid 1) serving","generation":99,"pid":1,"status":{"pid":1}}` + "\n"))
+			}()
+		}
+	case "dying":
+		srv, err := restartsock.Listen(path, restartsock.Options{Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			return err
+		}
+		fmt.Println("ready")
+		return srv.Serve(context.Background(), &fakeHandler{restart: func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result {
+			progress(restartsock.Event{Event: restartsock.EventChecked})
+			// Let the progress line reach the client, then die the way a
+			// killed supervisor does: no result, the socket just closes.
+			time.Sleep(100 * time.Millisecond)
+			os.Exit(3)
+			return restartsock.Result{}
+		}})
+	}
+	return fmt.Errorf("unknown server mode %q", mode)
 }
 
-// restartAsNobody runs RestartMain with args as uid 65534 and returns its
-// exit code and stderr.
-func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
+// startServer runs runServer(mode) at path in a child process, as uid
+// (with gid the same), and stops it when the test ends.
+func startServer(t *testing.T, dir string, uid uint32, mode, path string) {
+	t.Helper()
+	cmd := exec.Command(testBinary(t, dir), "-test.run=^$")
+	cmd.Env = []string{serverEnv + "=" + mode, serverPathEnv + "=" + path, "GORACE=atexit_sleep_ms=0"}
+	if uid != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, stdout)
+		cmd.Wait()
+		close(waited)
+	}()
+	t.Cleanup(func() {
+		stdin.Close()
+		select {
+		case <-waited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-waited
+			t.Errorf("server %s did not exit after its stdin closed", mode)
+		}
+	})
+	// Ready once the socket accepts.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-waited:
+			t.Fatalf("server %s exited: %s", mode, stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server %s not listening on %s", mode, path)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// testBinary is a copy of the test binary in dir, where other users can
+// run it.
+func testBinary(t *testing.T, dir string) string {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
@@ -60,13 +173,25 @@ func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
 			t.Fatal(err)
 		}
 	}
-	cmd := exec.Command(bin, "-test.run=^$")
+	return bin
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t, "runs the command as uid 65534")
+}
+
+// restartAsNobody runs RestartMain with args as uid 65534 and returns its
+// exit code and stderr.
+func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command(testBinary(t, dir), "-test.run=^$")
 	// GORACE: a race-enabled binary otherwise sleeps a second at exit.
 	cmd.Env = []string{helperEnv + "=" + strings.Join(args, helperArgsSep), "GORACE=atexit_sleep_ms=0"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	err = cmd.Run()
+	err := cmd.Run()
 	var ee *exec.ExitError
 	if err != nil && !errors.As(err, &ee) {
 		t.Fatalf("run helper: %v", err)
@@ -78,6 +203,10 @@ type fakeHandler struct {
 	restart func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result
 	upgrade func(ctx context.Context, wait bool, progress func(restartsock.Event)) restartsock.Result
 	status  restartsock.Status
+	// statusWait, if set, makes Status wait for it to close;
+	// statusCalls counts the calls.
+	statusWait  chan struct{}
+	statusCalls atomic.Int32
 
 	mu       sync.Mutex
 	lastWait bool
@@ -110,6 +239,13 @@ func (f *fakeHandler) Status(ctx context.Context) restartsock.Status {
 	f.mu.Lock()
 	f.calls++
 	f.mu.Unlock()
+	f.statusCalls.Add(1)
+	if f.statusWait != nil {
+		select {
+		case <-f.statusWait:
+		case <-ctx.Done():
+		}
+	}
 	return f.status
 }
 
@@ -121,10 +257,19 @@ func serve(t *testing.T, h restartsock.Handler) string {
 
 func serveAt(t *testing.T, path string, opts restartsock.Options, h restartsock.Handler) string {
 	t.Helper()
+	return serveTweaked(t, path, opts, h, nil)
+}
+
+// serveTweaked is serveAt with the server's tunables set by tweak.
+func serveTweaked(t *testing.T, path string, opts restartsock.Options, h restartsock.Handler, tweak func(*restartsock.Server)) string {
+	t.Helper()
 	opts.Logger = slog.New(slog.DiscardHandler)
 	srv, err := restartsock.Listen(path, opts)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tweak != nil {
+		tweak(srv)
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(context.Background(), h) }()
@@ -342,15 +487,22 @@ func TestRestartHelp(t *testing.T) {
 		for _, want := range []string{
 			"--control", "--timeout", "--wait", "--json", "-q", "Exit codes:",
 			"0  ok", "1  child_exited", "ready_timeout", "2  usage, bad_request", "3  check_failed",
-			"4  busy", "5  no supervisor", "6  denied", "7  timed out", "8  too_many_draining", "shutting_down",
+			"4  busy", "5  no supervisor", "went away before answering", "6  denied", "7  timed out",
+			"8  too_many_draining", "no_slot", "shutting_down", "9  untrusted",
 		} {
 			if !strings.Contains(stdout, want) {
 				t.Errorf("%s: usage lacks %q", flag, want)
 			}
 		}
 	}
-	if code, stdout, _ := run(StatusMain, "--help"); code != 0 || !strings.Contains(stdout, "--json") {
-		t.Errorf("status --help: exit %d %q", code, stdout)
+	code, stdout, _ := run(StatusMain, "--help")
+	if code != 0 {
+		t.Errorf("status --help: exit %d", code)
+	}
+	for _, want := range []string{"--json", "0 ok", "4 busy", "5 no supervisor", "6 denied", "7 timed out", "9 untrusted"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("status usage lacks %q:\n%s", want, stdout)
+		}
 	}
 }
 
@@ -363,6 +515,7 @@ func TestNoSupervisor(t *testing.T) {
 	if !strings.Contains(stderr, path) || !strings.Contains(stderr, "baton run --control "+path) {
 		t.Errorf("restart stderr %q lacks the path and the hint", stderr)
 	}
+	noDoubling(t, "restart", path, stderr)
 	code, _, stderr = run(StatusMain, "--control", path)
 	if code != restartsock.ExitNoSupervisor || !strings.Contains(stderr, path) {
 		t.Errorf("status: exit %d stderr %q", code, stderr)
@@ -376,7 +529,7 @@ func TestTimeout(t *testing.T) {
 	}})
 	start := time.Now()
 	code, _, stderr := run(RestartMain, "--control", path, "--timeout", "200ms")
-	if code != restartsock.ExitTimeout || !strings.Contains(stderr, "within 200ms") {
+	if code != restartsock.ExitTimeout || !strings.Contains(stderr, "within 200ms") || !strings.Contains(stderr, "carries on") {
 		t.Errorf("exit %d stderr %q", code, stderr)
 	}
 	if d := time.Since(start); d > 5*time.Second {
@@ -436,9 +589,10 @@ func TestPermissionDeniedBySocket(t *testing.T) {
 	dir := testenv.SharedDir(t)
 	path := serveAt(t, filepath.Join(dir, "baton.sock"), restartsock.Options{}, &fakeHandler{})
 	code, stderr := restartAsNobody(t, dir, "--control", path)
-	if code != restartsock.ExitDenied || !strings.Contains(stderr, "--control-group") {
+	if code != restartsock.ExitDenied || !strings.Contains(stderr, "--control-group") || strings.Count(stderr, "permission denied") != 1 {
 		t.Errorf("nobody on a 0600 socket: exit %d stderr %q", code, stderr)
 	}
+	noDoubling(t, "restart", path, stderr)
 }
 
 func TestPermissionDeniedBySupervisor(t *testing.T) {

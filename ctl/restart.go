@@ -41,18 +41,28 @@ Flags:
 Exit codes:
   0  ok                  the new generation is serving
   1  child_exited,       the new generation (or, with --supervisor, the new
-     ready_timeout,      supervisor) failed; the old one keeps serving
-     upgrade_failed      (also: unknown result, other errors)
+     ready_timeout,      supervisor) failed or could not be started; the
+     spawn_failed,       old one keeps serving (also: unknown result,
+     upgrade_failed      other errors)
   2  usage, bad_request  bad command line, or the supervisor did not
                          understand the request
   3  check_failed        config or check command rejected; nothing changed
-  4  busy                another restart is running (see --wait)
-  5  no supervisor       nothing is listening on the coordination socket
+  4  busy                another restart is running (see --wait), or the
+                         supervisor's connection limit refused this user
+                         (--wait retries until --timeout); nothing was
+                         started
+  5  no supervisor       nothing is listening on the coordination socket,
+                         or the supervisor went away before answering
   6  denied              the supervisor or the socket's permissions refused
                          this user
-  7  timed out           no result within --timeout
+  7  timed out           no result within --timeout; a restart already
+                         started carries on (see 'baton status')
   8  too_many_draining,  the supervisor cannot take a restart now
+     no_slot,
      shutting_down
+  9  untrusted           the process listening on the socket runs as
+                         neither root, the owner of the socket's directory,
+                         nor this user; nothing was sent to it
 `
 
 // RestartMain runs the `restart` command and returns its exit code.
@@ -75,8 +85,13 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
+	req := &request{prog: prog, path: path, timeout: *timeout, what: "restart", wait: *wait}
+	if *super {
+		req.what = "upgrade"
+	}
 	enc := json.NewEncoder(stdout)
 	progress := func(ev restartsock.Event) {
+		req.queued = ev.Event == restartsock.EventQueued
 		switch {
 		case *quiet:
 		case *asJSON:
@@ -91,7 +106,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	}
 	res, err := send(ctx, path, *wait, progress)
 	if err != nil {
-		return clientError(stderr, prog, path, *timeout, err)
+		return req.clientError(stderr, err)
 	}
 	code := restartsock.ExitCode(res.Result)
 	if *asJSON {
@@ -99,7 +114,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 		if code != restartsock.ExitOK {
 			// Scripts reading stdout get the JSON; a person or a journal
 			// reading stderr still gets told.
-			fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+			fmt.Fprintf(stderr, "%s: %s\n", prog, req.describeFailure(res))
 		}
 		return code
 	}
@@ -109,7 +124,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 		}
 		return code
 	}
-	fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+	fmt.Fprintf(stderr, "%s: %s\n", prog, req.describeFailure(res))
 	return code
 }
 
@@ -176,22 +191,4 @@ func describeSuccess(res restartsock.Result) string {
 		fmt.Fprintf(&b, " (%s)", res.Message)
 	}
 	return b.String()
-}
-
-func describeFailure(res restartsock.Result) string {
-	s := string(res.Result)
-	if res.Message != "" {
-		s += ": " + res.Message
-	}
-	switch res.Result {
-	case restartsock.ResultBusy:
-		s += " (use --wait to queue behind it)"
-	case restartsock.ResultDenied:
-		s += " (" + permissionHint + ")"
-	case restartsock.ResultChildExited, restartsock.ResultReadyTimeout, restartsock.ResultCheckFailed, restartsock.ResultUpgradeFailed:
-		if res.Generation > 0 {
-			s += fmt.Sprintf("; generation %d keeps serving", res.Generation)
-		}
-	}
-	return s
 }

@@ -27,8 +27,11 @@ Flags:
   --timeout DURATION  stop waiting after this long (default 10s)
   --json              print the status as one JSON object on stdout
 
-Exit codes: 0 ok, 2 usage, 5 no supervisor, 6 denied, 7 timed out,
-1 anything else.
+Exit codes: 0 ok, 2 usage, 4 busy (the supervisor's connection limit
+kept refusing this user), 5 no supervisor (or it went away before
+answering), 6 denied, 7 timed out, 9 untrusted (the process listening on
+the socket runs as neither root, the owner of the socket's directory, nor
+this user), 1 anything else.
 `
 
 // StatusMain runs the `status` command and returns its exit code.
@@ -48,15 +51,16 @@ func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
+	req := &request{prog: prog, path: path, timeout: *timeout}
 	res, err := restartsock.GetStatus(ctx, path)
 	if err != nil {
-		return clientError(stderr, prog, path, *timeout, err)
+		return req.clientError(stderr, err)
 	}
 	if res.Result != restartsock.ResultOK {
 		if *asJSON {
 			json.NewEncoder(stdout).Encode(res)
 		}
-		fmt.Fprintf(stderr, "%s: %s\n", prog, describeFailure(res))
+		fmt.Fprintf(stderr, "%s: %s\n", prog, req.describeFailure(res))
 		return restartsock.ExitCode(res.Result)
 	}
 	if *asJSON {

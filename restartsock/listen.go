@@ -11,10 +11,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/unixsock"
 )
 
 // Defaults for the Server's tunables. They are fields rather than constants
@@ -39,7 +40,9 @@ type Options struct {
 	// Group, a group name or numeric gid, owns the socket file and is
 	// allowed to make requests. Empty means no group.
 	Group string
-	// Logger receives one line per request. Nil means slog.Default().
+	// Logger receives one line per request; refusals, idle connections,
+	// bad requests and busy answers at most one line per kind and
+	// Server.LogInterval, then a count. Nil means slog.Default().
 	Logger *slog.Logger
 }
 
@@ -50,11 +53,28 @@ type Server struct {
 	// WriteTimeout bounds every write to a client, so a client that stops
 	// reading cannot hold a connection goroutine forever.
 	WriteTimeout time.Duration
-	// MaxConns bounds connections in flight; extra ones get ResultBusy.
+	// IdleTimeout bounds how long a client may wait before sending its
+	// request, and pause in the middle of it (RequestIdleTimeout), so a
+	// connection held without a request gives its slot back quickly.
+	IdleTimeout time.Duration
+	// MaxConns bounds connections in flight; extra ones get ResultBusy
+	// with Result.Limit LimitTotal. Keep it at least 2×MaxConnsPerUID +
+	// MaxConnsOthers, or other uids can take what root and the
+	// supervisor's uid need.
 	MaxConns int
+	// MaxConnsPerUID bounds connections in flight from one uid, root and
+	// the supervisor's own included (LimitUID).
+	MaxConnsPerUID int
+	// MaxConnsOthers bounds connections in flight from all uids other
+	// than root and the supervisor's, together (LimitOthers).
+	MaxConnsOthers int
 	// ProgressBuffer is how many progress lines may wait for a slow client
 	// before further ones are dropped.
 	ProgressBuffer int
+	// LogInterval: denials, rejections, idle connections, bad requests
+	// and busy answers are each logged at most once per interval, then
+	// counted in one summary line.
+	LogInterval time.Duration
 
 	path string
 	dev  uint64
@@ -70,6 +90,7 @@ type Server struct {
 	serving   bool
 	keepPath  bool               // a successor serves the same socket: never unlink
 	cancel    context.CancelFunc // cancels the Serve context; nil before Serve
+	logs      *logLimiter        // set by Serve
 }
 
 // Listen creates the coordination socket at path. A stale socket left by a
@@ -97,6 +118,12 @@ func Listen(path string, opts Options) (*Server, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("coordination socket %s: create parent directory: %w", path, err)
 	}
+	// Whoever can replace the socket can answer restart requests (clients
+	// check SO_PEERCRED, but a denial is still an outage) and, while it
+	// is set up, race the supervisor's own operations on the path.
+	if err := unixsock.CheckDir(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("coordination socket %s: refusing a directory another user can write to: %w", path, err)
+	}
 	if err := removeStale(path); err != nil {
 		return nil, err
 	}
@@ -111,9 +138,13 @@ func Listen(path string, opts Options) (*Server, error) {
 func newServer(path string, ln *net.UnixListener, st *unix.Stat_t, gid int, log *slog.Logger) *Server {
 	return &Server{
 		ReadTimeout:    RequestReadTimeout,
+		IdleTimeout:    RequestIdleTimeout,
 		WriteTimeout:   DefaultWriteTimeout,
 		MaxConns:       DefaultMaxConns,
+		MaxConnsPerUID: DefaultMaxConnsPerUID,
+		MaxConnsOthers: DefaultMaxConnsOthers,
 		ProgressBuffer: DefaultProgressBuffer,
+		LogInterval:    DefaultLogInterval,
 		path:           path,
 		dev:            st.Dev,
 		ino:            st.Ino,
@@ -217,81 +248,40 @@ func lookupGroup(group string) (int, error) {
 // removeStale clears the way for bind: a socket nobody accepts on is left
 // over from a supervisor that died and is removed; anything else stays.
 func removeStale(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("coordination socket %s: %w", path, err)
-	}
-	if fi.Mode().Type() != os.ModeSocket {
-		return fmt.Errorf("coordination socket %s: path exists and is not a socket (%s); refusing to replace it", path, fi.Mode().Type())
-	}
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err == nil {
-		c.Close()
+	live, err := unixsock.Probe(path)
+	if err == nil && live {
 		return fmt.Errorf("another supervisor is listening on %s", path)
 	}
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("coordination socket %s: cannot tell whether the existing socket is in use: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("coordination socket %s: remove stale socket: %w", path, err)
+	if err := unixsock.RemoveStale(path); err != nil {
+		return fmt.Errorf("coordination socket: %w", err)
 	}
 	return nil
 }
 
-// bindListen creates the socket with its final mode and owner before
-// listen(2): until then a connect is refused, so no client ever reaches a
-// socket with the umask's mode.
+// bindListen creates the socket with its final mode and group before
+// listen(2), so no client ever reaches a socket with the umask's mode,
+// and never follows a path another user could have swapped (see
+// internal/unixsock).
 func bindListen(path string, mode os.FileMode, gid int) (*net.UnixListener, *unix.Stat_t, error) {
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	f, id, err := unixsock.Listen(path, unixsock.Options{Mode: mode, UID: -1, GID: gid})
 	if err != nil {
-		return nil, nil, fmt.Errorf("coordination socket %s: socket: %w", path, err)
+		return nil, nil, fmt.Errorf("coordination socket: %w", err)
 	}
-	fail := func(step string, err error) (*net.UnixListener, *unix.Stat_t, error) {
-		unix.Close(fd)
-		return nil, nil, fmt.Errorf("coordination socket %s: %s: %w", path, step, err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
-		return fail("bind", err)
-	}
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return fail("stat", err)
-	}
-	// fchmod on a socket fd changes the sockfs inode, not the file that
-	// connect(2) checks, so the path is changed instead.
-	if err := unix.Chmod(path, uint32(mode)); err != nil {
-		os.Remove(path)
-		return fail("chmod", err)
-	}
-	if gid >= 0 {
-		if err := unix.Lchown(path, -1, gid); err != nil {
-			os.Remove(path)
-			return fail(fmt.Sprintf("chown to gid %d", gid), err)
-		}
-	}
-	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
-		os.Remove(path)
-		return fail("listen", err)
-	}
-	f := os.NewFile(uintptr(fd), path)
 	l, err := net.FileListener(f)
 	f.Close() // FileListener holds its own dup
 	if err != nil {
-		os.Remove(path)
+		unixsock.Remove(path, id)
 		return nil, nil, fmt.Errorf("coordination socket %s: %w", path, err)
 	}
 	ul, ok := l.(*net.UnixListener)
 	if !ok {
 		l.Close()
-		os.Remove(path)
+		unixsock.Remove(path, id)
 		return nil, nil, fmt.Errorf("coordination socket %s: unexpected listener type %T", path, l)
 	}
 	// Removal is done by Close, which checks the inode first.
 	ul.SetUnlinkOnClose(false)
-	return ul, &st, nil
+	return ul, &unix.Stat_t{Dev: id.Dev, Ino: id.Ino}, nil
 }
 
 // Addr is the socket's path.

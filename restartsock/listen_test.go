@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // makeStaleSocket leaves a socket file nobody listens on, as a supervisor
@@ -237,4 +239,38 @@ func TestHandOverSocket(t *testing.T) {
 	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("successor's Close left the socket file: %v", err)
 	}
+}
+
+// TestListenRefusesDirectoryOthersCanWrite: a control socket in a
+// directory another user can write to could be swapped for theirs; baton
+// refuses to start there and says what to do. A sticky directory (like
+// /tmp) keeps others from renaming what is not theirs, so it is fine.
+func TestListenRefusesDirectoryOthersCanWrite(t *testing.T) {
+	base := t.TempDir()
+	open := filepath.Join(base, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Listen(filepath.Join(open, "baton.sock"), Options{})
+	if err == nil || !strings.Contains(err.Error(), "writable by every user") || !strings.Contains(err.Error(), "sticky") {
+		t.Fatalf("Listen in a mode 0777 directory: %v", err)
+	}
+	if _, serr := os.Lstat(filepath.Join(open, "baton.sock")); !os.IsNotExist(serr) {
+		t.Fatal("a socket was created in the refused directory")
+	}
+	sticky := filepath.Join(base, "sticky")
+	if err := os.Mkdir(sticky, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Chmod(sticky, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Listen(filepath.Join(sticky, "baton.sock"), Options{})
+	if err != nil {
+		t.Fatalf("Listen in a sticky directory: %v", err)
+	}
+	s.Close()
 }

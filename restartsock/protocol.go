@@ -5,11 +5,19 @@
 // `baton status`.
 //
 // One request per connection. The client sends one JSON object on one line
-// (at most MaxRequestSize bytes, within RequestReadTimeout). The server
-// answers with zero or more "progress" lines and exactly one final "result"
-// line, then closes the connection. The client keeps its end open (no
-// half-close) until the result: the server takes end-of-file after the
-// request as the client having gone away.
+// (at most MaxRequestSize bytes, starting within RequestIdleTimeout of the
+// connect, never pausing longer than that, and complete within
+// RequestReadTimeout). The server answers with zero or more "progress"
+// lines and exactly one final "result" line, then closes the connection.
+// The client keeps its end open (no half-close) until the result: the
+// server takes end-of-file after the request as the client having gone
+// away.
+//
+// Both ends check who is on the other side with SO_PEERCRED: the server
+// serves only root, its own uid and its control group, with connection
+// limits per uid; the client talks only to a listener owned by root, by
+// the owner of the socket's directory or by its own uid, since whoever can
+// write to that directory could have put a socket there.
 package restartsock
 
 import (
@@ -24,6 +32,13 @@ const MaxRequestSize = 4096
 
 // RequestReadTimeout bounds how long the server waits for a full request.
 const RequestReadTimeout = 5 * time.Second
+
+// RequestIdleTimeout bounds how long the server waits for the first byte
+// of a request, and for more bytes of an unfinished one. Clients send the
+// request in one write right after connecting, so only a client that holds
+// a connection without using it waits this long, and it should not keep
+// its slot: see Server.MaxConnsPerUID.
+const RequestIdleTimeout = 2 * time.Second
 
 // Operations.
 const (
@@ -48,10 +63,13 @@ type Code string
 
 // Result codes. Each maps to one exit code of `restart` (see ExitCode).
 const (
-	ResultOK              Code = "ok"
-	ResultCheckFailed     Code = "check_failed"
-	ResultChildExited     Code = "child_exited"
-	ResultReadyTimeout    Code = "ready_timeout"
+	ResultOK           Code = "ok"
+	ResultCheckFailed  Code = "check_failed"
+	ResultChildExited  Code = "child_exited"
+	ResultReadyTimeout Code = "ready_timeout"
+	// ResultBusy: another restart or upgrade is running, or (with
+	// Result.Limit set) a connection limit refused the connection before
+	// the request was read.
 	ResultBusy            Code = "busy"
 	ResultTooManyDraining Code = "too_many_draining"
 	ResultDenied          Code = "denied"
@@ -62,6 +80,10 @@ const (
 	// ResultUpgradeFailed: the new supervisor exited, timed out or
 	// refused the handover; the old one keeps serving.
 	ResultUpgradeFailed Code = "upgrade_failed"
+	// ResultSpawnFailed: the new generation could not be started at all
+	// (its working directory is gone, no descriptors left, ...); the
+	// old one keeps serving.
+	ResultSpawnFailed Code = "spawn_failed"
 )
 
 // Message types on the wire.
@@ -110,7 +132,20 @@ type Result struct {
 	// SupervisorPID, for OpUpgrade: the pid of the supervisor serving
 	// after the request (the new one on success).
 	SupervisorPID int `json:"supervisor_pid,omitempty"`
+	// Limit, on a busy result, names the connection limit that refused the
+	// connection (one of the Limit* values). The request was not read, so
+	// sending it again is always safe. Empty when a running restart is
+	// what made the request busy. Supervisors before this field never set
+	// it.
+	Limit string `json:"limit,omitempty"`
 }
+
+// Connection limits a busy result may name in Result.Limit.
+const (
+	LimitUID    = "uid"    // the peer's uid has Server.MaxConnsPerUID connections open
+	LimitOthers = "others" // uids other than root and the supervisor's have Server.MaxConnsOthers open together
+	LimitTotal  = "total"  // the server has Server.MaxConns connections open
+)
 
 // Status describes the supervisor and its generations.
 type Status struct {

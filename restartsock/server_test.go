@@ -413,11 +413,28 @@ func TestOverload(t *testing.T) {
 		first <- res
 	}()
 	<-inHandler
-	res, err := GetStatus(context.Background(), path)
-	if err != nil || res.Result != ResultBusy || !strings.Contains(res.Message, "control connections") {
+	// Over the limit the request is not read: the answer comes at once,
+	// names the limit, and a client without wait sees it.
+	res, err := Restart(context.Background(), path, false, nil)
+	if err != nil || res.Result != ResultBusy || res.Limit != LimitTotal || !strings.Contains(res.Message, "1 control connections") {
 		t.Errorf("over the limit: %+v, %v; want busy", res, err)
 	}
+	if n := h.restartCalls.Load(); n != 1 {
+		t.Errorf("handler called %d times, want 1", n)
+	}
+	// A status retries for a while: it gets through once the slot frees.
+	status := make(chan error, 1)
+	go func() {
+		res, err := GetStatus(context.Background(), path)
+		if err == nil && res.Result != ResultOK {
+			err = fmt.Errorf("result %+v", res)
+		}
+		status <- err
+	}()
 	close(release)
+	if err := <-status; err != nil {
+		t.Errorf("status queued behind the limit: %v", err)
+	}
 	if r := <-first; r.Result != ResultOK {
 		t.Errorf("first = %+v", r)
 	}
@@ -503,22 +520,28 @@ func fakeSupervisor(t *testing.T, path string, reply func(c net.Conn)) {
 
 func TestClientProtocolErrors(t *testing.T) {
 	dir := t.TempDir()
+	// A supervisor that closes without a result went away mid-request
+	// (ErrNoResult); one that sends nonsense broke the protocol.
 	cases := []struct {
 		name, reply, want string
+		is                error
 	}{
-		{"no result", "", "without a result"},
-		{"progress only", `{"v":1,"type":"progress","event":"spawned"}` + "\n", "without a result"},
-		{"partial line", `{"v":1,"type":"res`, "without a result"},
-		{"garbage", "nope\n", "bad line"},
-		{"empty code", `{"v":1,"type":"result"}` + "\n", "without a result code"},
+		{"no result", "", "supervisor closed the connection without a result at ", ErrNoResult},
+		{"progress only", `{"v":1,"type":"progress","event":"spawned"}` + "\n", "without a result", ErrNoResult},
+		{"partial line", `{"v":1,"type":"res`, "without a result", ErrNoResult},
+		{"garbage", "nope\n", "bad line", ErrProtocol},
+		{"empty code", `{"v":1,"type":"result"}` + "\n", "without a result code", ErrProtocol},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(dir, fmt.Sprintf("%d.sock", i))
 			fakeSupervisor(t, path, func(c net.Conn) { c.Write([]byte(tc.reply)) })
 			_, err := Restart(context.Background(), path, false, nil)
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("err = %v, want %q", err, tc.want)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, tc.is) {
+				t.Fatalf("err = %v, want %q (%v)", err, tc.want, tc.is)
+			}
+			if strings.Count(err.Error(), path) != 1 {
+				t.Errorf("err %q does not name the path once", err)
 			}
 		})
 	}
@@ -659,7 +682,9 @@ func TestExitCode(t *testing.T) {
 		ResultBusy:              4,
 		ResultDenied:            6,
 		ResultTooManyDraining:   8,
+		ResultNoSlot:            8,
 		ResultShuttingDown:      8,
+		ResultUpgradeFailed:     1,
 		Code("from_the_future"): 1,
 	}
 	for c, want := range cases {
@@ -667,7 +692,7 @@ func TestExitCode(t *testing.T) {
 			t.Errorf("ExitCode(%q) = %d, want %d", c, got, want)
 		}
 	}
-	if ExitNoSupervisor != 5 || ExitTimeout != 7 || ExitUsage != 2 {
+	if ExitNoSupervisor != 5 || ExitTimeout != 7 || ExitUsage != 2 || ExitUntrusted != 9 {
 		t.Error("fixed exit codes changed")
 	}
 }

@@ -463,7 +463,13 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 		return result(restartsock.ResultNoSlot, err.Error(), start)
 	}
 	if err != nil {
-		return result(restartsock.ResultChildExited, "spawn failed: "+err.Error(), start)
+		res := result(restartsock.ResultSpawnFailed, err.Error(), start)
+		s.call(func() {
+			if s.working != nil {
+				res.Generation, res.PID = s.working.num, s.working.pid
+			}
+		})
+		return res
 	}
 	progress(event(restartsock.EventSpawned, g.num, g.pid, ""))
 
@@ -694,7 +700,9 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 	if err != nil {
 		release()
 		s.log.Error("spawn failed", "gen", s.nextGen, "err", err)
-		return nil, err
+		// The number goes to the next generation that does start.
+		s.nextGen--
+		return nil, fmt.Errorf("generation %d could not be started: %w", s.nextGen+1, err)
 	}
 	g.slot, g.groups = slot, groups
 	if slot != 0 {
