@@ -13,7 +13,10 @@
 //   - a supervisor crash (SIGKILL) and restart under new-connection load:
 //     connections refused when the listening socket comes back from
 //     systemd's fd store, against a new baton that opens its own;
-//   - the supervisor's resident memory and CPU use when idle.
+//   - the supervisor's resident memory and CPU use when idle;
+//   - a restart soak: at least 1000 restarts back to back under
+//     new-connection load, where the bar is 0 failed requests (its own
+//     section of BENCHMARKS.md; -only soak runs it alone).
 //
 // It needs root: everything runs in a private network namespace on
 // loopback, so the figures do not depend on what else the host serves.
@@ -80,6 +83,13 @@ type options struct {
 	crashPause   time.Duration
 
 	upgrades int
+
+	only         string
+	soakRestarts int
+	soakInterval time.Duration
+	soakNewConn  int
+	soakPause    time.Duration
+	soakTimeout  time.Duration
 }
 
 func main() {
@@ -106,7 +116,21 @@ func main() {
 	flag.IntVar(&o.crashNewConn, "crash-newconn", 4, "supervisor crash: load workers, each opening a connection per request")
 	flag.DurationVar(&o.crashPause, "crash-pause", time.Millisecond, "supervisor crash: pause of each load worker between requests")
 	flag.IntVar(&o.upgrades, "upgrades", 20, "supervisor self-upgrades (at least 20); 0 leaves them out")
+	flag.StringVar(&o.only, "only", "", "run only this section: \"supervisor\" or \"soak\" (default: both)")
+	flag.IntVar(&o.soakRestarts, "soak-restarts", 1000, "restarts in the restart soak (at least 1000); 0 leaves it out")
+	flag.DurationVar(&o.soakInterval, "soak-interval", 50*time.Millisecond, "restart soak: pause after each restart")
+	flag.IntVar(&o.soakNewConn, "soak-newconn", 8, "restart soak: load workers, each opening a connection per request")
+	flag.DurationVar(&o.soakPause, "soak-pause", 0, "restart soak: pause of each load worker between requests")
+	flag.DurationVar(&o.soakTimeout, "soak-timeout", 15*time.Minute, "restart soak: stop starting restarts after this long")
 	flag.Parse()
+	if (o.only != "" && o.only != "supervisor" && o.only != "soak") || (o.only == "soak" && o.soakRestarts == 0) {
+		fmt.Fprintln(os.Stderr, "bench: -only takes \"supervisor\" or \"soak\" (the latter with -soak-restarts > 0)")
+		os.Exit(2)
+	}
+	if o.soakRestarts != 0 && (o.soakRestarts < 1000 || o.soakNewConn < 1 || o.soakTimeout <= 0) {
+		fmt.Fprintln(os.Stderr, "bench: need -soak-restarts >= 1000 (or 0), and with it -soak-newconn >= 1 and -soak-timeout > 0")
+		os.Exit(2)
+	}
 	if o.upgrades != 0 && o.upgrades < 20 {
 		fmt.Fprintln(os.Stderr, "bench: need -upgrades >= 20 (or 0)")
 		os.Exit(2)
@@ -150,6 +174,9 @@ func run(o options) error {
 	}
 	defer os.RemoveAll(dir)
 	e := &env{o: o, b: b, ns: ns, dir: dir}
+	if o.only == "soak" {
+		return e.soakSection()
+	}
 
 	var rep report
 	rep.started = time.Now()
@@ -229,35 +256,55 @@ func run(o options) error {
 		}
 	}
 
-	if o.out == "" {
-		rep.write(os.Stdout, o)
-		return nil
-	}
 	var buf bytes.Buffer
 	rep.write(&buf, o)
-	if err := replaceSection(o.out, buf.String()); err != nil {
+	if err := emit(o.out, buf.String(), sectionBegin, sectionEnd, ""); err != nil {
 		return err
 	}
-	progress("wrote %s", o.out)
+	if o.only == "supervisor" || o.soakRestarts == 0 {
+		return nil
+	}
+	return e.soakSection()
+}
+
+// emit writes section to stdout when out is empty, else into out between
+// begin and end (see replaceSection).
+func emit(out, section, begin, end, after string) error {
+	if out == "" {
+		if _, err := io.WriteString(os.Stdout, section); err != nil {
+			return fmt.Errorf("write stdout: %w", err)
+		}
+		return nil
+	}
+	if err := replaceSection(out, begin, end, section, after); err != nil {
+		return err
+	}
+	progress("wrote %s", out)
 	return nil
 }
 
-// Markers around the part of BENCHMARKS.md this command owns, so that
-// figures produced by other commands in the same file survive a rerun.
+// Markers around the supervisor section of BENCHMARKS.md, so that
+// figures produced by other commands (and the soak) survive a rerun.
 const (
 	sectionBegin = "<!-- bench:supervisor:begin (go run ./bench) -->\n"
 	sectionEnd   = "<!-- bench:supervisor:end -->\n"
 )
 
-func replaceSection(path, section string) error {
+// replaceSection puts section between begin and end in the file at path:
+// in place of what those markers enclose, else right after the marker
+// after (when not empty and present), else at the top.
+func replaceSection(path, begin, end, section, after string) error {
 	old, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("read %s: %w", path, err)
 	}
 	text := string(old)
-	block := sectionBegin + section + sectionEnd
-	if i, j := strings.Index(text, sectionBegin), strings.Index(text, sectionEnd); i >= 0 && j > i {
-		text = text[:i] + block + text[j+len(sectionEnd):]
+	block := begin + section + end
+	if i, j := strings.Index(text, begin), strings.Index(text, end); i >= 0 && j > i {
+		text = text[:i] + block + text[j+len(end):]
+	} else if k := strings.Index(text, after); after != "" && k >= 0 {
+		k += len(after)
+		text = text[:k] + "\n" + block + text[k:]
 	} else {
 		text = block + text
 	}

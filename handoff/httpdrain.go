@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +15,13 @@ import (
 // DefaultIdleGrace is how long HTTPDrainer leaves an idle keep-alive
 // connection open after a drain began before closing it.
 const DefaultIdleGrace = 500 * time.Millisecond
+
+// ErrUntrackedServe is returned by HTTPDrainer.Drain, after draining as
+// well as it could, when the server was also served by a direct call to
+// http.Server.Serve or ServeTLS instead of HTTPDrainer.Serve. The drainer
+// cannot see such an accept loop end, so a connection it accepted as the
+// drain began may have been closed without an answer.
+var ErrUntrackedServe = errors.New("server served outside HTTPDrainer.Serve: a connection accepted as the drain began may have lost its request")
 
 // HTTPDrainer drains an http.Server without losing a request.
 //
@@ -25,14 +33,27 @@ const DefaultIdleGrace = 500 * time.Millisecond
 // "Connection: close" (so each client finishes its exchange and opens its
 // next connection to the new generation), waits until the connections are
 // gone or have sat idle for IdleGrace, and only then calls Shutdown.
+//
+// Serve the server with HTTPDrainer.Serve, not srv.Serve: a connection
+// the kernel handed to Accept just before the listener closed reaches the
+// server's connection tracking only when Serve's accept loop gets to it,
+// which on a busy machine can be well after the close. Drain waits for
+// every accept loop started by HTTPDrainer.Serve to end before it judges
+// the server idle, so no accepted connection can be missed.
 type HTTPDrainer struct {
 	// IdleGrace bounds how long an idle connection is kept once draining.
 	IdleGrace time.Duration
 
 	srv      *http.Server
 	draining atomic.Bool
-	mu       sync.Mutex
-	conns    map[net.Conn]connInfo
+	// serving counts Serve calls whose accept loop may still hand the
+	// server a connection.
+	serving sync.WaitGroup
+
+	mu        sync.Mutex
+	conns     map[net.Conn]connInfo
+	lns       []*servedListener // served by Serve and not yet returned
+	untracked []net.Listener    // served by srv.Serve directly
 }
 
 type connInfo struct {
@@ -40,8 +61,13 @@ type connInfo struct {
 	idleSince time.Time
 }
 
+// servedListener marks a listener as served through HTTPDrainer.Serve, so
+// that the BaseContext hook can tell it from one passed to srv.Serve.
+type servedListener struct{ net.Listener }
+
 // NewHTTPDrainer installs the drainer's connection tracking and response
-// header on srv. Call it before srv.Serve.
+// header on srv. Call it after setting srv's Handler, ConnState and
+// BaseContext (it wraps them), then serve with HTTPDrainer.Serve.
 func NewHTTPDrainer(srv *http.Server) *HTTPDrainer {
 	d := &HTTPDrainer{IdleGrace: DefaultIdleGrace, srv: srv, conns: map[net.Conn]connInfo{}}
 	prevState := srv.ConnState
@@ -50,6 +76,20 @@ func NewHTTPDrainer(srv *http.Server) *HTTPDrainer {
 		if prevState != nil {
 			prevState(c, st)
 		}
+	}
+	// Serve calls BaseContext once, with the listener it was given, before
+	// it accepts: the one place that sees a Serve the drainer did not start.
+	prevBase := srv.BaseContext
+	srv.BaseContext = func(ln net.Listener) context.Context {
+		if _, ok := ln.(*servedListener); !ok {
+			d.mu.Lock()
+			d.untracked = append(d.untracked, ln)
+			d.mu.Unlock()
+		}
+		if prevBase != nil {
+			return prevBase(ln)
+		}
+		return context.Background()
 	}
 	next := srv.Handler
 	if next == nil {
@@ -65,6 +105,40 @@ func NewHTTPDrainer(srv *http.Server) *HTTPDrainer {
 	return d
 }
 
+// Serve accepts connections on ln and serves them with the server until
+// Drain closes ln; it then returns http.ErrServerClosed, and any other
+// error as http.Server.Serve does. Called after Drain began, it closes ln
+// and returns http.ErrServerClosed at once. For TLS, pass
+// tls.NewListener(ln, config).
+func (d *HTTPDrainer) Serve(ln net.Listener) error {
+	sl := &servedListener{Listener: ln}
+	d.mu.Lock()
+	if d.draining.Load() {
+		d.mu.Unlock()
+		// As http.Server.Serve does after Shutdown.
+		_ = ln.Close()
+		return http.ErrServerClosed
+	}
+	// Under mu with the draining check, so that Drain's wait either
+	// covers this loop or this loop never starts.
+	d.serving.Add(1)
+	d.lns = append(d.lns, sl)
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		d.lns = slices.DeleteFunc(d.lns, func(l *servedListener) bool { return l == sl })
+		d.mu.Unlock()
+		// http.Server.Serve returns only after it registered (ConnState
+		// StateNew) every connection its listener returned.
+		d.serving.Done()
+	}()
+	err := d.srv.Serve(sl)
+	if d.draining.Load() && (errors.Is(err, net.ErrClosed) || errors.Is(err, http.ErrServerClosed)) {
+		return http.ErrServerClosed
+	}
+	return err
+}
+
 func (d *HTTPDrainer) track(c net.Conn, st http.ConnState) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -78,31 +152,69 @@ func (d *HTTPDrainer) track(c net.Conn, st http.ConnState) {
 	}
 }
 
-// Drain closes ln, lets the open connections finish as described on
-// HTTPDrainer, then shuts the server down. It returns when the server is
-// idle or ctx ends (then the remaining connections are closed).
-func (d *HTTPDrainer) Drain(ctx context.Context, ln net.Listener) error {
+// Drain closes the listeners the server is served on, waits until their
+// accept loops have ended, lets the open connections finish as described
+// on HTTPDrainer, then shuts the server down. It returns nil when the
+// server is idle, or an error when ctx ends first (then the remaining
+// connections are closed). If the server was also served outside Serve,
+// the error wraps ErrUntrackedServe.
+func (d *HTTPDrainer) Drain(ctx context.Context) error {
 	start := time.Now()
+	d.mu.Lock()
 	d.draining.Store(true)
-	if err := ln.Close(); err != nil {
-		return fmt.Errorf("drain: close listener: %w", err)
+	lns := make([]net.Listener, 0, len(d.lns)+len(d.untracked))
+	for _, l := range d.lns {
+		lns = append(lns, l)
 	}
+	lns = append(lns, d.untracked...)
+	d.mu.Unlock()
+
+	// A failed close does not stop the drain: the accept loop may end all
+	// the same, and the connections already open still deserve answers.
+	var errs []error
+	for _, ln := range lns {
+		// A listener whose Serve already ended is closed already.
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, fmt.Errorf("drain: close listener %s: %w", ln.Addr(), err))
+		}
+	}
+
+	// Until the accept loops end, a connection accepted before the close
+	// may be unknown to the server and to d.conns alike; Shutdown now
+	// would make the server drop its request.
+	loopsDone := make(chan struct{})
+	go func() {
+		d.serving.Wait()
+		close(loopsDone)
+	}()
+	select {
+	case <-loopsDone:
+	case <-ctx.Done():
+		d.srv.Close()
+		return errors.Join(append(errs, fmt.Errorf("drain: waiting for the accept loop to end: %w", ctx.Err()))...)
+	}
+
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	for !d.settled(start) {
 		select {
 		case <-ctx.Done():
 			d.srv.Close()
-			return fmt.Errorf("drain: %w", ctx.Err())
+			return errors.Join(append(errs, fmt.Errorf("drain: %w", ctx.Err()))...)
 		case <-t.C:
 		}
 	}
-	// Shutdown closes the listeners Serve still tracks; ours is closed
-	// already, which is no failure of the drain.
+	// Shutdown closes the listeners a direct srv.Serve still tracks; those
+	// are closed already, which is no failure of the drain.
 	if err := d.srv.Shutdown(ctx); err != nil && !errors.Is(err, net.ErrClosed) {
-		return fmt.Errorf("drain: shutdown: %w", err)
+		errs = append(errs, fmt.Errorf("drain: shutdown: %w", err))
 	}
-	return nil
+	d.mu.Lock()
+	if len(d.untracked) > 0 {
+		errs = append(errs, fmt.Errorf("drain: %w", ErrUntrackedServe))
+	}
+	d.mu.Unlock()
+	return errors.Join(errs...)
 }
 
 // settled reports whether every remaining connection is idle and has

@@ -14,7 +14,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -143,7 +142,7 @@ func run(o options, log *slog.Logger) int {
 	}
 	drainer := handoff.NewHTTPDrainer(srv)
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- drainer.Serve(ln) }()
 
 	if o.neverReady {
 		log.Warn("serving but never signalling ready (-never-ready)")
@@ -174,12 +173,12 @@ func run(o options, log *slog.Logger) int {
 	case <-interrupt:
 		log.Info("interrupted")
 	}
-	return shutdown(drainer, ln, served, h3, o, log)
+	return shutdown(drainer, served, h3, o, log)
 }
 
 // shutdown drains TCP and, if served, HTTP/3 at once under one
 // -drain-timeout, and exits 0 only if both drained.
-func shutdown(drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, h3 *h3Server, o options, log *slog.Logger) int {
+func shutdown(drainer *handoff.HTTPDrainer, served <-chan error, h3 *h3Server, o options, log *slog.Logger) int {
 	if err := handoff.Stopping(); err != nil {
 		log.Warn("signalling stopping", "err", err)
 	}
@@ -195,25 +194,22 @@ func shutdown(drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error
 			}
 		})
 	}
-	code := shutdownTCP(ctx, drainer, ln, served, log)
+	code := shutdownTCP(ctx, drainer, served, log)
 	wg.Wait()
 	return max(code, h3Code)
 }
 
 // shutdownTCP stops accepting and lets every open connection finish
 // without losing a request (see handoff.HTTPDrainer).
-func shutdownTCP(ctx context.Context, drainer *handoff.HTTPDrainer, ln net.Listener, served <-chan error, log *slog.Logger) int {
+func shutdownTCP(ctx context.Context, drainer *handoff.HTTPDrainer, served <-chan error, log *slog.Logger) int {
 	start := time.Now()
 	open := drainer.Open()
-	// The drainer closes ln itself; when Serve has not yet dropped it,
-	// http.Server.Shutdown closes it a second time and reports that, after
-	// a complete shutdown. Only other errors mean an incomplete drain.
-	if err := drainer.Drain(ctx, ln); err != nil && !errors.Is(err, net.ErrClosed) {
+	if err := drainer.Drain(ctx); err != nil {
 		log.Error("drain incomplete; closed remaining connections", "err", err, "after", time.Since(start).String())
 		return 1
 	}
-	// Serve returns once the listener is closed; that is the drain's doing.
-	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+	// Drain returns after Serve did; ErrServerClosed says the drain ended it.
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
 		log.Error("serving stopped", "err", err)
 		return 1
 	}
