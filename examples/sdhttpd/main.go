@@ -88,11 +88,18 @@ func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
 	defer cancel()
 	// Shutdown alone would close idle keep-alive connections under clients
 	// that are sending on them, and drop requests read from connections
-	// accepted just before it. So: stop accepting, answer every further
-	// request with Connection: close, and shut down only once the
-	// connections are gone or have been idle for a moment.
+	// accepted just before it. So: stop accepting, wait for Serve's accept
+	// loop to end (a connection Accept already returned is tracked only
+	// once the loop gets to it), answer every further request with
+	// Connection: close, and shut down only once the connections are
+	// gone or have been idle for a moment.
 	conns.draining.Store(true)
 	ln.Close()
+	var serveErr error
+	select {
+	case serveErr = <-errc:
+	case <-sctx.Done():
+	}
 	start := time.Now()
 	for !conns.settled(start, 500*time.Millisecond) && sctx.Err() == nil {
 		time.Sleep(5 * time.Millisecond)
@@ -102,8 +109,8 @@ func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
 		_ = srv.Close()
 		return 1
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
-		log.Error("serving stopped", "err", err)
+	if serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) && !errors.Is(serveErr, net.ErrClosed) {
+		log.Error("serving stopped", "err", serveErr)
 		return 1
 	}
 	log.Info("stopped")
