@@ -101,6 +101,15 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Dir != "" {
+		// exec would report a missing directory as the shim's own
+		// "fork/exec /proc/self/exe: no such file or directory".
+		if fi, err := os.Stat(cfg.Dir); err != nil {
+			return nil, fmt.Errorf("working directory: %w", err)
+		} else if !fi.IsDir() {
+			return nil, fmt.Errorf("working directory %s is not a directory", cfg.Dir)
+		}
+	}
 
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
