@@ -1,0 +1,343 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/baton-run/baton/restartsock"
+)
+
+// findProcs lists live processes whose command line is exactly argv:
+// tests give their helper processes unique arguments (a sleep of 299.37
+// seconds) so that they can find them wherever they were reparented.
+func findProcs(argv ...string) []procID {
+	want := strings.Join(argv, "\x00") + "\x00"
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var out []procID
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || string(b) != want {
+			continue
+		}
+		if p := lookupProc(pid); p.alive() {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// uniqueSleep is a sleep argument no other test uses.
+func uniqueSleep(t *testing.T) string {
+	return fmt.Sprintf("%d.%06d", 200+len(t.Name())%90, time.Now().Nanosecond()/1000)
+}
+
+// waitProcs waits up to d for a process running argv to appear.
+func waitProcs(t *testing.T, d time.Duration, argv ...string) []procID {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		if ps := findProcs(argv...); len(ps) > 0 {
+			return ps
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no process %q within %s", strings.Join(argv, " "), d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestStopWinsOverSlowCheck: SIGTERM during a check command that would run
+// for a minute stops baton within its stop timeout, answers the waiting
+// restart with shutting_down, and kills the check and what it started.
+func TestStopWinsOverSlowCheck(t *testing.T) {
+	h := newHarness(t)
+	arg := uniqueSleep(t)
+	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--stop-timeout", "2s",
+		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "60s", "--", bin.httpd)
+	done := make(chan restartOut, 1)
+	go func() {
+		r, err := h.runRestart(nil)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- r
+	}()
+	sleeps := waitProcs(t, 10*time.Second, "sleep", arg)
+	start := time.Now()
+	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	code, ok := b.waitExit(10 * time.Second)
+	if !ok {
+		t.Fatalf("baton still running 10s after SIGTERM with a 2s stop timeout, during a slow check command")
+	}
+	t.Logf("baton exited %d, %s after SIGTERM", code, time.Since(start).Round(time.Millisecond))
+	if code != 0 {
+		t.Errorf("baton exit %d after a graceful stop; want 0", code)
+	}
+	select {
+	case r := <-done:
+		if r.Code != 8 || r.Result.Result != restartsock.ResultShuttingDown {
+			t.Errorf("the restart waiting on the check: want exit 8 shutting_down; got %s", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("restart did not return after baton stopped")
+	}
+	for _, p := range sleeps {
+		if err := waitGone(p, 3*time.Second); err != nil {
+			t.Errorf("the check command's sleep outlived baton: %v", err)
+		}
+	}
+}
+
+// TestCheckTimeoutKillsWhatItStarted: a check command that times out is
+// killed with everything it started, not just its shell.
+func TestCheckTimeoutKillsWhatItStarted(t *testing.T) {
+	h := newHarness(t)
+	arg := uniqueSleep(t)
+	h.startServing("--listen", "http=tcp://"+httpAddr,
+		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "1s", "--", bin.httpd)
+	r := h.restart()
+	if r.Code != 3 || r.Result.Result != restartsock.ResultCheckFailed || !strings.Contains(r.Result.Message, "timed out") {
+		t.Fatalf("want exit 3 check_failed (timed out); got %s", r)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for len(findProcs("sleep", arg)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the timed-out check command's sleep is still running: %v", findProcs("sleep", arg))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Nothing is left holding the restart lock: the next one is checked
+	// again (and times out again) rather than answered busy.
+	h.expectRestart(3, restartsock.ResultCheckFailed)
+}
+
+// TestConfigFIFO: a config path that turns into a FIFO nobody writes (or
+// anything but a regular file) fails the restart at once instead of
+// hanging it, later restarts are not busy, and SIGTERM stops baton.
+func TestConfigFIFO(t *testing.T) {
+	h := newHarness(t)
+	cfgPath := filepath.Join(h.dir, "baton.toml")
+	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, []string{"http", "tcp://" + httpAddr}, `stop_timeout = "2s"`))
+	b := h.startBaton("--config", cfgPath)
+	h.waitServing(b, 1)
+	if err := os.Remove(cfgPath); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(cfgPath, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		r := h.restart("--timeout", "20s")
+		if r.Code != 3 || r.Result.Result != restartsock.ResultCheckFailed || !strings.Contains(r.Result.Message, "not a regular file") {
+			t.Fatalf("restart %d with a FIFO for a config: want exit 3 check_failed naming the FIFO; got %s", i+1, r)
+		}
+		if r.Took > 10*time.Second {
+			t.Errorf("restart %d took %s", i+1, r.Took)
+		}
+	}
+	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := b.waitExit(10 * time.Second); !ok {
+		t.Fatal("baton still running 10s after SIGTERM")
+	}
+}
+
+// TestInheritedDescriptorsStayWithBaton: a descriptor baton inherited
+// without close-on-exec (a shell's exec 7>file) reaches neither the
+// generations nor a successor supervisor.
+func TestInheritedDescriptorsStayWithBaton(t *testing.T) {
+	h := newHarness(t)
+	stray := filepath.Join(h.dir, "stray")
+	f, err := os.Create(stray)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	path := copyBaton(t, h.dir)
+	cmd := h.ns.Command(path, "run", "--control", h.control, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	cmd.ExtraFiles = []*os.File{f} // fd 3, not close-on-exec, no LISTEN_FDS
+	b := h.launch(cmd, "baton with a stray fd 3")
+	stopSupervisorAtCleanup(h)
+	st := h.waitServing(b, 1)
+
+	holds := func(pid int) bool {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, e := range ents {
+			if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); err == nil && l == stray {
+				return true
+			}
+		}
+		return false
+	}
+	if !holds(b.pid()) {
+		t.Fatal("baton itself does not hold the stray descriptor: the test did not set it up")
+	}
+	if pid := findGen(st, 1).PID; holds(pid) {
+		t.Errorf("generation 1 (pid %d) inherited baton's stray descriptor", pid)
+	}
+	r := expectUpgrade(h, st.PID)
+	if holds(r.Result.SupervisorPID) {
+		t.Errorf("the successor supervisor (pid %d) inherited the stray descriptor", r.Result.SupervisorPID)
+	}
+	if holds(r.Result.PID) {
+		t.Errorf("the successor's generation (pid %d) inherited the stray descriptor", r.Result.PID)
+	}
+}
+
+// TestBrokenLogPipe: baton run ... | head. A log pipe whose reader is gone
+// must not kill the supervisor (SIGPIPE) or its generations.
+func TestBrokenLogPipe(t *testing.T) {
+	h := newHarness(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	cmd := h.ns.Command(bin.baton, "run", "--control", h.control, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	cmd.Dir = h.dir
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(15 * time.Second):
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
+	})
+	h.waitServing(nil, 1)
+	for i := 0; i < 3; i++ {
+		h.expectRestart(0, restartsock.ResultOK)
+	}
+	select {
+	case err := <-exited:
+		t.Fatalf("baton exited with its log pipe broken: %v", err)
+	default:
+	}
+	if resp, _, err := h.get("/", 10*time.Second); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("not served after restarts with a broken log pipe: %v", err)
+	}
+}
+
+// TestFailedUpgradesLeakNothing: every failed `restart --supervisor` used
+// to leave two pipe descriptors open in the supervisor for good.
+func TestFailedUpgradesLeakNothing(t *testing.T) {
+	h := newHarness(t)
+	path := copyBaton(t, h.dir)
+	b := h.startBatonBinary(path, h.control, nil, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	stopSupervisorAtCleanup(h)
+	h.waitServing(b, 1)
+	broken := filepath.Join(h.dir, "broken")
+	writeFile(t, broken, "#!/bin/sh\nexit 3\n")
+	if err := os.Chmod(broken, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(broken, path); err != nil {
+		t.Fatal(err)
+	}
+	fail := func() {
+		t.Helper()
+		r := h.restart("--supervisor")
+		if r.Code != 1 || r.Result.Result != restartsock.ResultUpgradeFailed {
+			t.Fatalf("want exit 1 upgrade_failed; got %s", r)
+		}
+	}
+	// One failure first, so that whatever one upgrade sets up for good is
+	// in the baseline.
+	fail()
+	settle := func() int {
+		// The leftovers are collected a few seconds after a failure.
+		time.Sleep(100 * time.Millisecond)
+		n, err := countFDs(b.pid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	time.Sleep(7 * time.Second)
+	before := settle()
+	for i := 0; i < 20; i++ {
+		fail()
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	after := settle()
+	for after > before && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+		after = settle()
+	}
+	t.Logf("open descriptors: %d before 20 failed upgrades, %d after", before, after)
+	if after > before {
+		t.Fatalf("20 failed upgrades left %d more descriptors open (%d -> %d)", after-before, before, after)
+	}
+}
+
+// TestCrashesAreNotRestarts: status counts a crash respawn as a crash, not
+// as a restart.
+func TestCrashesAreNotRestarts(t *testing.T) {
+	h := newHarness(t)
+	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	if err := syscall.Kill(findGen(st, 1).PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	st = h.waitServing(b, 2)
+	h.expectRestart(0, restartsock.ResultOK)
+	st, _ = h.status()
+	if st.Crashes != 1 || st.Restarts != 1 {
+		t.Fatalf("after one crash and one restart: crashes %d restarts %d; want 1 and 1", st.Crashes, st.Restarts)
+	}
+}
+
+// TestSpawnFailure: a generation that cannot even be started (its working
+// directory is gone) is reported as such, not as a child that exited.
+func TestSpawnFailure(t *testing.T) {
+	h := newHarness(t)
+	cfgPath := filepath.Join(h.dir, "baton.toml")
+	wd := filepath.Join(h.dir, "wd")
+	if err := os.Mkdir(wd, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	listen := []string{"http", "tcp://" + httpAddr}
+	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, fmt.Sprintf("dir = %q", wd)))
+	b := h.startBaton("--config", cfgPath)
+	h.waitServing(b, 1)
+	if err := os.Remove(wd); err != nil {
+		t.Fatal(err)
+	}
+	r := h.restart()
+	if r.Code != 1 || r.Result.Result != restartsock.ResultSpawnFailed || !strings.Contains(r.Result.Message, wd) {
+		t.Fatalf("want exit 1 spawn_failed naming %s; got %s", wd, r)
+	}
+	if r.Result.Generation != 1 {
+		t.Errorf("the result should name generation 1 as still serving: %+v", r.Result)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "mkdir", wd).CombinedOutput(); err != nil {
+		t.Fatalf("mkdir: %v %s", err, out)
+	}
+	h.expectRestart(0, restartsock.ResultOK)
+}
