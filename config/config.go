@@ -52,23 +52,27 @@ type Config struct {
 	User      string
 	Group     string
 	LogFormat string
-	LogLevel  string
+	// ProcessTracking is how baton finds everything a generation or a
+	// check command started: "auto", "cgroup" or "process-group".
+	ProcessTracking string
+	LogLevel        string
 }
 
 // Defaults returns a Config with every default filled in.
 func Defaults() *Config {
 	return &Config{
-		Control:      DefaultControl,
-		Ready:        Ready{Kind: ReadyAuto},
-		ReadyTimeout: DefaultReadyTimeout,
-		DrainSignal:  syscall.SIGTERM,
-		DrainTimeout: DefaultDrainTimeout,
-		MaxDraining:  DefaultMaxDraining,
-		StopTimeout:  DefaultStopTimeout,
-		CheckTimeout: DefaultCheckTimeout,
-		UDPIdle:      DefaultUDPIdle,
-		LogFormat:    "text",
-		LogLevel:     "info",
+		Control:         DefaultControl,
+		Ready:           Ready{Kind: ReadyAuto},
+		ReadyTimeout:    DefaultReadyTimeout,
+		DrainSignal:     syscall.SIGTERM,
+		DrainTimeout:    DefaultDrainTimeout,
+		MaxDraining:     DefaultMaxDraining,
+		StopTimeout:     DefaultStopTimeout,
+		CheckTimeout:    DefaultCheckTimeout,
+		UDPIdle:         DefaultUDPIdle,
+		LogFormat:       "text",
+		ProcessTracking: "auto",
+		LogLevel:        "info",
 	}
 }
 
@@ -141,6 +145,9 @@ func (c *Config) Validate() error {
 	if err := checkLogLevel(c.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("log level: %w", err))
 	}
+	if err := checkProcessTracking(c.ProcessTracking); err != nil {
+		errs = append(errs, fmt.Errorf("process tracking: %w", err))
+	}
 	// A generation has one slot and one CID layout for all its UDP
 	// listeners (BATON_CID_* is per generation), so they must agree.
 	var firstUDP *Listener
@@ -161,6 +168,14 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--group needs --user"))
 	}
 	return errors.Join(errs...)
+}
+
+func checkProcessTracking(s string) error {
+	switch s {
+	case "auto", "cgroup", "process-group":
+		return nil
+	}
+	return fmt.Errorf(`want "auto", "cgroup" or "process-group", got %q`, s)
 }
 
 func checkLogFormat(s string) error {

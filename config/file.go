@@ -22,7 +22,7 @@ import (
 var fileKeys = []string{
 	"command", "dir", "env", "listen", "control", "control_group", "ready", "ready_timeout",
 	"drain_signal", "drain_timeout", "max_draining", "stop_timeout", "check_cmd", "check_timeout",
-	"udp_idle", "user", "group", "log_format", "log_level",
+	"udp_idle", "user", "group", "log_format", "log_level", "process_tracking",
 }
 
 // fileErrors are the problems of one config file, reported together.
@@ -114,6 +114,8 @@ func (c *Config) applyFile(path string, data []byte) error {
 			err = setString(key, v, &c.LogFormat, checkLogFormat)
 		case "log_level":
 			err = setString(key, v, &c.LogLevel, checkLogLevel)
+		case "process_tracking":
+			err = setString(key, v, &c.ProcessTracking, checkProcessTracking)
 		default:
 			unknown = append(unknown, toml.Key{key}.String())
 		}

@@ -341,3 +341,45 @@ func TestSpawnFailure(t *testing.T) {
 	}
 	h.expectRestart(0, restartsock.ResultOK)
 }
+
+// TestEscapedDaemonDies: a generation that forks a daemon under setsid,
+// keeping the listening socket, does not leave it behind: it dies with
+// its generation's drain and with baton's stop, so the port is free for
+// the next baton. Both ways baton tracks processes are tried.
+func TestEscapedDaemonDies(t *testing.T) {
+	for _, mode := range []string{"cgroup", "process-group"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t)
+			arg := uniqueSleep(t)
+			daemon := []string{"sleep", arg}
+			script := "setsid sleep " + arg + " & exec " + bin.httpd
+			b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--process-tracking", mode, "--stop-timeout", "5s",
+				"--", "/bin/sh", "-c", script)
+			first := waitProcs(t, 10*time.Second, daemon...)
+			if got := b.out.String(); !strings.Contains(got, "mode="+mode) {
+				t.Fatalf("baton did not log process tracking mode %s:\n%s", mode, got)
+			}
+			// Generation 1 drains: its daemon must go with it.
+			h.expectRestart(0, restartsock.ResultOK)
+			for _, p := range first {
+				if err := waitGone(p, 10*time.Second); err != nil {
+					t.Errorf("generation 1's setsid daemon after its drain: %v", err)
+				}
+			}
+			second := waitProcs(t, 10*time.Second, daemon...)
+			if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := b.waitExit(15 * time.Second); !ok {
+				t.Fatal("baton still running 15s after SIGTERM")
+			}
+			for _, p := range second {
+				if err := waitGone(p, 5*time.Second); err != nil {
+					t.Errorf("generation 2's setsid daemon after baton stopped: %v", err)
+				}
+			}
+			// The port is free: a new baton binds it and serves.
+			h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+		})
+	}
+}

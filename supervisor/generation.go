@@ -18,6 +18,7 @@ import (
 
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/handoff"
+	"github.com/baton-run/baton/procgroup"
 	"github.com/baton-run/baton/restartsock"
 	"github.com/baton-run/baton/udpdrain"
 	"golang.org/x/sys/unix"
@@ -41,6 +42,9 @@ type generation struct {
 	stderrDone chan struct{} // closed when the stderr copier saw EOF
 	tail       *lineTail
 	notify     *net.UnixConn
+	// procs holds everything the generation started, escaped daemons
+	// included; killing it kills them all.
+	procs *procgroup.Group
 
 	// loop state
 	state      string
@@ -83,6 +87,7 @@ type spawnOpts struct {
 	supPID    int
 	stderrOut io.Writer
 	onExit    func(*generation) // runs on the loop after the process was reaped
+	procs     *procgroup.Tracker
 }
 
 // startGeneration starts the process and the goroutines that watch it.
@@ -111,14 +116,30 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		}
 	}
 
+	grp, err := o.procs.NewGroup("gen-" + strconv.Itoa(o.num))
+	if err != nil {
+		return nil, err
+	}
+	attr := &syscall.SysProcAttr{
+		// The drain signal goes to the main pid only; a kill goes to
+		// everything the group started.
+		Pdeathsig:  syscall.SIGKILL,
+		Credential: cred,
+	}
+	if err := grp.Prepare(attr); err != nil {
+		grp.Close()
+		return nil, err
+	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
+		grp.Close()
 		return nil, fmt.Errorf("inheritance pipe: %w", err)
 	}
 	defer readyW.Close()
 	errR, errW, err := os.Pipe()
 	if err != nil {
 		readyR.Close()
+		grp.Close()
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
 	defer errW.Close()
@@ -127,12 +148,14 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	if err != nil {
 		readyR.Close()
 		errR.Close()
+		grp.Close()
 		return nil, err
 	}
 	fail := func(err error) (*generation, error) {
 		readyR.Close()
 		errR.Close()
 		notify.Close()
+		grp.Close()
 		return nil, err
 	}
 
@@ -148,21 +171,16 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		handoff.EnvDrainSignal+"="+config.SignalName(cfg.DrainSignal),
 		handoff.EnvControl+"="+cfg.Control,
 	)
+	env = append(env, grp.Env()...)
 	cmd := &exec.Cmd{
-		Path:       o.self,
-		Args:       append([]string{"baton", ShimArg}, cfg.Command...),
-		Env:        env,
-		Dir:        cfg.Dir,
-		Stdout:     os.Stdout,
-		Stderr:     errW,
-		ExtraFiles: extra,
-		SysProcAttr: &syscall.SysProcAttr{
-			// Own process group: the drain signal goes to the main pid
-			// only, the deadline SIGKILL to everything it started.
-			Setpgid:    true,
-			Pdeathsig:  syscall.SIGKILL,
-			Credential: cred,
-		},
+		Path:        o.self,
+		Args:        append([]string{"baton", ShimArg}, cfg.Command...),
+		Env:         env,
+		Dir:         cfg.Dir,
+		Stdout:      os.Stdout,
+		Stderr:      errW,
+		ExtraFiles:  extra,
+		SysProcAttr: attr,
 	}
 	g.startedAt = time.Now()
 	if err := o.spawner.start(cmd); err != nil {
@@ -171,7 +189,13 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	g.cmd = cmd
 	g.pid = cmd.Process.Pid
 	g.notify = notify
+	g.procs = grp
 	g.log = o.log.With("gen", g.num, "pid", g.pid)
+	// Before anything waits for the process: the tracker must know it is
+	// exec's to reap.
+	if err := grp.Started(g.pid); err != nil {
+		g.log.Warn("process tracking", "err", err)
+	}
 
 	go g.copyStderr(errR, o.stderrOut)
 	go g.readPipe(readyR, o.post)
@@ -228,9 +252,10 @@ func (g *generation) signal(sig syscall.Signal) {
 	}
 }
 
-// kill SIGKILLs the generation's whole process group.
+// kill SIGKILLs everything the generation started, daemons that left
+// its process group included.
 func (g *generation) kill() {
-	if err := syscall.Kill(-g.pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+	if err := g.procs.Kill(); err != nil {
 		g.log.Warn("kill failed", "err", err)
 	}
 }
@@ -354,7 +379,7 @@ func (g *generation) fromGeneration(oob []byte) bool {
 		if err != nil {
 			continue
 		}
-		if int(cred.Pid) == g.pid {
+		if int(cred.Pid) == g.pid || g.procs.Has(int(cred.Pid)) {
 			return true
 		}
 		pgid, err := unix.Getpgid(int(cred.Pid))

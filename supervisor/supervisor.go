@@ -16,11 +16,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/listen"
+	"github.com/baton-run/baton/procgroup"
 	"github.com/baton-run/baton/restartsock"
 	"github.com/baton-run/baton/udpdrain"
 )
@@ -55,6 +57,9 @@ type Options struct {
 	// Successor is set when this supervisor took over from a previous
 	// one (see TakeOver); Sockets then came from it.
 	Successor *Successor
+	// Procs tracks everything generations and check commands start; nil
+	// means Run makes its own (procgroup.Auto) and closes it at the end.
+	Procs *procgroup.Tracker
 }
 
 // EventSink hears about lifecycle changes, e.g. to tell systemd.
@@ -82,6 +87,7 @@ type Supervisor struct {
 	stopCancel context.CancelFunc
 	loopEnd    chan struct{} // closed when the loop returns
 	stopOne    sync.Once
+	checks     atomic.Int64 // check command runs, for their group names
 	// handoverDone is closed once a successor serves.
 	handoverDone chan struct{}
 	handoverFile *os.File // memfd shared with predecessor/successor
@@ -100,6 +106,7 @@ type Supervisor struct {
 	respawnTimer  *time.Timer
 	stopTimer     *time.Timer
 	successor     int           // pid of the supervisor we handed over to
+	leftovers     int           // reaped generations whose process group is not empty yet
 	adopted       []*adoptedGen // the previous supervisor's generations
 }
 
@@ -173,6 +180,14 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer ctl.Close()
+	if s.opts.Procs == nil {
+		procs, err := procgroup.New(procgroup.Options{Logger: s.log})
+		if err != nil {
+			return err
+		}
+		defer procs.Close()
+		s.opts.Procs = procs
+	}
 	if err := s.prepareUpgrades(ctl); err != nil {
 		// Serving matters more than being upgradable.
 		s.log.Error("self-upgrade unavailable", "err", err)
@@ -320,7 +335,7 @@ func (s *Supervisor) loop() {
 	defer close(s.loopEnd)
 	for f := range s.ops {
 		f()
-		if s.stopping && len(s.gens) == 0 {
+		if s.stopping && len(s.gens) == 0 && s.leftovers == 0 {
 			if s.stopTimer != nil {
 				s.stopTimer.Stop()
 			}
@@ -443,7 +458,7 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 			return result(restartsock.ResultTooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
 		}
 		if cfg.CheckCmd != "" {
-			out, err := runCheck(s.stopCtx, cfg)
+			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1))
 			if errors.Is(err, errStopping) {
 				return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
 			}
@@ -551,26 +566,37 @@ func (s *Supervisor) loadConfig() (*config.Config, error) {
 }
 
 // runCheck runs the check command, bounded by the check timeout and by a
-// stop of the supervisor, and returns its output. The command runs in its
-// own process group, all of which is killed when it times out and when
-// the shell exits, so nothing it started outlives it.
-func runCheck(stop context.Context, cfg *config.Config) (string, error) {
+// stop of the supervisor, and returns its output. Everything the command
+// starts is in one process group, killed as a whole when it times out and
+// when the shell exits, so nothing it started outlives it.
+func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker, n int64) (string, error) {
+	grp, err := procs.NewGroup(fmt.Sprintf("check-%d", n))
+	if err != nil {
+		return "", err
+	}
+	defer grp.Close()
 	ctx, cancel := context.WithTimeout(stop, cfg.CheckTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
 	cmd.Dir = cfg.Dir
-	cmd.Env = childEnv(os.Environ(), cfg.Env)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.Env = append(childEnv(os.Environ(), cfg.Env), grp.Env()...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	if err := grp.Prepare(cmd.SysProcAttr); err != nil {
+		return "", err
+	}
+	cmd.Cancel = grp.Kill
 	// A background process holding the output pipe must not keep the
 	// check waiting once the shell is gone.
 	cmd.WaitDelay = time.Second
 	var out lockedBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Start()
+	err = cmd.Start()
 	if err == nil {
+		if serr := grp.Started(cmd.Process.Pid); serr != nil {
+			slog.Warn("process tracking", "err", serr)
+		}
 		err = cmd.Wait()
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		grp.Kill()
 	}
 	switch {
 	case stop.Err() != nil:
@@ -631,6 +657,9 @@ func fixedSettings(cur, next *config.Config) string {
 	}
 	if cur.LogFormat != next.LogFormat || cur.LogLevel != next.LogLevel {
 		fixed = append(fixed, "log format/level")
+	}
+	if cur.ProcessTracking != next.ProcessTracking {
+		fixed = append(fixed, "process tracking")
 	}
 	if len(fixed) == 0 {
 		return ""
@@ -695,7 +724,7 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 	g, err := startGeneration(spawnOpts{
 		num: s.nextGen, cfg: cfg, files: files, names: names, env: env, self: s.opts.Self,
 		post: s.post, spawner: s.spawner, log: s.log, supPID: os.Getpid(), stderrOut: s.opts.Stderr,
-		onExit: s.reaped,
+		onExit: s.reaped, procs: s.opts.Procs,
 	})
 	if err != nil {
 		release()
@@ -783,13 +812,8 @@ func (s *Supervisor) reaped(g *generation) {
 	if g.idleTimer != nil {
 		g.idleTimer.Stop()
 	}
-	// Only now may the slot go to another generation: its sockets are
-	// closed with its processes.
-	for _, grp := range g.groups {
-		if err := grp.Release(g.slot); err != nil {
-			g.log.Warn("UDP slot release failed", "err", err)
-		}
-	}
+	s.leftovers++
+	go s.awaitEmpty(g)
 	close(g.done)
 
 	switch {
@@ -817,6 +841,35 @@ func (s *Supervisor) reaped(g *generation) {
 	if s.opts.Events != nil && !s.stopping {
 		s.opts.Events.StatusChanged(s.status())
 	}
+}
+
+// groupEmptyBound bounds the wait for a killed generation's last process
+// to die; only a process stuck in the kernel takes longer.
+const groupEmptyBound = 10 * time.Second
+
+// awaitEmpty waits, off the loop, until nothing the generation started
+// runs any more, removes its process group, and only then frees its UDP
+// slot: until every socket of the slot is closed, another generation in
+// it would share its steering with a process that is still alive.
+func (s *Supervisor) awaitEmpty(g *generation) {
+	ctx, cancel := context.WithTimeout(context.Background(), groupEmptyBound)
+	err := g.procs.Wait(ctx)
+	cancel()
+	cerr := g.procs.Close()
+	s.post(func() {
+		s.leftovers--
+		if err != nil {
+			g.log.Warn("processes of the generation still running after SIGKILL; freeing its resources anyway", "bound", groupEmptyBound, "err", err)
+		}
+		if cerr != nil {
+			g.log.Warn("removing the generation's process group failed", "err", cerr)
+		}
+		for _, grp := range g.groups {
+			if err := grp.Release(g.slot); err != nil {
+				g.log.Warn("UDP slot release failed", "err", err)
+			}
+		}
+	})
 }
 
 // watchUDPIdle ends a draining generation's drain early once it has

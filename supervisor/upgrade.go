@@ -504,6 +504,32 @@ func (s *Supervisor) startAsSuccessor() {
 			s.watchAdopted(a)
 		}
 	})
+	go s.sweepAfterPredecessor(st.FromPID)
+}
+
+// sweepAfterPredecessor waits for the previous supervisor to exit, then
+// removes what it may have left behind: normally nothing, but one that
+// was killed leaves its process groups (and, in process-group mode,
+// escaped daemons of its generations that went to init).
+func (s *Supervisor) sweepAfterPredecessor(pid int) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err == nil {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, syscall.EINTR) {
+				break
+			}
+		}
+		unix.Close(fd)
+	}
+	if s.opts.Procs == nil {
+		return
+	}
+	if removed, err := s.opts.Procs.Sweep(); err != nil {
+		s.log.Warn("cleaning up after the previous supervisor failed", "err", err)
+	} else if len(removed) > 0 {
+		s.log.Info("cleaned up after the previous supervisor", "removed", removed)
+	}
 }
 
 // watchAdopted waits, off the loop, for an adopted generation to exit.

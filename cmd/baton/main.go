@@ -24,6 +24,7 @@ import (
 	"github.com/baton-run/baton/config"
 	"github.com/baton-run/baton/ctl"
 	"github.com/baton-run/baton/listen"
+	"github.com/baton-run/baton/procgroup"
 	"github.com/baton-run/baton/supervisor"
 	"github.com/baton-run/baton/systemd"
 )
@@ -104,6 +105,7 @@ func runMain(args []string, stderr io.Writer) int {
 		dir          = fs.String("dir", "", "working directory of generations")
 		logFormat    = fs.String("log-format", "text", "log format: text or json")
 		logLevel     = fs.String("log-level", "info", "log level: debug, info, warn, error")
+		tracking     = fs.String("process-tracking", "auto", "how to find everything a generation or check started, to kill it: auto (cgroup if baton may create cgroups, else process-group), cgroup, process-group")
 	)
 	fs.Var(&listens, "listen", "NAME=URL listener, repeatable: tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\n"+
 		"options as a query: ?backlog=N (tcp, unix), ?v6only=true (tcp, udp), ?mode=0660&owner=U&group=G (unix),\n"+
@@ -147,9 +149,9 @@ func runMain(args []string, stderr io.Writer) int {
 			c.Control = ctl.ControlPath("", os.Getenv)
 		}
 		str := map[string]*string{"control-group": &c.ControlGroup, "check-cmd": &c.CheckCmd, "user": &c.User,
-			"group": &c.Group, "dir": &c.Dir, "log-format": &c.LogFormat, "log-level": &c.LogLevel}
+			"group": &c.Group, "dir": &c.Dir, "log-format": &c.LogFormat, "log-level": &c.LogLevel, "process-tracking": &c.ProcessTracking}
 		vals := map[string]string{"control-group": *controlGroup, "check-cmd": *checkCmd, "user": *userName,
-			"group": *groupName, "dir": *dir, "log-format": *logFormat, "log-level": *logLevel}
+			"group": *groupName, "dir": *dir, "log-format": *logFormat, "log-level": *logLevel, "process-tracking": *tracking}
 		for name, dst := range str {
 			if set[name] {
 				*dst = vals[name]
@@ -187,7 +189,9 @@ func runMain(args []string, stderr io.Writer) int {
 		}
 		return nil
 	}
-	load := func(ctx context.Context) (*config.Config, error) { return config.LoadContext(ctx, *configPath, overrides) }
+	load := func(ctx context.Context) (*config.Config, error) {
+		return config.LoadContext(ctx, *configPath, overrides)
+	}
 
 	cfg, err := load(context.Background())
 	if err != nil {
@@ -238,7 +242,20 @@ func runMain(args []string, stderr io.Writer) int {
 		log.Info("listener", "name", sk.Spec.Name, "url", sk.Spec.URL, "fd", 3+i, "systemd", sk.Activated)
 	}
 
-	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks, Upgrader: upg, Successor: succ}
+	mode, err := procgroup.ParseMode(cfg.ProcessTracking)
+	if err != nil {
+		log.Error("process tracking", "err", err)
+		return 2
+	}
+	procs, err := procgroup.New(procgroup.Options{Mode: mode, Logger: log})
+	if err != nil {
+		log.Error("cannot track the processes of generations", "err", err)
+		return 1
+	}
+	defer procs.Close()
+	log.Info("process tracking", "mode", procs.Mode().String(), "where", procs.Describe())
+
+	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks, Upgrader: upg, Successor: succ, Procs: procs}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	notifier := systemd.FromEnv(os.Getenv, log)

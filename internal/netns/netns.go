@@ -114,16 +114,23 @@ func (ns *NS) Close() error {
 	return errors.Join(errs...)
 }
 
-// Command returns a command that runs name inside the namespace. `ip netns
-// exec` execs the command in place, so cmd.Process.Pid is the command's own
-// pid and signals sent to it reach the command, not a wrapper.
+// Command returns a command that runs name inside the namespace. nsenter
+// joins the network namespace only and execs the command in place, so
+// cmd.Process.Pid is the command's own pid and signals sent to it reach
+// the command, not a wrapper. (`ip netns exec` would also give the command
+// a mount namespace with a fresh /sys, without the cgroup2 mount that
+// baton tracks its generations' processes with.)
 func (ns *NS) Command(name string, args ...string) *exec.Cmd {
-	return exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+	return exec.Command("nsenter", ns.nsenterArgs(name, args)...)
 }
 
 // CommandContext is Command with a context that kills the process.
 func (ns *NS) CommandContext(ctx context.Context, name string, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+	return exec.CommandContext(ctx, "nsenter", ns.nsenterArgs(name, args)...)
+}
+
+func (ns *NS) nsenterArgs(name string, args []string) []string {
+	return append([]string{"--net=/run/netns/" + ns.Name, "--", name}, args...)
 }
 
 // Do runs fn on an OS thread that has joined the namespace. Sockets created
