@@ -27,8 +27,10 @@ test: lint
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit"; exit 1; }
 	@if command -v staticcheck >/dev/null 2>&1; then staticcheck ./...; \
 	 elif [ -x "$$($(GO) env GOPATH)/bin/staticcheck" ]; then "$$($(GO) env GOPATH)/bin/staticcheck" ./...; \
+	 elif [ "$$CI" = true ]; then echo "staticcheck not installed and CI=true: .ci/run installs it"; exit 1; \
 	 else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@v0.8.2); skipping"; fi
 
 # BPF C -> objects and Go bindings (needs clang, llvm, libbpf-dev). The

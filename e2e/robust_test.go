@@ -303,7 +303,7 @@ func TestCrashesAreNotRestarts(t *testing.T) {
 	if err := syscall.Kill(findGen(st, 1).PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	st = h.waitServing(b, 2)
+	h.waitServing(b, 2)
 	h.expectRestart(0, restartsock.ResultOK)
 	st, _ = h.status()
 	if st.Crashes != 1 || st.Restarts != 1 {
