@@ -1,9 +1,11 @@
 package handoff
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -14,7 +16,12 @@ import (
 
 // DefaultIdleGrace is how long HTTPDrainer leaves an idle keep-alive
 // connection open after a drain began before closing it.
-const DefaultIdleGrace = 500 * time.Millisecond
+//
+// A client that sends on the connection just as it is closed sees it fail
+// (net/http re-sends an idempotent request by itself); only a client that
+// was idle for the whole grace can meet that, so the grace is long enough
+// for a client stalled on a busy machine, and short next to a drain.
+const DefaultIdleGrace = time.Second
 
 // ErrUntrackedServe is returned by HTTPDrainer.Drain, after draining as
 // well as it could, when the server was also served by a direct call to
@@ -96,14 +103,69 @@ func NewHTTPDrainer(srv *http.Server) *HTTPDrainer {
 		next = http.DefaultServeMux
 	}
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if d.draining.Load() {
-			// net/http closes the connection after this response.
-			w.Header().Set("Connection", "close")
-		}
-		next.ServeHTTP(w, r)
+		next.ServeHTTP(&drainWriter{ResponseWriter: w, d: d}, r)
 	})
 	return d
 }
+
+// drainWriter adds "Connection: close" to a response whose header is
+// written once the drain has begun, also when its request arrived before:
+// a client that got a keep-alive answer during the drain would reuse the
+// connection just as the drainer closes it for being idle.
+type drainWriter struct {
+	http.ResponseWriter
+	d       *HTTPDrainer
+	written bool
+}
+
+func (w *drainWriter) header() {
+	if w.written {
+		return
+	}
+	w.written = true
+	if w.d.draining.Load() {
+		// net/http closes the connection after this response.
+		w.ResponseWriter.Header().Set("Connection", "close")
+	}
+}
+
+func (w *drainWriter) WriteHeader(code int) {
+	// Informational (1xx) headers are not the response's own.
+	if code >= 200 {
+		w.header()
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *drainWriter) Write(b []byte) (int, error) {
+	w.header()
+	return w.ResponseWriter.Write(b)
+}
+
+// Flush sends the header too; without it a handler's flush would bypass
+// the check above.
+func (w *drainWriter) Flush() {
+	w.header()
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+// Hijack keeps type assertions on http.Hijacker working (websockets).
+func (w *drainWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(w.ResponseWriter).Hijack()
+}
+
+// ReadFrom keeps net/http's sendfile path for io.Copy into the response.
+func (w *drainWriter) ReadFrom(r io.Reader) (int64, error) {
+	w.header()
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(w.ResponseWriter, r)
+}
+
+// Unwrap gives http.ResponseController the underlying writer (deadlines,
+// full duplex).
+func (w *drainWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // Serve accepts connections on ln and serves them with the server until
 // Drain closes ln; it then returns http.ErrServerClosed, and any other

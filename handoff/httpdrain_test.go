@@ -337,19 +337,11 @@ func TestHTTPDrainerInFlight(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || body != "done" {
 		t.Errorf("in-flight request: %s %q, want 200 \"done\"", resp.Status, body)
 	}
-	// Its handler began before the drain, so the response may leave the
-	// connection open; the next request on it must then be answered too.
+	// Its handler began before the drain but wrote its answer after: the
+	// answer closes the connection, or the client would keep it for a
+	// next request just as the drainer closes it for being idle.
 	if !resp.Close {
-		if err := c.send("/"); err != nil {
-			t.Fatal(err)
-		}
-		resp, _, err = c.response()
-		if err != nil {
-			t.Fatalf("request after the in-flight one, same connection: %v", err)
-		}
-		if resp.StatusCode != http.StatusOK || !resp.Close {
-			t.Errorf("request after the in-flight one: %s close=%v, want 200 with Connection: close", resp.Status, resp.Close)
-		}
+		t.Errorf("in-flight request answered during the drain without Connection: close")
 	}
 	if err := waitErr(t, drained, "Drain"); err != nil {
 		t.Errorf("Drain: %v", err)

@@ -101,7 +101,7 @@ func run(listen string, drainTimeout time.Duration, log *slog.Logger) int {
 	case <-sctx.Done():
 	}
 	start := time.Now()
-	for !conns.settled(start, 500*time.Millisecond) && sctx.Err() == nil {
+	for !conns.settled(start, time.Second) && sctx.Err() == nil {
 		time.Sleep(5 * time.Millisecond)
 	}
 	if err := srv.Shutdown(sctx); err != nil {
