@@ -166,7 +166,7 @@ func TestNoLeaks(t *testing.T) {
 		h.expectRestart(0, restartsock.ResultOK)
 	}
 	h.waitSettled(10 * time.Second)
-	fds0, goroutines0, hasG := h.usage(b)
+	fds0, goroutines0, hasG := h.steadyUsage(b)
 
 	const n = 200
 	start := time.Now()
@@ -204,6 +204,23 @@ func TestNoLeaks(t *testing.T) {
 	if kids := childrenOf(b.pid()); len(kids) != 1 {
 		t.Errorf("baton has %d children after settling; want 1 (the serving generation)", len(kids))
 	}
+}
+
+// steadyUsage is usage once it stops changing: a reaped generation's
+// process group is removed a moment after the generation leaves status,
+// and a baseline taken before would count its descriptor and goroutine.
+func (h *harness) steadyUsage(b *batonProc) (fds, goroutines int, hasGoroutines bool) {
+	h.t.Helper()
+	fds, goroutines, hasGoroutines = h.usage(b)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+		f, g, _ := h.usage(b)
+		if f == fds && g == goroutines {
+			break
+		}
+		fds, goroutines = f, g
+	}
+	return fds, goroutines, hasGoroutines
 }
 
 // usage returns baton's open fd count and, if status reports it, its
