@@ -62,10 +62,15 @@ type Result struct {
 	Recovered int
 	// WrongGen counts responses whose X-Generation differs from the first
 	// response on the same connection; NewOnOldGen new connections whose
-	// first response did not come from the working generation (see
-	// Load.SetWorking).
+	// first response came from a generation older than the one working
+	// when they were opened (see Load.SetWorking). A newer one is right:
+	// a handshake slowed past the next restart reaches that restart's
+	// generation.
 	WrongGen    int64
 	NewOnOldGen int
+	// NewOnNewerGen: new connections whose first response came from a
+	// generation newer than the working one when they were opened.
+	NewOnNewerGen int
 	// Broken counts connections the client saw fail in any way: handshake
 	// failed, a request failed, the connection ended under it, or it
 	// changed generation.
@@ -107,8 +112,8 @@ func (r Result) String() string {
 		rate = float64(r.OK) / r.Elapsed.Seconds()
 	}
 	fmt.Fprintf(&b, "%s, %d generations at the end, %.0f responses/s, slowest %s: ", r.Elapsed.Round(time.Millisecond), r.Generations, rate, r.MaxLatency.Round(time.Millisecond))
-	fmt.Fprintf(&b, "conns=%d broken=%d (dial_failed=%d closed=%d recovered_after_failure=%d) requests sent=%d ok=%d failed=%d (timeouts_on_live_conn=%d on_dead_conn=%d) wrong_gen=%d new_conn_on_old_gen=%d",
-		r.Conns, r.Broken, r.DialFailed, r.Closed, r.Recovered, r.Sent, r.OK, r.Failed, r.TimeoutsOnLiveConn, r.FailedOnDeadConn, r.WrongGen, r.NewOnOldGen)
+	fmt.Fprintf(&b, "conns=%d broken=%d (dial_failed=%d closed=%d recovered_after_failure=%d) requests sent=%d ok=%d failed=%d (timeouts_on_live_conn=%d on_dead_conn=%d) wrong_gen=%d new_conn_on_old_gen=%d new_conn_on_newer_gen=%d",
+		r.Conns, r.Broken, r.DialFailed, r.Closed, r.Recovered, r.Sent, r.OK, r.Failed, r.TimeoutsOnLiveConn, r.FailedOnDeadConn, r.WrongGen, r.NewOnOldGen, r.NewOnNewerGen)
 	for _, e := range r.Errors {
 		fmt.Fprintf(&b, "\n  error: %s", e)
 	}
@@ -412,8 +417,16 @@ func (l *Load) Stop() Result {
 		if s.recovered {
 			res.Recovered++
 		}
-		if s.wantGen > 0 && s.first != "" && s.first != strconv.Itoa(s.wantGen) {
-			res.NewOnOldGen++
+		if g, err := strconv.Atoi(s.first); s.wantGen > 0 && s.first != "" {
+			switch {
+			case err != nil || g < s.wantGen:
+				res.NewOnOldGen++
+				if len(res.Errors) < l.cfg.KeepErrors {
+					res.Errors = append(res.Errors, fmt.Sprintf("a connection opened while generation %d was the working one was first answered by generation %s", s.wantGen, s.first))
+				}
+			case g > s.wantGen:
+				res.NewOnNewerGen++
+			}
 		}
 		res.OK += s.ok
 		res.MaxLatency = max(res.MaxLatency, s.slowest)
