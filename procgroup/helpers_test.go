@@ -19,7 +19,7 @@ import (
 // fails instead of hanging.
 const bound = 10 * time.Second
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	testenv.RequireRoot(t, "creates cgroups and kills processes in other sessions")
 	for _, tool := range []string{"/bin/sh", "setsid", "sleep"} {
@@ -29,15 +29,37 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-func newTracker(t *testing.T, mode Mode) *Tracker {
+func newTracker(t testing.TB, mode Mode) *Tracker {
 	t.Helper()
-	tr, err := New(Options{Mode: mode, ScanInterval: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatalf("New(%v): %v", mode, err)
+	return newTrackerOf(t, kind{mode: mode})
+}
+
+// kind is a mode and, in process-group mode, how scans find baton's
+// descendants.
+type kind struct {
+	mode     Mode
+	fullScan bool // read every process, as on a kernel without children lists
+}
+
+func (k kind) String() string {
+	if k.fullScan {
+		return k.mode.String() + "-full-scan"
 	}
-	if tr.Mode() != mode {
-		t.Fatalf("New(%v) chose %v", mode, tr.Mode())
-	}
+	return k.mode.String()
+}
+
+// allKinds: both modes, process-group mode both ways.
+var allKinds = []kind{{mode: Cgroup}, {mode: ProcessGroup}, {mode: ProcessGroup, fullScan: true}}
+
+// pgKinds: process-group mode both ways.
+var pgKinds = []kind{{mode: ProcessGroup}, {mode: ProcessGroup, fullScan: true}}
+
+// newTrackerOf is newTracker for a kind. A tracker in process-group mode
+// must walk the children lists unless the kind says otherwise: the
+// kernel this runs on has them.
+func newTrackerOf(t testing.TB, k kind) *Tracker {
+	t.Helper()
+	tr := newUnclosedTracker(t, k)
 	t.Cleanup(func() {
 		if err := tr.Close(); err != nil {
 			t.Errorf("tracker Close: %v", err)
@@ -46,7 +68,7 @@ func newTracker(t *testing.T, mode Mode) *Tracker {
 	return tr
 }
 
-func newGroup(t *testing.T, tr *Tracker, name string) *Group {
+func newGroup(t testing.TB, tr *Tracker, name string) *Group {
 	t.Helper()
 	g, err := tr.NewGroup(name)
 	if err != nil {
@@ -68,7 +90,7 @@ type started struct {
 }
 
 // exitErr waits (bounded) for the command's cmd.Wait result.
-func (s *started) exitErr(t *testing.T) error {
+func (s *started) exitErr(t testing.TB) error {
 	t.Helper()
 	select {
 	case <-s.done:
@@ -81,7 +103,7 @@ func (s *started) exitErr(t *testing.T) error {
 
 // startIn runs `/bin/sh -c script` as the main process of g, the way the
 // supervisor starts a generation.
-func startIn(t *testing.T, g *Group, script string, files ...*os.File) *started {
+func startIn(t testing.TB, g *Group, script string, files ...*os.File) *started {
 	t.Helper()
 	cmd := exec.Command("/bin/sh", "-c", script)
 	cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -93,7 +115,7 @@ func startIn(t *testing.T, g *Group, script string, files ...*os.File) *started 
 	return startCmd(t, g, cmd)
 }
 
-func startCmd(t *testing.T, g *Group, cmd *exec.Cmd) *started {
+func startCmd(t testing.TB, g *Group, cmd *exec.Cmd) *started {
 	t.Helper()
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start: %v", err)
@@ -119,7 +141,7 @@ func startCmd(t *testing.T, g *Group, cmd *exec.Cmd) *started {
 }
 
 // readPID waits for a script to write its pid to file.
-func readPID(t *testing.T, file string) int {
+func readPID(t testing.TB, file string) int {
 	t.Helper()
 	deadline := time.Now().Add(bound)
 	for time.Now().Before(deadline) {
@@ -149,7 +171,7 @@ func exists(k procKey) bool {
 	return err == nil && st.start == k.start
 }
 
-func keyOf(t *testing.T, pid int) procKey {
+func keyOf(t testing.TB, pid int) procKey {
 	t.Helper()
 	st, err := readStat(pid)
 	if err != nil {
@@ -159,7 +181,7 @@ func keyOf(t *testing.T, pid int) procKey {
 }
 
 // eventually polls cond until it holds, failing after bound.
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(bound)
 	for !cond() {
@@ -196,4 +218,25 @@ func killedBySignal(err error) bool {
 	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
 }
 
-var bothModes = []Mode{Cgroup, ProcessGroup}
+// newUnclosedTracker is newTrackerOf without the Close at cleanup.
+func newUnclosedTracker(t testing.TB, k kind) *Tracker {
+	t.Helper()
+	tr, err := New(Options{Mode: k.mode, ScanInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatalf("New(%v): %v", k.mode, err)
+	}
+	if tr.Mode() != k.mode {
+		t.Fatalf("New(%v) chose %v", k.mode, tr.Mode())
+	}
+	if tr.pg != nil {
+		tr.pg.mu.Lock()
+		noLists := tr.pg.fullScan
+		tr.pg.fullScan = k.fullScan
+		tr.pg.mu.Unlock()
+		if noLists && !k.fullScan {
+			tr.Close()
+			testenv.Unavailable(t, "the kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+		}
+	}
+	return tr
+}

@@ -32,7 +32,7 @@ package procgroup
 // This holds as long as a group's Env goes to one process only, the one
 // passed to Started.
 //
-// Only baton's descendants are candidates (see descendants): a scan never
+// Only baton's descendants are candidates (see walk.go): a scan never
 // records, kills or reaps anything outside baton's process tree, nor
 // reads another process's environment. (Sweep, which looks for what
 // batons that exited left behind, reads them all, once.) A descendant is
@@ -120,6 +120,11 @@ type pgTracker struct {
 	// environment.
 	markers map[procKey]string
 	scanErr error // last scan error, logged once
+	// fullScan: the kernel has no children lists, so scans read every
+	// process's stat (walk.go). Decided at New.
+	fullScan bool
+	deadSeen map[procKey]bool // exited descendants the last walk saw
+	buf      []byte           // for children lists
 
 	sigs chan os.Signal
 	stop chan struct{}
@@ -146,6 +151,9 @@ func newPgTracker(interval time.Duration, log *slog.Logger) (*pgTracker, error) 
 	if err := unix.Stat("/proc/self/ns/pid", &ns); err != nil {
 		return nil, fmt.Errorf("procgroup: pid namespace: %w", err)
 	}
+	// The lists exist for every task or for none.
+	_, err = os.Stat(childrenFile(os.Getpid(), os.Getpid()))
+	fullScan := err != nil
 	subreaper.Lock()
 	if subreaper.n == 0 {
 		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
@@ -161,6 +169,7 @@ func newPgTracker(interval time.Duration, log *slog.Logger) (*pgTracker, error) 
 		nsIno:    ns.Ino,
 		prefix:   fmt.Sprintf("%d-%d-%d.", ns.Ino, os.Getpid(), start),
 		interval: interval,
+		fullScan: fullScan,
 		groups:   map[string]*pgGroup{},
 		members:  map[procKey]*member{},
 		markers:  map[procKey]string{},
@@ -247,7 +256,7 @@ func (p *pgTracker) started(g *pgGroup, pid int) error {
 // scanLocked reads /proc, records new members, reaps the members that
 // are baton's exited children, and kills members of killed groups.
 func (p *pgTracker) scanLocked() map[int]procStat {
-	pids, err := listPIDs()
+	procs, desc, err := p.collectLocked()
 	if err != nil {
 		if p.scanErr == nil {
 			p.log.Error("process tracking cannot read /proc", "err", err)
@@ -256,22 +265,29 @@ func (p *pgTracker) scanLocked() map[int]procStat {
 		return nil
 	}
 	p.scanErr = nil
-	procs := make(map[int]procStat, len(pids))
-	for _, pid := range pids {
-		if st, err := readStat(pid); err == nil {
-			procs[pid] = st
+	// A process the scan did not see may still exist (see walk.go): a
+	// record is dropped only once its process is gone.
+	lookup := func(k procKey) (procStat, bool) {
+		st, ok := procs[k.pid]
+		if !ok {
+			var err error
+			if st, err = readStat(k.pid); err != nil {
+				return procStat{}, false
+			}
 		}
+		return st, k.start == 0 || st.start == k.start
 	}
 	exists := func(k procKey) bool {
-		st, ok := procs[k.pid]
-		return ok && (k.start == 0 || st.start == k.start)
+		_, ok := lookup(k)
+		return ok
 	}
 	for k, m := range p.members {
-		if !exists(k) {
+		st, ok := lookup(k)
+		if !ok {
 			delete(p.members, k)
 			continue
 		}
-		m.st = procs[k.pid]
+		m.st = st
 	}
 	for k := range p.markers {
 		if !exists(k) {
@@ -304,7 +320,6 @@ func (p *pgTracker) scanLocked() map[int]procStat {
 		}
 	}
 	local := map[procKey]string{}
-	desc := descendants(procs, p.self)
 	for changed := true; changed; {
 		changed = false
 		for _, pid := range desc {
@@ -350,11 +365,12 @@ func (p *pgTracker) scanLocked() map[int]procStat {
 	return procs
 }
 
-// descendants lists the processes below pid, parents before children.
-// Baton being a subreaper, every process it started and everything those
-// started stays below it: a process whose parent exits is reparented to
-// the nearest subreaper above it. So no other process is ever looked at
-// (its environment never read).
+// descendants lists the processes below pid, parents before children,
+// from the stat of every process (a full scan). Baton being a subreaper,
+// every process it started and everything those started stays below it:
+// a process whose parent exits is reparented to the nearest subreaper
+// above it. So no other process is ever looked at (its environment never
+// read).
 func descendants(procs map[int]procStat, pid int) []int {
 	children := map[int][]int{}
 	for c, st := range procs {

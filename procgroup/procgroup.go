@@ -93,7 +93,9 @@ type Options struct {
 	// ScanInterval is how often process-group mode scans /proc for
 	// members whose parent may die before the next look (default 1s).
 	// Scans also follow every SIGCHLD and run during Kill and Wait. A
-	// scan reads /proc/PID/stat of every process on the host.
+	// scan reads the stat and children lists of baton's descendants; on
+	// a kernel without /proc/PID/task/TID/children, the stat of every
+	// process on the host.
 	ScanInterval time.Duration
 }
 
@@ -194,7 +196,10 @@ func (t *Tracker) Describe() string {
 		}
 		return s
 	}
-	s := "process-group (child subreaper, /proc scans)"
+	s := "process-group (child subreaper, /proc scans of its descendants)"
+	if t.pg.fullScan {
+		s = "process-group (child subreaper, /proc scans of every process: no /proc/PID/task/TID/children)"
+	}
 	if t.fallback != nil {
 		s += "; cgroup v2 not used: " + t.fallback.Error()
 	}

@@ -32,9 +32,10 @@ exec sleep 300`
 // process group with setsid is killed whole, in both modes.
 func TestKillEscapedDescendants(t *testing.T) {
 	requireRoot(t)
-	for _, mode := range bothModes {
-		t.Run(mode.String(), func(t *testing.T) {
-			tr := newTracker(t, mode)
+	for _, k := range allKinds {
+		mode := k.mode
+		t.Run(k.String(), func(t *testing.T) {
+			tr := newTrackerOf(t, k)
 			g := newGroup(t, tr, "gen-1")
 			dir := t.TempDir()
 			t.Setenv("D", dir)
@@ -87,10 +88,10 @@ func TestKillEscapedDescendants(t *testing.T) {
 // Kill and Wait the port can be bound again.
 func TestListeningSocketFreed(t *testing.T) {
 	requireRoot(t)
-	for _, mode := range bothModes {
-		t.Run(mode.String(), func(t *testing.T) {
+	for _, k := range allKinds {
+		t.Run(k.String(), func(t *testing.T) {
 			ns := netns.NewT(t)
-			tr := newTracker(t, mode)
+			tr := newTrackerOf(t, k)
 			g := newGroup(t, tr, "gen-2")
 			ln, err := ns.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -138,9 +139,9 @@ exec sleep 300`, f)
 // everything it started, the way the supervisor runs --check-cmd.
 func TestCheckTimeout(t *testing.T) {
 	requireRoot(t)
-	for _, mode := range bothModes {
-		t.Run(mode.String(), func(t *testing.T) {
-			tr := newTracker(t, mode)
+	for _, k := range allKinds {
+		t.Run(k.String(), func(t *testing.T) {
+			tr := newTrackerOf(t, k)
 			g := newGroup(t, tr, "check-1")
 			dir := t.TempDir()
 			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
@@ -195,7 +196,13 @@ sleep 300`)
 // neither killed nor reaped, while scans run and groups are killed.
 func TestProcessGroupModeLeavesOthersAlone(t *testing.T) {
 	requireRoot(t)
-	tr := newTracker(t, ProcessGroup)
+	for _, k := range pgKinds {
+		t.Run(k.String(), func(t *testing.T) { testLeavesOthersAlone(t, k) })
+	}
+}
+
+func testLeavesOthersAlone(t *testing.T, k kind) {
+	tr := newTrackerOf(t, k)
 	dir := t.TempDir()
 	t.Setenv("D", dir)
 
@@ -223,6 +230,8 @@ func TestProcessGroupModeLeavesOthersAlone(t *testing.T) {
 	main := startIn(t, g, escapeScript)
 	orphan := keyOf(t, readPID(t, filepath.Join(dir, "orphan")))
 	readPID(t, filepath.Join(dir, "daemon"))
+	// Written once setsid -f, the orphan's first parent, has exited.
+	readPID(t, filepath.Join(dir, "main"))
 	if st, _ := readStat(orphan.pid); st.ppid != os.Getpid() {
 		t.Fatalf("orphan's parent is %d, not this process: not a subreaper?", st.ppid)
 	}
@@ -258,7 +267,13 @@ func TestProcessGroupModeLeavesOthersAlone(t *testing.T) {
 // exec.Cmd.
 func TestProcessGroupModeExitStatusOfMain(t *testing.T) {
 	requireRoot(t)
-	tr := newTracker(t, ProcessGroup)
+	for _, k := range pgKinds {
+		t.Run(k.String(), func(t *testing.T) { testExitStatusOfMain(t, k) })
+	}
+}
+
+func testExitStatusOfMain(t *testing.T, k kind) {
+	tr := newTrackerOf(t, k)
 	g := newGroup(t, tr, "gen-4")
 	cmd := exec.Command("/bin/sh", "-c", "sleep 0.2; exit 5")
 	cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -422,9 +437,15 @@ func TestDescribe(t *testing.T) {
 	if !strings.Contains(tr.cg.base, fmt.Sprintf("baton-%d", os.Getpid())) {
 		t.Errorf("base %s does not name this pid", tr.cg.base)
 	}
-	pg := newTracker(t, ProcessGroup)
-	if got := pg.Describe(); !strings.HasPrefix(got, "process-group") {
-		t.Errorf("Describe() = %q", got)
+	for _, k := range pgKinds {
+		pg := newTrackerOf(t, k)
+		want := "process-group (child subreaper, /proc scans of its descendants)"
+		if k.fullScan {
+			want = "process-group (child subreaper, /proc scans of every process"
+		}
+		if got := pg.Describe(); !strings.HasPrefix(got, want) {
+			t.Errorf("%v: Describe() = %q, want prefix %q", k, got, want)
+		}
 	}
 }
 
@@ -440,8 +461,9 @@ func TestMkdirErrorNamesTheFix(t *testing.T) {
 }
 
 func TestParse(t *testing.T) {
-	st, err := parseStat(42, []byte("42 (a) b) c) S 1 42 40 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0"))
-	if err != nil || st.ppid != 1 || st.pgrp != 42 || st.sid != 40 || st.start != 12345 || st.state != 'S' {
+	st, err := parseStat(42, []byte("42 (a) b) c) S 1 42 40 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 3 0 12345 0 0"))
+	if err != nil || st.ppid != 1 || st.pgrp != 42 || st.sid != 40 || st.start != 12345 || st.state != 'S' ||
+		st.threads != 3 || st.flags != 4194564 || !st.exiting() {
 		t.Errorf("parseStat = %+v, %v", st, err)
 	}
 	if ns, pid, start, ok := parseMarker("4026531836-123-456.7"); !ok || ns != 4026531836 || pid != 123 || start != 456 {
@@ -502,9 +524,10 @@ func TestParseMountinfo(t *testing.T) {
 // prepared (cgroup mode).
 func TestGroupLifecycle(t *testing.T) {
 	requireRoot(t)
-	for _, mode := range bothModes {
-		t.Run(mode.String(), func(t *testing.T) {
-			tr := newTracker(t, mode)
+	for _, k := range allKinds {
+		mode := k.mode
+		t.Run(k.String(), func(t *testing.T) {
+			tr := newTrackerOf(t, k)
 			for _, bad := range []string{"", "a/b", "..", "cgroup.kill", "Gen-1"} {
 				if _, err := tr.NewGroup(bad); err == nil {
 					t.Errorf("NewGroup(%q) succeeded", bad)
@@ -552,12 +575,10 @@ func TestGroupLifecycle(t *testing.T) {
 // is killed with its escaped descendants, and the tracker's cgroup goes.
 func TestTrackerCloseKillsEverything(t *testing.T) {
 	requireRoot(t)
-	for _, mode := range bothModes {
-		t.Run(mode.String(), func(t *testing.T) {
-			tr, err := New(Options{Mode: mode, ScanInterval: 50 * time.Millisecond})
-			if err != nil {
-				t.Fatal(err)
-			}
+	for _, k := range allKinds {
+		mode := k.mode
+		t.Run(k.String(), func(t *testing.T) {
+			tr := newUnclosedTracker(t, k)
 			var keys []procKey
 			var mains []*started
 			for _, name := range []string{"gen-1", "check-1"} {
