@@ -151,6 +151,9 @@ func TestConfigFIFO(t *testing.T) {
 		if r.Took > 10*time.Second {
 			t.Errorf("restart %d took %s", i+1, r.Took)
 		}
+		if strings.Contains(r.Result.Message, "config: config") {
+			t.Errorf("doubled prefix: %q", r.Result.Message)
+		}
 	}
 	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -381,5 +384,34 @@ func TestEscapedDaemonDies(t *testing.T) {
 			// The port is free: a new baton binds it and serves.
 			h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
 		})
+	}
+}
+
+// TestControlDirectoryOthersCanWrite: a coordination socket in a directory
+// another user can write to could be swapped for a socket of theirs;
+// baton refuses to start there, says why and what to do, once.
+func TestControlDirectoryOthersCanWrite(t *testing.T) {
+	h := newHarness(t)
+	open := filepath.Join(h.dir, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	b := h.startBatonControl(filepath.Join(open, "baton.sock"), "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	code, ok := b.waitExit(10 * time.Second)
+	if !ok || code != 1 {
+		t.Fatalf("baton with its control socket in a mode 0777 directory: exited %v, code %d; want exit 1", ok, code)
+	}
+	out := b.out.String()
+	if !strings.Contains(out, "writable by every user") || !strings.Contains(out, "sticky") {
+		t.Errorf("the error does not say why and what to do:\n%s", out)
+	}
+	if strings.Contains(out, "coordination socket: coordination socket") {
+		t.Errorf("doubled prefix in:\n%s", out)
+	}
+	if _, err := os.Lstat(filepath.Join(open, "baton.sock")); !os.IsNotExist(err) {
+		t.Errorf("a socket was left in the refused directory: %v", err)
 	}
 }

@@ -161,6 +161,11 @@ func (h *harness) waitWorking(min int) restartsock.Status {
 	for time.Now().Before(deadline) {
 		st := h.sup.Status(context.Background())
 		if st.Working >= min {
+			// The restart that made it working may still hold the
+			// restart lock for a moment; a test's own restart must
+			// not meet it busy.
+			h.sup.sem <- struct{}{}
+			<-h.sup.sem
 			return st
 		}
 		time.Sleep(10 * time.Millisecond)
