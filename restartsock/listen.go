@@ -26,10 +26,6 @@ const (
 	DefaultProgressBuffer = 64
 )
 
-// maxSunPath is the size of sockaddr_un.sun_path on Linux; one byte is kept
-// for the terminating NUL.
-const maxSunPath = 108
-
 // Options configures Listen.
 type Options struct {
 	// Mode is the permission of the socket file. Zero means 0600, or 0660
@@ -100,8 +96,8 @@ func Listen(path string, opts Options) (*Server, error) {
 	if path == "" {
 		return nil, errors.New("coordination socket: empty path")
 	}
-	if len(path) >= maxSunPath {
-		return nil, fmt.Errorf("coordination socket %s: path is %d bytes, the limit for a Unix socket is %d", path, len(path), maxSunPath-1)
+	if len(path) > unixsock.MaxPath {
+		return nil, fmt.Errorf("coordination socket %s: path is %d bytes, the limit for a Unix socket is %d", path, len(path), unixsock.MaxPath)
 	}
 	gid, log, err := opts.resolve(path)
 	if err != nil {
@@ -248,11 +244,11 @@ func lookupGroup(group string) (int, error) {
 // removeStale clears the way for bind: a socket nobody accepts on is left
 // over from a supervisor that died and is removed; anything else stays.
 func removeStale(path string) error {
-	live, err := unixsock.Probe(path)
-	if err == nil && live {
+	err := unixsock.RemoveStale(path)
+	if errors.Is(err, unixsock.ErrLive) {
 		return fmt.Errorf("another supervisor is listening on %s", path)
 	}
-	if err := unixsock.RemoveStale(path); err != nil {
+	if err != nil {
 		return fmt.Errorf("coordination socket: %w", err)
 	}
 	return nil

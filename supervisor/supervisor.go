@@ -15,7 +15,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -80,14 +79,12 @@ type Supervisor struct {
 	spawner *spawner
 	ops     chan func()
 	sem     chan struct{} // single-flight restarts
-	stopCh  chan struct{} // closed when a stop begins
-	// stopCtx is cancelled when stopCh is closed, for waits that take a
-	// context.
+	// stopCtx is cancelled when a stop begins (graceful, immediate or
+	// after a handover); every wait of a restart ends with it.
 	stopCtx    context.Context
 	stopCancel context.CancelFunc
 	loopEnd    chan struct{} // closed when the loop returns
-	stopOne    sync.Once
-	checks     atomic.Int64 // check command runs, for their group names
+	checks     atomic.Int64  // check command runs, for their group names
 	// handoverDone is closed once a successor serves.
 	handoverDone chan struct{}
 	handoverFile *os.File // memfd shared with predecessor/successor
@@ -130,7 +127,6 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 		spawner:      newSpawner(),
 		ops:          make(chan func(), 64),
 		sem:          make(chan struct{}, 1),
-		stopCh:       make(chan struct{}),
 		loopEnd:      make(chan struct{}),
 		cfg:          cfg,
 		handoverDone: make(chan struct{}),
@@ -384,7 +380,7 @@ func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(resta
 		return restartsock.Result{}, true
 	case <-ctx.Done():
 		return result(restartsock.ResultBusy, "gave up waiting for the running restart", time.Now()), false
-	case <-s.stopCh:
+	case <-s.stopCtx.Done():
 		return result(restartsock.ResultShuttingDown, s.stoppingMessage(), time.Now()), false
 	}
 }
@@ -458,7 +454,7 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 			return result(restartsock.ResultTooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
 		}
 		if cfg.CheckCmd != "" {
-			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1))
+			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1), s.log)
 			if errors.Is(err, errStopping) {
 				return result(restartsock.ResultShuttingDown, s.stoppingMessage(), start)
 			}
@@ -506,7 +502,7 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(restar
 		res := s.failed(g, restartsock.ResultReadyTimeout, start)
 		res.Message = fmt.Sprintf("generation %d (pid %d) was not ready within %v and was killed", g.num, g.pid, cfg.ReadyTimeout) + indent(g.stderrTail())
 		return res
-	case <-s.stopCh:
+	case <-s.stopCtx.Done():
 		return result(restartsock.ResultShuttingDown, "the supervisor is stopping", start)
 	}
 	progress(event(restartsock.EventReady, g.num, g.pid, ""))
@@ -569,7 +565,7 @@ func (s *Supervisor) loadConfig() (*config.Config, error) {
 // stop of the supervisor, and returns its output. Everything the command
 // starts is in one process group, killed as a whole when it times out and
 // when the shell exits, so nothing it started outlives it.
-func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker, n int64) (string, error) {
+func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker, n int64, log *slog.Logger) (string, error) {
 	grp, err := procs.NewGroup(fmt.Sprintf("check-%d", n))
 	if err != nil {
 		return "", err
@@ -588,12 +584,12 @@ func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker
 	// A background process holding the output pipe must not keep the
 	// check waiting once the shell is gone.
 	cmd.WaitDelay = time.Second
-	var out lockedBuffer
+	var out cappedBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	err = cmd.Start()
 	if err == nil {
 		if serr := grp.Started(cmd.Process.Pid); serr != nil {
-			slog.Warn("process tracking", "err", serr)
+			log.Warn("check command: process tracking", "err", serr)
 		}
 		err = cmd.Wait()
 		grp.Kill()
@@ -611,27 +607,20 @@ func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker
 	return tail, err
 }
 
-// lockedBuffer collects a command's output up to 1 MiB: a check that
-// prints without end must not grow the supervisor without bound.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
+// cappedBuffer collects a command's output up to 1 MiB: a check that
+// prints without end must not grow the supervisor without bound. exec
+// writes to it from one goroutine (stdout and stderr are the same writer)
+// and Wait returns only once that goroutine is done.
+type cappedBuffer struct{ buf strings.Builder }
 
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+func (b *cappedBuffer) Write(p []byte) (int, error) {
 	if b.buf.Len() < 1<<20 {
 		b.buf.Write(p)
 	}
 	return len(p), nil
 }
 
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+func (b *cappedBuffer) String() string { return b.buf.String() }
 
 // sameListeners refuses a restart whose config changes the listener set.
 // Reusing the old sockets while the config says otherwise would silently
@@ -915,7 +904,7 @@ func (s *Supervisor) scheduleRespawn(delay time.Duration) {
 func (s *Supervisor) respawn() {
 	select {
 	case s.sem <- struct{}{}:
-	case <-s.stopCh:
+	case <-s.stopCtx.Done():
 		return
 	}
 	defer func() { <-s.sem }()
@@ -945,7 +934,7 @@ func (s *Supervisor) stop(immediate bool) {
 	s.post(func() {
 		first := !s.stopping
 		s.stopping = true
-		s.stopOne.Do(s.beginStop)
+		s.stopCancel()
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}
@@ -974,12 +963,6 @@ func (s *Supervisor) stop(immediate bool) {
 	})
 	// Wake the loop even when there is nothing to reap.
 	s.post(func() {})
-}
-
-// beginStop wakes everything that waits for a stop; run it through stopOne.
-func (s *Supervisor) beginStop() {
-	close(s.stopCh)
-	s.stopCancel()
 }
 
 // Status implements restartsock.Handler.

@@ -450,7 +450,7 @@ func (s *Supervisor) handedOver(pid int) {
 	s.call(func() {
 		s.successor = pid
 		s.stopping = true
-		s.stopOne.Do(s.beginStop)
+		s.stopCancel()
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}

@@ -60,9 +60,14 @@ func boundInode(fd int) (uint64, kdev, error) {
 		return 0, kdev{}, fmt.Errorf("unix_diag request: %w", err)
 	}
 	buf := make([]byte, 8192)
-	n, _, err := unix.Recvfrom(nl, buf, 0)
+	n, from, err := unix.Recvfrom(nl, buf, 0)
 	if err != nil {
 		return 0, kdev{}, fmt.Errorf("unix_diag reply: %w", err)
+	}
+	// Only the kernel (port 0) speaks for the kernel: the answer decides
+	// whether a path is trusted.
+	if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
+		return 0, kdev{}, errors.New("unix_diag reply not from the kernel")
 	}
 	msgs, err := syscall.ParseNetlinkMessage(buf[:n])
 	if err != nil {

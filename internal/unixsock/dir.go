@@ -92,6 +92,9 @@ func unsafeDir(st *unix.Stat_t, euid int) string {
 	return ""
 }
 
+// ErrLive: RemoveStale found a process accepting on the socket.
+var ErrLive = errors.New("a live process is listening on it")
+
 // RemoveStale clears path for Listen when it holds a socket nobody accepts
 // on (left by a process that died). A live socket, or anything that is not
 // a socket, is an error: unlinking a live socket would silently cut its
@@ -113,7 +116,7 @@ func RemoveStale(path string) error {
 		return err
 	}
 	if live {
-		return fmt.Errorf("%s: a live process is listening on it; stop it first (baton never unlinks a socket in use)", path)
+		return fmt.Errorf("%s: %w; stop it first (baton never unlinks a socket in use)", path, ErrLive)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove stale socket %s: %w", path, err)
