@@ -36,14 +36,14 @@ lint:
 # BPF C -> objects and Go bindings (needs clang, llvm, libbpf-dev). The
 # objects are committed so that a plain build needs no clang.
 generate:
-	$(GO) generate ./bpf/
+	$(GO) generate ./internal/bpf/
 
 # Fails if the committed BPF objects differ from a fresh build of the C.
 check-generate: generate
-	git diff --exit-code -- bpf/ || { echo "bpf/: committed objects are stale: run make generate and commit"; exit 1; }
+	git diff --exit-code -- internal/bpf/ || { echo "internal/bpf/: committed objects are stale: run make generate and commit"; exit 1; }
 
 fuzz:
-	$(GO) test -run=XXX -fuzz=FuzzDecodeRequest -fuzztime=60s ./restartsock/
+	$(GO) test -run=XXX -fuzz=FuzzDecodeRequest -fuzztime=60s ./internal/control/
 
 # Figures for BENCHMARKS.md; needs root (runs in its own network namespace).
 bench: build

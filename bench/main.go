@@ -46,10 +46,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
-	"github.com/baton-run/baton/restartsock"
-	"github.com/baton-run/baton/supervisor"
+	"github.com/baton-run/baton/internal/supervisor"
 )
 
 const (
@@ -438,27 +438,27 @@ func (e *env) startBatonWith(s batonSpec) (*proc, error) {
 }
 
 // status asks the supervisor behind tag's control socket for its status.
-func (e *env) status(tag string) (restartsock.Status, error) {
+func (e *env) status(tag string) (control.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	res, err := restartsock.GetStatus(ctx, e.control(tag))
+	res, err := control.GetStatus(ctx, e.control(tag))
 	if err != nil {
-		return restartsock.Status{}, fmt.Errorf("status of %s: %w", tag, err)
+		return control.Status{}, fmt.Errorf("status of %s: %w", tag, err)
 	}
 	if res.Status == nil {
-		return restartsock.Status{}, fmt.Errorf("status of %s: answer without a status (%s)", tag, res.Result)
+		return control.Status{}, fmt.Errorf("status of %s: answer without a status (%s)", tag, res.Result)
 	}
 	return *res.Status, nil
 }
 
 // restart runs the restart binary and returns its wall time, exit code and
 // the supervisor's result.
-func (e *env) restart(tag string) (time.Duration, int, restartsock.Result, error) {
+func (e *env) restart(tag string) (time.Duration, int, control.Result, error) {
 	return e.restartArgs(tag)
 }
 
 // restartArgs is restart with extra arguments, e.g. --supervisor.
-func (e *env) restartArgs(tag string, extra ...string) (time.Duration, int, restartsock.Result, error) {
+func (e *env) restartArgs(tag string, extra ...string) (time.Duration, int, control.Result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, e.b.restart, append([]string{"--control", e.control(tag), "--json"}, extra...)...)
@@ -475,13 +475,13 @@ func (e *env) restartArgs(tag string, extra ...string) (time.Duration, int, rest
 	case errors.As(err, &exitErr) && exitErr.ExitCode() >= 0:
 		code = exitErr.ExitCode()
 	default:
-		return took, -1, restartsock.Result{}, fmt.Errorf("run restart: %w; %s", err, stderr.Bytes())
+		return took, -1, control.Result{}, fmt.Errorf("run restart: %w; %s", err, stderr.Bytes())
 	}
-	var res restartsock.Result
+	var res control.Result
 	sc := bufio.NewScanner(&stdout)
 	for sc.Scan() {
-		var r restartsock.Result
-		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == restartsock.TypeResult {
+		var r control.Result
+		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == control.TypeResult {
 			res = r
 		}
 	}

@@ -32,9 +32,9 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/quicload"
-	"github.com/baton-run/baton/restartsock"
 )
 
 type options struct {
@@ -77,7 +77,7 @@ func main() {
 type restartRecord struct {
 	n      int
 	code   int
-	result restartsock.Result
+	result control.Result
 	took   time.Duration
 	stderr string
 }
@@ -100,7 +100,7 @@ func run(o options) (bool, error) {
 		return false, fmt.Errorf("temp dir: %w", err)
 	}
 	defer os.RemoveAll(dir)
-	control := filepath.Join(dir, "baton.sock")
+	ctlPath := filepath.Join(dir, "baton.sock")
 	// The log outlives the demo's temporary directory: the demo points
 	// the user to it.
 	logFile, err := os.CreateTemp("", "baton-demo-*.log")
@@ -130,7 +130,7 @@ func run(o options) (bool, error) {
 		h3Addr = fmt.Sprintf("127.0.0.1:%d", udpPort)
 	}
 
-	args := []string{"run", "--control", control, "--listen", "http=tcp://" + addr}
+	args := []string{"run", "--control", ctlPath, "--listen", "http=tcp://" + addr}
 	if quic {
 		// A generation drains for as long as its HTTP/3 connections last,
 		// which is the rest of the demo; all of them may be draining at
@@ -174,7 +174,7 @@ func run(o options) (bool, error) {
 	signal.Notify(interrupted, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(interrupted)
 
-	st, err := waitServing(control, exited, 20*time.Second)
+	st, err := waitServing(ctlPath, exited, 20*time.Second)
 	if err != nil {
 		return fail(err)
 	}
@@ -220,7 +220,7 @@ loop:
 		}
 		before := lg.Results()
 		qSent0, qFailed0 := quicCounts(ql)
-		rec, err := restart(bins["restart"], control)
+		rec, err := restart(bins["restart"], ctlPath)
 		if err != nil {
 			lg.Stop()
 			stopQUIC()
@@ -257,7 +257,7 @@ loop:
 		r := ql.Stop()
 		// Before the clients close: every generation that still holds a
 		// connection is alive.
-		if st, err := status(control); err == nil {
+		if st, err := status(ctlPath); err == nil {
 			r.Generations = len(st.Gens)
 		}
 		ql.Close()
@@ -349,10 +349,10 @@ func reportQUIC(w io.Writer, q quicload.Result) {
 	tw.Flush()
 }
 
-func restart(bin, control string) (restartRecord, error) {
+func restart(bin, ctlPath string) (restartRecord, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "--control", control, "--json")
+	cmd := exec.CommandContext(ctx, bin, "--control", ctlPath, "--json")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
@@ -370,8 +370,8 @@ func restart(bin, control string) (restartRecord, error) {
 	sc := bufio.NewScanner(&stdout)
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
-		var r restartsock.Result
-		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == restartsock.TypeResult {
+		var r control.Result
+		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == control.TypeResult {
 			rec.result = r
 		}
 	}
@@ -379,30 +379,30 @@ func restart(bin, control string) (restartRecord, error) {
 }
 
 // status asks the supervisor for its status.
-func status(control string) (restartsock.Status, error) {
+func status(ctlPath string) (control.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	res, err := restartsock.GetStatus(ctx, control)
+	res, err := control.GetStatus(ctx, ctlPath)
 	if err != nil {
-		return restartsock.Status{}, fmt.Errorf("status: %w", err)
+		return control.Status{}, fmt.Errorf("status: %w", err)
 	}
 	if res.Status == nil {
-		return restartsock.Status{}, fmt.Errorf("status: answer without a status (%s)", res.Result)
+		return control.Status{}, fmt.Errorf("status: answer without a status (%s)", res.Result)
 	}
 	return *res.Status, nil
 }
 
-func waitServing(control string, exited <-chan error, bound time.Duration) (restartsock.Status, error) {
+func waitServing(ctlPath string, exited <-chan error, bound time.Duration) (control.Status, error) {
 	deadline := time.Now().Add(bound)
 	var last error
 	for time.Now().Before(deadline) {
 		select {
 		case err := <-exited:
-			return restartsock.Status{}, fmt.Errorf("baton exited before serving: %s", describeExit(err))
+			return control.Status{}, fmt.Errorf("baton exited before serving: %s", describeExit(err))
 		default:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		res, err := restartsock.GetStatus(ctx, control)
+		res, err := control.GetStatus(ctx, ctlPath)
 		cancel()
 		if err == nil && res.Status != nil && res.Status.Working > 0 {
 			return *res.Status, nil
@@ -410,10 +410,10 @@ func waitServing(control string, exited <-chan error, bound time.Duration) (rest
 		last = err
 		time.Sleep(50 * time.Millisecond)
 	}
-	return restartsock.Status{}, fmt.Errorf("no serving generation within %s (last: %v)", bound, last)
+	return control.Status{}, fmt.Errorf("no serving generation within %s (last: %v)", bound, last)
 }
 
-func workingPID(st restartsock.Status) int {
+func workingPID(st control.Status) int {
 	for _, g := range st.Gens {
 		if g.Generation == st.Working {
 			return g.PID

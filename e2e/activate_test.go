@@ -14,9 +14,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/testenv"
-	"github.com/baton-run/baton/restartsock"
 )
 
 // How systemd-socket-activate (systemd 252) behaves, which shapes the
@@ -353,7 +353,7 @@ func TestSocketActivateRestarts(t *testing.T) {
 	}
 	st := h.waitServing(b, 1)
 	for _, name := range []string{"http", "h3"} {
-		var l *restartsock.ListenerStatus
+		var l *control.ListenerStatus
 		for i := range st.Listeners {
 			if st.Listeners[i].Name == name {
 				l = &st.Listeners[i]
@@ -391,7 +391,7 @@ func TestSocketActivateRestarts(t *testing.T) {
 	for i := range restarts {
 		t0 := time.Now()
 		r := h.restart()
-		if r.Code != 0 || r.Result.Result != restartsock.ResultOK || r.Result.Generation != working+1 {
+		if r.Code != 0 || r.Result.Result != control.ResultOK || r.Result.Generation != working+1 {
 			t.Fatalf("restart %d/%d: want exit 0 ok, generation %d; got %s", i+1, restarts, working+1, r)
 		}
 		if i == 0 {

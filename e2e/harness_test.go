@@ -20,10 +20,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
-	"github.com/baton-run/baton/restartsock"
-	"github.com/baton-run/baton/supervisor"
+	"github.com/baton-run/baton/internal/supervisor"
 )
 
 // httpAddr is where every test's server listens. Each test has its own
@@ -250,7 +250,7 @@ func (h *harness) launch(cmd *exec.Cmd, desc string) *batonProc {
 }
 
 // startServing starts baton and waits until generation 1 serves.
-func (h *harness) startServing(args ...string) (*batonProc, restartsock.Status) {
+func (h *harness) startServing(args ...string) (*batonProc, control.Status) {
 	h.t.Helper()
 	b := h.startBaton(args...)
 	st := h.waitServing(b, 1)
@@ -259,7 +259,7 @@ func (h *harness) startServing(args ...string) (*batonProc, restartsock.Status) 
 
 // waitServing polls status until generation gen (or a later one) is the
 // working generation and serving.
-func (h *harness) waitServing(b *batonProc, gen int) restartsock.Status {
+func (h *harness) waitServing(b *batonProc, gen int) control.Status {
 	h.t.Helper()
 	deadline := time.Now().Add(serveBound)
 	var last string
@@ -269,7 +269,7 @@ func (h *harness) waitServing(b *batonProc, gen int) restartsock.Status {
 		}
 		st, _, err := h.statusErr()
 		if err == nil {
-			if g := findGen(st, st.Working); st.Working >= gen && g != nil && g.State == restartsock.StateServing {
+			if g := findGen(st, st.Working); st.Working >= gen && g != nil && g.State == control.StateServing {
 				return st
 			}
 			last = fmt.Sprintf("working=%d generations=%s", st.Working, gensString(st))
@@ -279,14 +279,14 @@ func (h *harness) waitServing(b *batonProc, gen int) restartsock.Status {
 		time.Sleep(50 * time.Millisecond)
 	}
 	h.t.Fatalf("generation %d not serving within %s; last status: %s", gen, serveBound, last)
-	return restartsock.Status{}
+	return control.Status{}
 }
 
 // ---- status ----
 
 // status runs `baton status --json` and fails the test if it does not
 // answer.
-func (h *harness) status() (restartsock.Status, map[string]json.RawMessage) {
+func (h *harness) status() (control.Status, map[string]json.RawMessage) {
 	h.t.Helper()
 	st, raw, err := h.statusErr()
 	if err != nil {
@@ -296,8 +296,8 @@ func (h *harness) status() (restartsock.Status, map[string]json.RawMessage) {
 }
 
 // statusErr returns the status and its raw JSON object, so that fields
-// restartsock.Status does not declare (e.g. "goroutines") can be read.
-func (h *harness) statusErr() (restartsock.Status, map[string]json.RawMessage, error) {
+// control.Status does not declare (e.g. "goroutines") can be read.
+func (h *harness) statusErr() (control.Status, map[string]json.RawMessage, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), statusBound)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin.baton, "status", "--control", h.control, "--json")
@@ -306,7 +306,7 @@ func (h *harness) statusErr() (restartsock.Status, map[string]json.RawMessage, e
 	cmd.Stderr = &stderr
 	err := cmd.Run()
 	if err != nil {
-		return restartsock.Status{}, nil, fmt.Errorf("baton status: %w: %s%s", err, stdout.Bytes(), stderr.Bytes())
+		return control.Status{}, nil, fmt.Errorf("baton status: %w: %s%s", err, stdout.Bytes(), stderr.Bytes())
 	}
 	st, raw, err := parseStatus(stdout.Bytes())
 	if err != nil {
@@ -337,22 +337,22 @@ func (h *harness) statusExitCode() int {
 
 // parseStatus accepts either the bare status object or the result line
 // that carries it, since both are reasonable shapes for `status --json`.
-func parseStatus(b []byte) (restartsock.Status, map[string]json.RawMessage, error) {
+func parseStatus(b []byte) (control.Status, map[string]json.RawMessage, error) {
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(bytes.TrimSpace(b), &raw); err != nil {
-		return restartsock.Status{}, nil, fmt.Errorf("parse %q: %w", b, err)
+		return control.Status{}, nil, fmt.Errorf("parse %q: %w", b, err)
 	}
 	if inner, ok := raw["status"]; ok && string(raw["type"]) == `"result"` {
 		raw = nil
 		if err := json.Unmarshal(inner, &raw); err != nil {
-			return restartsock.Status{}, nil, fmt.Errorf("parse status in %q: %w", b, err)
+			return control.Status{}, nil, fmt.Errorf("parse status in %q: %w", b, err)
 		}
 	}
 	obj, err := json.Marshal(raw)
 	if err != nil {
-		return restartsock.Status{}, nil, fmt.Errorf("re-encode status: %w", err)
+		return control.Status{}, nil, fmt.Errorf("re-encode status: %w", err)
 	}
-	var st restartsock.Status
+	var st control.Status
 	if err := json.Unmarshal(obj, &st); err != nil {
 		return st, raw, fmt.Errorf("parse status %q: %w", b, err)
 	}
@@ -362,7 +362,7 @@ func parseStatus(b []byte) (restartsock.Status, map[string]json.RawMessage, erro
 	return st, raw, nil
 }
 
-func findGen(st restartsock.Status, gen int) *restartsock.GenStatus {
+func findGen(st control.Status, gen int) *control.GenStatus {
 	for i := range st.Gens {
 		if st.Gens[i].Generation == gen {
 			return &st.Gens[i]
@@ -371,7 +371,7 @@ func findGen(st restartsock.Status, gen int) *restartsock.GenStatus {
 	return nil
 }
 
-func gensString(st restartsock.Status) string {
+func gensString(st control.Status) string {
 	var parts []string
 	for _, g := range st.Gens {
 		parts = append(parts, fmt.Sprintf("%d:%s(pid %d)", g.Generation, g.State, g.PID))
@@ -381,13 +381,13 @@ func gensString(st restartsock.Status) string {
 
 // waitSettled polls status until exactly one generation remains (all
 // draining ones are gone).
-func (h *harness) waitSettled(d time.Duration) restartsock.Status {
+func (h *harness) waitSettled(d time.Duration) control.Status {
 	h.t.Helper()
 	deadline := time.Now().Add(d)
-	var st restartsock.Status
+	var st control.Status
 	for {
 		st, _ = h.status()
-		if len(st.Gens) == 1 && st.Gens[0].State == restartsock.StateServing {
+		if len(st.Gens) == 1 && st.Gens[0].State == control.StateServing {
 			return st
 		}
 		if time.Now().After(deadline) {
@@ -401,8 +401,8 @@ func (h *harness) waitSettled(d time.Duration) restartsock.Status {
 
 type restartOut struct {
 	Code   int
-	Events []restartsock.Event
-	Result restartsock.Result
+	Events []control.Event
+	Result control.Result
 	Stdout string
 	Stderr string
 	Took   time.Duration
@@ -415,13 +415,13 @@ func (r restartOut) String() string {
 }
 
 // event returns the first progress event of that kind.
-func (r restartOut) event(name string) (restartsock.Event, bool) {
+func (r restartOut) event(name string) (control.Event, bool) {
 	for _, e := range r.Events {
 		if e.Event == name {
 			return e, true
 		}
 	}
-	return restartsock.Event{}, false
+	return control.Event{}, false
 }
 
 // restart runs `restart --control <h.control> --json ARGS...`.
@@ -477,14 +477,14 @@ func (h *harness) runRestart(cred *syscall.Credential, args ...string) (restartO
 			continue
 		}
 		switch head.Type {
-		case restartsock.TypeProgress:
-			var ev restartsock.Event
+		case control.TypeProgress:
+			var ev control.Event
 			if err := json.Unmarshal(line, &ev); err != nil {
 				h.t.Errorf("bad progress line %q: %v", line, err)
 			}
 			out.Events = append(out.Events, ev)
 			h.rememberPID(ev.PID)
-		case restartsock.TypeResult:
+		case control.TypeResult:
 			if err := json.Unmarshal(line, &out.Result); err != nil {
 				h.t.Errorf("bad result line %q: %v", line, err)
 			}
@@ -499,7 +499,7 @@ func (h *harness) runRestart(cred *syscall.Credential, args ...string) (restartO
 
 // expectRestart runs restart and fails unless it exits with code and, when
 // code is 0, reports the next generation.
-func (h *harness) expectRestart(code int, want restartsock.Code, args ...string) restartOut {
+func (h *harness) expectRestart(code int, want control.Code, args ...string) restartOut {
 	h.t.Helper()
 	r := h.restart(args...)
 	if r.Code != code || r.Result.Result != want {
@@ -572,7 +572,7 @@ func (h *harness) restartLoop(lg *loadgen.Loadgen, n int, byPID func(pid int) st
 	for i := 0; i < n; i++ {
 		t0 := time.Now()
 		r := h.restart()
-		if r.Code != 0 || r.Result.Result != restartsock.ResultOK {
+		if r.Code != 0 || r.Result.Result != control.ResultOK {
 			h.t.Fatalf("restart %d/%d: want exit 0 ok; got %s", i+1, n, r)
 		}
 		if r.Result.Generation != gen+1 {
@@ -607,10 +607,10 @@ func (h *harness) checkProgress(r restartOut, prev int) {
 		event string
 		gen   int
 	}{
-		{restartsock.EventSpawned, prev + 1},
-		{restartsock.EventReady, prev + 1},
-		{restartsock.EventFlipped, prev + 1},
-		{restartsock.EventDraining, prev},
+		{control.EventSpawned, prev + 1},
+		{control.EventReady, prev + 1},
+		{control.EventFlipped, prev + 1},
+		{control.EventDraining, prev},
 	}
 	next := 0
 	for _, ev := range r.Events {
@@ -622,7 +622,7 @@ func (h *harness) checkProgress(r restartOut, prev int) {
 		h.t.Errorf("restart --json progress: want %s of generation %d after %v; got events %+v",
 			want[next].event, want[next].gen, want[:next], r.Events)
 	}
-	if ev, ok := r.event(restartsock.EventSpawned); ok && ev.PID != r.Result.PID {
+	if ev, ok := r.event(control.EventSpawned); ok && ev.PID != r.Result.PID {
 		h.t.Errorf("spawned pid %d differs from the result's pid %d", ev.PID, r.Result.PID)
 	}
 }
@@ -792,14 +792,14 @@ func rawControl(t *testing.T, path string) net.Conn {
 // readResult reads a control connection until the server closes it and
 // returns the result line, if any. A reset counts as a close: the server
 // may close with our request unread.
-func readResult(c net.Conn) (restartsock.Result, error) {
-	var res restartsock.Result
+func readResult(c net.Conn) (control.Result, error) {
+	var res control.Result
 	br := bufio.NewReaderSize(c, 64<<10)
 	for {
 		line, err := br.ReadBytes('\n')
 		if len(bytes.TrimSpace(line)) > 0 {
-			var r restartsock.Result
-			if json.Unmarshal(line, &r) == nil && r.Type == restartsock.TypeResult {
+			var r control.Result
+			if json.Unmarshal(line, &r) == nil && r.Type == control.TypeResult {
 				res = r
 			}
 		}

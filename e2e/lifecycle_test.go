@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/internal/control"
 )
 
 func TestDrainDeadlineKill(t *testing.T) {
@@ -19,7 +19,7 @@ func TestDrainDeadlineKill(t *testing.T) {
 	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "1s", "--stop-timeout", "2s", "--", bin.httpd, "-ignore-drain")
 	old := h.rememberPID(findGen(st, 1).PID)
 
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	flipped := time.Now()
 	time.Sleep(300 * time.Millisecond)
 	if !old.alive() {
@@ -40,19 +40,19 @@ func TestMaxDraining(t *testing.T) {
 	h.startServing("--listen", "http=tcp://"+httpAddr, "--max-draining", "2", "--drain-timeout", "60s",
 		"--stop-timeout", "3s", "--", bin.httpd, "-ignore-drain")
 
-	h.expectRestart(0, restartsock.ResultOK)
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	r := h.restart()
-	if r.Code != 8 || r.Result.Result != restartsock.ResultTooManyDraining {
+	if r.Code != 8 || r.Result.Result != control.ResultTooManyDraining {
 		t.Fatalf("third restart with two generations draining: want exit 8 too_many_draining; got %s", r)
 	}
-	if ev, ok := r.event(restartsock.EventSpawned); ok {
+	if ev, ok := r.event(control.EventSpawned); ok {
 		t.Errorf("a refused restart must not spawn; got %+v", ev)
 	}
 	st, _ := h.status()
 	draining := 0
 	for _, g := range st.Gens {
-		if g.State == restartsock.StateDraining {
+		if g.State == control.StateDraining {
 			draining++
 		}
 	}
@@ -101,7 +101,7 @@ func TestGracefulStop(t *testing.T) {
 	h := newHarness(t)
 	const stopTimeout = 10 * time.Second
 	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--stop-timeout", stopTimeout.String(), "--", bin.httpd)
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	st = h.waitSettled(10 * time.Second)
 	var gens []procID
 	for _, g := range st.Gens {
@@ -163,7 +163,7 @@ func TestNoLeaks(t *testing.T) {
 	// Warm up: the first restarts may start goroutines and open files that
 	// live as long as the supervisor (signal handling, the spawner thread).
 	for i := 0; i < 3; i++ {
-		h.expectRestart(0, restartsock.ResultOK)
+		h.expectRestart(0, control.ResultOK)
 	}
 	h.waitSettled(10 * time.Second)
 	fds0, goroutines0, hasG := h.steadyUsage(b)
@@ -261,7 +261,7 @@ func TestUserDropsPrivileges(t *testing.T) {
 	if uid := uidOf(findGen(st, st.Working).PID); uid != "65534" {
 		t.Fatalf("generation runs as uid %s, want 65534 (nobody)", uid)
 	}
-	r := h.expectRestart(0, restartsock.ResultOK)
+	r := h.expectRestart(0, control.ResultOK)
 	if uid := uidOf(r.Result.PID); uid != "65534" {
 		t.Fatalf("restarted generation runs as uid %s, want 65534", uid)
 	}

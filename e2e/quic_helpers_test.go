@@ -12,8 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/quicload"
-	"github.com/baton-run/baton/restartsock"
 )
 
 // Addresses of the UDP listeners; each test has its own namespace.
@@ -161,17 +161,17 @@ func (h *harness) echoOnce(addr string, timeout time.Duration) (int, error) {
 // ---- status ----
 
 // udpListener returns the status of the UDP listener named name.
-func udpListener(st restartsock.Status, name string) (restartsock.ListenerStatus, bool) {
+func udpListener(st control.Status, name string) (control.ListenerStatus, bool) {
 	for _, l := range st.Listeners {
 		if l.Name == name {
 			return l, true
 		}
 	}
-	return restartsock.ListenerStatus{}, false
+	return control.ListenerStatus{}, false
 }
 
 // slotOf returns the slot generation gen holds in listener name, or 0.
-func slotOf(st restartsock.Status, name string, gen int) int {
+func slotOf(st control.Status, name string, gen int) int {
 	l, _ := udpListener(st, name)
 	for _, u := range l.UDP {
 		if u.Generation == gen {

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/quicload"
-	"github.com/baton-run/baton/restartsock"
 )
 
 // h3LoadConfig is the load of TestQUICConnectionsSurviveRestarts.
@@ -62,7 +62,7 @@ func runH3Load(h *harness, cfg h3LoadConfig) h3LoadResult {
 	gen := 1
 	for i := range cfg.Restarts {
 		r := h.restart()
-		if r.Code != 0 || r.Result.Result != restartsock.ResultOK || r.Result.Generation != gen+1 {
+		if r.Code != 0 || r.Result.Result != control.ResultOK || r.Result.Generation != gen+1 {
 			load.Stop()
 			load.Close()
 			t.Fatalf("restart %d/%d: want exit 0 ok, generation %d; got %s", i+1, cfg.Restarts, gen+1, r)
@@ -129,7 +129,7 @@ func TestQUICConnectionsSurviveRestarts(t *testing.T) {
 }
 
 // h3Serve starts baton with httpd serving HTTP/3 on h3URL.
-func h3Serve(h *harness, h3URL string, extra ...string) restartsock.Status {
+func h3Serve(h *harness, h3URL string, extra ...string) control.Status {
 	h.t.Helper()
 	args := append([]string{"--listen", "http=tcp://" + httpAddr, "--listen", "h3=" + h3URL, "--drain-timeout", "30s", "--stop-timeout", "3s"}, extra...)
 	_, st := h.startServing(append(args, "--", bin.httpd)...)
@@ -189,7 +189,7 @@ func TestQUICNewConnectionsGoToNewGeneration(t *testing.T) {
 				t.Fatalf("connection before restart %d: want generation %d; got %q", i+1, gen, first.Gen)
 			}
 		}
-		r := h.expectRestart(0, restartsock.ResultOK)
+		r := h.expectRestart(0, control.ResultOK)
 		flipped := time.Now()
 		if r.Result.Generation != gen+1 {
 			t.Fatalf("restart %d: want generation %d; got %s", i+1, gen+1, r)
@@ -244,7 +244,7 @@ func TestQUICMigrationDuringDrain(t *testing.T) {
 		t.Fatalf("server CID %x: want %d bytes with slot %d in octet 0", oldCID, cidLen, slot)
 	}
 
-	r := h.expectRestart(0, restartsock.ResultOK)
+	r := h.expectRestart(0, control.ResultOK)
 	// Generation 1 is draining, held open by this connection.
 	expectGen(t, c, 1, 2, "before migrating")
 	byCID := func() uint64 {

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
-	"github.com/baton-run/baton/restartsock"
 )
 
 // Load used while restarting: enough connections of both kinds to catch a
@@ -151,7 +151,7 @@ func TestUnixListener(t *testing.T) {
 		o := h.other(t, filepath.Join(h.dir, "third.sock"))
 		b := o.startBaton("--listen", "http=unix://"+stale, "--", bin.httpd)
 		o.waitServing(b, 1)
-		o.expectRestart(0, restartsock.ResultOK)
+		o.expectRestart(0, control.ResultOK)
 		o.waitSettled(10 * time.Second)
 		lg := o.load(loadgen.Config{URL: "http://unix/", DialContext: loadgen.UnixDialer(stale), NewConn: 2, MaxRequests: 50})
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -173,20 +173,20 @@ func TestChildExitsBeforeReady(t *testing.T) {
 
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd, "-exit-before-ready"}, listen, `drain_timeout = "10s"`))
 	r := h.restart()
-	if r.Code != 1 || r.Result.Result != restartsock.ResultChildExited {
+	if r.Code != 1 || r.Result.Result != control.ResultChildExited {
 		t.Fatalf("restart with a child that exits: want exit 1 child_exited; got %s", r)
 	}
 	// httpd prints this line to stderr just before it exits.
 	if !strings.Contains(r.Result.Message, "exiting before ready") {
 		t.Errorf("result message should carry the child's stderr; got %q", r.Result.Message)
 	}
-	if ev, ok := r.event(restartsock.EventSpawned); ok {
+	if ev, ok := r.event(control.EventSpawned); ok {
 		if err := waitGone(lookupProc(ev.PID), 5*time.Second); err != nil && ev.PID != 0 {
 			t.Errorf("failed generation: %v", err)
 		}
 	}
 	st, _ := h.status()
-	if st.Working != 1 || len(st.Gens) != 1 || st.Gens[0].State != restartsock.StateServing {
+	if st.Working != 1 || len(st.Gens) != 1 || st.Gens[0].State != control.StateServing {
 		t.Errorf("after the failed restart: want generation 1 alone serving; got working %d %s", st.Working, gensString(st))
 	}
 	t0 := time.Now()
@@ -195,7 +195,7 @@ func TestChildExitsBeforeReady(t *testing.T) {
 
 	// A fixed config restarts normally.
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `drain_timeout = "10s"`))
-	r = h.expectRestart(0, restartsock.ResultOK)
+	r = h.expectRestart(0, control.ResultOK)
 	resp, _, err := h.get("/", 10*time.Second)
 	if err != nil {
 		t.Fatalf("after the fixed restart: %v", err)
@@ -217,13 +217,13 @@ func TestNeverReady(t *testing.T) {
 
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd, "-never-ready"}, listen, `ready_timeout = "60s"`))
 	r := h.restart()
-	if r.Code != 1 || r.Result.Result != restartsock.ResultReadyTimeout {
+	if r.Code != 1 || r.Result.Result != control.ResultReadyTimeout {
 		t.Fatalf("restart with a child that never signals ready: want exit 1 ready_timeout; got %s", r)
 	}
 	if r.Took < 1500*time.Millisecond || r.Took > 10*time.Second {
 		t.Errorf("ready timeout is 2s but the restart took %s", r.Took)
 	}
-	ev, ok := r.event(restartsock.EventSpawned)
+	ev, ok := r.event(control.EventSpawned)
 	if !ok || ev.PID == 0 {
 		t.Errorf("no spawned event with a pid in %+v", r.Events)
 	} else if err := waitGone(lookupProc(ev.PID), 5*time.Second); err != nil {
@@ -256,10 +256,10 @@ func TestCheckCmdFails(t *testing.T) {
 
 	writeFile(t, flag, "")
 	r := h.restart()
-	if r.Code != 3 || r.Result.Result != restartsock.ResultCheckFailed {
+	if r.Code != 3 || r.Result.Result != control.ResultCheckFailed {
 		t.Fatalf("restart with a failing check: want exit 3 check_failed; got %s", r)
 	}
-	if ev, ok := r.event(restartsock.EventSpawned); ok {
+	if ev, ok := r.event(control.EventSpawned); ok {
 		t.Errorf("a failed check must not spawn; got %+v", ev)
 	}
 	st, _ := h.status()
@@ -270,7 +270,7 @@ func TestCheckCmdFails(t *testing.T) {
 	if err := os.Remove(flag); err != nil {
 		t.Fatal(err)
 	}
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 }
 
 func TestConcurrentRestart(t *testing.T) {
@@ -285,7 +285,7 @@ func TestConcurrentRestart(t *testing.T) {
 		for time.Now().Before(deadline) {
 			st, _ := h.status()
 			for _, g := range st.Gens {
-				if g.State == restartsock.StateStarting {
+				if g.State == control.StateStarting {
 					return
 				}
 			}
@@ -317,7 +317,7 @@ func TestConcurrentRestart(t *testing.T) {
 	first := goRestart()
 	waitStarting()
 	second := h.restart()
-	if second.Code != 4 || second.Result.Result != restartsock.ResultBusy {
+	if second.Code != 4 || second.Result.Result != control.ResultBusy {
 		t.Errorf("overlapping restart: want exit 4 busy; got %s", second)
 	}
 	if r := get(first); r.Code != 0 || r.Result.Generation != 2 {
@@ -380,8 +380,8 @@ func TestPermissionDenied(t *testing.T) {
 	}
 	check("socket mode 0666")
 	r := h.restartCmd(nobody)
-	if r.Result.Result != restartsock.ResultDenied {
-		t.Errorf("peer check: want result %q; got %s", restartsock.ResultDenied, r)
+	if r.Result.Result != control.ResultDenied {
+		t.Errorf("peer check: want result %q; got %s", control.ResultDenied, r)
 	}
 }
 
@@ -391,7 +391,7 @@ func TestBadRequests(t *testing.T) {
 
 	// send writes payload and reads until the server closes, returning the
 	// final result line if one came.
-	send := func(name, payload string, within time.Duration) (restartsock.Result, time.Duration) {
+	send := func(name, payload string, within time.Duration) (control.Result, time.Duration) {
 		t.Helper()
 		c := rawControl(t, h.control)
 		defer c.Close()
@@ -407,9 +407,9 @@ func TestBadRequests(t *testing.T) {
 		}
 		return res, took
 	}
-	expectErrOrClose := func(name string, res restartsock.Result) {
+	expectErrOrClose := func(name string, res control.Result) {
 		t.Helper()
-		if res.Result != "" && res.Result != restartsock.ResultBadRequest {
+		if res.Result != "" && res.Result != control.ResultBadRequest {
 			t.Errorf("%s: want bad_request or a close; got %+v", name, res)
 		}
 	}
@@ -425,7 +425,7 @@ func TestBadRequests(t *testing.T) {
 		}
 		defer c.Close()
 		start := time.Now()
-		_ = c.SetDeadline(start.Add(restartsock.RequestReadTimeout + 5*time.Second))
+		_ = c.SetDeadline(start.Add(control.RequestReadTimeout + 5*time.Second))
 		_, _ = c.Write([]byte(`{"v":1,"op":"rest`))
 		_, err = readResult(c)
 		if isTimeout(err) {
@@ -440,15 +440,15 @@ func TestBadRequests(t *testing.T) {
 	res, _ = send("binary", "\x00\xff\x01\x02\n", 10*time.Second)
 	expectErrOrClose("binary", res)
 	res, _ = send("unknown op", `{"v":1,"op":"frobnicate"}`+"\n", 10*time.Second)
-	if res.Result != restartsock.ResultBadRequest {
+	if res.Result != control.ResultBadRequest {
 		t.Errorf("unknown op: want bad_request; got %+v", res)
 	}
-	res, took := send("oversized", strings.Repeat("a", restartsock.MaxRequestSize+1000)+"\n", 10*time.Second)
+	res, took := send("oversized", strings.Repeat("a", control.MaxRequestSize+1000)+"\n", 10*time.Second)
 	expectErrOrClose("oversized", res)
-	if took > restartsock.RequestReadTimeout {
-		t.Errorf("oversized: the server should give up at %d bytes, not wait out its read deadline (took %s)", restartsock.MaxRequestSize, took)
+	if took > control.RequestReadTimeout {
+		t.Errorf("oversized: the server should give up at %d bytes, not wait out its read deadline (took %s)", control.MaxRequestSize, took)
 	}
-	res, _ = send("oversized without newline", strings.Repeat("{", restartsock.MaxRequestSize+1), 10*time.Second)
+	res, _ = send("oversized without newline", strings.Repeat("{", control.MaxRequestSize+1), 10*time.Second)
 	expectErrOrClose("oversized without newline", res)
 	for i := 0; i < 50; i++ {
 		// Connect and leave at once.
@@ -458,7 +458,7 @@ func TestBadRequests(t *testing.T) {
 	r := h.restart()
 	if r.Code != 0 {
 		t.Errorf("restart while a silent client is connected: want exit 0; got %s", r)
-	} else if r.Took > restartsock.RequestReadTimeout-time.Second {
+	} else if r.Took > control.RequestReadTimeout-time.Second {
 		t.Errorf("restart took %s: it waited behind the silent client", r.Took)
 	}
 
@@ -466,7 +466,7 @@ func TestBadRequests(t *testing.T) {
 	case d == -1:
 		t.Error("half line: could not connect")
 	case d == -2:
-		t.Errorf("half line: not closed within %s", restartsock.RequestReadTimeout+5*time.Second)
+		t.Errorf("half line: not closed within %s", control.RequestReadTimeout+5*time.Second)
 	default:
 		t.Logf("half line closed after %s", d.Round(time.Millisecond))
 	}
@@ -476,7 +476,7 @@ func TestBadRequests(t *testing.T) {
 		t.Fatalf("status after bad requests: %v", err)
 	}
 	st := h.waitServing(nil, 2)
-	r = h.expectRestart(0, restartsock.ResultOK)
+	r = h.expectRestart(0, control.ResultOK)
 	if r.Result.Generation != st.Working+1 {
 		t.Errorf("want generation %d; got %s", st.Working+1, r)
 	}

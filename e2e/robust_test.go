@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/internal/control"
 )
 
 // findProcs lists live processes whose command line is exactly argv:
@@ -92,7 +92,7 @@ func TestStopWinsOverSlowCheck(t *testing.T) {
 	}
 	select {
 	case r := <-done:
-		if r.Code != 8 || r.Result.Result != restartsock.ResultShuttingDown {
+		if r.Code != 8 || r.Result.Result != control.ResultShuttingDown {
 			t.Errorf("the restart waiting on the check: want exit 8 shutting_down; got %s", r)
 		}
 	case <-time.After(10 * time.Second):
@@ -113,7 +113,7 @@ func TestCheckTimeoutKillsWhatItStarted(t *testing.T) {
 	h.startServing("--listen", "http=tcp://"+httpAddr,
 		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "1s", "--", bin.httpd)
 	r := h.restart()
-	if r.Code != 3 || r.Result.Result != restartsock.ResultCheckFailed || !strings.Contains(r.Result.Message, "timed out") {
+	if r.Code != 3 || r.Result.Result != control.ResultCheckFailed || !strings.Contains(r.Result.Message, "timed out") {
 		t.Fatalf("want exit 3 check_failed (timed out); got %s", r)
 	}
 	deadline := time.Now().Add(3 * time.Second)
@@ -125,7 +125,7 @@ func TestCheckTimeoutKillsWhatItStarted(t *testing.T) {
 	}
 	// Nothing is left holding the restart lock: the next one is checked
 	// again (and times out again) rather than answered busy.
-	h.expectRestart(3, restartsock.ResultCheckFailed)
+	h.expectRestart(3, control.ResultCheckFailed)
 }
 
 // TestConfigFIFO: a config path that turns into a FIFO nobody writes (or
@@ -145,7 +145,7 @@ func TestConfigFIFO(t *testing.T) {
 	}
 	for i := 0; i < 2; i++ {
 		r := h.restart("--timeout", "20s")
-		if r.Code != 3 || r.Result.Result != restartsock.ResultCheckFailed || !strings.Contains(r.Result.Message, "not a regular file") {
+		if r.Code != 3 || r.Result.Result != control.ResultCheckFailed || !strings.Contains(r.Result.Message, "not a regular file") {
 			t.Fatalf("restart %d with a FIFO for a config: want exit 3 check_failed naming the FIFO; got %s", i+1, r)
 		}
 		if r.Took > 10*time.Second {
@@ -234,7 +234,7 @@ func TestBrokenLogPipe(t *testing.T) {
 	})
 	h.waitServing(nil, 1)
 	for i := 0; i < 3; i++ {
-		h.expectRestart(0, restartsock.ResultOK)
+		h.expectRestart(0, control.ResultOK)
 	}
 	select {
 	case err := <-exited:
@@ -265,7 +265,7 @@ func TestFailedUpgradesLeakNothing(t *testing.T) {
 	fail := func() {
 		t.Helper()
 		r := h.restart("--supervisor")
-		if r.Code != 1 || r.Result.Result != restartsock.ResultUpgradeFailed {
+		if r.Code != 1 || r.Result.Result != control.ResultUpgradeFailed {
 			t.Fatalf("want exit 1 upgrade_failed; got %s", r)
 		}
 	}
@@ -307,7 +307,7 @@ func TestCrashesAreNotRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.waitServing(b, 2)
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	st, _ = h.status()
 	if st.Crashes != 1 || st.Restarts != 1 {
 		t.Fatalf("after one crash and one restart: crashes %d restarts %d; want 1 and 1", st.Crashes, st.Restarts)
@@ -331,7 +331,7 @@ func TestSpawnFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := h.restart()
-	if r.Code != 1 || r.Result.Result != restartsock.ResultSpawnFailed || !strings.Contains(r.Result.Message, wd) {
+	if r.Code != 1 || r.Result.Result != control.ResultSpawnFailed || !strings.Contains(r.Result.Message, wd) {
 		t.Fatalf("want exit 1 spawn_failed naming %s; got %s", wd, r)
 	}
 	if r.Result.Generation != 1 {
@@ -342,7 +342,7 @@ func TestSpawnFailure(t *testing.T) {
 	if out, err := exec.CommandContext(ctx, "mkdir", wd).CombinedOutput(); err != nil {
 		t.Fatalf("mkdir: %v %s", err, out)
 	}
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 }
 
 // TestEscapedDaemonDies: a generation that forks a daemon under setsid,
@@ -363,7 +363,7 @@ func TestEscapedDaemonDies(t *testing.T) {
 				t.Fatalf("baton did not log process tracking mode %s:\n%s", mode, got)
 			}
 			// Generation 1 drains: its daemon must go with it.
-			h.expectRestart(0, restartsock.ResultOK)
+			h.expectRestart(0, control.ResultOK)
 			for _, p := range first {
 				if err := waitGone(p, 10*time.Second); err != nil {
 					t.Errorf("generation 1's setsid daemon after its drain: %v", err)

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
-	"github.com/baton-run/baton/restartsock"
 	"golang.org/x/sys/unix"
 )
 
@@ -138,10 +138,10 @@ func TestSupervisorNotifySequence(t *testing.T) {
 	h.waitServing(b, 1)
 	r.waitFor("READY=1", func(m notifyMsg) bool { return kind(m) == "READY" })
 
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	// A restart whose check fails: RELOADING, then READY with the reason.
 	writeFile(t, cfg, config(`check_cmd = "echo config broken; exit 1"`))
-	h.expectRestart(3, restartsock.ResultCheckFailed)
+	h.expectRestart(3, control.ResultCheckFailed)
 	r.waitFor("READY=1 after the failed reload", func(m notifyMsg) bool {
 		return kind(m) == "READY" && strings.Contains(m.text, "last restart failed (check_failed)")
 	})

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/restartsock"
+	"github.com/baton-run/baton/internal/control"
 )
 
 func TestUDPFlowMode(t *testing.T) {
@@ -68,7 +68,7 @@ func TestUDPFlowMode(t *testing.T) {
 	defer stopFlowA()
 
 	time.Sleep(300 * time.Millisecond)
-	r := h.expectRestart(0, restartsock.ResultOK)
+	r := h.expectRestart(0, control.ResultOK)
 	flipped := time.Now()
 	if r.Result.Generation != 2 {
 		t.Fatalf("restart: want generation 2; got %s", r)
@@ -143,7 +143,7 @@ func TestSlotExhaustion(t *testing.T) {
 
 	for i := range 30 {
 		r := h.restart()
-		if r.Code != 0 || r.Result.Result != restartsock.ResultOK || r.Result.Generation != i+2 {
+		if r.Code != 0 || r.Result.Result != control.ResultOK || r.Result.Generation != i+2 {
 			t.Fatalf("restart %d/30: want exit 0 ok, generation %d; got %s", i+1, i+2, r)
 		}
 	}
@@ -169,16 +169,16 @@ func TestSlotExhaustion(t *testing.T) {
 	}
 
 	r := h.restart()
-	if r.Code != 8 || r.Result.Result != restartsock.ResultNoSlot {
+	if r.Code != 8 || r.Result.Result != control.ResultNoSlot {
 		t.Fatalf("restart with all 31 slots taken: want exit 8 no_slot; got %s", r)
 	}
-	if ev, ok := r.event(restartsock.EventSpawned); ok {
+	if ev, ok := r.event(control.EventSpawned); ok {
 		t.Errorf("a restart refused for want of a slot must not spawn; got %+v", ev)
 	}
 	t.Logf("refused: %s", r.Result.Message)
 
 	st, _ = h.status()
-	if st.Working != 31 || len(st.Gens) != 31 || findGen(st, 31).State != restartsock.StateServing {
+	if st.Working != 31 || len(st.Gens) != 31 || findGen(st, 31).State != control.StateServing {
 		t.Errorf("after the refused restart: want generation 31 serving among 31; got working %d %s", st.Working, gensString(st))
 	}
 	for g, p := range pids {

@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/quicload"
-	"github.com/baton-run/baton/restartsock"
 )
 
 // upgradeBound is how long an old supervisor may take to drain its
@@ -74,13 +74,13 @@ func copyBaton(t *testing.T, dir string) string {
 func expectUpgrade(h *harness, fromPID int) restartOut {
 	h.t.Helper()
 	r := h.restart("--supervisor", "--wait")
-	if r.Code != 0 || r.Result.Result != restartsock.ResultOK {
+	if r.Code != 0 || r.Result.Result != control.ResultOK {
 		h.t.Fatalf("restart --supervisor: want exit 0 and ok; got %s", r)
 	}
 	if r.Result.SupervisorPID <= 0 || r.Result.SupervisorPID == fromPID {
 		h.t.Fatalf("restart --supervisor: new supervisor pid %d (old %d)", r.Result.SupervisorPID, fromPID)
 	}
-	for _, want := range []string{restartsock.EventSupervisorReady, restartsock.EventSupervisorHandover} {
+	for _, want := range []string{control.EventSupervisorReady, control.EventSupervisorHandover} {
 		if _, ok := r.event(want); !ok {
 			h.t.Errorf("restart --supervisor: no %q progress event: %+v", want, r.Events)
 		}
@@ -90,12 +90,12 @@ func expectUpgrade(h *harness, fromPID int) restartOut {
 
 // waitOneGeneration polls status until the supervisor runs only its
 // working generation (the previous supervisor's have exited).
-func waitOneGeneration(h *harness, pid int) restartsock.Status {
+func waitOneGeneration(h *harness, pid int) control.Status {
 	h.t.Helper()
 	deadline := time.Now().Add(upgradeBound)
 	for {
 		st, _, err := h.statusErr()
-		if err == nil && st.PID == pid && len(st.Gens) == 1 && st.Gens[0].State == restartsock.StateServing {
+		if err == nil && st.PID == pid && len(st.Gens) == 1 && st.Gens[0].State == control.StateServing {
 			return st
 		}
 		if time.Now().After(deadline) {
@@ -212,7 +212,7 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 	expectFailed := func(what, want string) {
 		t.Helper()
 		r := h.restart("--supervisor")
-		if r.Code != restartsock.ExitFailed || r.Result.Result != restartsock.ResultUpgradeFailed {
+		if r.Code != control.ExitFailed || r.Result.Result != control.ResultUpgradeFailed {
 			t.Fatalf("%s: want exit 1 and upgrade_failed; got %s", what, r)
 		}
 		if !strings.Contains(r.Result.Message, want) || r.Result.SupervisorPID != st.PID || r.Result.Generation != 1 {
@@ -246,7 +246,7 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 	expectFailed("a new supervisor whose first generation exits", "child_exited")
 
 	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, ""))
-	h.expectRestart(0, restartsock.ResultOK)
+	h.expectRestart(0, control.ResultOK)
 	if msg := checkH3(h, 2); msg != "" {
 		t.Errorf("HTTP/3 after a restart following the failed upgrades: %s", msg)
 	}

@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/udpdrain"
+	"github.com/baton-run/baton/internal/steer"
 	"github.com/quic-go/quic-go"
 )
 
@@ -42,10 +42,10 @@ func clearCIDEnv(t *testing.T) {
 
 // setSupervisorEnv sets exactly what the supervisor gives a generation,
 // from udpdrain's own encoder, so the two sides cannot drift apart.
-func setSupervisorEnv(t *testing.T, mode udpdrain.Mode, workers int, layout udpdrain.CIDLayout, slot int) {
+func setSupervisorEnv(t *testing.T, mode steer.Mode, workers int, layout steer.CIDLayout, slot int) {
 	t.Helper()
 	clearCIDEnv(t)
-	for _, kv := range udpdrain.EnvFor(mode, workers, layout, slot) {
+	for _, kv := range steer.EnvFor(mode, workers, layout, slot) {
 		k, v, _ := strings.Cut(kv, "=")
 		t.Setenv(k, v)
 	}
@@ -53,18 +53,18 @@ func setSupervisorEnv(t *testing.T, mode udpdrain.Mode, workers int, layout udpd
 
 func TestEnvNamesMatchUDPDrain(t *testing.T) {
 	for ours, theirs := range map[string]string{
-		EnvUDPSteer:        udpdrain.EnvSteer,
-		EnvUDPWorkers:      udpdrain.EnvWorkers,
-		EnvCIDLen:          udpdrain.EnvCIDLen,
-		EnvCIDSlotOffset:   udpdrain.EnvCIDSlotOffset,
-		EnvCIDWorkerOffset: udpdrain.EnvCIDWorkerOffset,
-		EnvCIDSlot:         udpdrain.EnvCIDSlot,
+		EnvUDPSteer:        steer.EnvSteer,
+		EnvUDPWorkers:      steer.EnvWorkers,
+		EnvCIDLen:          steer.EnvCIDLen,
+		EnvCIDSlotOffset:   steer.EnvCIDSlotOffset,
+		EnvCIDWorkerOffset: steer.EnvCIDWorkerOffset,
+		EnvCIDSlot:         steer.EnvCIDSlot,
 	} {
 		if ours != theirs {
 			t.Errorf("handoff uses %s where udpdrain sets %s", ours, theirs)
 		}
 	}
-	if NoWorkerOctet != udpdrain.NoWorkerOctet || DefaultCIDLen != udpdrain.DefaultCIDLayout().Len {
+	if NoWorkerOctet != steer.NoWorkerOctet || DefaultCIDLen != steer.DefaultCIDLayout().Len {
 		t.Error("handoff's CID defaults differ from udpdrain's")
 	}
 }
@@ -106,7 +106,7 @@ func checkRandomBits(t *testing.T, cids [][]byte, positions []int) {
 }
 
 // randomBits is how many random bits a CID of layout carries.
-func randomBits(layout udpdrain.CIDLayout, workers, worker int) float64 {
+func randomBits(layout steer.CIDLayout, workers, worker int) float64 {
 	bits := float64(8 * (layout.Len - 1))
 	if layout.WorkerOffset >= 0 {
 		bits += math.Log2(float64((255-worker)/workers+1)) - 8
@@ -118,19 +118,19 @@ func TestCIDGeneratorLayouts(t *testing.T) {
 	const n = 4000
 	for _, tc := range []struct {
 		name    string
-		layout  udpdrain.CIDLayout
+		layout  steer.CIDLayout
 		workers int
 		worker  int
 		slot    int
 	}{
-		{"default layout", udpdrain.DefaultCIDLayout(), 1, 0, 1},
-		{"worker octet", udpdrain.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4, 3, 31},
-		{"odd workers, slot last", udpdrain.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}, 3, 1, 17},
-		{"max workers", udpdrain.CIDLayout{Len: 4, SlotOffset: 1, WorkerOffset: 3}, 16, 15, 5},
-		{"workers without octet", udpdrain.CIDLayout{Len: 12, SlotOffset: 6, WorkerOffset: -1}, 8, 5, 2},
+		{"default layout", steer.DefaultCIDLayout(), 1, 0, 1},
+		{"worker octet", steer.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4, 3, 31},
+		{"odd workers, slot last", steer.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}, 3, 1, 17},
+		{"max workers", steer.CIDLayout{Len: 4, SlotOffset: 1, WorkerOffset: 3}, 16, 15, 5},
+		{"workers without octet", steer.CIDLayout{Len: 12, SlotOffset: 6, WorkerOffset: -1}, 8, 5, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			setSupervisorEnv(t, udpdrain.ModeQUIC, tc.workers, tc.layout, tc.slot)
+			setSupervisorEnv(t, steer.ModeQUIC, tc.workers, tc.layout, tc.slot)
 			g, err := CIDGenerator(tc.worker)
 			if err != nil {
 				t.Fatal(err)
@@ -193,7 +193,7 @@ func TestCIDGeneratorCodepoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	layout := udpdrain.CIDLayout{Len: 8, SlotOffset: 3, WorkerOffset: udpdrain.NoWorkerOctet}
+	layout := steer.CIDLayout{Len: 8, SlotOffset: 3, WorkerOffset: steer.NoWorkerOctet}
 	for _, c := range generate(t, g, 100) {
 		if c[3] != 0xc0|9 || layout.SlotOf(c) != 9 {
 			t.Fatalf("slot octet %08b in %x, want 110 01001", c[3], c)
@@ -299,7 +299,7 @@ func TestCIDConfigEnvErrors(t *testing.T) {
 	}
 
 	t.Run("worker out of range", func(t *testing.T) {
-		setSupervisorEnv(t, udpdrain.ModeQUIC, 2, udpdrain.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4)
+		setSupervisorEnv(t, steer.ModeQUIC, 2, steer.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4)
 		for _, w := range []int{-1, 2} {
 			if _, err := CIDGenerator(w); err == nil {
 				t.Errorf("CIDGenerator(%d) with 2 workers succeeded", w)
@@ -499,7 +499,7 @@ func echoRoundTrips(ctx context.Context, addr string, msgs int) error {
 
 // checkWireCIDs asserts that the client addressed the server only by CIDs
 // the server issued, each carrying slot and worker under layout.
-func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout udpdrain.CIDLayout, workers, worker, slot int) {
+func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout steer.CIDLayout, workers, worker, slot int) {
 	t.Helper()
 	dcids, short := r.snapshot()
 	if short == 0 {
@@ -524,9 +524,9 @@ func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout udpdr
 }
 
 func TestQUICRoundTripCarriesSlot(t *testing.T) {
-	layout := udpdrain.CIDLayout{Len: 10, SlotOffset: 2, WorkerOffset: 5}
+	layout := steer.CIDLayout{Len: 10, SlotOffset: 2, WorkerOffset: 5}
 	const workers, worker, slot = 2, 1, 13
-	setSupervisorEnv(t, udpdrain.ModeQUIC, workers, layout, slot)
+	setSupervisorEnv(t, steer.ModeQUIC, workers, layout, slot)
 	gen, err := CIDGenerator(worker)
 	if err != nil {
 		t.Fatal(err)

@@ -21,12 +21,12 @@ import (
 	"github.com/cloudflare/tableflip"
 	"golang.org/x/sys/unix"
 
-	"github.com/baton-run/baton/config"
-	"github.com/baton-run/baton/ctl"
-	"github.com/baton-run/baton/listen"
-	"github.com/baton-run/baton/procgroup"
-	"github.com/baton-run/baton/supervisor"
-	"github.com/baton-run/baton/systemd"
+	"github.com/baton-run/baton/internal/cli"
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/listen"
+	"github.com/baton-run/baton/internal/procgroup"
+	"github.com/baton-run/baton/internal/supervisor"
+	"github.com/baton-run/baton/internal/systemd"
 )
 
 const usage = `baton: graceful-restart supervisor for network servers
@@ -53,9 +53,9 @@ func main() {
 	case "run":
 		os.Exit(runMain(args, os.Stderr))
 	case "restart":
-		os.Exit(ctl.RestartMain(args, os.Getenv, os.Stdout, os.Stderr))
+		os.Exit(cli.RestartMain(args, os.Getenv, os.Stdout, os.Stderr))
 	case "status":
-		os.Exit(ctl.StatusMain(args, os.Getenv, os.Stdout, os.Stderr))
+		os.Exit(cli.StatusMain(args, os.Getenv, os.Stdout, os.Stderr))
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 	default:
@@ -146,7 +146,7 @@ func runMain(args []string, stderr io.Writer) int {
 		if set["control"] {
 			c.Control = *control
 		} else if c.Control == config.DefaultControl {
-			c.Control = ctl.ControlPath("", os.Getenv)
+			c.Control = cli.ControlPath("", os.Getenv)
 		}
 		str := map[string]*string{"control-group": &c.ControlGroup, "check-cmd": &c.CheckCmd, "user": &c.User,
 			"group": &c.Group, "dir": &c.Dir, "log-format": &c.LogFormat, "log-level": &c.LogLevel, "process-tracking": &c.ProcessTracking}

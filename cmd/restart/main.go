@@ -5,9 +5,9 @@ package main
 import (
 	"os"
 
-	"github.com/baton-run/baton/ctl"
+	"github.com/baton-run/baton/internal/cli"
 )
 
 func main() {
-	os.Exit(ctl.RestartMain(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+	os.Exit(cli.RestartMain(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
 }

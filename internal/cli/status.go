@@ -1,0 +1,186 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/baton-run/baton/internal/control"
+)
+
+// DefaultStatusTimeout bounds `status`; the supervisor answers from memory,
+// so anything slower means it is stuck.
+const DefaultStatusTimeout = 10 * time.Second
+
+const statusUsage = `Usage: baton status [flags]
+
+Show the running baton supervisor and its generations.
+
+Flags:
+  --control PATH      coordination socket (default $BATON_CONTROL, else
+                      /run/baton/baton.sock)
+  --timeout DURATION  stop waiting after this long (default 10s)
+  --json              print the status as one JSON object on stdout
+
+Exit codes: 0 ok, 2 usage, 4 busy (the supervisor's connection limit
+kept refusing this user), 5 no supervisor (or it went away before
+answering), 6 denied, 7 timed out, 9 untrusted (the process listening on
+the socket runs as neither root, the owner of the socket's directory, nor
+this user), 1 anything else.
+`
+
+// StatusMain runs the `status` command and returns its exit code.
+func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	const prog = "baton status"
+	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
+	controlFlag := fs.String("control", "", "")
+	timeout := fs.Duration("timeout", DefaultStatusTimeout, "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parseFlags(fs, args, prog, statusUsage, stdout, stderr); !ok {
+		return code
+	}
+	if *timeout <= 0 {
+		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
+	}
+	path := ControlPath(*controlFlag, env)
+
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	req := &request{prog: prog, path: path, timeout: *timeout}
+	res, err := control.GetStatus(ctx, path)
+	if err != nil {
+		return req.clientError(stderr, err)
+	}
+	if res.Result != control.ResultOK {
+		if *asJSON {
+			json.NewEncoder(stdout).Encode(res)
+		}
+		fmt.Fprintf(stderr, "%s: %s\n", prog, req.describeFailure(res))
+		return control.ExitCode(res.Result)
+	}
+	if *asJSON {
+		if err := json.NewEncoder(stdout).Encode(res.Status); err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+			return control.ExitFailed
+		}
+		return control.ExitOK
+	}
+	if err := writeStatus(stdout, res.Status, now()); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+		return control.ExitFailed
+	}
+	return control.ExitOK
+}
+
+// writeStatus prints st for a person: a summary, the listeners, then one
+// row per generation.
+func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
+	var head strings.Builder
+	fmt.Fprintf(&head, "supervisor pid %d", st.PID)
+	if !st.StartedAt.IsZero() {
+		fmt.Fprintf(&head, ", up %s", fmtAge(at.Sub(st.StartedAt)))
+	}
+	if st.Working > 0 {
+		fmt.Fprintf(&head, ", working generation %d", st.Working)
+	} else {
+		head.WriteString(", no working generation")
+	}
+	fmt.Fprintf(&head, ", restarts %d, crashes %d", st.Restarts, st.Crashes)
+	if st.CrashLoop {
+		head.WriteString(", CRASH LOOP")
+	}
+	if st.Stopping {
+		head.WriteString(", stopping")
+	}
+	fmt.Fprintln(w, head.String())
+	if st.LastCrash != "" {
+		fmt.Fprintf(w, "last crash: %s\n", st.LastCrash)
+	}
+
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	if len(st.Listeners) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintln(tw, "LISTENER\tURL\tFD\tSTEER")
+		for _, l := range st.Listeners {
+			steer := "-"
+			if l.Steer != "" {
+				steer = fmt.Sprintf("%s, %d per generation, working slot %d", l.Steer, l.Workers, l.Working)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", cell(l.Name), cell(l.URL), l.FD, steer)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write status: %w", err)
+		}
+		if err := writeUDP(tw, st.Listeners); err != nil {
+			return err
+		}
+	}
+
+	fmt.Fprintln(w)
+	if len(st.Gens) == 0 {
+		fmt.Fprintln(w, "no generations")
+		return nil
+	}
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY\tSTATUS")
+	for _, g := range st.Gens {
+		state := cell(g.State)
+		if g.State == control.StateDraining && g.DrainingFor > 0 {
+			state = fmt.Sprintf("%s (%s)", g.State, fmtMS(g.DrainingFor))
+		}
+		age := "-"
+		if !g.StartedAt.IsZero() {
+			age = fmtAge(at.Sub(g.StartedAt))
+		}
+		ready := "-"
+		if g.ReadyAfterMS > 0 {
+			ready = fmtMS(g.ReadyAfterMS)
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\n", g.Generation, g.PID, state, age, ready, cell(g.Status))
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// cell makes a supervisor-provided string safe for one table cell: a tab
+// or newline in a child's STATUS= text would otherwise break the layout.
+func cell(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, s)
+}
+
+// writeUDP prints the steering program's per-generation datagram counters.
+func writeUDP(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
+	var any bool
+	for _, l := range ls {
+		for _, u := range l.UDP {
+			if !any {
+				fmt.Fprintln(tw)
+				fmt.Fprintln(tw, "UDP\tSLOT\tGEN\tBY CID\tBY PIN\tNEW\tFALLBACK\tERRORS\tDROPPED")
+				any = true
+			}
+			gen := "-"
+			if u.Generation > 0 {
+				gen = fmt.Sprint(u.Generation)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", cell(l.Name), u.Slot, gen, u.CID, u.Pinned, u.New, u.Fallback, u.Errors, u.Dropped)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}

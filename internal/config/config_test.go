@@ -1,0 +1,184 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/baton-run/baton/internal/cli"
+)
+
+func TestParseListener(t *testing.T) {
+	cases := []struct {
+		arg     string
+		want    Listener
+		wantErr string
+	}{
+		{arg: "http=tcp://127.0.0.1:8080", want: Listener{Name: "http", Scheme: "tcp", Addr: "127.0.0.1:8080"}},
+		{arg: "http=tcp://:443?backlog=4096", want: Listener{Name: "http", Scheme: "tcp", Addr: ":443", Backlog: 4096}},
+		{arg: "v6=tcp://[::1]:8080?v6only=true", want: Listener{Name: "v6", Scheme: "tcp", Addr: "[::1]:8080", V6Only: true}},
+		{arg: "l=tcp://localhost:80", want: Listener{Name: "l", Scheme: "tcp", Addr: "127.0.0.1:80"}},
+		{arg: "dns=udp://[::]:53", want: Listener{Name: "dns", Scheme: "udp", Addr: "[::]:53", Steer: SteerFlow}},
+		{arg: "h3=quic://127.0.0.1:443?workers=4&cid_len=12&cid_worker_offset=1", want: Listener{Name: "h3", Scheme: "udp", Addr: "127.0.0.1:443", Steer: SteerQUIC, Workers: 4, CIDLen: 12, CIDWorkerOffset: 1}},
+		{arg: "d=udp://127.0.0.1:53?steer=off&flow_idle=5s", want: Listener{Name: "d", Scheme: "udp", Addr: "127.0.0.1:53", Steer: SteerOff, FlowIdle: 5 * time.Second}},
+		{arg: "x=udp://:53?steer=maybe", wantErr: "want flow, quic or off"},
+		{arg: "x=quic://:443?workers=99", wantErr: "1..16"},
+		{arg: "x=quic://:443?cid_len=21", wantErr: "RFC 9000"},
+		{arg: "app=unix:///run/app.sock?mode=0660&group=www", want: Listener{Name: "app", Scheme: "unix", Addr: "/run/app.sock", Mode: 0o660, Group: "www"}},
+		{arg: "noequals", wantErr: "want NAME=URL"},
+		{arg: "a:b=tcp://:80", wantErr: "LISTEN_FDNAMES"},
+		{arg: "x=tcp://127.0.0.1", wantErr: "HOST:PORT"},
+		{arg: "x=tcp://127.0.0.1:0", wantErr: "fixed port"},
+		{arg: "x=tcp://example.com:80", wantErr: "IP address"},
+		{arg: "x=unix://relative.sock", wantErr: "three slashes"},
+		{arg: "x=sctp://:80", wantErr: "unknown scheme"},
+		{arg: "x=tcp://:80?mode=0600", wantErr: "not known for tcp"},
+		{arg: "x=udp://:53?backlog=5", wantErr: "not known for udp"},
+		{arg: "x=unix:///a?mode=999", wantErr: "octal"},
+		{arg: "x=tcp://:80?backlog=-1", wantErr: "positive"},
+	}
+	for _, c := range cases {
+		got, err := ParseListen(c.arg)
+		if c.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), c.wantErr) {
+				t.Errorf("%s: err = %v, want containing %q", c.arg, err, c.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", c.arg, err)
+			continue
+		}
+		got.URL = ""
+		if c.want.CIDWorkerOffset == 0 {
+			c.want.CIDWorkerOffset = -1
+		}
+		if !got.Same(c.want) {
+			t.Errorf("%s: got %+v, want %+v", c.arg, got, c.want)
+		}
+	}
+}
+
+func TestLoadFileThenFlags(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.toml")
+	err := os.WriteFile(path, []byte(`
+command = ["/bin/server", "-v"]
+control = "/tmp/x.sock"
+ready = "delay:2s"
+ready_timeout = "5s"
+drain_signal = "SIGQUIT"
+drain_timeout = "7s"
+max_draining = 2
+check_cmd = "true"
+
+[listen]
+zeta = "tcp://127.0.0.1:9000"
+alpha = "unix:///tmp/a.sock"
+
+[env]
+B = "2"
+A = "1"
+`), 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path, func(c *Config) error {
+		c.DrainTimeout = 9 * time.Second // a flag that was set
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(c.Command, " "); got != "/bin/server -v" {
+		t.Errorf("command = %q", got)
+	}
+	// File order, not map order, so fd numbers are what the file says.
+	if len(c.Listeners) != 2 || c.Listeners[0].Name != "zeta" || c.Listeners[1].Name != "alpha" {
+		t.Errorf("listeners = %+v", c.Listeners)
+	}
+	if strings.Join(c.Env, ",") != "B=2,A=1" {
+		t.Errorf("env = %v", c.Env)
+	}
+	if c.Ready.Kind != ReadyDelay || c.Ready.Delay != 2*time.Second {
+		t.Errorf("ready = %+v", c.Ready)
+	}
+	if c.ReadyTimeout != 5*time.Second || c.DrainTimeout != 9*time.Second || c.MaxDraining != 2 {
+		t.Errorf("timeouts = %v %v %d", c.ReadyTimeout, c.DrainTimeout, c.MaxDraining)
+	}
+	if c.DrainSignal != syscall.SIGQUIT || c.Control != "/tmp/x.sock" || c.CheckCmd != "true" {
+		t.Errorf("signal/control/check = %v %q %q", c.DrainSignal, c.Control, c.CheckCmd)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(body string) string {
+		p := filepath.Join(dir, "c.toml")
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cases := map[string]string{
+		`command = ["x"]` + "\nbogus = 1":                     "unknown key: bogus (known: command, ",
+		`command = ["x"]` + "\nready_timeout = \"soon\"":      "ready_timeout",
+		`command = ["x"]` + "\nmax_draining = -1":             "max_draining: must be at least 1, got -1",
+		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":    "unknown signal",
+		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"": "unknown scheme",
+		`command = []`: "command: is empty",
+		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log_format: want \"text\" or \"json\", got \"xml\"",
+		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                 "absolute",
+		`command = ["x"]` + "\ngroup = \"www\"":                             "--group needs --user",
+		`command = ["x"` + "\n":                                             "config",
+		`command = ["x"]` + "\n[listen]\na = \"tcp://:1\"\nb = \"tcp://:\"": "listener b",
+	}
+	for body, want := range cases {
+		_, err := Load(write(body), nil)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: err = %v, want containing %q", body, err, want)
+		}
+	}
+}
+
+func TestDuplicateListenerNames(t *testing.T) {
+	c := Defaults()
+	c.Command = []string{"x"}
+	a, _ := ParseListen("web=tcp://:80")
+	c.Listeners = []Listener{a, a}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "used twice") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestParseReadyAndSignal(t *testing.T) {
+	for in, want := range map[string]string{"auto": "auto", "delay:2s": "delay:2s", "tcp-connect:127.0.0.1:80": "tcp-connect:127.0.0.1:80", "notify": "auto"} {
+		r, err := ParseReady(in)
+		if err != nil || r.String() != want {
+			t.Errorf("ParseReady(%q) = %v, %v", in, r, err)
+		}
+	}
+	for _, bad := range []string{"delay:x", "tcp-connect:nope", "sometimes"} {
+		if _, err := ParseReady(bad); err == nil {
+			t.Errorf("ParseReady(%q) accepted", bad)
+		}
+	}
+	for in, want := range map[string]syscall.Signal{"SIGTERM": syscall.SIGTERM, "term": syscall.SIGTERM, "USR1": syscall.SIGUSR1, "3": syscall.SIGQUIT} {
+		if got, err := ParseSignal(in); err != nil || got != want {
+			t.Errorf("ParseSignal(%q) = %v, %v", in, got, err)
+		}
+	}
+	if SignalName(syscall.SIGTERM) != "SIGTERM" {
+		t.Errorf("SignalName = %q", SignalName(syscall.SIGTERM))
+	}
+}
+
+// The supervisor (config) and its clients (ctl, linked into the small
+// restart binary without config) must agree on where the socket is.
+func TestDefaultControlMatchesClients(t *testing.T) {
+	if DefaultControl != cli.DefaultControl {
+		t.Fatalf("config.DefaultControl %q != cli.DefaultControl %q", DefaultControl, cli.DefaultControl)
+	}
+}

@@ -1,0 +1,209 @@
+// Package restartsock is baton's coordination socket: a Unix stream socket
+// on which the supervisor takes restart and status requests. It owns the
+// wire format (newline-delimited JSON), the peer-credential check, the
+// server loop used by the supervisor and the client used by `restart` and
+// `baton status`.
+//
+// One request per connection. The client sends one JSON object on one line
+// (at most MaxRequestSize bytes, starting within RequestIdleTimeout of the
+// connect, never pausing longer than that, and complete within
+// RequestReadTimeout). The server answers with zero or more "progress"
+// lines and exactly one final "result" line, then closes the connection.
+// The client keeps its end open (no half-close) until the result: the
+// server takes end-of-file after the request as the client having gone
+// away.
+//
+// Both ends check who is on the other side with SO_PEERCRED: the server
+// serves only root, its own uid and its control group, with connection
+// limits per uid; the client talks only to a listener owned by root, by
+// the owner of the socket's directory or by its own uid, since whoever can
+// write to that directory could have put a socket there.
+package control
+
+import (
+	"time"
+)
+
+// ProtocolVersion is the "v" field of every request and response.
+const ProtocolVersion = 1
+
+// MaxRequestSize bounds one request line, newline included.
+const MaxRequestSize = 4096
+
+// RequestReadTimeout bounds how long the server waits for a full request.
+const RequestReadTimeout = 5 * time.Second
+
+// RequestIdleTimeout bounds how long the server waits for the first byte
+// of a request, and for more bytes of an unfinished one. Clients send the
+// request in one write right after connecting, so only a client that holds
+// a connection without using it waits this long, and it should not keep
+// its slot: see Server.MaxConnsPerUID.
+const RequestIdleTimeout = 2 * time.Second
+
+// Operations.
+const (
+	OpRestart = "restart"
+	OpStatus  = "status"
+	// OpUpgrade replaces the supervisor itself with the baton binary now
+	// at its path (`restart --supervisor`), handing over every socket.
+	OpUpgrade = "upgrade"
+)
+
+// Request is the single line a client sends.
+type Request struct {
+	V  int    `json:"v"`
+	Op string `json:"op"`
+	// Wait makes a restart queue behind one already running instead of
+	// getting ResultBusy.
+	Wait bool `json:"wait,omitempty"`
+}
+
+// Code is the typed outcome of a request.
+type Code string
+
+// Result codes. Each maps to one exit code of `restart` (see ExitCode).
+const (
+	ResultOK           Code = "ok"
+	ResultCheckFailed  Code = "check_failed"
+	ResultChildExited  Code = "child_exited"
+	ResultReadyTimeout Code = "ready_timeout"
+	// ResultBusy: another restart or upgrade is running, or (with
+	// Result.Limit set) a connection limit refused the connection before
+	// the request was read.
+	ResultBusy            Code = "busy"
+	ResultTooManyDraining Code = "too_many_draining"
+	ResultDenied          Code = "denied"
+	ResultShuttingDown    Code = "shutting_down"
+	ResultBadRequest      Code = "bad_request"
+	// ResultNoSlot: all 31 UDP steering slots belong to live generations.
+	ResultNoSlot Code = "no_slot"
+	// ResultUpgradeFailed: the new supervisor exited, timed out or
+	// refused the handover; the old one keeps serving.
+	ResultUpgradeFailed Code = "upgrade_failed"
+	// ResultSpawnFailed: the new generation could not be started at all
+	// (its working directory is gone, no descriptors left, ...); the
+	// old one keeps serving.
+	ResultSpawnFailed Code = "spawn_failed"
+)
+
+// Message types on the wire.
+const (
+	TypeProgress = "progress"
+	TypeResult   = "result"
+)
+
+// Progress events of a restart, in the order they normally happen.
+const (
+	EventQueued   = "queued"   // waiting behind another restart (--wait)
+	EventChecked  = "checked"  // config re-read and check command passed
+	EventSpawned  = "spawned"  // new generation started: Generation, PID
+	EventReady    = "ready"    // new generation reported ready
+	EventFlipped  = "flipped"  // new generation is the working generation
+	EventDraining = "draining" // old generation told to drain: Generation, PID
+
+	// Supervisor upgrade: the new baton started (PID), took over (PID,
+	// with its first generation), and the old one began to drain.
+	EventSupervisorSpawned  = "supervisor_spawned"
+	EventSupervisorReady    = "supervisor_ready"
+	EventSupervisorHandover = "supervisor_handover"
+)
+
+// Event is one progress line.
+type Event struct {
+	V          int       `json:"v"`
+	Type       string    `json:"type"` // TypeProgress
+	Event      string    `json:"event"`
+	Generation int       `json:"generation,omitempty"`
+	PID        int       `json:"pid,omitempty"`
+	Message    string    `json:"message,omitempty"`
+	Time       time.Time `json:"time"`
+}
+
+// Result is the final line of every response.
+type Result struct {
+	V          int     `json:"v"`
+	Type       string  `json:"type"` // TypeResult
+	Result     Code    `json:"result"`
+	Message    string  `json:"message,omitempty"`
+	Generation int     `json:"generation,omitempty"` // the working generation after the request
+	PID        int     `json:"pid,omitempty"`        // its pid
+	DurationMS float64 `json:"duration_ms,omitempty"`
+	Status     *Status `json:"status,omitempty"` // for OpStatus
+	// SupervisorPID, for OpUpgrade: the pid of the supervisor serving
+	// after the request (the new one on success).
+	SupervisorPID int `json:"supervisor_pid,omitempty"`
+	// Limit, on a busy result, names the connection limit that refused the
+	// connection (one of the Limit* values). The request was not read, so
+	// sending it again is always safe. Empty when a running restart is
+	// what made the request busy. Supervisors before this field never set
+	// it.
+	Limit string `json:"limit,omitempty"`
+}
+
+// Connection limits a busy result may name in Result.Limit.
+const (
+	LimitUID    = "uid"    // the peer's uid has Server.MaxConnsPerUID connections open
+	LimitOthers = "others" // uids other than root and the supervisor's have Server.MaxConnsOthers open together
+	LimitTotal  = "total"  // the server has Server.MaxConns connections open
+)
+
+// Status describes the supervisor and its generations.
+type Status struct {
+	PID       int       `json:"pid"`
+	StartedAt time.Time `json:"started_at"`
+	Working   int       `json:"working"` // working generation number, 0 if none
+	Restarts  int       `json:"restarts"`
+	Crashes   int       `json:"crashes"`
+	CrashLoop bool      `json:"crash_loop"`
+	LastCrash string    `json:"last_crash,omitempty"`
+	Stopping  bool      `json:"stopping,omitempty"`
+	// Goroutines and OpenFDs let operators and tests see leaks.
+	Goroutines int              `json:"goroutines"`
+	OpenFDs    int              `json:"open_fds"`
+	Gens       []GenStatus      `json:"generations"`
+	Listeners  []ListenerStatus `json:"listeners"`
+}
+
+// Generation states.
+const (
+	StateStarting = "starting"
+	StateServing  = "serving"
+	StateDraining = "draining"
+)
+
+// GenStatus is one generation.
+type GenStatus struct {
+	Generation   int       `json:"generation"`
+	PID          int       `json:"pid"`
+	State        string    `json:"state"`
+	StartedAt    time.Time `json:"started_at"`
+	ReadyAfterMS float64   `json:"ready_after_ms,omitempty"` // spawn to ready
+	Status       string    `json:"status,omitempty"`         // last STATUS= text
+	DrainingFor  float64   `json:"draining_for_ms,omitempty"`
+}
+
+// ListenerStatus is one listening socket the supervisor holds.
+type ListenerStatus struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+	FD   int    `json:"fd"` // first fd number in every generation
+	// For UDP listeners: the steering mode, sockets per generation, the
+	// working slot and each generation's counters.
+	Steer   string      `json:"steer,omitempty"`
+	Workers int         `json:"workers,omitempty"`
+	Working int         `json:"working_slot,omitempty"`
+	UDP     []UDPStatus `json:"udp,omitempty"`
+}
+
+// UDPStatus is one generation's slot in a UDP listener and the steering
+// program's per-slot counters (datagrams).
+type UDPStatus struct {
+	Slot       int    `json:"slot"`
+	Generation int    `json:"generation,omitempty"` // 0: slot 0 (drops) or a generation already reaped
+	CID        uint64 `json:"by_cid"`
+	Pinned     uint64 `json:"by_pin"`
+	New        uint64 `json:"new"`
+	Fallback   uint64 `json:"fallback"`
+	Errors     uint64 `json:"errors"`
+	Dropped    uint64 `json:"dropped"`
+}

@@ -1,0 +1,220 @@
+// Package listen opens and owns the listening sockets baton holds for its
+// generations: TCP, UDP and Unix sockets from listener URLs, and sockets
+// received from systemd socket activation.
+package listen
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/steer"
+	"github.com/baton-run/baton/internal/unixsock"
+	"golang.org/x/sys/unix"
+)
+
+// Socket is one listening socket held by the supervisor. Its file stays
+// open for the supervisor's whole life so that connections queue in the
+// backlog while no generation accepts.
+type Socket struct {
+	Spec      config.Listener
+	File      *os.File // shared by every generation; nil for UDP groups
+	Activated bool     // received from systemd rather than opened here
+	// UDP, for a UDP listener, gives every generation its own sockets in
+	// one reuseport group steered by BPF (or plain duplicates with
+	// steer=off).
+	UDP *steer.Group
+
+	unixID unixsock.FileID // the Unix socket file we created, for cleanup
+}
+
+// Open creates the socket described by spec.
+func Open(spec config.Listener) (*Socket, error) {
+	switch spec.Scheme {
+	case config.SchemeTCP:
+		return openInet(spec, unix.SOCK_STREAM)
+	case config.SchemeUDP:
+		g, err := steer.NewGroup(spec.Addr, UDPConfig(spec))
+		if err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+		}
+		return &Socket{Spec: spec, UDP: g}, nil
+	case config.SchemeUnix:
+		return openUnix(spec)
+	}
+	return nil, fmt.Errorf("listener %s: cannot open scheme %q", spec.Name, spec.Scheme)
+}
+
+func openInet(spec config.Listener, typ int) (*Socket, error) {
+	host, portStr, err := net.SplitHostPort(spec.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	port, _ := strconv.Atoi(portStr)
+	ip := net.ParseIP(host)
+	family := unix.AF_INET6
+	var sa unix.Sockaddr
+	if ip4 := ip.To4(); ip4 != nil {
+		family = unix.AF_INET
+		s4 := &unix.SockaddrInet4{Port: port}
+		copy(s4.Addr[:], ip4)
+		sa = s4
+	} else {
+		s6 := &unix.SockaddrInet6{Port: port}
+		if ip != nil {
+			copy(s6.Addr[:], ip.To16())
+		}
+		sa = s6
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: socket: %w", spec.Name, err)
+	}
+	fail := func(what string, err error) (*Socket, error) {
+		unix.Close(fd)
+		if errors.Is(err, unix.EADDRINUSE) {
+			return nil, fmt.Errorf("listener %s: %s %s: %w (another process holds it; stop it or pick another port)", spec.Name, what, spec.Addr, err)
+		}
+		if errors.Is(err, unix.EACCES) {
+			return nil, fmt.Errorf("listener %s: %s %s: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", spec.Name, what, spec.Addr, err)
+		}
+		return nil, fmt.Errorf("listener %s: %s %s: %w", spec.Name, what, spec.Addr, err)
+	}
+	if typ == unix.SOCK_STREAM {
+		// Lets a restarted supervisor bind while old connections sit in TIME_WAIT.
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fail("SO_REUSEADDR", err)
+		}
+	}
+	if family == unix.AF_INET6 {
+		v6only := 0
+		if spec.V6Only {
+			v6only = 1
+		}
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v6only); err != nil {
+			return fail("IPV6_V6ONLY", err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fail("bind", err)
+	}
+	if typ == unix.SOCK_STREAM {
+		if err := unix.Listen(fd, backlog(spec.Backlog)); err != nil {
+			return fail("listen", err)
+		}
+	}
+	return &Socket{Spec: spec, File: os.NewFile(uintptr(fd), spec.Name)}, nil
+}
+
+func backlog(n int) int {
+	if n > 0 {
+		return n
+	}
+	return unix.SOMAXCONN
+}
+
+func openUnix(spec config.Listener) (*Socket, error) {
+	path := spec.Addr
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("listener %s: create the socket's directory: %w", spec.Name, err)
+	}
+	if who := unixsock.Writers(dir); who != "" {
+		// A legitimate layout (a directory the service user owns), but
+		// that user can then replace the socket: say so once.
+		slog.Warn("listener directory is writable by another user, who can replace the socket", "listener", spec.Name, "dir", dir, "why", who)
+	}
+	if err := unixsock.RemoveStale(path); err != nil {
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	o := unixsock.Options{Mode: spec.Mode, UID: -1, GID: -1, Backlog: spec.Backlog}
+	var err error
+	if spec.Owner != "" {
+		if o.UID, err = lookupUID(spec.Owner); err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+		}
+	}
+	if spec.Group != "" {
+		if o.GID, err = LookupGID(spec.Group); err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+		}
+	}
+	f, id, err := unixsock.Listen(path, o)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+	}
+	return &Socket{Spec: spec, File: f, unixID: id}, nil
+}
+
+// Probe reports whether something accepts connections on the Unix socket
+// at path.
+func Probe(path string) (bool, error) { return unixsock.Probe(path) }
+
+// Close closes the socket and, for a Unix socket baton created, removes
+// its file if the path still names that same socket.
+func (s *Socket) Close() error {
+	if s.UDP != nil {
+		return s.UDP.Close()
+	}
+	err := s.File.Close()
+	if rerr := unixsock.Remove(s.Spec.Addr, s.unixID); rerr != nil && err == nil {
+		err = rerr
+	}
+	return err
+}
+
+// UDPConfig is the steering configuration of a UDP listener.
+func UDPConfig(spec config.Listener) steer.Config {
+	mode := steer.ModeFlow
+	switch spec.Steer {
+	case config.SteerQUIC:
+		mode = steer.ModeQUIC
+	case config.SteerOff:
+		mode = steer.ModeOff
+	}
+	cid := steer.DefaultCIDLayout()
+	if spec.CIDLen > 0 {
+		cid.Len = spec.CIDLen
+	}
+	cid.SlotOffset = spec.CIDSlotOffset
+	cid.WorkerOffset = spec.CIDWorkerOffset
+	return steer.Config{Mode: mode, Workers: spec.Workers, CID: cid, FlowIdle: spec.FlowIdle, V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
+}
+
+// IsDatagram reports whether the socket is SOCK_DGRAM.
+func (s *Socket) IsDatagram() bool {
+	if s.UDP != nil {
+		return true
+	}
+	typ, err := unix.GetsockoptInt(int(s.File.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
+	return err == nil && typ == unix.SOCK_DGRAM
+}
+
+func lookupUID(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	u, err := user.Lookup(s)
+	if err != nil {
+		return 0, fmt.Errorf("user %q: %w", s, err)
+	}
+	return strconv.Atoi(u.Uid)
+}
+
+// LookupGID resolves a group name or number.
+func LookupGID(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	g, err := user.LookupGroup(s)
+	if err != nil {
+		return 0, fmt.Errorf("group %q: %w", s, err)
+	}
+	return strconv.Atoi(g.Gid)
+}

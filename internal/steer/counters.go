@@ -1,0 +1,213 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/bpf"
+)
+
+// Counters are the program's decisions for one slot, summed over CPUs.
+type Counters struct {
+	CID      uint64 // routed by the slot in a server-chosen QUIC CID
+	Pinned   uint64 // routed by an existing flow entry or Initial pin
+	New      uint64 // new flows / handshakes given to this (working) slot
+	Fallback uint64 // unparseable, unknown or dead-slot datagrams sent here as the working slot
+	Errors   uint64 // this slot was chosen but had no socket to select
+	Dropped  uint64 // slot 0 only: nothing could be selected, datagram dropped
+}
+
+// Delivered is the number of datagrams the program sent to the slot.
+func (c Counters) Delivered() uint64 { return c.CID + c.Pinned + c.New + c.Fallback }
+
+func (c Counters) sum() uint64 { return c.Delivered() + c.Errors + c.Dropped }
+
+// Counters returns the counters of every slot that has a generation, and
+// of slot 0, whose Dropped and Errors count datagrams that no generation
+// could take. Counters restart from zero when a slot is given to a new
+// generation. In ModeOff there are none.
+func (g *Group) Counters() (map[int]Counters, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.objs == nil || g.closed {
+		return map[int]Counters{}, nil
+	}
+	out := make(map[int]Counters)
+	for slot, gen := range g.gens {
+		if gen == nil && slot != 0 {
+			continue
+		}
+		c, err := g.readCountersLocked(slot)
+		if err != nil {
+			return nil, err
+		}
+		out[slot] = c
+	}
+	return out, nil
+}
+
+func (g *Group) readCountersLocked(slot int) (Counters, error) {
+	var c Counters
+	dst := []*uint64{
+		bpf.CounterCID:      &c.CID,
+		bpf.CounterPin:      &c.Pinned,
+		bpf.CounterNew:      &c.New,
+		bpf.CounterFallback: &c.Fallback,
+		bpf.CounterError:    &c.Errors,
+		bpf.CounterDrop:     &c.Dropped,
+	}
+	var perCPU []uint64
+	for kind, p := range dst {
+		key := uint32(slot*bpf.CountersPerSlot + kind)
+		if err := g.objs.Counters.Lookup(key, &perCPU); err != nil {
+			return Counters{}, fmt.Errorf("udpdrain %s: read counters of slot %d: %w", g.addr, slot, err)
+		}
+		for _, v := range perCPU {
+			*p += v
+		}
+	}
+	return c, nil
+}
+
+func (g *Group) resetCountersLocked(slot int) error {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("udpdrain: count CPUs: %w", err)
+	}
+	zero := make([]uint64, ncpu)
+	for kind := 0; kind < bpf.CountersPerSlot; kind++ {
+		key := uint32(slot*bpf.CountersPerSlot + kind)
+		if err := g.objs.Counters.Update(key, zero, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("udpdrain: reset counters of slot %d: %w", slot, err)
+		}
+	}
+	return nil
+}
+
+// LastActivity returns when the slot's counters were last seen to move:
+// the time of AddGeneration, or of the latest call to LastActivity or Idle
+// that found them changed. The program keeps no clock of its own (a
+// timestamp per datagram would cost a shared write on the hot path), so
+// the precision is the caller's polling interval.
+//
+// Only datagrams the program steers to the slot by CID or by pin move
+// them once another slot is working; that is the traffic a draining
+// generation still serves.
+func (g *Group) LastActivity(slot int) (time.Time, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+		return time.Time{}, fmt.Errorf("udpdrain %s: slot %d has no generation", g.addr, slot)
+	}
+	gen := g.gens[slot]
+	if g.objs == nil || g.closed {
+		return gen.lastChange, nil
+	}
+	c, err := g.readCountersLocked(slot)
+	if err != nil {
+		return time.Time{}, err
+	}
+	if s := c.sum(); s != gen.lastSum {
+		gen.lastSum = s
+		gen.lastChange = time.Now()
+	}
+	return gen.lastChange, nil
+}
+
+// Idle reports whether the slot has had no steered datagram for at least
+// quiet, as observed by LastActivity. A supervisor polls it while a
+// generation drains, at an interval well below quiet, and may end the
+// drain early once the generation is idle on every UDP listener. In
+// ModeOff it can't tell and always answers false.
+func (g *Group) Idle(slot int, quiet time.Duration) (bool, error) {
+	last, err := g.LastActivity(slot)
+	if err != nil {
+		return false, err
+	}
+	if g.cfg.Mode == ModeOff {
+		return false, nil
+	}
+	return time.Since(last) >= quiet, nil
+}
+
+// EnableRunStats turns on the kernel's per-program run time accounting
+// (BPF_ENABLE_STATS) until the returned Closer is closed. It costs two
+// clock reads per program run, system-wide, so leave it off normally.
+func EnableRunStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain: enable BPF run time statistics: %w", err)
+	}
+	return c, nil
+}
+
+// ProgramStats returns the program's cumulative run time and run count.
+// They only advance while run statistics are enabled.
+func (g *Group) ProgramStats() (runTime time.Duration, runs uint64, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.objs == nil || g.closed {
+		return 0, 0, errors.New("udpdrain: no steering program (ModeOff or closed)")
+	}
+	st, err := g.objs.Steer.Stats()
+	if err != nil {
+		return 0, 0, fmt.Errorf("udpdrain: program stats: %w", err)
+	}
+	return st.Runtime, st.RunCount, nil
+}
+
+// MeasureProgramCost calls send packets times (each call should send one
+// datagram to the group's address) with run statistics enabled, and
+// returns the program's mean run time per datagram in nanoseconds. It waits
+// up to a second for the last datagrams to be processed.
+func MeasureProgramCost(g *Group, packets int, send func(i int) error) (nsPerPacket float64, err error) {
+	g.mu.Lock()
+	var prog *ebpf.Program
+	if g.objs != nil && !g.closed {
+		prog = g.objs.Steer
+	}
+	g.mu.Unlock()
+	if prog == nil {
+		return 0, errors.New("udpdrain: measure: no steering program (ModeOff or closed)")
+	}
+	return measureProgram(prog, packets, send)
+}
+
+func measureProgram(prog *ebpf.Program, packets int, send func(i int) error) (float64, error) {
+	if packets < 1 {
+		return 0, errors.New("udpdrain: measure: need at least one packet")
+	}
+	stop, err := EnableRunStats()
+	if err != nil {
+		return 0, err
+	}
+	defer stop.Close()
+	s0, err := prog.Stats()
+	if err != nil {
+		return 0, fmt.Errorf("udpdrain: measure: program stats: %w", err)
+	}
+	for i := 0; i < packets; i++ {
+		if err := send(i); err != nil {
+			return 0, fmt.Errorf("udpdrain: measure: send %d: %w", i, err)
+		}
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		s1, err := prog.Stats()
+		if err != nil {
+			return 0, fmt.Errorf("udpdrain: measure: program stats: %w", err)
+		}
+		if s1.RunCount-s0.RunCount >= uint64(packets) || time.Now().After(deadline) {
+			if s1.RunCount == s0.RunCount {
+				return 0, errors.New("udpdrain: measure: the program did not run")
+			}
+			return float64(s1.Runtime-s0.Runtime) / float64(s1.RunCount-s0.RunCount), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

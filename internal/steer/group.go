@@ -1,0 +1,560 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/bpf"
+)
+
+// ErrNoSlot is returned by AddGeneration when all 31 slots belong to
+// generations that have not been released.
+var ErrNoSlot = errors.New("udpdrain: all generation slots are in use (release drained generations first)")
+
+// ErrSteeringUnavailable wraps failures to set up the BPF program: missing
+// privileges or a kernel without sk_reuseport support.
+var ErrSteeringUnavailable = errors.New("udpdrain: UDP steering unavailable")
+
+const (
+	// MaxSlot is the highest slot; generations use 1..MaxSlot.
+	MaxSlot = bpf.Slots - 1
+	// MaxWorkers is the most sockets one generation may have per listener.
+	MaxWorkers = bpf.MaxWorkers
+
+	defaultFlowIdle    = 30 * time.Second
+	defaultInitialPin  = 10 * time.Second
+	defaultFlowEntries = 65536
+	defaultPinEntries  = 16384
+)
+
+// Config is how a Group steers. The zero value of each field means its
+// default.
+type Config struct {
+	Mode Mode
+	// Workers is the number of sockets each generation gets, one per
+	// worker thread or process of the server; default 1.
+	Workers int
+	// CID is the connection ID layout (ModeQUIC); the zero value means
+	// DefaultCIDLayout().
+	CID CIDLayout
+	// FlowIdle ends a ModeFlow flow's pin to its generation; default 30s.
+	FlowIdle time.Duration
+	// InitialPin is how long a new QUIC handshake stays pinned to the
+	// generation that got its first Initial, which is what makes a
+	// retransmitted Initial follow it across a flip; default 10s.
+	InitialPin time.Duration
+	// FlowEntries and PinEntries size the LRU maps of flows (and, in
+	// QUIC mode, recent handshakes per 4-tuple) and Initial pins;
+	// defaults 65536 and 16384. When full, the least recently used
+	// entry goes, and its next datagram counts as a new flow.
+	FlowEntries int
+	PinEntries  int
+	// V6Only makes a wildcard IPv6 address ("[::]:443" or ":443") accept
+	// IPv6 only.
+	V6Only bool
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Workers == 0 {
+		c.Workers = 1
+	}
+	if c.CID == (CIDLayout{}) {
+		c.CID = DefaultCIDLayout()
+	}
+	if c.FlowIdle == 0 {
+		c.FlowIdle = defaultFlowIdle
+	}
+	if c.InitialPin == 0 {
+		c.InitialPin = defaultInitialPin
+	}
+	if c.FlowEntries == 0 {
+		c.FlowEntries = defaultFlowEntries
+	}
+	if c.PinEntries == 0 {
+		c.PinEntries = defaultPinEntries
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	switch c.Mode {
+	case ModeOff, ModeFlow, ModeQUIC:
+	default:
+		errs = append(errs, fmt.Errorf("unknown mode %d", int(c.Mode)))
+	}
+	if c.Workers < 1 || c.Workers > MaxWorkers {
+		errs = append(errs, fmt.Errorf("workers %d outside 1..%d", c.Workers, MaxWorkers))
+	}
+	if c.Mode == ModeQUIC {
+		if err := c.CID.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.FlowIdle < time.Millisecond || c.InitialPin < time.Millisecond {
+		errs = append(errs, fmt.Errorf("flow idle %v and initial pin %v must be at least 1ms", c.FlowIdle, c.InitialPin))
+	}
+	if c.FlowEntries < 1 || c.PinEntries < 1 {
+		errs = append(errs, fmt.Errorf("map sizes %d and %d must be positive", c.FlowEntries, c.PinEntries))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("udpdrain: config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// generation is one slot's sockets, held open by the group until Release.
+// A generation adopted from a previous supervisor has no files here: its
+// process holds them.
+type generation struct {
+	files      []*os.File
+	epoch      uint32
+	lastSum    uint64
+	lastChange time.Time
+}
+
+// Group is the reuseport group behind one UDP listener address: an anchor
+// socket that carries the BPF program and is never read, and per
+// generation, Workers sockets in the program's socket array. Its methods
+// are safe for concurrent use.
+type Group struct {
+	log  *slog.Logger
+	cfg  Config
+	addr sockAddr
+
+	mu      sync.Mutex
+	anchor  *os.File
+	objs    *bpf.SteerObjects // nil in ModeOff
+	kcfg    bpf.SteerConfig   // last config written to the kernel
+	gens    [bpf.Slots]*generation
+	epoch   uint32
+	closed  bool
+	working int
+	// frozen: another supervisor may be writing the maps (a handover is
+	// under way, or done). This group then writes nothing to the kernel;
+	// see handover.go.
+	frozen bool
+}
+
+// NewGroup binds the anchor socket for addr ("host:port", IP literal host;
+// port 0 picks one) and, unless cfg.Mode is ModeOff, loads and attaches
+// the steering program. Without CAP_BPF and CAP_NET_ADMIN the error wraps
+// ErrSteeringUnavailable and says how to fix it.
+func NewGroup(addr string, cfg Config) (*Group, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	sa, err := parseAddr(addr, cfg.V6Only)
+	if err != nil {
+		return nil, err
+	}
+	anchor, err := bindReuseport(sa)
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain: anchor socket: %w", err)
+	}
+	if sa.ap.Port() == 0 {
+		port, err := boundPort(anchor)
+		if err != nil {
+			anchor.Close()
+			return nil, fmt.Errorf("udpdrain: anchor socket: %w", err)
+		}
+		sa.ap = netip.AddrPortFrom(sa.ap.Addr(), port)
+	}
+	return newGroup(anchor, sa, cfg)
+}
+
+// NewGroupFromFile makes a group around an already bound UDP socket, such
+// as one from systemd socket activation (which needs ReusePort=yes). The
+// group uses its own duplicate of f; the caller keeps f.
+func NewGroupFromFile(f *os.File, cfg Config) (*Group, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	sa, err := inspectAnchor(f)
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain: anchor %s: %w", f.Name(), err)
+	}
+	anchor, err := dupFile(f)
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain: anchor %s: %w", f.Name(), err)
+	}
+	return newGroup(anchor, sa, cfg)
+}
+
+func newGroup(anchor *os.File, sa sockAddr, cfg Config) (*Group, error) {
+	g := &Group{
+		log:    cfg.Logger.With("udp", sa.String(), "steer", cfg.Mode.String()),
+		cfg:    cfg,
+		addr:   sa,
+		anchor: anchor,
+	}
+	if cfg.Mode == ModeOff {
+		g.log.Info("udp steering off: generations share one socket")
+		return g, nil
+	}
+	if err := g.loadAndAttach(); err != nil {
+		anchor.Close()
+		return nil, err
+	}
+	g.log.Info("udp steering attached", "workers", cfg.Workers, "cid_len", cfg.CID.Len,
+		"cid_slot_offset", cfg.CID.SlotOffset, "cid_worker_offset", cfg.CID.WorkerOffset)
+	return g, nil
+}
+
+func steeringError(op string, err error) error {
+	hint := "run as root, grant CAP_BPF and CAP_NET_ADMIN, or use ?steer=off"
+	if !errors.Is(err, unix.EPERM) && !errors.Is(err, unix.EACCES) {
+		hint = "needs Linux 5.11 or later with BPF sk_reuseport support, or use ?steer=off"
+	}
+	return fmt.Errorf("%w: %s: %w (%s)", ErrSteeringUnavailable, op, err, hint)
+}
+
+// setShape fixes the group's mode, worker count and CID layout in the
+// program's read-only constants before it is loaded.
+func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
+	wo := uint32(bpf.NoWorker)
+	if cfg.CID.WorkerOffset != NoWorkerOctet {
+		wo = uint32(cfg.CID.WorkerOffset)
+	}
+	vals := map[string]uint32{
+		"steer_mode":          uint32(cfg.Mode),
+		"steer_workers":       uint32(cfg.Workers),
+		"steer_cid_len":       uint32(cfg.CID.Len),
+		"steer_slot_offset":   uint32(cfg.CID.SlotOffset),
+		"steer_slot_shift":    0,
+		"steer_slot_mask":     bpf.Slots - 1,
+		"steer_worker_offset": wo,
+		"steer_tick_ns":       bpf.TickNs(),
+	}
+	for name, v := range vals {
+		vs := spec.Variables[name]
+		if vs == nil {
+			return fmt.Errorf("embedded program lacks constant %s", name)
+		}
+		if err := vs.Set(v); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (g *Group) loadAndAttach() error {
+	spec, err := bpf.LoadSteer()
+	if err != nil {
+		return fmt.Errorf("udpdrain: parse embedded program: %w", err)
+	}
+	spec.Maps[bpf.SteerMapFlows].MaxEntries = uint32(g.cfg.FlowEntries)
+	spec.Maps[bpf.SteerMapInitials].MaxEntries = uint32(g.cfg.PinEntries)
+	if err := setShape(spec, g.cfg); err != nil {
+		return fmt.Errorf("udpdrain: %w", err)
+	}
+	objs := new(bpf.SteerObjects)
+	if err := spec.LoadAndAssign(objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) && !errors.Is(err, unix.EPERM) {
+			// A verifier rejection is a bug here, not a setup
+			// problem; keep the log for the report.
+			return fmt.Errorf("%w: load program: %+v", ErrSteeringUnavailable, ve)
+		}
+		return steeringError("load program", err)
+	}
+	g.kcfg = bpf.SteerConfig{
+		FlowIdleNs:   uint64(g.cfg.FlowIdle),
+		InitialPinNs: uint64(g.cfg.InitialPin),
+	}
+	if err := objs.Config.Update(uint32(0), &g.kcfg, ebpf.UpdateAny); err != nil {
+		objs.Close()
+		return steeringError("write config", err)
+	}
+	// Timeouts must be in place before the first datagram: a zero
+	// timeout would expire every pin at once.
+	err = withFD(g.anchor, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, objs.Steer.FD())
+	})
+	if err != nil {
+		objs.Close()
+		return steeringError("attach program (SO_ATTACH_REUSEPORT_EBPF)", err)
+	}
+	g.objs = objs
+	return nil
+}
+
+// Addr is the address the group's sockets are bound to (with the real
+// port when NewGroup was given port 0).
+func (g *Group) Addr() netip.AddrPort { return g.addr.ap }
+
+// Config returns the group's configuration with defaults filled in.
+func (g *Group) Config() Config { return g.cfg }
+
+// AddGeneration gives a new generation the lowest free slot and its
+// sockets. The returned files (Workers of them, worker i at index i) are
+// owned by the group: pass them to the generation, do not close them;
+// Release does. The first generation of a group becomes the working one at
+// once, so datagrams queue in its sockets while it starts.
+func (g *Group) AddGeneration() (slot int, files []*os.File, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return 0, nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
+	}
+	for s := 1; s <= MaxSlot; s++ {
+		if g.gens[s] == nil {
+			files, err := g.addLocked(s)
+			if err != nil {
+				return 0, nil, err
+			}
+			return s, files, nil
+		}
+	}
+	return 0, nil, ErrNoSlot
+}
+
+// AddGenerationAt is AddGeneration for a given slot, so that a generation
+// serving several UDP listeners can have the same slot in each (its
+// BATON_CID_SLOT is one number).
+func (g *Group) AddGenerationAt(slot int) ([]*os.File, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
+	}
+	if slot < 1 || slot > MaxSlot {
+		return nil, fmt.Errorf("udpdrain %s: slot %d outside 1..%d", g.addr, slot, MaxSlot)
+	}
+	if g.gens[slot] != nil {
+		return nil, fmt.Errorf("udpdrain %s: slot %d is in use", g.addr, slot)
+	}
+	return g.addLocked(slot)
+}
+
+func (g *Group) addLocked(slot int) ([]*os.File, error) {
+	if g.frozen {
+		return nil, errFrozen
+	}
+	gen := &generation{lastChange: time.Now()}
+	closeAll := func() {
+		for _, f := range gen.files {
+			f.Close()
+		}
+	}
+	for i := 0; i < g.cfg.Workers; i++ {
+		var f *os.File
+		var err error
+		if g.objs == nil {
+			// ModeOff: share the anchor, as TCP listeners are shared.
+			f, err = dupFile(g.anchor)
+		} else {
+			f, err = bindReuseport(g.addr)
+		}
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("udpdrain: slot %d worker %d socket: %w", slot, i, err)
+		}
+		gen.files = append(gen.files, f)
+	}
+
+	if g.objs != nil {
+		g.epoch++
+		gen.epoch = g.epoch
+		if err := g.resetCountersLocked(slot); err != nil {
+			closeAll()
+			return nil, err
+		}
+		for i, f := range gen.files {
+			key := uint32(slot*g.cfg.Workers + i)
+			err := withFD(f, func(fd int) error {
+				return g.objs.Sockets.Update(key, uint64(fd), ebpf.UpdateAny)
+			})
+			if err != nil {
+				g.deleteSocketsLocked(slot)
+				closeAll()
+				return nil, fmt.Errorf("udpdrain: slot %d: insert worker %d socket: %w", slot, i, err)
+			}
+		}
+		next := g.kcfg
+		next.Epoch[slot] = gen.epoch
+		next.Live |= 1 << slot
+		if g.working == 0 {
+			next.Working = uint32(slot)
+		}
+		if err := g.writeConfigLocked(next); err != nil {
+			g.deleteSocketsLocked(slot)
+			closeAll()
+			return nil, fmt.Errorf("udpdrain: slot %d: %w", slot, err)
+		}
+	}
+	g.gens[slot] = gen
+	if g.working == 0 {
+		g.working = slot
+	}
+	g.log.Info("udp generation added", "slot", slot, "workers", len(gen.files), "working", g.working == slot)
+	return gen.files, nil
+}
+
+func (g *Group) writeConfigLocked(next bpf.SteerConfig) error {
+	if g.frozen {
+		return errFrozen
+	}
+	if err := g.objs.Config.Update(uint32(0), &next, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write steering config: %w", err)
+	}
+	g.kcfg = next
+	return nil
+}
+
+func (g *Group) deleteSocketsLocked(slot int) error {
+	var errs []error
+	for i := 0; i < g.cfg.Workers; i++ {
+		key := uint32(slot*g.cfg.Workers + i)
+		if err := g.objs.Sockets.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("worker %d: %w", i, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SetWorking makes slot the generation that receives new flows and new
+// QUIC handshakes. Flows and connections already on other live slots stay
+// where they are.
+func (g *Group) SetWorking(slot int) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return fmt.Errorf("udpdrain %s: group closed", g.addr)
+	}
+	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+		return fmt.Errorf("udpdrain %s: set working: slot %d has no generation", g.addr, slot)
+	}
+	if g.objs != nil {
+		next := g.kcfg
+		next.Working = uint32(slot)
+		if err := g.writeConfigLocked(next); err != nil {
+			return fmt.Errorf("udpdrain %s: set working slot %d: %w", g.addr, slot, err)
+		}
+	}
+	prev := g.working
+	g.working = slot
+	g.log.Info("udp working generation", "slot", slot, "previous", prev)
+	return nil
+}
+
+// Working returns the working slot, 0 if there is none.
+func (g *Group) Working() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.working
+}
+
+// Slots returns the slots that have a generation, in ascending order.
+func (g *Group) Slots() []int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var s []int
+	for i, gen := range g.gens {
+		if gen != nil {
+			s = append(s, i)
+		}
+	}
+	return s
+}
+
+// Release is for a generation that is gone (exited, or killed at its drain
+// deadline): the program stops choosing its slot, its sockets leave the
+// socket array and the group's copies are closed, and the slot becomes
+// free. Datagrams for its CIDs or flows go to the working generation from
+// then on. Releasing the working slot leaves the group with none, which
+// drops datagrams until the next AddGeneration.
+func (g *Group) Release(slot int) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+		return fmt.Errorf("udpdrain %s: release: slot %d has no generation", g.addr, slot)
+	}
+	gen := g.gens[slot]
+	var errs []error
+	if g.objs != nil && !g.closed && !g.frozen {
+		// Dead before its sockets go, so that no datagram is steered
+		// to a slot whose sockets are half removed.
+		next := g.kcfg
+		next.Live &^= 1 << slot
+		next.Epoch[slot] = 0
+		if g.working == slot {
+			next.Working = 0
+		}
+		if err := g.writeConfigLocked(next); err != nil {
+			errs = append(errs, err)
+		}
+		if err := g.deleteSocketsLocked(slot); err != nil {
+			errs = append(errs, fmt.Errorf("remove sockets: %w", err))
+		}
+	}
+	for _, f := range gen.files {
+		if err := f.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	g.gens[slot] = nil
+	if g.frozen {
+		// The successor's group owns the maps and the slot now.
+		g.log.Info("udp generation's sockets closed", "slot", slot)
+	} else if g.working == slot {
+		g.working = 0
+		g.log.Warn("udp working generation released; datagrams are dropped until the next generation", "slot", slot)
+	} else {
+		g.log.Info("udp generation released", "slot", slot)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("udpdrain %s: release slot %d: %w", g.addr, slot, err)
+	}
+	return nil
+}
+
+// Close releases everything the group holds. It does not detach the
+// program: a generation that still has its sockets keeps being steered by
+// the last configuration rather than by the kernel's hash.
+func (g *Group) Close() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	var errs []error
+	for slot, gen := range g.gens {
+		if gen == nil {
+			continue
+		}
+		for _, f := range gen.files {
+			if err := f.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("slot %d: %w", slot, err))
+			}
+		}
+		g.gens[slot] = nil
+	}
+	if err := g.anchor.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("anchor: %w", err))
+	}
+	if g.objs != nil {
+		if err := g.objs.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("bpf objects: %w", err))
+		}
+	}
+	g.working = 0
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("udpdrain %s: close: %w", g.addr, err)
+	}
+	return nil
+}

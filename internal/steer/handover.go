@@ -1,0 +1,315 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/bpf"
+)
+
+// Handing a group to a new supervisor (baton's self-upgrade).
+//
+// The kernel objects (anchor socket, program, maps) are shared: the old
+// supervisor passes duplicates of their descriptors (Files) once, and at
+// the handover the state only it knows (Freeze). From Freeze on, the old
+// group writes nothing to the maps, because the new supervisor's group
+// (Adopt) now does: two writers of the config map would each overwrite
+// the other's view of the live slots. The old generations keep their
+// sockets; the new supervisor releases their slots when they exit.
+//
+// If the new supervisor fails, Thaw(false) makes the old group the
+// writer again and clears whatever slot the failed one added.
+
+var errFrozen = errors.New("udpdrain: group handed over to another supervisor")
+
+// Names of the descriptors Files returns and Adopt takes.
+const (
+	FileAnchor  = "anchor"
+	FileProgram = "prog"
+	filePrefixM = "map."
+)
+
+// HandoverState is what a successor needs besides the descriptors.
+type HandoverState struct {
+	Addr        string        `json:"addr"`
+	V6Only      bool          `json:"v6only,omitempty"`
+	Mode        string        `json:"mode"`
+	Workers     int           `json:"workers"`
+	CID         CIDLayout     `json:"cid"`
+	FlowIdle    time.Duration `json:"flow_idle"`
+	InitialPin  time.Duration `json:"initial_pin"`
+	FlowEntries int           `json:"flow_entries"`
+	PinEntries  int           `json:"pin_entries"`
+	Epoch       uint32        `json:"epoch"`
+	Working     int           `json:"working"`
+	Slots       []SlotState   `json:"slots"`
+}
+
+// SlotState is one slot held by a generation of the old supervisor.
+type SlotState struct {
+	Slot  int    `json:"slot"`
+	Epoch uint32 `json:"epoch"`
+}
+
+// steerMaps names the program's maps, the one list Files, Adopt and
+// FileNames share.
+func steerMaps(objs *bpf.SteerObjects) map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		bpf.SteerMapConfig:   &objs.Config,
+		bpf.SteerMapCounters: &objs.Counters,
+		bpf.SteerMapFlows:    &objs.Flows,
+		bpf.SteerMapInitials: &objs.Initials,
+		bpf.SteerMapSockets:  &objs.Sockets,
+	}
+}
+
+// Files returns close-on-exec duplicates of the group's kernel objects,
+// named for Adopt. The caller owns them.
+func (g *Group) Files() (map[string]*os.File, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := map[string]*os.File{}
+	fail := func(err error) (map[string]*os.File, error) {
+		for _, f := range out {
+			f.Close()
+		}
+		return nil, fmt.Errorf("udpdrain %s: handover files: %w", g.addr, err)
+	}
+	a, err := dupFile(g.anchor)
+	if err != nil {
+		return fail(err)
+	}
+	out[FileAnchor] = a
+	if g.objs == nil {
+		return out, nil
+	}
+	dup := func(name string, fd int) error {
+		nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("dup %s: %w", name, err)
+		}
+		out[name] = os.NewFile(uintptr(nfd), name)
+		return nil
+	}
+	if err := dup(FileProgram, g.objs.Steer.FD()); err != nil {
+		return fail(err)
+	}
+	for name, m := range steerMaps(g.objs) {
+		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
+			return fail(err)
+		}
+	}
+	return out, nil
+}
+
+// Freeze stops this group's writes to the kernel and returns its state
+// for a successor. Until Thaw, AddGeneration and SetWorking fail, and
+// Release only closes the group's copies of the sockets.
+func (g *Group) Freeze() HandoverState {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.frozen = true
+	st := HandoverState{
+		Addr: g.addr.ap.String(), V6Only: g.addr.v6only, Mode: g.cfg.Mode.String(), Workers: g.cfg.Workers,
+		CID: g.cfg.CID, FlowIdle: g.cfg.FlowIdle, InitialPin: g.cfg.InitialPin,
+		FlowEntries: g.cfg.FlowEntries, PinEntries: g.cfg.PinEntries,
+		Epoch: g.epoch, Working: g.working, Slots: []SlotState{},
+	}
+	for slot, gen := range g.gens {
+		if gen != nil {
+			st.Slots = append(st.Slots, SlotState{Slot: slot, Epoch: gen.epoch})
+		}
+	}
+	return st
+}
+
+// Thaw ends a Freeze. After a completed handover (handedOver) the group
+// stays read-only for good: the successor owns the maps. After a failed
+// one, the group takes the maps back: slots the failed successor made
+// live are cleared, slots this group released meanwhile are cleared too,
+// and the working slot is this group's again.
+func (g *Group) Thaw(handedOver bool) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if handedOver || !g.frozen {
+		return nil
+	}
+	g.frozen = false
+	if g.objs == nil || g.closed {
+		return nil
+	}
+	var cur bpf.SteerConfig
+	if err := g.objs.Config.Lookup(uint32(0), &cur); err != nil {
+		return fmt.Errorf("udpdrain %s: thaw: read config: %w", g.addr, err)
+	}
+	next := g.kcfg
+	next.Working = uint32(g.working)
+	var errs []error
+	for slot := 1; slot <= MaxSlot; slot++ {
+		if g.gens[slot] != nil || cur.Live&(1<<slot) == 0 {
+			continue
+		}
+		if err := g.deleteSocketsLocked(slot); err != nil {
+			errs = append(errs, fmt.Errorf("slot %d: %w", slot, err))
+		}
+	}
+	next.Live = 0
+	for slot, gen := range g.gens {
+		if gen != nil {
+			next.Live |= 1 << slot
+		} else {
+			next.Epoch[slot] = 0
+		}
+	}
+	if err := g.writeConfigLocked(next); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("udpdrain %s: thaw: %w", g.addr, err)
+	}
+	g.log.Info("udp steering taken back after a failed handover", "working", g.working)
+	return nil
+}
+
+// Adopt builds the successor's group from the descriptors Files returned
+// and the state Freeze returned, both from the old supervisor. It takes
+// ownership of files. The old supervisor's generations keep their slots
+// (without files here) until Release. cfg supplies what is not kernel
+// state, such as the logger; its steering shape must match st.
+func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, error) {
+	closeAll := func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		closeAll()
+		return nil, err
+	}
+	if cfg.Mode.String() != st.Mode || cfg.Workers != st.Workers || (cfg.Mode == ModeQUIC && cfg.CID != st.CID) {
+		closeAll()
+		return nil, fmt.Errorf("udpdrain %s: the configured steering (%s, %d workers, CID %+v) differs from the running group's (%s, %d workers, CID %+v); a steering change needs a full restart of baton",
+			st.Addr, cfg.Mode, cfg.Workers, cfg.CID, st.Mode, st.Workers, st.CID)
+	}
+	cfg.FlowIdle, cfg.InitialPin, cfg.FlowEntries, cfg.PinEntries = st.FlowIdle, st.InitialPin, st.FlowEntries, st.PinEntries
+	ap, err := netip.ParseAddrPort(st.Addr)
+	if err != nil {
+		closeAll()
+		return nil, fmt.Errorf("udpdrain: handover address %q: %w", st.Addr, err)
+	}
+	sa := sockAddr{ap: ap, family: unix.AF_INET6, v6only: st.V6Only}
+	if ap.Addr().Is4() {
+		sa.family = unix.AF_INET
+	}
+	anchor := files[FileAnchor]
+	if anchor == nil {
+		closeAll()
+		return nil, fmt.Errorf("udpdrain %s: handover lacks the anchor socket", st.Addr)
+	}
+	delete(files, FileAnchor)
+	g := &Group{
+		log:     cfg.Logger.With("udp", sa.String(), "steer", cfg.Mode.String()),
+		cfg:     cfg,
+		addr:    sa,
+		anchor:  anchor,
+		epoch:   st.Epoch,
+		working: st.Working,
+	}
+	if cfg.Mode != ModeOff {
+		objs, err := adoptObjects(files)
+		if err != nil {
+			anchor.Close()
+			return nil, fmt.Errorf("udpdrain %s: %w", st.Addr, err)
+		}
+		g.objs = objs
+		if err := objs.Config.Lookup(uint32(0), &g.kcfg); err != nil {
+			g.Close()
+			return nil, fmt.Errorf("udpdrain %s: read steering config: %w", st.Addr, err)
+		}
+	}
+	closeAll() // whatever adoptObjects did not take
+	now := time.Now()
+	for _, s := range st.Slots {
+		if s.Slot < 1 || s.Slot > MaxSlot {
+			g.Close()
+			return nil, fmt.Errorf("udpdrain %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, MaxSlot)
+		}
+		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
+	}
+	g.log.Info("udp steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working)
+	return g, nil
+}
+
+// adoptObjects wraps the program and map descriptors. Each one it uses is
+// removed from files and owned by the returned objects.
+func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
+	objs := new(bpf.SteerObjects)
+	take := func(name string) (int, error) {
+		f := files[name]
+		if f == nil {
+			return -1, fmt.Errorf("handover lacks %s", name)
+		}
+		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return -1, fmt.Errorf("dup %s: %w", name, err)
+		}
+		return fd, nil
+	}
+	fd, err := take(FileProgram)
+	if err != nil {
+		return nil, err
+	}
+	if objs.Steer, err = ebpf.NewProgramFromFD(fd); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("program: %w", err)
+	}
+	for name, p := range steerMaps(objs) {
+		fd, err := take(filePrefixM + name)
+		if err != nil {
+			objs.Close()
+			return nil, err
+		}
+		m, err := ebpf.NewMapFromFD(fd)
+		if err != nil {
+			unix.Close(fd)
+			objs.Close()
+			return nil, fmt.Errorf("map %s: %w", name, err)
+		}
+		*p = m
+	}
+	return objs, nil
+}
+
+// FileNames lists the descriptor names Files returns for a group in the
+// state st describes, for a successor to ask for each one.
+func FileNames(st HandoverState) []string {
+	names := []string{FileAnchor}
+	if st.Mode == ModeOff.String() {
+		return names
+	}
+	names = append(names, FileProgram)
+	for m := range steerMaps(new(bpf.SteerObjects)) {
+		names = append(names, filePrefixM+m)
+	}
+	return names
+}
+
+// AnchorFile returns a close-on-exec duplicate of the anchor socket, for
+// systemd's fd store: with it, a baton restarted after a crash rebuilds
+// the group on the same socket (see listen.Resolve).
+func (g *Group) AnchorFile() (*os.File, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f, err := dupFile(g.anchor)
+	if err != nil {
+		return nil, fmt.Errorf("udpdrain %s: anchor: %w", g.addr, err)
+	}
+	return f, nil
+}

@@ -1,0 +1,433 @@
+package supervisor
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/baton-run/baton/handoff"
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/procgroup"
+	"github.com/baton-run/baton/internal/steer"
+	"golang.org/x/sys/unix"
+)
+
+// stderrTailLines is how many of a child's last stderr lines are kept for
+// the failure report of a generation that exits before ready.
+const stderrTailLines = 20
+
+// generation is one running instance of the server. Fields below "loop
+// state" belong to the supervisor loop; the channels are how the other
+// goroutines (a restart in progress, the status reader) learn about it.
+type generation struct {
+	num int
+	pid int
+	cmd *exec.Cmd
+	log *slog.Logger
+
+	ready      chan struct{} // closed by the loop when the generation is ready
+	done       chan struct{} // closed by the loop after the process was reaped
+	stderrDone chan struct{} // closed when the stderr copier saw EOF
+	tail       *lineTail
+	notify     *net.UnixConn
+	// procs holds everything the generation started, escaped daemons
+	// included; killing it kills them all.
+	procs *procgroup.Group
+
+	// loop state
+	state      string
+	startedAt  time.Time
+	readyAt    time.Time
+	drainStart time.Time
+	status     string
+	exitDesc   string
+	drainTimer *time.Timer
+	exited     bool
+	idle       bool // reported IDLE=1 while draining
+	idleTimer  *time.Timer
+	slot       int            // UDP steering slot, 0 if no UDP listener
+	groups     []*steer.Group // UDP groups holding sockets in slot
+}
+
+// udpIdle reports whether every UDP socket of the generation got no
+// datagram for quiet.
+func (g *generation) udpIdle(quiet time.Duration) bool {
+	for _, grp := range g.groups {
+		idle, err := grp.Idle(g.slot, quiet)
+		if err != nil || !idle {
+			return false
+		}
+	}
+	return true
+}
+
+// spawnOpts is what a generation needs from the supervisor to start.
+type spawnOpts struct {
+	num       int
+	cfg       *config.Config
+	files     []*os.File // listeners, in fd order from 3
+	names     []string
+	env       []string // per-generation additions (UDP steering)
+	self      string   // path of the baton binary for the shim
+	post      func(func())
+	spawner   *spawner
+	log       *slog.Logger
+	supPID    int
+	stderrOut io.Writer
+	onExit    func(*generation) // runs on the loop after the process was reaped
+	procs     *procgroup.Tracker
+}
+
+// startGeneration starts the process and the goroutines that watch it.
+// Every event they produce is posted to the supervisor loop through post.
+func startGeneration(o spawnOpts) (*generation, error) {
+	cfg := o.cfg
+	g := &generation{
+		num:        o.num,
+		ready:      make(chan struct{}),
+		done:       make(chan struct{}),
+		stderrDone: make(chan struct{}),
+		tail:       &lineTail{max: stderrTailLines},
+		state:      control.StateStarting,
+	}
+	cred, err := credential(cfg.User, cfg.Group)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Dir != "" {
+		// exec would report a missing directory as the shim's own
+		// "fork/exec /proc/self/exe: no such file or directory".
+		if fi, err := os.Stat(cfg.Dir); err != nil {
+			return nil, fmt.Errorf("working directory: %w", err)
+		} else if !fi.IsDir() {
+			return nil, fmt.Errorf("working directory %s is not a directory", cfg.Dir)
+		}
+	}
+
+	grp, err := o.procs.NewGroup("gen-" + strconv.Itoa(o.num))
+	if err != nil {
+		return nil, err
+	}
+	attr := &syscall.SysProcAttr{
+		// The drain signal goes to the main pid only; a kill goes to
+		// everything the group started.
+		Pdeathsig:  syscall.SIGKILL,
+		Credential: cred,
+	}
+	if err := grp.Prepare(attr); err != nil {
+		grp.Close()
+		return nil, err
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		grp.Close()
+		return nil, fmt.Errorf("inheritance pipe: %w", err)
+	}
+	defer readyW.Close()
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		readyR.Close()
+		grp.Close()
+		return nil, fmt.Errorf("stderr pipe: %w", err)
+	}
+	defer errW.Close()
+	notifyName := fmt.Sprintf("@baton/%d/%d/%d", o.supPID, o.num, time.Now().UnixNano())
+	notify, err := listenNotify(notifyName)
+	if err != nil {
+		readyR.Close()
+		errR.Close()
+		grp.Close()
+		return nil, err
+	}
+	fail := func(err error) (*generation, error) {
+		readyR.Close()
+		errR.Close()
+		notify.Close()
+		grp.Close()
+		return nil, err
+	}
+
+	extra := append(append([]*os.File{}, o.files...), readyW)
+	env := childEnv(os.Environ(), cfg.Env)
+	env = append(env, o.env...)
+	env = append(env,
+		handoff.EnvListenFDs+"="+strconv.Itoa(len(o.files)),
+		handoff.EnvListenFDNames+"="+strings.Join(o.names, ":"),
+		handoff.EnvGeneration+"="+strconv.Itoa(o.num),
+		handoff.EnvReadyFD+"="+strconv.Itoa(handoff.FirstFD+len(o.files)),
+		handoff.EnvNotifySocket+"="+notifyName,
+		handoff.EnvDrainSignal+"="+config.SignalName(cfg.DrainSignal),
+		handoff.EnvControl+"="+cfg.Control,
+	)
+	env = append(env, grp.Env()...)
+	cmd := &exec.Cmd{
+		Path:        o.self,
+		Args:        append([]string{"baton", ShimArg}, cfg.Command...),
+		Env:         env,
+		Dir:         cfg.Dir,
+		Stdout:      os.Stdout,
+		Stderr:      errW,
+		ExtraFiles:  extra,
+		SysProcAttr: attr,
+	}
+	g.startedAt = time.Now()
+	if err := o.spawner.start(cmd); err != nil {
+		return fail(fmt.Errorf("start %s: %w", cfg.Command[0], err))
+	}
+	g.cmd = cmd
+	g.pid = cmd.Process.Pid
+	g.notify = notify
+	g.procs = grp
+	g.log = o.log.With("gen", g.num, "pid", g.pid)
+	// Before anything waits for the process: the tracker must know it is
+	// exec's to reap.
+	if err := grp.Started(g.pid); err != nil {
+		g.log.Warn("process tracking", "err", err)
+	}
+
+	go g.copyStderr(errR, o.stderrOut)
+	go g.readPipe(readyR, o.post)
+	go g.readNotify(o.post)
+	go func() {
+		err := cmd.Wait()
+		o.post(func() {
+			g.onWait(err)
+			o.onExit(g)
+		})
+	}()
+	switch cfg.Ready.Kind {
+	case config.ReadyDelay:
+		t := time.AfterFunc(cfg.Ready.Delay, func() { o.post(func() { g.markReady("delay") }) })
+		go func() { <-g.done; t.Stop() }()
+	case config.ReadyTCPConnect:
+		go g.probeTCP(cfg.Ready.Addr, o.post)
+	}
+	return g, nil
+}
+
+// onWait is the exit callback, run on the loop; the supervisor wraps it.
+func (g *generation) onWait(err error) {
+	g.exited = true
+	g.exitDesc = describeExit(g.cmd.ProcessState, err)
+}
+
+func describeExit(ps *os.ProcessState, err error) string {
+	if ps == nil {
+		if err != nil {
+			return err.Error()
+		}
+		return "unknown exit"
+	}
+	return ps.String()
+}
+
+// markReady runs on the loop. The first readiness signal wins.
+func (g *generation) markReady(via string) {
+	if g.exited || !g.readyAt.IsZero() {
+		return
+	}
+	g.readyAt = time.Now()
+	close(g.ready)
+	g.log.Info("generation ready", "via", via, "after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
+}
+
+func (g *generation) signal(sig syscall.Signal) {
+	if g.exited {
+		return
+	}
+	if err := syscall.Kill(g.pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		g.log.Warn("signal failed", "signal", config.SignalName(sig), "err", err)
+	}
+}
+
+// kill SIGKILLs everything the generation started, daemons that left
+// its process group included.
+func (g *generation) kill() {
+	if err := g.procs.Kill(); err != nil {
+		g.log.Warn("kill failed", "err", err)
+	}
+}
+
+// stderrTail waits briefly for the copier to drain the pipe, then returns
+// the last lines the child wrote.
+func (g *generation) stderrTail() string {
+	select {
+	case <-g.stderrDone:
+	case <-time.After(500 * time.Millisecond):
+	}
+	return g.tail.String()
+}
+
+func (g *generation) copyStderr(r *os.File, out io.Writer) {
+	defer close(g.stderrDone)
+	defer r.Close()
+	br := bufio.NewReaderSize(r, 64*1024)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			out.Write(line)
+			g.tail.add(line)
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// readPipe reads the inheritance pipe: "READY" or sd_notify-style lines.
+func (g *generation) readPipe(r *os.File, post func(func())) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 4096), 64*1024)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == handoff.ReadyLine {
+			post(func() { g.markReady("pipe") })
+			continue
+		}
+		g.handleAssignments([]string{line}, "pipe", post)
+	}
+}
+
+func (g *generation) handleAssignments(lines []string, via string, post func(func())) {
+	for _, line := range lines {
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "READY":
+			if v == "1" {
+				post(func() { g.markReady(via) })
+			}
+		case "STATUS":
+			post(func() { g.status = v })
+		case "STOPPING":
+			if v == "1" {
+				post(func() { g.log.Info("generation reports stopping") })
+			}
+		case "IDLE":
+			if v == "1" {
+				post(func() { g.idle = true })
+			}
+		}
+	}
+}
+
+func listenNotify(name string) (*net.UnixConn, error) {
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
+	raw, err := c.SyscallConn()
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+	}); err != nil || serr != nil {
+		c.Close()
+		return nil, fmt.Errorf("notify socket SO_PASSCRED: %w", errors.Join(err, serr))
+	}
+	return c, nil
+}
+
+// readNotify reads sd_notify datagrams. The socket is abstract, so anyone
+// in the network namespace could send to it: only messages from the
+// generation's own process group count (systemd's NotifyAccess=all within
+// the generation).
+func (g *generation) readNotify(post func(func())) {
+	buf := make([]byte, 4096)
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred))
+	for {
+		n, oobn, _, _, err := g.notify.ReadMsgUnix(buf, oob)
+		if err != nil {
+			return
+		}
+		if !g.fromGeneration(oob[:oobn]) {
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(string(buf[:n])), "\n")
+		g.handleAssignments(lines, "sd_notify", post)
+	}
+}
+
+func (g *generation) fromGeneration(oob []byte) bool {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		cred, err := unix.ParseUnixCredentials(&m)
+		if err != nil {
+			continue
+		}
+		if int(cred.Pid) == g.pid || g.procs.Has(int(cred.Pid)) {
+			return true
+		}
+		pgid, err := unix.Getpgid(int(cred.Pid))
+		return err == nil && pgid == g.pid
+	}
+	return false
+}
+
+func (g *generation) probeTCP(addr string, post func(func())) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.done:
+			return
+		case <-t.C:
+		}
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			post(func() { g.markReady("tcp-connect") })
+			return
+		}
+	}
+}
+
+// lineTail keeps the last max lines written to it.
+type lineTail struct {
+	mu    sync.Mutex
+	max   int
+	lines []string
+}
+
+func (t *lineTail) add(line []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := string(bytes.TrimRight(line, "\r\n"))
+	if len(s) > 512 {
+		s = s[:512] + "…"
+	}
+	t.lines = append(t.lines, s)
+	if len(t.lines) > t.max {
+		t.lines = t.lines[len(t.lines)-t.max:]
+	}
+}
+
+func (t *lineTail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.Join(t.lines, "\n")
+}

@@ -1,0 +1,481 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/baton-run/baton/handoff"
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/listen"
+)
+
+// The test binary doubles as the exec shim and as the supervised child,
+// so these tests drive the real state machine with real processes.
+const childModeEnv = "BATON_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == ShimArg {
+		os.Exit(RunShim(os.Args[2:]))
+	}
+	if mode := os.Getenv(childModeEnv); mode != "" {
+		os.Exit(child(mode))
+	}
+	os.Exit(m.Run())
+}
+
+// child behaves as a server generation in one of a few modes.
+func child(mode string) int {
+	if os.Getenv(handoff.EnvListenPID) != strconv.Itoa(os.Getpid()) {
+		fmt.Fprintln(os.Stderr, "LISTEN_PID is not my pid")
+		return 4
+	}
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	readyFD, _ := strconv.Atoi(os.Getenv(handoff.EnvReadyFD))
+	pipe := os.NewFile(uintptr(readyFD), "ready")
+	switch mode {
+	case "exit":
+		fmt.Fprintln(os.Stderr, "fatal: config broken at line 7")
+		return 3
+	case "never":
+		<-term
+		return 0
+	case "notify":
+		c, err := net.Dial("unixgram", os.Getenv(handoff.EnvNotifySocket))
+		if err != nil {
+			return 5
+		}
+		c.Write([]byte("STATUS=up\nREADY=1"))
+		c.Close()
+	case "crash":
+		fmt.Fprintln(pipe, handoff.ReadyLine)
+		time.Sleep(20 * time.Millisecond)
+		return 1
+	case "ignore":
+		signal.Ignore(syscall.SIGTERM)
+		fmt.Fprintln(pipe, handoff.ReadyLine)
+		select {}
+	default:
+		fmt.Fprintln(pipe, handoff.ReadyLine)
+	}
+	<-term
+	return 0
+}
+
+type harness struct {
+	t    *testing.T
+	sup  *Supervisor
+	mu   sync.Mutex
+	mode string
+	cfg  func(*config.Config)
+	// hang makes a reload block like a config on a hung mount, until
+	// the supervisor abandons it.
+	hang chan struct{}
+	done chan error
+	ctl  string
+	stop context.CancelFunc
+}
+
+func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	h := &harness{t: t, mode: mode, cfg: tweak, done: make(chan error, 1), ctl: filepath.Join(dir, "ctl.sock")}
+	spec, err := config.ParseListen("http=unix://" + filepath.Join(dir, "http.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock, err := listen.Open(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sock.Close() })
+	cfg, err := h.load(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	h.sup = New(cfg, Options{Load: h.load, Logger: log, Sockets: []*listen.Socket{sock}, Self: self, Stderr: io.Discard})
+	ctx, cancel := context.WithCancel(context.Background())
+	h.stop = cancel
+	go func() { h.done <- h.sup.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-h.done:
+		case <-time.After(10 * time.Second):
+			t.Error("supervisor did not stop within 10s")
+		}
+	})
+	return h
+}
+
+func (h *harness) setMode(m string) { h.mu.Lock(); h.mode = m; h.mu.Unlock() }
+
+func (h *harness) load(ctx context.Context) (*config.Config, error) {
+	h.mu.Lock()
+	mode, hang := h.mode, h.hang
+	h.mu.Unlock()
+	if hang != nil {
+		close(hang)
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	c := config.Defaults()
+	self, _ := os.Executable()
+	c.Command = []string{self}
+	c.Env = []string{childModeEnv + "=" + mode}
+	c.Control = h.ctl
+	c.ReadyTimeout = 5 * time.Second
+	c.DrainTimeout = 5 * time.Second
+	c.StopTimeout = 5 * time.Second
+	if h.cfg != nil {
+		h.cfg(c)
+	}
+	return c, c.Validate()
+}
+
+// waitWorking waits for a serving generation and returns the status.
+func (h *harness) waitWorking(min int) control.Status {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		st := h.sup.Status(context.Background())
+		if st.Working >= min {
+			// The restart that made it working may still hold the
+			// restart lock for a moment; a test's own restart must
+			// not meet it busy.
+			h.sup.sem <- struct{}{}
+			<-h.sup.sem
+			return st
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	h.t.Fatalf("no working generation >= %d within 10s: %+v", min, h.sup.Status(context.Background()))
+	return control.Status{}
+}
+
+func (h *harness) restart() control.Result {
+	var events []string
+	res := h.sup.Restart(context.Background(), false, func(e control.Event) { events = append(events, e.Event) })
+	h.t.Logf("restart: %s %q events=%v", res.Result, res.Message, events)
+	return res
+}
+
+func pidAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// A zombie is as good as gone: it awaits its reaper.
+	fields := strings.Fields(string(b))
+	return len(fields) > 2 && fields[2] != "Z"
+}
+
+func TestRestartFlipsAndDrains(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	st := h.waitWorking(1)
+	oldPID := st.Gens[0].PID
+	res := h.restart()
+	if res.Result != control.ResultOK || res.Generation != 2 {
+		t.Fatalf("restart = %+v", res)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for pidAlive(oldPID) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if pidAlive(oldPID) {
+		t.Fatalf("old generation pid %d still running after drain", oldPID)
+	}
+	st = h.sup.Status(context.Background())
+	if st.Working != 2 || st.Restarts != 1 {
+		t.Fatalf("status = %+v", st)
+	}
+}
+
+func TestNotifyReadiness(t *testing.T) {
+	h := newHarness(t, "notify", nil)
+	st := h.waitWorking(1)
+	deadline := time.Now().Add(2 * time.Second)
+	for st.Gens[0].Status != "up" && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		st = h.sup.Status(context.Background())
+	}
+	if st.Gens[0].Status != "up" {
+		t.Fatalf("STATUS= not recorded: %+v", st.Gens[0])
+	}
+}
+
+func TestChildExitBeforeReadyKeepsOld(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.setMode("exit")
+	res := h.restart()
+	if res.Result != control.ResultChildExited {
+		t.Fatalf("result = %+v", res)
+	}
+	if !strings.Contains(res.Message, "exit status 3") || !strings.Contains(res.Message, "config broken at line 7") {
+		t.Fatalf("message lacks exit status or stderr tail: %q", res.Message)
+	}
+	if res.Generation != 1 {
+		t.Fatalf("working generation after failure = %d, want 1", res.Generation)
+	}
+	if st := h.sup.Status(context.Background()); st.Working != 1 || len(st.Gens) != 1 {
+		t.Fatalf("status = %+v", st)
+	}
+}
+
+func TestReadyTimeoutKills(t *testing.T) {
+	h := newHarness(t, "ready", func(c *config.Config) { c.ReadyTimeout = 300 * time.Millisecond })
+	h.waitWorking(1)
+	h.setMode("never")
+	var spawned int
+	res := h.sup.Restart(context.Background(), false, func(e control.Event) {
+		if e.Event == control.EventSpawned {
+			spawned = e.PID
+		}
+	})
+	if res.Result != control.ResultReadyTimeout {
+		t.Fatalf("result = %+v", res)
+	}
+	if spawned == 0 || pidAlive(spawned) {
+		t.Fatalf("never-ready child %d still alive", spawned)
+	}
+	if st := h.sup.Status(context.Background()); st.Working != 1 {
+		t.Fatalf("status = %+v", st)
+	}
+}
+
+func TestCheckCommandFailureSpawnsNothing(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.cfg = func(c *config.Config) { c.CheckCmd = "echo syntax error near line 3; exit 1" }
+	res := h.restart()
+	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "syntax error near line 3") {
+		t.Fatalf("result = %+v", res)
+	}
+	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Generation != 1 {
+		t.Fatalf("status = %+v", st)
+	}
+}
+
+func TestListenerChangeRefused(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.cfg = func(c *config.Config) {
+		l, _ := config.ParseListen("extra=tcp://127.0.0.1:1")
+		c.Listeners = append(c.Listeners, l)
+	}
+	res := h.restart()
+	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "listener") {
+		t.Fatalf("result = %+v", res)
+	}
+}
+
+func TestBusyAndWait(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.sup.sem <- struct{}{} // a restart in flight
+	if res := h.restart(); res.Result != control.ResultBusy {
+		t.Fatalf("result = %+v, want busy", res)
+	}
+	got := make(chan control.Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), true, func(control.Event) {}) }()
+	time.Sleep(100 * time.Millisecond)
+	select {
+	case r := <-got:
+		t.Fatalf("waiting restart returned early: %+v", r)
+	default:
+	}
+	<-h.sup.sem
+	if r := <-got; r.Result != control.ResultOK {
+		t.Fatalf("queued restart = %+v", r)
+	}
+}
+
+func TestMaxDrainingAndDeadlineKill(t *testing.T) {
+	h := newHarness(t, "ignore", func(c *config.Config) {
+		c.MaxDraining = 1
+		c.DrainTimeout = 500 * time.Millisecond
+	})
+	st := h.waitWorking(1)
+	first := st.Gens[0].PID
+	if res := h.restart(); res.Result != control.ResultOK {
+		t.Fatalf("restart 1 = %+v", res)
+	}
+	if res := h.restart(); res.Result != control.ResultTooManyDraining {
+		t.Fatalf("restart 2 = %+v, want too_many_draining", res)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for pidAlive(first) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if pidAlive(first) {
+		t.Fatalf("generation ignoring the drain signal was not killed at the deadline")
+	}
+	for time.Now().Before(deadline) && len(h.sup.Status(context.Background()).Gens) > 1 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if res := h.restart(); res.Result != control.ResultOK {
+		t.Fatalf("restart after the drain ended = %+v", res)
+	}
+}
+
+func TestCrashRespawn(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	st := h.waitWorking(1)
+	syscall.Kill(st.Gens[0].PID, syscall.SIGKILL)
+	st = h.waitWorking(2)
+	if st.Crashes != 1 || st.LastCrash == "" {
+		t.Fatalf("status after crash = %+v", st)
+	}
+}
+
+func TestGracefulStopReapsAll(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	st := h.waitWorking(1)
+	h.restart()
+	st = h.sup.Status(context.Background())
+	h.stop()
+	select {
+	case err := <-h.done:
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.done <- nil
+	case <-time.After(10 * time.Second):
+		t.Fatal("no stop within 10s")
+	}
+	for _, g := range st.Gens {
+		if pidAlive(g.PID) {
+			t.Errorf("generation %d pid %d survived the stop", g.Generation, g.PID)
+		}
+	}
+}
+
+func TestBackoffBounded(t *testing.T) {
+	if backoff(1) != crashBackoffFirst || backoff(2) != 2*crashBackoffFirst {
+		t.Fatalf("backoff(1,2) = %v %v", backoff(1), backoff(2))
+	}
+	if backoff(100) != crashBackoffMax {
+		t.Fatalf("backoff(100) = %v", backoff(100))
+	}
+}
+
+func TestReadyFallbacks(t *testing.T) {
+	t.Run("delay", func(t *testing.T) {
+		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond} })
+		st := h.waitWorking(1)
+		if st.Gens[0].ReadyAfterMS < 200 {
+			t.Fatalf("ready after %.1fms, before the 200ms delay", st.Gens[0].ReadyAfterMS)
+		}
+	})
+	t.Run("tcp-connect", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		var mu sync.Mutex
+		var late net.Listener
+		// Nothing listens yet, so the generation cannot be ready; open the
+		// port after a while, as a slow server would.
+		time.AfterFunc(300*time.Millisecond, func() {
+			mu.Lock()
+			defer mu.Unlock()
+			late, _ = net.Listen("tcp", addr)
+		})
+		t.Cleanup(func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if late != nil {
+				late.Close()
+			}
+		})
+		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyTCPConnect, Addr: addr} })
+		st := h.waitWorking(1)
+		if st.Gens[0].ReadyAfterMS < 300 {
+			t.Fatalf("ready after %.1fms, before the port was open", st.Gens[0].ReadyAfterMS)
+		}
+	})
+}
+
+func TestCrashLoopVisible(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	h.mu.Lock()
+	h.mode = "crash"
+	h.mu.Unlock()
+	// Respawns use the current config, so make the running one crash too.
+	h.sup.call(func() { h.sup.cfg, _ = h.load(context.Background()) })
+	h.sup.call(func() { h.sup.working.signal(syscall.SIGKILL) })
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		st := h.sup.Status(context.Background())
+		if st.CrashLoop {
+			if st.Crashes < crashLoopAt || st.LastCrash == "" {
+				t.Fatalf("crash loop without crashes recorded: %+v", st)
+			}
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no crash loop reported: %+v", h.sup.Status(context.Background()))
+}
+
+// TestStopWinsOverHungConfig: a stop while a restart reads a config that
+// never arrives (a hung mount) abandons the read, answers the restart
+// with shutting_down and lets the supervisor exit.
+func TestStopWinsOverHungConfig(t *testing.T) {
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	reading := make(chan struct{})
+	h.mu.Lock()
+	h.hang = reading
+	h.mu.Unlock()
+	got := make(chan control.Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), false, func(control.Event) {}) }()
+	select {
+	case <-reading:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restart never read the config")
+	}
+	h.stop()
+	select {
+	case r := <-got:
+		if r.Result != control.ResultShuttingDown {
+			t.Errorf("restart during a stop = %+v, want shutting_down", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restart still waits for the config 10s after the stop")
+	}
+	select {
+	case err := <-h.done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("supervisor did not stop while a config read hung")
+	}
+	h.done <- nil // for the cleanup
+}
