@@ -56,7 +56,16 @@ type Config struct {
 	// check command started: "auto", "cgroup" or "process-group".
 	ProcessTracking string
 	LogLevel        string
+
+	// inFile holds the config file keys that set a value, so that what
+	// comes after the file (BATON_CONTROL) can tell an explicit value
+	// from a default that happens to be equal.
+	inFile map[string]bool
 }
+
+// InFile reports whether the config file set key (e.g. "control"), to
+// any value, the default's included.
+func (c *Config) InFile(key string) bool { return c.inFile[key] }
 
 // Defaults returns a Config with every default filled in.
 func Defaults() *Config {

@@ -119,8 +119,14 @@ func (c *Config) applyFile(path string, data []byte) error {
 		default:
 			unknown = append(unknown, toml.Key{key}.String())
 		}
-		if err != nil {
+		switch {
+		case err != nil:
 			errs = append(errs, err)
+		case slices.Contains(fileKeys, key):
+			if c.inFile == nil {
+				c.inFile = map[string]bool{}
+			}
+			c.inFile[key] = true
 		}
 	}
 	if len(unknown) > 0 {

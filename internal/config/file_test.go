@@ -228,3 +228,20 @@ control_group = "ops"
 		t.Errorf("config = %+v", c)
 	}
 }
+
+// TestFileRecordsKeysSet: InFile tells a key written in the file, even
+// with the default's value, from one left out.
+func TestFileRecordsKeysSet(t *testing.T) {
+	c, err := Load(writeConfig(t, "command = [\"/bin/true\"]\ncontrol = \""+DefaultControl+"\"\nmax_draining = 4\n[env]\nA = \"1\"\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, want := range map[string]bool{"command": true, "control": true, "max_draining": true, "env": true, "ready": false, "listen": false} {
+		if got := c.InFile(key); got != want {
+			t.Errorf("InFile(%q) = %v, want %v", key, got, want)
+		}
+	}
+	if Defaults().InFile("control") {
+		t.Error("InFile without a file")
+	}
+}
