@@ -86,7 +86,8 @@ func Defaults() *Config {
 }
 
 // Load builds a Config from defaults, then the TOML file at path (if path
-// is not empty), then overrides (the command-line flags), and validates it.
+// is not empty), then overrides (the command-line flags, see
+// Overrides.Apply), and validates it.
 // Reading the file is bounded by FileReadTimeout and MaxFileSize.
 func Load(path string, overrides func(*Config) error) (*Config, error) {
 	return LoadContext(context.Background(), path, overrides)
