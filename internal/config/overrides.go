@@ -238,8 +238,7 @@ func (o *Overrides) Given(name string) bool { return o.given[name] }
 // config file; pass it to Load.
 //
 // The coordination socket is, first to last: --control, the file's
-// control key unless it names DefaultControl, $BATON_CONTROL,
-// DefaultControl.
+// control key (whatever its value), $BATON_CONTROL, DefaultControl.
 func (o *Overrides) Apply(c *Config) error {
 	if len(o.Command) > 0 {
 		c.Command = slices.Clone(o.Command)
@@ -251,7 +250,7 @@ func (o *Overrides) Apply(c *Config) error {
 	for _, apply := range o.settings {
 		apply(c)
 	}
-	if o.EnvControl != "" && !o.Given("control") && c.Control == DefaultControl {
+	if o.EnvControl != "" && !o.Given("control") && !c.InFile("control") {
 		if err := absolutePath(o.EnvControl); err != nil {
 			return fmt.Errorf("$BATON_CONTROL: %w", err)
 		}

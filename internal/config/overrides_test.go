@@ -219,8 +219,9 @@ func TestOverridesCommandReplacesFile(t *testing.T) {
 	}
 }
 
-// TestControlPrecedence: --control, then the file's control key, then
-// $BATON_CONTROL, then the default.
+// TestControlPrecedence: --control, then the file's control key whatever
+// its value, then $BATON_CONTROL, then the default. A file that names the
+// default socket explicitly keeps it.
 func TestControlPrecedence(t *testing.T) {
 	cases := []struct {
 		name, file, flag, env, want string
@@ -228,6 +229,7 @@ func TestControlPrecedence(t *testing.T) {
 		{name: "nothing", want: DefaultControl},
 		{name: "env only", env: "/env.sock", want: "/env.sock"},
 		{name: "file over env", file: "/file.sock", env: "/env.sock", want: "/file.sock"},
+		{name: "file naming the default over env", file: DefaultControl, env: "/env.sock", want: DefaultControl},
 		{name: "flag over file and env", file: "/file.sock", flag: "/flag.sock", env: "/env.sock", want: "/flag.sock"},
 		{name: "flag naming the default over env", flag: DefaultControl, env: "/env.sock", want: DefaultControl},
 	}
