@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"regexp"
@@ -16,6 +17,27 @@ import (
 
 	"github.com/baton-run/baton/internal/listen"
 )
+
+// The test binary doubles as the processes of a real tableflip upgrade
+// (see TestUpgradeMarkerNotInherited): roleEnv says which one it is.
+const (
+	roleEnv   = "BATON_RUN_TEST_ROLE"
+	outDirEnv = "BATON_RUN_TEST_OUT"
+)
+
+func TestMain(m *testing.M) {
+	switch role := os.Getenv(roleEnv); role {
+	case "":
+		os.Exit(m.Run())
+	case roleFlipParent:
+		os.Exit(flipParent(os.Getenv(outDirEnv)))
+	case roleFlipChild:
+		os.Exit(flipChild(os.Getenv(outDirEnv)))
+	default:
+		fmt.Fprintf(os.Stderr, "unknown %s=%q\n", roleEnv, role)
+		os.Exit(3)
+	}
+}
 
 // fakeProcess is the Env of a process that tests control: its variables
 // in a map, an upgrader and systemd's sockets chosen by the test.
