@@ -33,14 +33,16 @@ lint:
 	 elif [ "$$CI" = true ]; then echo "staticcheck not installed and CI=true: .ci/run installs it"; exit 1; \
 	 else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@v0.8.2); skipping"; fi
 
-# BPF C -> objects and Go bindings (needs clang, llvm, libbpf-dev). The
-# objects are committed so that a plain build needs no clang.
+# BPF C -> objects and Go bindings (needs clang, llvm, libbpf-dev), then
+# internal/contract's limits from the objects' BTF. The objects are
+# committed so that a plain build needs no clang.
 generate:
-	$(GO) generate ./internal/bpf/
+	$(GO) generate ./internal/bpf/ ./internal/contract/
 
-# Fails if the committed BPF objects differ from a fresh build of the C.
+# Fails if the committed BPF objects, or the limits generated from them,
+# differ from a fresh build of the C.
 check-generate: generate
-	git diff --exit-code -- internal/bpf/ || { echo "internal/bpf/: committed objects are stale: run make generate and commit"; exit 1; }
+	git diff --exit-code -- internal/bpf/ internal/contract/ || { echo "internal/bpf/, internal/contract/: committed generated files are stale: run make generate and commit"; exit 1; }
 
 fuzz:
 	$(GO) test -run=XXX -fuzz=FuzzDecodeRequest -fuzztime=60s ./internal/control/

@@ -11,36 +11,31 @@ import (
 	"sync"
 
 	"github.com/quic-go/quic-go"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // Environment variables that describe, in the quic steering mode, the
-// connection IDs a generation must issue (see the udpdrain package
-// documentation, which is authoritative).
+// connection IDs a generation must issue.
 const (
 	// EnvCIDLen is L, the length of every server-chosen CID, 1..20.
-	EnvCIDLen = "BATON_CID_LEN"
+	EnvCIDLen = contract.EnvCIDLen
 	// EnvCIDSlotOffset is the index of the slot octet.
-	EnvCIDSlotOffset = "BATON_CID_SLOT_OFFSET"
+	EnvCIDSlotOffset = contract.EnvCIDSlotOffset
 	// EnvCIDWorkerOffset is the index of the worker octet, or -1 for none.
-	EnvCIDWorkerOffset = "BATON_CID_WORKER_OFFSET"
+	EnvCIDWorkerOffset = contract.EnvCIDWorkerOffset
 	// EnvCIDSlot is this generation's slot, 1..31.
-	EnvCIDSlot = "BATON_CID_SLOT"
+	EnvCIDSlot = contract.EnvCIDSlot
 )
 
 const (
 	// DefaultCIDLen is the CID length used when the environment names
 	// none: 8 bytes is the shortest CID a client may choose itself, and
 	// quic-go's own default of 4 invites collisions.
-	DefaultCIDLen = 8
+	DefaultCIDLen = contract.DefaultCIDLen
 	// NoWorkerOctet in CIDConfig.WorkerOffset means the CIDs carry no
 	// worker index.
-	NoWorkerOctet = -1
-
-	maxCIDLen = 20
-	maxSlot   = 31
-	// codepointUnroutable in the top 3 bits of the slot octet makes the
-	// steering program ignore the slot (QUIC-LB's "unroutable" value).
-	codepointUnroutable = 7
+	NoWorkerOctet = contract.NoWorkerOctet
 )
 
 // CIDConfig describes the connection IDs a generation issues. The zero
@@ -77,18 +72,19 @@ func CIDConfigFromEnv() (CIDConfig, error) {
 		return CIDConfig{}, err
 	}
 	c := CIDConfig{Len: DefaultCIDLen, WorkerOffset: NoWorkerOctet, Workers: workers}
-	steer := strings.ToLower(strings.TrimSpace(os.Getenv(EnvUDPSteer)))
-	switch steer {
-	case "", "off", "none", "flow":
+	mode := contract.ModeOff
+	if v := strings.TrimSpace(os.Getenv(EnvUDPSteer)); v != "" {
+		if mode, err = contract.ParseMode(v); err != nil {
+			return CIDConfig{}, fmt.Errorf("handoff: %s=%q is not a steering mode (off, flow or quic)", EnvUDPSteer, v)
+		}
+	}
+	if mode != contract.ModeQUIC {
 		if _, set := os.LookupEnv(EnvCIDLen); set {
-			if c.Len, err = envInt(EnvCIDLen, 1, maxCIDLen); err != nil {
+			if c.Len, err = envInt(EnvCIDLen, 1, contract.MaxCIDLen); err != nil {
 				return CIDConfig{}, err
 			}
 		}
 		return c, nil
-	case "quic":
-	default:
-		return CIDConfig{}, fmt.Errorf("handoff: %s=%q is not a steering mode (off, flow or quic)", EnvUDPSteer, steer)
 	}
 	var errs []error
 	for _, f := range []struct {
@@ -97,10 +93,10 @@ func CIDConfigFromEnv() (CIDConfig, error) {
 		dst      *int
 		required bool
 	}{
-		{EnvCIDLen, 1, maxCIDLen, &c.Len, true},
-		{EnvCIDSlotOffset, 0, maxCIDLen - 1, &c.SlotOffset, true},
-		{EnvCIDWorkerOffset, NoWorkerOctet, maxCIDLen - 1, &c.WorkerOffset, true},
-		{EnvCIDSlot, 1, maxSlot, &c.Slot, true},
+		{EnvCIDLen, 1, contract.MaxCIDLen, &c.Len, true},
+		{EnvCIDSlotOffset, 0, contract.MaxCIDLen - 1, &c.SlotOffset, true},
+		{EnvCIDWorkerOffset, NoWorkerOctet, contract.MaxCIDLen - 1, &c.WorkerOffset, true},
+		{EnvCIDSlot, 1, contract.MaxSlot, &c.Slot, true},
 	} {
 		v, err := envInt(f.key, f.lo, f.hi)
 		if err != nil {
@@ -130,36 +126,33 @@ func envInt(key string, lo, hi int) (int, error) {
 	return n, nil
 }
 
+// layout is where the steering program reads the slot and worker.
+func (c CIDConfig) layout() contract.CIDLayout {
+	return contract.CIDLayout{Len: c.Len, SlotOffset: c.SlotOffset, WorkerOffset: c.WorkerOffset}
+}
+
 // Validate reports a configuration no generator can honour.
 func (c CIDConfig) Validate() error {
 	var errs []error
-	if c.Len < 1 || c.Len > maxCIDLen {
-		errs = append(errs, fmt.Errorf("CID length %d outside 1..%d", c.Len, maxCIDLen))
+	if c.Slot != 0 {
+		// The steering program reads these CIDs: the whole layout counts.
+		if err := c.layout().Validate(); err != nil {
+			errs = append(errs, err)
+		}
+	} else if c.Len < 1 || c.Len > contract.MaxCIDLen {
+		errs = append(errs, fmt.Errorf("CID length %d outside 1..%d", c.Len, contract.MaxCIDLen))
 	}
 	if c.Workers < 1 || c.Workers > maxUDPWorkers {
 		errs = append(errs, fmt.Errorf("workers %d outside 1..%d", c.Workers, maxUDPWorkers))
 	}
-	if c.Slot < 0 || c.Slot > maxSlot {
-		errs = append(errs, fmt.Errorf("slot %d outside 1..%d (0 for none)", c.Slot, maxSlot))
+	if c.Slot < 0 || c.Slot > contract.MaxSlot {
+		errs = append(errs, fmt.Errorf("slot %d outside 1..%d (0 for none)", c.Slot, contract.MaxSlot))
 	}
-	if c.Codepoint < 0 || c.Codepoint >= codepointUnroutable {
-		errs = append(errs, fmt.Errorf("codepoint %d outside 0..%d (%d hides the slot)", c.Codepoint, codepointUnroutable-1, codepointUnroutable))
-	}
-	if c.Slot != 0 {
-		if c.SlotOffset < 0 || c.SlotOffset >= c.Len {
-			errs = append(errs, fmt.Errorf("slot octet %d outside the %d-byte CID", c.SlotOffset, c.Len))
-		}
-		if c.WorkerOffset != NoWorkerOctet {
-			switch {
-			case c.WorkerOffset < 0 || c.WorkerOffset >= c.Len:
-				errs = append(errs, fmt.Errorf("worker octet %d outside the %d-byte CID (%d for none)", c.WorkerOffset, c.Len, NoWorkerOctet))
-			case c.WorkerOffset == c.SlotOffset:
-				errs = append(errs, fmt.Errorf("worker octet %d is the slot octet", c.WorkerOffset))
-			}
-		}
+	if c.Codepoint < 0 || c.Codepoint >= contract.CodepointUnroutable {
+		errs = append(errs, fmt.Errorf("codepoint %d outside 0..%d (%d hides the slot)", c.Codepoint, contract.CodepointUnroutable-1, contract.CodepointUnroutable))
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("handoff: CID layout: %w", errors.Join(errs...))
+		return fmt.Errorf("handoff: CID config: %w", errors.Join(errs...))
 	}
 	return nil
 }
@@ -168,9 +161,11 @@ func (c CIDConfig) Validate() error {
 // configuration, so quic-go may call it from any goroutine.
 type cidGenerator struct {
 	cfg    CIDConfig
+	layout contract.CIDLayout
 	worker int
-	// slotByte is the whole slot octet: codepoint and slot.
-	slotByte byte
+	// codepoint is the slot octet before Stamp adds the slot: the
+	// configured codepoint in its top bits.
+	codepoint byte
 	// choices is how many octet values are congruent to worker modulo
 	// Workers; limit is the largest multiple of choices not above 256, for
 	// rejection sampling.
@@ -187,9 +182,9 @@ func NewCIDGenerator(cfg CIDConfig, worker int) (quic.ConnectionIDGenerator, err
 	if worker < 0 {
 		return nil, fmt.Errorf("handoff: worker %d is negative", worker)
 	}
-	g := &cidGenerator{cfg: cfg, worker: worker}
+	g := &cidGenerator{cfg: cfg, layout: cfg.layout(), worker: worker}
 	if cfg.Slot != 0 {
-		g.slotByte = byte(cfg.Codepoint)<<5 | byte(cfg.Slot)
+		g.codepoint = contract.CodepointBits(cfg.Codepoint)
 		if cfg.WorkerOffset != NoWorkerOctet {
 			if worker >= cfg.Workers {
 				return nil, fmt.Errorf("handoff: worker %d outside 0..%d (%s=%d)", worker, cfg.Workers-1, EnvUDPWorkers, cfg.Workers)
@@ -221,7 +216,7 @@ func (g *cidGenerator) ConnectionIDLen() int { return g.cfg.Len }
 // uniformly from the values congruent to the worker, so that CIDs of one
 // connection cannot be linked by a fixed octet beyond what steering needs.
 func (g *cidGenerator) GenerateConnectionID() (quic.ConnectionID, error) {
-	var buf [maxCIDLen]byte
+	var buf [contract.MaxCIDLen]byte
 	cid := buf[:g.cfg.Len]
 	if _, err := rand.Read(cid); err != nil {
 		return quic.ConnectionID{}, fmt.Errorf("handoff: generating a connection ID: %w", err)
@@ -229,7 +224,7 @@ func (g *cidGenerator) GenerateConnectionID() (quic.ConnectionID, error) {
 	if g.cfg.Slot == 0 {
 		return quic.ConnectionIDFromBytes(cid), nil
 	}
-	cid[g.cfg.SlotOffset] = g.slotByte
+	workerOctet := 0
 	if g.choices > 0 {
 		// The octet already holds a random byte; redraw only when it
 		// falls in the biased tail.
@@ -241,7 +236,11 @@ func (g *cidGenerator) GenerateConnectionID() (quic.ConnectionID, error) {
 			}
 			b = int(one[0])
 		}
-		cid[g.cfg.WorkerOffset] = byte(g.worker + (b%g.choices)*g.cfg.Workers)
+		workerOctet = g.worker + (b%g.choices)*g.cfg.Workers
+	}
+	cid[g.cfg.SlotOffset] = g.codepoint
+	if err := g.layout.Stamp(cid, g.cfg.Slot, workerOctet); err != nil {
+		return quic.ConnectionID{}, fmt.Errorf("handoff: generating a connection ID: %w", err)
 	}
 	return quic.ConnectionIDFromBytes(cid), nil
 }

@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/internal/steer"
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/quic-go/quic-go"
 )
 
@@ -41,31 +41,14 @@ func clearCIDEnv(t *testing.T) {
 }
 
 // setSupervisorEnv sets exactly what the supervisor gives a generation,
-// from udpdrain's own encoder, so the two sides cannot drift apart.
-func setSupervisorEnv(t *testing.T, mode steer.Mode, workers int, layout steer.CIDLayout, slot int) {
+// from the encoder its UDP groups use, so the two sides cannot drift
+// apart.
+func setSupervisorEnv(t *testing.T, mode contract.Mode, workers int, layout contract.CIDLayout, slot int) {
 	t.Helper()
 	clearCIDEnv(t)
-	for _, kv := range steer.EnvFor(mode, workers, layout, slot) {
+	for _, kv := range contract.UDPEnv(mode, workers, layout, slot) {
 		k, v, _ := strings.Cut(kv, "=")
 		t.Setenv(k, v)
-	}
-}
-
-func TestEnvNamesMatchUDPDrain(t *testing.T) {
-	for ours, theirs := range map[string]string{
-		EnvUDPSteer:        steer.EnvSteer,
-		EnvUDPWorkers:      steer.EnvWorkers,
-		EnvCIDLen:          steer.EnvCIDLen,
-		EnvCIDSlotOffset:   steer.EnvCIDSlotOffset,
-		EnvCIDWorkerOffset: steer.EnvCIDWorkerOffset,
-		EnvCIDSlot:         steer.EnvCIDSlot,
-	} {
-		if ours != theirs {
-			t.Errorf("handoff uses %s where udpdrain sets %s", ours, theirs)
-		}
-	}
-	if NoWorkerOctet != steer.NoWorkerOctet || DefaultCIDLen != steer.DefaultCIDLayout().Len {
-		t.Error("handoff's CID defaults differ from udpdrain's")
 	}
 }
 
@@ -106,7 +89,7 @@ func checkRandomBits(t *testing.T, cids [][]byte, positions []int) {
 }
 
 // randomBits is how many random bits a CID of layout carries.
-func randomBits(layout steer.CIDLayout, workers, worker int) float64 {
+func randomBits(layout contract.CIDLayout, workers, worker int) float64 {
 	bits := float64(8 * (layout.Len - 1))
 	if layout.WorkerOffset >= 0 {
 		bits += math.Log2(float64((255-worker)/workers+1)) - 8
@@ -118,19 +101,19 @@ func TestCIDGeneratorLayouts(t *testing.T) {
 	const n = 4000
 	for _, tc := range []struct {
 		name    string
-		layout  steer.CIDLayout
+		layout  contract.CIDLayout
 		workers int
 		worker  int
 		slot    int
 	}{
-		{"default layout", steer.DefaultCIDLayout(), 1, 0, 1},
-		{"worker octet", steer.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4, 3, 31},
-		{"odd workers, slot last", steer.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}, 3, 1, 17},
-		{"max workers", steer.CIDLayout{Len: 4, SlotOffset: 1, WorkerOffset: 3}, 16, 15, 5},
-		{"workers without octet", steer.CIDLayout{Len: 12, SlotOffset: 6, WorkerOffset: -1}, 8, 5, 2},
+		{"default layout", contract.DefaultCIDLayout(), 1, 0, 1},
+		{"worker octet", contract.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4, 3, 31},
+		{"odd workers, slot last", contract.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}, 3, 1, 17},
+		{"max workers", contract.CIDLayout{Len: 4, SlotOffset: 1, WorkerOffset: 3}, 16, 15, 5},
+		{"workers without octet", contract.CIDLayout{Len: 12, SlotOffset: 6, WorkerOffset: -1}, 8, 5, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			setSupervisorEnv(t, steer.ModeQUIC, tc.workers, tc.layout, tc.slot)
+			setSupervisorEnv(t, contract.ModeQUIC, tc.workers, tc.layout, tc.slot)
 			g, err := CIDGenerator(tc.worker)
 			if err != nil {
 				t.Fatal(err)
@@ -143,7 +126,7 @@ func TestCIDGeneratorLayouts(t *testing.T) {
 			workerVals := map[byte]int{}
 			for _, c := range cids {
 				if got := tc.layout.SlotOf(c); got != tc.slot {
-					t.Fatalf("udpdrain reads slot %d from %x, want %d", got, c, tc.slot)
+					t.Fatalf("the steering program reads slot %d from %x, want %d", got, c, tc.slot)
 				}
 				if top := c[tc.layout.SlotOffset] >> 5; top != 0 {
 					t.Fatalf("codepoint bits %03b in %x, want 000", top, c)
@@ -193,7 +176,7 @@ func TestCIDGeneratorCodepoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	layout := steer.CIDLayout{Len: 8, SlotOffset: 3, WorkerOffset: steer.NoWorkerOctet}
+	layout := contract.CIDLayout{Len: 8, SlotOffset: 3, WorkerOffset: contract.NoWorkerOctet}
 	for _, c := range generate(t, g, 100) {
 		if c[3] != 0xc0|9 || layout.SlotOf(c) != 9 {
 			t.Fatalf("slot octet %08b in %x, want 110 01001", c[3], c)
@@ -299,7 +282,7 @@ func TestCIDConfigEnvErrors(t *testing.T) {
 	}
 
 	t.Run("worker out of range", func(t *testing.T) {
-		setSupervisorEnv(t, steer.ModeQUIC, 2, steer.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4)
+		setSupervisorEnv(t, contract.ModeQUIC, 2, contract.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}, 4)
 		for _, w := range []int{-1, 2} {
 			if _, err := CIDGenerator(w); err == nil {
 				t.Errorf("CIDGenerator(%d) with 2 workers succeeded", w)
@@ -499,7 +482,7 @@ func echoRoundTrips(ctx context.Context, addr string, msgs int) error {
 
 // checkWireCIDs asserts that the client addressed the server only by CIDs
 // the server issued, each carrying slot and worker under layout.
-func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout steer.CIDLayout, workers, worker, slot int) {
+func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout contract.CIDLayout, workers, worker, slot int) {
 	t.Helper()
 	dcids, short := r.snapshot()
 	if short == 0 {
@@ -524,9 +507,9 @@ func checkWireCIDs(t *testing.T, r *relay, rec *recordingGenerator, layout steer
 }
 
 func TestQUICRoundTripCarriesSlot(t *testing.T) {
-	layout := steer.CIDLayout{Len: 10, SlotOffset: 2, WorkerOffset: 5}
+	layout := contract.CIDLayout{Len: 10, SlotOffset: 2, WorkerOffset: 5}
 	const workers, worker, slot = 2, 1, 13
-	setSupervisorEnv(t, steer.ModeQUIC, workers, layout, slot)
+	setSupervisorEnv(t, contract.ModeQUIC, workers, layout, slot)
 	gen, err := CIDGenerator(worker)
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // UnnamedSocket is the name given to an inherited socket when LISTEN_FDNAMES
@@ -167,7 +169,7 @@ func parseSockets() ([]*socket, error) {
 
 	names := make([]string, n)
 	if namesSet {
-		parts := strings.Split(namesStr, ":")
+		parts := strings.Split(namesStr, contract.FDNameSep)
 		if len(parts) != n {
 			return nil, fmt.Errorf("handoff: %s=%q has %d names but %s=%d", EnvListenFDNames, namesStr, len(parts), EnvListenFDs, n)
 		}

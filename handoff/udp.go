@@ -9,19 +9,18 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
-// Environment variables a generation receives for its UDP listeners. They
-// mirror the udpdrain package's, which the supervisor sets; they are
-// repeated here so that a server importing handoff does not link the BPF
-// loader.
+// Environment variables a generation receives for its UDP listeners.
 const (
 	// EnvUDPSteer is the steering mode of the UDP listeners: off, flow or
 	// quic.
-	EnvUDPSteer = "BATON_UDP_STEER"
+	EnvUDPSteer = contract.EnvUDPSteer
 	// EnvUDPWorkers is W, the number of sockets per UDP listener; worker i
 	// reads the i-th socket of each name.
-	EnvUDPWorkers = "BATON_UDP_WORKERS"
+	EnvUDPWorkers = contract.EnvUDPWorkers
 )
 
 // maxUDPWorkers bounds BATON_UDP_WORKERS: a worker octet cannot encode

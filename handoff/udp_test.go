@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/internal/steer"
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/quic-go/quic-go"
 )
 
@@ -212,9 +212,9 @@ func TestUDPConns(t *testing.T) {
 	otherFile, _ := udpSocket(t)
 	files = append(files, httpFile, otherFile)
 
-	layout := steer.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}
+	layout := contract.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}
 	env := append([]string{"LISTEN_FDS=5", "LISTEN_FDNAMES=udp:udp:udp:http:other", "BATON_GENERATION=2"},
-		steer.EnvFor(steer.ModeQUIC, 3, layout, 4)...)
+		contract.UDPEnv(contract.ModeQUIC, 3, layout, 4)...)
 	cmd, r := runUDPChild(t, "conns", files, env...)
 
 	for _, k := range []string{"udp", "udp_again", "packet_udp", "transport", "transport_again", "listen"} {

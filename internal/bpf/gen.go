@@ -2,13 +2,18 @@
 //
 // steer.c is the SO_REUSEPORT selector that keeps UDP and QUIC datagrams
 // on the generation that owns their flow while generations overlap; the
-// udpdrain package drives it. The compiled objects (little- and big-endian)
-// are committed, so building baton needs no clang; `go generate ./bpf/`
-// rebuilds them and must reproduce the committed files byte for byte.
+// steer package drives it. The compiled objects (little- and big-endian)
+// are committed, so building baton needs no clang; `go generate
+// ./internal/bpf/` rebuilds them and must reproduce the committed files
+// byte for byte.
+//
+// The enums of steer.c reach Go through the objects' BTF: bpf2go emits them
+// here (-type), and internal/contract generates its limits from the same
+// BTF.
 //
 // include/asm holds one-line shims that point the kernel UAPI headers at
 // their architecture-independent versions, so the objects do not depend on
 // the build host's multiarch include directory.
 package bpf
 
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -mcpu=v3 -Wall -Werror -I./include" Steer steer.c
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -mcpu=v3 -Wall -Werror -I./include" -type steer_limits -type steer_modes -type steer_counters Steer steer.c

@@ -26,11 +26,11 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-/* Limits shared with user space (mirrored in limits.go). */
+/* Limits shared with user space (generated into Go from the BTF below). */
 enum steer_limits {
 	STEER_SLOTS = 32,      /* slot 0 means "none"; generations use 1..31 */
 	STEER_MAX_WORKERS = 16,
-	STEER_N_COUNTERS = 8,  /* counters per slot, indexed by steer_counter */
+	STEER_N_COUNTERS = 8,  /* counters per slot, indexed by steer_counters */
 	STEER_MAX_CID_LEN = 20,
 	STEER_PIN_CID_BYTES = 8,
 	STEER_NO_WORKER = 0xff,
@@ -40,13 +40,13 @@ enum steer_limits {
 	STEER_HDR_BYTES = 40,
 };
 
-enum steer_mode {
+enum steer_modes {
 	STEER_MODE_OFF = 0,
 	STEER_MODE_FLOW = 1,
 	STEER_MODE_QUIC = 2,
 };
 
-enum steer_counter {
+enum steer_counters {
 	STEER_CNT_CID = 0,      /* slot read from a server-chosen QUIC CID */
 	STEER_CNT_PIN = 1,      /* existing flow entry or Initial pin */
 	STEER_CNT_NEW = 2,      /* new flow / new handshake to the working slot */
@@ -54,6 +54,17 @@ enum steer_counter {
 	STEER_CNT_ERROR = 4,    /* select on this slot failed (no socket) */
 	STEER_CNT_DROP = 5,     /* slot 0 only: nothing could be selected */
 };
+
+/* The enums above are the program's contract with user space, whose Go
+ * constants are generated from this object's BTF. BTF only describes the
+ * types of globals and functions, and no map or function of the program
+ * uses these enums, so these globals give them one. Their section is no
+ * data section: the loader makes no map of it and ignores it, and the
+ * program never reads it, so it costs nothing at run time. */
+#define STEER_BTF_ONLY __attribute__((section(".steer.types"), used))
+const enum steer_limits steer_limits_btf STEER_BTF_ONLY;
+const enum steer_modes steer_modes_btf STEER_BTF_ONLY;
+const enum steer_counters steer_counters_btf STEER_BTF_ONLY;
 
 #define UDP_HDR 8
 #define QUIC_V1 0x00000001

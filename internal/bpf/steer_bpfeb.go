@@ -55,6 +55,37 @@ type SteerPinKey struct {
 	Dcid [8]uint8
 }
 
+type SteerSteerCounters uint32
+
+const (
+	SteerSteerCountersSTEER_CNT_CID      SteerSteerCounters = 0
+	SteerSteerCountersSTEER_CNT_PIN      SteerSteerCounters = 1
+	SteerSteerCountersSTEER_CNT_NEW      SteerSteerCounters = 2
+	SteerSteerCountersSTEER_CNT_FALLBACK SteerSteerCounters = 3
+	SteerSteerCountersSTEER_CNT_ERROR    SteerSteerCounters = 4
+	SteerSteerCountersSTEER_CNT_DROP     SteerSteerCounters = 5
+)
+
+type SteerSteerLimits uint32
+
+const (
+	SteerSteerLimitsSTEER_SLOTS         SteerSteerLimits = 32
+	SteerSteerLimitsSTEER_MAX_WORKERS   SteerSteerLimits = 16
+	SteerSteerLimitsSTEER_N_COUNTERS    SteerSteerLimits = 8
+	SteerSteerLimitsSTEER_MAX_CID_LEN   SteerSteerLimits = 20
+	SteerSteerLimitsSTEER_PIN_CID_BYTES SteerSteerLimits = 8
+	SteerSteerLimitsSTEER_NO_WORKER     SteerSteerLimits = 255
+	SteerSteerLimitsSTEER_HDR_BYTES     SteerSteerLimits = 40
+)
+
+type SteerSteerModes uint32
+
+const (
+	SteerSteerModesSTEER_MODE_OFF  SteerSteerModes = 0
+	SteerSteerModesSTEER_MODE_FLOW SteerSteerModes = 1
+	SteerSteerModesSTEER_MODE_QUIC SteerSteerModes = 2
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.

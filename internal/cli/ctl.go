@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/control"
 )
 
@@ -19,11 +20,9 @@ import (
 // $BATON_CONTROL is given.
 const DefaultControl = "/run/baton/baton.sock"
 
-// EnvControl names the socket for commands run without --control. It has
-// the same value as handoff.EnvControl, which the supervisor sets for its
-// children; it is repeated here so the restart binary does not link the
-// child-side library.
-const EnvControl = "BATON_CONTROL"
+// EnvControl names the socket for commands run without --control: the
+// variable the supervisor sets for its children.
+const EnvControl = contract.EnvControl
 
 // now is replaced in tests to make ages deterministic.
 var now = time.Now

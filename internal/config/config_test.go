@@ -27,6 +27,14 @@ func TestParseListener(t *testing.T) {
 		{arg: "x=udp://:53?steer=maybe", wantErr: "want flow, quic or off"},
 		{arg: "x=quic://:443?workers=99", wantErr: "1..16"},
 		{arg: "x=quic://:443?cid_len=21", wantErr: "RFC 9000"},
+		// The bounds are the steering program's: every value a listener
+		// accepts, the program can route with.
+		{arg: "h3=quic://:443?workers=16&cid_len=20&cid_slot_offset=19&cid_worker_offset=18", want: Listener{Name: "h3", Scheme: "udp", Addr: ":443", Steer: SteerQUIC, Workers: 16, CIDLen: 20, CIDSlotOffset: 19, CIDWorkerOffset: 18}},
+		{arg: "x=quic://:443?workers=17", wantErr: "workers=\"17\" must be 1..16"},
+		{arg: "x=quic://:443?cid_len=0", wantErr: "must be 1..20"},
+		{arg: "x=quic://:443?cid_slot_offset=20", wantErr: "must be 0..19"},
+		{arg: "x=quic://:443?cid_worker_offset=20", wantErr: "must be -1 (none) or 0..19"},
+		{arg: "x=quic://:443?cid_worker_offset=-2", wantErr: "must be -1 (none) or 0..19"},
 		{arg: "app=unix:///run/app.sock?mode=0660&group=www", want: Listener{Name: "app", Scheme: "unix", Addr: "/run/app.sock", Mode: 0o660, Group: "www"}},
 		{arg: "noequals", wantErr: "want NAME=URL"},
 		{arg: "a:b=tcp://:80", wantErr: "LISTEN_FDNAMES"},

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // Listener schemes.
@@ -34,7 +36,7 @@ type Listener struct {
 	Owner   string      // unix: user name or uid
 	Group   string      // unix: group name or gid
 
-	// UDP steering across generations (see udpdrain).
+	// UDP steering across generations (see internal/steer).
 	Steer           string        // udp: flow (default), quic or off
 	Workers         int           // udp: sockets per generation; 0 = 1
 	CIDLen          int           // quic: server CID length; 0 = default
@@ -45,9 +47,9 @@ type Listener struct {
 
 // Steering modes of a UDP listener.
 const (
-	SteerFlow = "flow"
-	SteerQUIC = "quic"
-	SteerOff  = "off"
+	SteerFlow = contract.SteerFlow
+	SteerQUIC = contract.SteerQUIC
+	SteerOff  = contract.SteerOff
 )
 
 // ParseListen parses "NAME=URL" as given to --listen.
@@ -69,7 +71,7 @@ func ParseListener(name, raw string) (Listener, error) {
 	if err != nil {
 		return Listener{}, fmt.Errorf("listener %s: %w", name, err)
 	}
-	l := Listener{Name: name, URL: raw, Scheme: u.Scheme, CIDWorkerOffset: -1}
+	l := Listener{Name: name, URL: raw, Scheme: u.Scheme, CIDWorkerOffset: contract.NoWorkerOctet}
 	q := u.Query()
 	switch u.Scheme {
 	case SchemeUDP:
@@ -140,26 +142,26 @@ func ParseListener(name, raw string) (Listener, error) {
 			}
 		case key == "workers" && l.Scheme == SchemeUDP:
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 || n > 16 {
-				return l, fmt.Errorf("listener %s: workers=%q must be 1..16", name, v)
+			if err != nil || n < 1 || n > contract.MaxWorkers {
+				return l, fmt.Errorf("listener %s: workers=%q must be 1..%d", name, v, contract.MaxWorkers)
 			}
 			l.Workers = n
 		case key == "cid_len" && l.Scheme == SchemeUDP:
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 || n > 20 {
-				return l, fmt.Errorf("listener %s: cid_len=%q must be 1..20 (RFC 9000)", name, v)
+			if err != nil || n < 1 || n > contract.MaxCIDLen {
+				return l, fmt.Errorf("listener %s: cid_len=%q must be 1..%d (RFC 9000)", name, v, contract.MaxCIDLen)
 			}
 			l.CIDLen = n
 		case key == "cid_slot_offset" && l.Scheme == SchemeUDP:
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 0 || n > 19 {
-				return l, fmt.Errorf("listener %s: cid_slot_offset=%q must be 0..19", name, v)
+			if err != nil || n < 0 || n >= contract.MaxCIDLen {
+				return l, fmt.Errorf("listener %s: cid_slot_offset=%q must be 0..%d", name, v, contract.MaxCIDLen-1)
 			}
 			l.CIDSlotOffset = n
 		case key == "cid_worker_offset" && l.Scheme == SchemeUDP:
 			n, err := strconv.Atoi(v)
-			if err != nil || n < -1 || n > 19 {
-				return l, fmt.Errorf("listener %s: cid_worker_offset=%q must be -1 (none) or 0..19", name, v)
+			if err != nil || n < contract.NoWorkerOctet || n >= contract.MaxCIDLen {
+				return l, fmt.Errorf("listener %s: cid_worker_offset=%q must be %d (none) or 0..%d", name, v, contract.NoWorkerOctet, contract.MaxCIDLen-1)
 			}
 			l.CIDWorkerOffset = n
 		case key == "flow_idle" && l.Scheme == SchemeUDP:

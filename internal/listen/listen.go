@@ -14,6 +14,7 @@ import (
 	"strconv"
 
 	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/steer"
 	"github.com/baton-run/baton/internal/unixsock"
 	"golang.org/x/sys/unix"
@@ -171,14 +172,14 @@ func (s *Socket) Close() error {
 
 // UDPConfig is the steering configuration of a UDP listener.
 func UDPConfig(spec config.Listener) steer.Config {
-	mode := steer.ModeFlow
+	mode := contract.ModeFlow
 	switch spec.Steer {
 	case config.SteerQUIC:
-		mode = steer.ModeQUIC
+		mode = contract.ModeQUIC
 	case config.SteerOff:
-		mode = steer.ModeOff
+		mode = contract.ModeOff
 	}
-	cid := steer.DefaultCIDLayout()
+	cid := contract.DefaultCIDLayout()
 	if spec.CIDLen > 0 {
 		cid.Len = spec.CIDLen
 	}

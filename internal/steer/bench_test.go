@@ -15,6 +15,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // TestProgramCost logs the program's run time per datagram, from the
@@ -29,8 +31,8 @@ func TestProgramCost(t *testing.T) {
 	ns := newNS(t)
 	const packets, rounds = 20000, 7
 
-	layout := DefaultCIDLayout()
-	q := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC, FlowEntries: packets * rounds, PinEntries: packets * rounds})
+	layout := contract.DefaultCIDLayout()
+	q := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC, FlowEntries: packets * rounds, PinEntries: packets * rounds})
 	qh := newHarness(t, ns, q)
 	gen1 := qh.add("gen1")
 	gen2 := qh.add("gen2")
@@ -55,7 +57,7 @@ func TestProgramCost(t *testing.T) {
 		fresh[i] = longHeader(quicV1, "initial", clientDCID(8))[:128]
 	}
 
-	f := ns.group(t, "127.0.0.1:0", Config{Mode: ModeFlow, FlowEntries: packets * rounds})
+	f := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, FlowEntries: packets * rounds})
 	fh := newHarness(t, ns, f)
 	fh.add("gen1")
 	fc := ns.client(t, "udp4", "127.0.0.1:0")
@@ -74,7 +76,7 @@ func TestProgramCost(t *testing.T) {
 	// least any steering program does. Its figure is this machine's
 	// floor (run time accounting plus the select helper); the steering
 	// program's own work is the difference.
-	r := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC})
+	r := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 	rh := newHarness(t, ns, r)
 	rslot := rh.add("ref")
 	ref := minimalSelector(t, r, uint32(rslot*r.Config().Workers))
@@ -202,21 +204,21 @@ func sendTo(c *net.UDPConn, p []byte, g *Group) error {
 //
 //	go test -run '^$' -bench Receive -benchtime 200000x -count 5 ./udpdrain/
 func BenchmarkReceive(b *testing.B) {
-	for _, mode := range []Mode{ModeOff, ModeQUIC, ModeFlow} {
+	for _, mode := range []contract.Mode{contract.ModeOff, contract.ModeQUIC, contract.ModeFlow} {
 		name := "plain"
-		if mode != ModeOff {
+		if mode != contract.ModeOff {
 			name = "steered-" + mode.String()
 		}
 		b.Run(name, func(b *testing.B) { benchReceive(b, mode) })
 	}
 }
 
-func benchReceive(b *testing.B, mode Mode) {
+func benchReceive(b *testing.B, mode contract.Mode) {
 	const senders, workers = 4, 2
 	ns := newNS(b)
 	var socks []*os.File
 	var dst *Group
-	if mode == ModeOff {
+	if mode == contract.ModeOff {
 		// Plain SO_REUSEPORT: the kernel's hash picks the socket.
 		err := ns.do(func() error {
 			sa, err := parseAddr("127.0.0.1:0", false)
@@ -299,7 +301,7 @@ func benchReceive(b *testing.B, mode Mode) {
 	}
 	// A QUIC short header naming slot 1 steers by CID; in flow mode it
 	// is just a payload.
-	p := shortHeader(serverCID(b, DefaultCIDLayout(), 1, 0))
+	p := shortHeader(serverCID(b, contract.DefaultCIDLayout(), 1, 0))
 	p = append(p, make([]byte, 1200-len(p))...)
 
 	b.ResetTimer()

@@ -9,7 +9,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/baton-run/baton/internal/bpf"
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // Counters are the program's decisions for one slot, summed over CPUs.
@@ -30,7 +30,7 @@ func (c Counters) sum() uint64 { return c.Delivered() + c.Errors + c.Dropped }
 // Counters returns the counters of every slot that has a generation, and
 // of slot 0, whose Dropped and Errors count datagrams that no generation
 // could take. Counters restart from zero when a slot is given to a new
-// generation. In ModeOff there are none.
+// generation. In contract.ModeOff there are none.
 func (g *Group) Counters() (map[int]Counters, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -54,16 +54,16 @@ func (g *Group) Counters() (map[int]Counters, error) {
 func (g *Group) readCountersLocked(slot int) (Counters, error) {
 	var c Counters
 	dst := []*uint64{
-		bpf.CounterCID:      &c.CID,
-		bpf.CounterPin:      &c.Pinned,
-		bpf.CounterNew:      &c.New,
-		bpf.CounterFallback: &c.Fallback,
-		bpf.CounterError:    &c.Errors,
-		bpf.CounterDrop:     &c.Dropped,
+		contract.CounterCID:      &c.CID,
+		contract.CounterPin:      &c.Pinned,
+		contract.CounterNew:      &c.New,
+		contract.CounterFallback: &c.Fallback,
+		contract.CounterError:    &c.Errors,
+		contract.CounterDrop:     &c.Dropped,
 	}
 	var perCPU []uint64
 	for kind, p := range dst {
-		key := uint32(slot*bpf.CountersPerSlot + kind)
+		key := uint32(slot*contract.CountersPerSlot + kind)
 		if err := g.objs.Counters.Lookup(key, &perCPU); err != nil {
 			return Counters{}, fmt.Errorf("udpdrain %s: read counters of slot %d: %w", g.addr, slot, err)
 		}
@@ -80,8 +80,8 @@ func (g *Group) resetCountersLocked(slot int) error {
 		return fmt.Errorf("udpdrain: count CPUs: %w", err)
 	}
 	zero := make([]uint64, ncpu)
-	for kind := 0; kind < bpf.CountersPerSlot; kind++ {
-		key := uint32(slot*bpf.CountersPerSlot + kind)
+	for kind := 0; kind < contract.CountersPerSlot; kind++ {
+		key := uint32(slot*contract.CountersPerSlot + kind)
 		if err := g.objs.Counters.Update(key, zero, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("udpdrain: reset counters of slot %d: %w", slot, err)
 		}
@@ -101,7 +101,7 @@ func (g *Group) resetCountersLocked(slot int) error {
 func (g *Group) LastActivity(slot int) (time.Time, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
 		return time.Time{}, fmt.Errorf("udpdrain %s: slot %d has no generation", g.addr, slot)
 	}
 	gen := g.gens[slot]
@@ -123,13 +123,13 @@ func (g *Group) LastActivity(slot int) (time.Time, error) {
 // quiet, as observed by LastActivity. A supervisor polls it while a
 // generation drains, at an interval well below quiet, and may end the
 // drain early once the generation is idle on every UDP listener. In
-// ModeOff it can't tell and always answers false.
+// contract.ModeOff it can't tell and always answers false.
 func (g *Group) Idle(slot int, quiet time.Duration) (bool, error) {
 	last, err := g.LastActivity(slot)
 	if err != nil {
 		return false, err
 	}
-	if g.cfg.Mode == ModeOff {
+	if g.cfg.Mode == contract.ModeOff {
 		return false, nil
 	}
 	return time.Since(last) >= quiet, nil
@@ -152,7 +152,7 @@ func (g *Group) ProgramStats() (runTime time.Duration, runs uint64, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.objs == nil || g.closed {
-		return 0, 0, errors.New("udpdrain: no steering program (ModeOff or closed)")
+		return 0, 0, errors.New("udpdrain: no steering program (mode off, or closed)")
 	}
 	st, err := g.objs.Steer.Stats()
 	if err != nil {
@@ -173,7 +173,7 @@ func MeasureProgramCost(g *Group, packets int, send func(i int) error) (nsPerPac
 	}
 	g.mu.Unlock()
 	if prog == nil {
-		return 0, errors.New("udpdrain: measure: no steering program (ModeOff or closed)")
+		return 0, errors.New("udpdrain: measure: no steering program (mode off, or closed)")
 	}
 	return measureProgram(prog, packets, send)
 }

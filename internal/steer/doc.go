@@ -19,7 +19,7 @@
 // is not given to another generation until Release says its generation is
 // gone.
 //
-//	g, err := steer.NewGroup("[::]:443", steer.Config{Mode: steer.ModeQUIC})
+//	g, err := steer.NewGroup("[::]:443", steer.Config{Mode: contract.ModeQUIC})
 //	slot, files, err := g.AddGeneration() // pass files to the child; env from g.Env(slot)
 //	...                                   // child ready
 //	err = g.SetWorking(slot)              // the flip
@@ -36,6 +36,8 @@
 // AddGeneration on one group and AddGenerationAt on the others.
 //
 // # Modes
+//
+// The modes are contract.Mode values.
 //
 //   - ModeQUIC: datagrams whose DCID was chosen by a server (short
 //     headers, Handshake packets) go to the slot the DCID names, whatever
@@ -65,7 +67,7 @@
 // # CID layout
 //
 // In ModeQUIC every server-chosen connection ID has a fixed length L
-// (CIDLayout.Len, default 8; short headers carry no length). Octet
+// (contract.CIDLayout.Len, default 8; short headers carry no length). Octet
 // CIDLayout.SlotOffset (default 0) holds the generation's slot in its low
 // 5 bits; its top 3 bits are the server's to use as a QUIC-LB
 // config-rotation codepoint, except that 0b111 ("unroutable") makes the
@@ -77,7 +79,7 @@
 //
 // # Environment of a generation
 //
-// Env (or EnvFor) returns these variables; a child's CID generator reads
+// Env (contract.UDPEnv) returns these variables; a child's CID generator reads
 // them (the BATON_CID_* ones only exist in ModeQUIC):
 //
 //	BATON_UDP_STEER          off, flow or quic

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/bpf"
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // ErrNoSlot is returned by AddGeneration when all 31 slots belong to
@@ -24,11 +25,6 @@ var ErrNoSlot = errors.New("udpdrain: all generation slots are in use (release d
 var ErrSteeringUnavailable = errors.New("udpdrain: UDP steering unavailable")
 
 const (
-	// MaxSlot is the highest slot; generations use 1..MaxSlot.
-	MaxSlot = bpf.Slots - 1
-	// MaxWorkers is the most sockets one generation may have per listener.
-	MaxWorkers = bpf.MaxWorkers
-
 	defaultFlowIdle    = 30 * time.Second
 	defaultInitialPin  = 10 * time.Second
 	defaultFlowEntries = 65536
@@ -38,14 +34,15 @@ const (
 // Config is how a Group steers. The zero value of each field means its
 // default.
 type Config struct {
-	Mode Mode
+	Mode contract.Mode
 	// Workers is the number of sockets each generation gets, one per
 	// worker thread or process of the server; default 1.
 	Workers int
-	// CID is the connection ID layout (ModeQUIC); the zero value means
-	// DefaultCIDLayout().
-	CID CIDLayout
-	// FlowIdle ends a ModeFlow flow's pin to its generation; default 30s.
+	// CID is the connection ID layout (contract.ModeQUIC); the zero value
+	// means contract.DefaultCIDLayout().
+	CID contract.CIDLayout
+	// FlowIdle ends a contract.ModeFlow flow's pin to its generation;
+	// default 30s.
 	FlowIdle time.Duration
 	// InitialPin is how long a new QUIC handshake stays pinned to the
 	// generation that got its first Initial, which is what makes a
@@ -67,8 +64,8 @@ func (c *Config) setDefaults() {
 	if c.Workers == 0 {
 		c.Workers = 1
 	}
-	if c.CID == (CIDLayout{}) {
-		c.CID = DefaultCIDLayout()
+	if c.CID == (contract.CIDLayout{}) {
+		c.CID = contract.DefaultCIDLayout()
 	}
 	if c.FlowIdle == 0 {
 		c.FlowIdle = defaultFlowIdle
@@ -90,14 +87,14 @@ func (c *Config) setDefaults() {
 func (c *Config) validate() error {
 	var errs []error
 	switch c.Mode {
-	case ModeOff, ModeFlow, ModeQUIC:
+	case contract.ModeOff, contract.ModeFlow, contract.ModeQUIC:
 	default:
 		errs = append(errs, fmt.Errorf("unknown mode %d", int(c.Mode)))
 	}
-	if c.Workers < 1 || c.Workers > MaxWorkers {
-		errs = append(errs, fmt.Errorf("workers %d outside 1..%d", c.Workers, MaxWorkers))
+	if c.Workers < 1 || c.Workers > contract.MaxWorkers {
+		errs = append(errs, fmt.Errorf("workers %d outside 1..%d", c.Workers, contract.MaxWorkers))
 	}
-	if c.Mode == ModeQUIC {
+	if c.Mode == contract.ModeQUIC {
 		if err := c.CID.Validate(); err != nil {
 			errs = append(errs, err)
 		}
@@ -135,9 +132,9 @@ type Group struct {
 
 	mu      sync.Mutex
 	anchor  *os.File
-	objs    *bpf.SteerObjects // nil in ModeOff
+	objs    *bpf.SteerObjects // nil in contract.ModeOff
 	kcfg    bpf.SteerConfig   // last config written to the kernel
-	gens    [bpf.Slots]*generation
+	gens    [contract.Slots]*generation
 	epoch   uint32
 	closed  bool
 	working int
@@ -148,8 +145,8 @@ type Group struct {
 }
 
 // NewGroup binds the anchor socket for addr ("host:port", IP literal host;
-// port 0 picks one) and, unless cfg.Mode is ModeOff, loads and attaches
-// the steering program. Without CAP_BPF and CAP_NET_ADMIN the error wraps
+// port 0 picks one) and, unless cfg.Mode is contract.ModeOff, loads and
+// attaches the steering program. Without CAP_BPF and CAP_NET_ADMIN the error wraps
 // ErrSteeringUnavailable and says how to fix it.
 func NewGroup(addr string, cfg Config) (*Group, error) {
 	cfg.setDefaults()
@@ -201,7 +198,7 @@ func newGroup(anchor *os.File, sa sockAddr, cfg Config) (*Group, error) {
 		addr:   sa,
 		anchor: anchor,
 	}
-	if cfg.Mode == ModeOff {
+	if cfg.Mode == contract.ModeOff {
 		g.log.Info("udp steering off: generations share one socket")
 		return g, nil
 	}
@@ -225,19 +222,19 @@ func steeringError(op string, err error) error {
 // setShape fixes the group's mode, worker count and CID layout in the
 // program's read-only constants before it is loaded.
 func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
-	wo := uint32(bpf.NoWorker)
-	if cfg.CID.WorkerOffset != NoWorkerOctet {
+	wo := uint32(contract.NoWorker)
+	if cfg.CID.WorkerOffset != contract.NoWorkerOctet {
 		wo = uint32(cfg.CID.WorkerOffset)
 	}
 	vals := map[string]uint32{
-		"steer_mode":          uint32(cfg.Mode),
-		"steer_workers":       uint32(cfg.Workers),
-		"steer_cid_len":       uint32(cfg.CID.Len),
-		"steer_slot_offset":   uint32(cfg.CID.SlotOffset),
-		"steer_slot_shift":    0,
-		"steer_slot_mask":     bpf.Slots - 1,
-		"steer_worker_offset": wo,
-		"steer_tick_ns":       bpf.TickNs(),
+		bpf.SteerVarSteerMode:         uint32(cfg.Mode),
+		bpf.SteerVarSteerWorkers:      uint32(cfg.Workers),
+		bpf.SteerVarSteerCidLen:       uint32(cfg.CID.Len),
+		bpf.SteerVarSteerSlotOffset:   uint32(cfg.CID.SlotOffset),
+		bpf.SteerVarSteerSlotShift:    0,
+		bpf.SteerVarSteerSlotMask:     contract.Slots - 1,
+		bpf.SteerVarSteerWorkerOffset: wo,
+		bpf.SteerVarSteerTickNs:       bpf.TickNs(),
 	}
 	for name, v := range vals {
 		vs := spec.Variables[name]
@@ -310,7 +307,7 @@ func (g *Group) AddGeneration() (slot int, files []*os.File, err error) {
 	if g.closed {
 		return 0, nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
 	}
-	for s := 1; s <= MaxSlot; s++ {
+	for s := 1; s <= contract.MaxSlot; s++ {
 		if g.gens[s] == nil {
 			files, err := g.addLocked(s)
 			if err != nil {
@@ -331,8 +328,8 @@ func (g *Group) AddGenerationAt(slot int) ([]*os.File, error) {
 	if g.closed {
 		return nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
 	}
-	if slot < 1 || slot > MaxSlot {
-		return nil, fmt.Errorf("udpdrain %s: slot %d outside 1..%d", g.addr, slot, MaxSlot)
+	if slot < 1 || slot > contract.MaxSlot {
+		return nil, fmt.Errorf("udpdrain %s: slot %d outside 1..%d", g.addr, slot, contract.MaxSlot)
 	}
 	if g.gens[slot] != nil {
 		return nil, fmt.Errorf("udpdrain %s: slot %d is in use", g.addr, slot)
@@ -354,7 +351,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 		var f *os.File
 		var err error
 		if g.objs == nil {
-			// ModeOff: share the anchor, as TCP listeners are shared.
+			// contract.ModeOff: share the anchor, as TCP listeners are shared.
 			f, err = dupFile(g.anchor)
 		} else {
 			f, err = bindReuseport(g.addr)
@@ -435,7 +432,7 @@ func (g *Group) SetWorking(slot int) error {
 	if g.closed {
 		return fmt.Errorf("udpdrain %s: group closed", g.addr)
 	}
-	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
 		return fmt.Errorf("udpdrain %s: set working: slot %d has no generation", g.addr, slot)
 	}
 	if g.objs != nil {
@@ -480,7 +477,7 @@ func (g *Group) Slots() []int {
 func (g *Group) Release(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if slot < 1 || slot > MaxSlot || g.gens[slot] == nil {
+	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
 		return fmt.Errorf("udpdrain %s: release: slot %d has no generation", g.addr, slot)
 	}
 	gen := g.gens[slot]

@@ -11,13 +11,15 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 func TestVerifierAcceptsProgram(t *testing.T) {
 	ns := newNS(t)
-	for _, mode := range []Mode{ModeFlow, ModeQUIC} {
+	for _, mode := range []contract.Mode{contract.ModeFlow, contract.ModeQUIC} {
 		g := ns.group(t, "127.0.0.1:0", Config{Mode: mode, Workers: 4,
-			CID: CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}})
+			CID: contract.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}})
 		if g.objs == nil {
 			t.Fatalf("%v: no program loaded", mode)
 		}
@@ -32,7 +34,7 @@ func TestVerifierAcceptsProgram(t *testing.T) {
 
 func TestFlowModeKeepsFlowsAcrossFlip(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeFlow, FlowIdle: 500 * time.Millisecond})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, FlowIdle: 500 * time.Millisecond})
 	h := newHarness(t, ns, g)
 	gen1 := h.add("gen1")
 
@@ -74,7 +76,7 @@ func TestFlowModeKeepsFlowsAcrossFlip(t *testing.T) {
 
 func TestFlowModeWorkersAreStablePerFlow(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeFlow, Workers: 4})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, Workers: 4})
 	h := newHarness(t, ns, g)
 	h.add("gen1")
 	seen := map[string]bool{}
@@ -109,8 +111,8 @@ func TestQUICSteering(t *testing.T) {
 
 func testQUICSteering(t *testing.T, addr, network, laddr string) {
 	ns := newNS(t)
-	layout := DefaultCIDLayout()
-	g := ns.group(t, addr, Config{Mode: ModeQUIC, CID: layout})
+	layout := contract.DefaultCIDLayout()
+	g := ns.group(t, addr, Config{Mode: contract.ModeQUIC, CID: layout})
 	h := newHarness(t, ns, g)
 	client := func() *net.UDPConn { return ns.client(t, network, laddr) }
 
@@ -223,7 +225,7 @@ func testQUICSteering(t *testing.T, addr, network, laddr string) {
 
 func TestQUICInitialPinExpires(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC, InitialPin: 300 * time.Millisecond})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC, InitialPin: 300 * time.Millisecond})
 	h := newHarness(t, ns, g)
 	h.add("gen1")
 	c := ns.client(t, "udp4", "127.0.0.1:0")
@@ -240,8 +242,8 @@ func TestQUICInitialPinExpires(t *testing.T) {
 
 func TestQUICWorkers(t *testing.T) {
 	ns := newNS(t)
-	layout := CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 3}
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC, Workers: 4, CID: layout})
+	layout := contract.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 3}
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC, Workers: 4, CID: layout})
 	h := newHarness(t, ns, g)
 	gen1 := h.add("gen1")
 	gen2 := h.add("gen2")
@@ -274,9 +276,9 @@ func TestQUICWorkers(t *testing.T) {
 
 func TestSlotExhaustionAndReuse(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 	var slots []int
-	for i := range MaxSlot {
+	for i := range contract.MaxSlot {
 		var slot int
 		err := ns.do(func() error {
 			var err error
@@ -288,7 +290,7 @@ func TestSlotExhaustionAndReuse(t *testing.T) {
 		}
 		slots = append(slots, slot)
 	}
-	if want := seq(1, MaxSlot); !slices.Equal(slots, want) {
+	if want := seq(1, contract.MaxSlot); !slices.Equal(slots, want) {
 		t.Fatalf("slots %v, want %v", slots, want)
 	}
 	err := ns.do(func() error { _, _, err := g.AddGeneration(); return err })
@@ -335,8 +337,8 @@ func seq(from, to int) []int {
 
 func TestCountersAndDrops(t *testing.T) {
 	ns := newNS(t)
-	layout := DefaultCIDLayout()
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC})
+	layout := contract.DefaultCIDLayout()
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 	h := newHarness(t, ns, g)
 	gen1 := h.add("gen1")
 	c := ns.client(t, "udp4", "127.0.0.1:0")
@@ -401,7 +403,7 @@ func TestCountersAndDrops(t *testing.T) {
 
 func TestModeOffSharesOneSocket(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: ModeOff})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeOff})
 	h := newHarness(t, ns, g)
 	h.add("gen1")
 	h.add("gen2")
@@ -410,13 +412,13 @@ func TestModeOffSharesOneSocket(t *testing.T) {
 		t.Fatal("dropped")
 	}
 	if c, err := g.Counters(); err != nil || len(c) != 0 {
-		t.Errorf("Counters in ModeOff = %v, %v; want none", c, err)
+		t.Errorf("Counters in contract.ModeOff = %v, %v; want none", c, err)
 	}
 }
 
 func TestDualStackWildcard(t *testing.T) {
 	ns := newNS(t)
-	g := ns.group(t, ":0", Config{Mode: ModeFlow})
+	g := ns.group(t, ":0", Config{Mode: contract.ModeFlow})
 	h := newHarness(t, ns, g)
 	h.add("gen1")
 	v4 := ns.client(t, "udp4", "127.0.0.1:0")
@@ -451,7 +453,7 @@ func TestNewGroupFromFile(t *testing.T) {
 	var g *Group
 	err = ns.do(func() error {
 		var err error
-		g, err = NewGroupFromFile(f, Config{Mode: ModeQUIC})
+		g, err = NewGroupFromFile(f, Config{Mode: contract.ModeQUIC})
 		return err
 	})
 	if err != nil {
@@ -503,7 +505,7 @@ func TestNewGroupFromFile(t *testing.T) {
 	var pg *Group
 	err = ns.do(func() error {
 		var err error
-		pg, err = NewGroupFromFile(plain, Config{Mode: ModeQUIC})
+		pg, err = NewGroupFromFile(plain, Config{Mode: contract.ModeQUIC})
 		return err
 	})
 	if err != nil {
@@ -532,7 +534,7 @@ func TestNewGroupFromFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = ns.do(func() error {
-		g, err := NewGroupFromFile(foreign, Config{Mode: ModeQUIC})
+		g, err := NewGroupFromFile(foreign, Config{Mode: contract.ModeQUIC})
 		if err == nil {
 			g.Close()
 		}
@@ -552,14 +554,14 @@ func TestMinimalCapabilities(t *testing.T) {
 	ns := newNS(t)
 	// Warm the library's feature probes with full privileges, as a
 	// supervisor's earlier listeners would.
-	ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC})
+	ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 
 	// Every shape is a different program to the verifier.
-	layout := CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}
+	layout := contract.CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}
 	cfgs := []Config{
-		{Mode: ModeQUIC},
-		{Mode: ModeQUIC, Workers: MaxWorkers, CID: layout},
-		{Mode: ModeFlow, Workers: 3},
+		{Mode: contract.ModeQUIC},
+		{Mode: contract.ModeQUIC, Workers: contract.MaxWorkers, CID: layout},
+		{Mode: contract.ModeFlow, Workers: 3},
 	}
 	groups := make([]*Group, len(cfgs))
 	err := ns.doWithCaps([]uint{unix.CAP_BPF, unix.CAP_NET_ADMIN}, func() error {
@@ -585,7 +587,7 @@ func TestMinimalCapabilities(t *testing.T) {
 		"short header through a program loaded with CAP_BPF and CAP_NET_ADMIN only")
 
 	err = ns.doWithCaps(nil, func() error {
-		g, err := NewGroup("127.0.0.1:0", Config{Mode: ModeQUIC})
+		g, err := NewGroup("127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 		if err == nil {
 			g.Close()
 		}
@@ -600,102 +602,67 @@ func TestMinimalCapabilities(t *testing.T) {
 	}
 	t.Logf("without capabilities: %v", err)
 
-	// ModeOff needs no privileges.
+	// contract.ModeOff needs no privileges.
 	err = ns.doWithCaps(nil, func() error {
-		g, err := NewGroup("127.0.0.1:0", Config{Mode: ModeOff})
+		g, err := NewGroup("127.0.0.1:0", Config{Mode: contract.ModeOff})
 		if err != nil {
 			return err
 		}
 		return g.Close()
 	})
 	if err != nil {
-		t.Errorf("ModeOff without capabilities: %v", err)
+		t.Errorf("contract.ModeOff without capabilities: %v", err)
 	}
 }
 
+// TestEnv checks the variables a generation gets from its group: the
+// group's own mode, workers and CID layout, and the generation's slot.
 func TestEnv(t *testing.T) {
-	got := EnvFor(ModeQUIC, 4, CIDLayout{Len: 12, SlotOffset: 2, WorkerOffset: 5}, 7)
+	ns := newNS(t)
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC, Workers: 4, CID: contract.CIDLayout{Len: 12, SlotOffset: 2, WorkerOffset: 5}})
+	var slot int
+	if err := ns.do(func() error { var err error; slot, _, err = g.AddGeneration(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	got, err := g.Env(slot)
+	if err != nil {
+		t.Fatal(err)
+	}
 	want := []string{
 		"BATON_UDP_STEER=quic", "BATON_UDP_WORKERS=4", "BATON_CID_LEN=12",
-		"BATON_CID_SLOT_OFFSET=2", "BATON_CID_WORKER_OFFSET=5", "BATON_CID_SLOT=7",
+		"BATON_CID_SLOT_OFFSET=2", "BATON_CID_WORKER_OFFSET=5", fmt.Sprintf("BATON_CID_SLOT=%d", slot),
 	}
 	if !slices.Equal(got, want) {
-		t.Errorf("EnvFor = %q, want %q", got, want)
+		t.Errorf("Env(%d) = %q, want %q", slot, got, want)
 	}
-	got = EnvFor(ModeFlow, 1, DefaultCIDLayout(), 3)
-	if want := []string{"BATON_UDP_STEER=flow", "BATON_UDP_WORKERS=1"}; !slices.Equal(got, want) {
-		t.Errorf("EnvFor flow = %q, want %q", got, want)
+	if _, err := g.Env(slot + 1); err == nil {
+		t.Errorf("Env(%d) of a slot without a generation succeeded", slot+1)
 	}
-}
 
-func TestCIDLayout(t *testing.T) {
-	for _, tc := range []struct {
-		l  CIDLayout
-		ok bool
-	}{
-		{DefaultCIDLayout(), true},
-		{CIDLayout{Len: 20, SlotOffset: 19, WorkerOffset: 0}, true},
-		{CIDLayout{Len: 1, SlotOffset: 0, WorkerOffset: -1}, true},
-		{CIDLayout{Len: 0, SlotOffset: 0, WorkerOffset: -1}, false},
-		{CIDLayout{Len: 21, SlotOffset: 0, WorkerOffset: -1}, false},
-		{CIDLayout{Len: 8, SlotOffset: 8, WorkerOffset: -1}, false},
-		{CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 0}, false},
-		{CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 8}, false},
-		{CIDLayout{Len: 8, SlotOffset: -1, WorkerOffset: -1}, false},
-	} {
-		if err := tc.l.Validate(); (err == nil) != tc.ok {
-			t.Errorf("%+v: Validate() = %v, want ok=%v", tc.l, err, tc.ok)
-		}
+	f := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow})
+	if err := ns.do(func() error { var err error; slot, _, err = f.AddGeneration(); return err }); err != nil {
+		t.Fatal(err)
 	}
-	l := DefaultCIDLayout()
-	for slot := 1; slot <= MaxSlot; slot++ {
-		for _, top := range []byte{0x00, 0x20, 0xc0, 0xe0} {
-			cid := randBytes(l.Len)
-			cid[0] = top | 0x1f
-			if err := l.Stamp(cid, slot, 0); err != nil {
-				t.Fatal(err)
-			}
-			if got := l.SlotOf(cid); got != slot {
-				t.Errorf("slot %d, top bits %#x: SlotOf = %d (octet %#x)", slot, top, got, cid[0])
-			}
-			if top != 0xe0 && cid[0]&0xe0 != top {
-				t.Errorf("Stamp changed the codepoint %#x to %#x", top, cid[0]&0xe0)
-			}
-		}
-	}
-	if err := l.Stamp(make([]byte, 8), 0, 0); err == nil {
-		t.Error("Stamp accepted slot 0")
-	}
-	if err := l.Stamp(make([]byte, 8), 32, 0); err == nil {
-		t.Error("Stamp accepted slot 32")
-	}
-	if err := l.Stamp(make([]byte, 4), 1, 0); err == nil {
-		t.Error("Stamp accepted a short CID")
-	}
-	for _, s := range []string{"off", "flow", "quic", "QUIC"} {
-		if _, err := ParseMode(s); err != nil {
-			t.Errorf("ParseMode(%q): %v", s, err)
-		}
-	}
-	if _, err := ParseMode("xdp"); err == nil {
-		t.Error("ParseMode(xdp) succeeded")
+	got, err = f.Env(slot)
+	if want := []string{"BATON_UDP_STEER=flow", "BATON_UDP_WORKERS=1"}; err != nil || !slices.Equal(got, want) {
+		t.Errorf("flow: Env(%d) = %q, %v; want %q", slot, got, err, want)
 	}
 }
 
 func TestConfigValidation(t *testing.T) {
 	for _, cfg := range []Config{
-		{Mode: ModeQUIC, Workers: 17},
-		{Mode: ModeQUIC, Workers: -1},
-		{Mode: Mode(9)},
-		{Mode: ModeQUIC, CID: CIDLayout{Len: 30}},
-		{Mode: ModeFlow, FlowIdle: time.Microsecond},
+		{Mode: contract.ModeQUIC, Workers: 17},
+		{Mode: contract.ModeQUIC, Workers: -1},
+		{Mode: contract.Mode(9)},
+		{Mode: contract.ModeQUIC, CID: contract.CIDLayout{Len: 30}},
+		{Mode: contract.ModeFlow, FlowIdle: time.Microsecond},
 	} {
 		if _, err := NewGroup("127.0.0.1:0", cfg); err == nil {
 			t.Errorf("NewGroup accepted %+v", cfg)
 		}
 	}
 	for _, addr := range []string{"localhost:443", "127.0.0.1", "1.2.3.4:99999", "[fe80::1%lo]:443"} {
-		if _, err := NewGroup(addr, Config{Mode: ModeOff}); err == nil {
+		if _, err := NewGroup(addr, Config{Mode: contract.ModeOff}); err == nil {
 			t.Errorf("NewGroup accepted address %q", addr)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/bpf"
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // Handing a group to a new supervisor (baton's self-upgrade).
@@ -37,18 +38,18 @@ const (
 
 // HandoverState is what a successor needs besides the descriptors.
 type HandoverState struct {
-	Addr        string        `json:"addr"`
-	V6Only      bool          `json:"v6only,omitempty"`
-	Mode        string        `json:"mode"`
-	Workers     int           `json:"workers"`
-	CID         CIDLayout     `json:"cid"`
-	FlowIdle    time.Duration `json:"flow_idle"`
-	InitialPin  time.Duration `json:"initial_pin"`
-	FlowEntries int           `json:"flow_entries"`
-	PinEntries  int           `json:"pin_entries"`
-	Epoch       uint32        `json:"epoch"`
-	Working     int           `json:"working"`
-	Slots       []SlotState   `json:"slots"`
+	Addr        string             `json:"addr"`
+	V6Only      bool               `json:"v6only,omitempty"`
+	Mode        string             `json:"mode"`
+	Workers     int                `json:"workers"`
+	CID         contract.CIDLayout `json:"cid"`
+	FlowIdle    time.Duration      `json:"flow_idle"`
+	InitialPin  time.Duration      `json:"initial_pin"`
+	FlowEntries int                `json:"flow_entries"`
+	PinEntries  int                `json:"pin_entries"`
+	Epoch       uint32             `json:"epoch"`
+	Working     int                `json:"working"`
+	Slots       []SlotState        `json:"slots"`
 }
 
 // SlotState is one slot held by a generation of the old supervisor.
@@ -151,7 +152,7 @@ func (g *Group) Thaw(handedOver bool) error {
 	next := g.kcfg
 	next.Working = uint32(g.working)
 	var errs []error
-	for slot := 1; slot <= MaxSlot; slot++ {
+	for slot := 1; slot <= contract.MaxSlot; slot++ {
 		if g.gens[slot] != nil || cur.Live&(1<<slot) == 0 {
 			continue
 		}
@@ -193,7 +194,7 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 		closeAll()
 		return nil, err
 	}
-	if cfg.Mode.String() != st.Mode || cfg.Workers != st.Workers || (cfg.Mode == ModeQUIC && cfg.CID != st.CID) {
+	if cfg.Mode.String() != st.Mode || cfg.Workers != st.Workers || (cfg.Mode == contract.ModeQUIC && cfg.CID != st.CID) {
 		closeAll()
 		return nil, fmt.Errorf("udpdrain %s: the configured steering (%s, %d workers, CID %+v) differs from the running group's (%s, %d workers, CID %+v); a steering change needs a full restart of baton",
 			st.Addr, cfg.Mode, cfg.Workers, cfg.CID, st.Mode, st.Workers, st.CID)
@@ -222,7 +223,7 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 		epoch:   st.Epoch,
 		working: st.Working,
 	}
-	if cfg.Mode != ModeOff {
+	if cfg.Mode != contract.ModeOff {
 		objs, err := adoptObjects(files)
 		if err != nil {
 			anchor.Close()
@@ -237,9 +238,9 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 	closeAll() // whatever adoptObjects did not take
 	now := time.Now()
 	for _, s := range st.Slots {
-		if s.Slot < 1 || s.Slot > MaxSlot {
+		if s.Slot < 1 || s.Slot > contract.MaxSlot {
 			g.Close()
-			return nil, fmt.Errorf("udpdrain %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, MaxSlot)
+			return nil, fmt.Errorf("udpdrain %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, contract.MaxSlot)
 		}
 		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
 	}
@@ -291,7 +292,7 @@ func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 // state st describes, for a successor to ask for each one.
 func FileNames(st HandoverState) []string {
 	names := []string{FileAnchor}
-	if st.Mode == ModeOff.String() {
+	if st.Mode == contract.ModeOff.String() {
 		return names
 	}
 	names = append(names, FileProgram)

@@ -2,6 +2,8 @@ package steer
 
 import (
 	"testing"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // adoptInNS hands g to a successor group, as a new supervisor would get it.
@@ -30,7 +32,7 @@ func adoptInNS(t *testing.T, ns *testNS, g *Group, cfg Config) *Group {
 // the working generation.
 func TestHandoverKeepsOldSlots(t *testing.T) {
 	ns := newNS(t)
-	cfg := Config{Mode: ModeQUIC}
+	cfg := Config{Mode: contract.ModeQUIC}
 	old := ns.group(t, "127.0.0.1:0", cfg)
 	h := newHarness(t, ns, old)
 	s1 := h.add("old")
@@ -79,7 +81,7 @@ func TestHandoverKeepsOldSlots(t *testing.T) {
 // generation is working again and the dead successor's slot is gone.
 func TestHandoverFailedTakesBack(t *testing.T) {
 	ns := newNS(t)
-	cfg := Config{Mode: ModeQUIC}
+	cfg := Config{Mode: contract.ModeQUIC}
 	old := ns.group(t, "127.0.0.1:0", cfg)
 	h := newHarness(t, ns, old)
 	s1 := h.add("old")
@@ -118,14 +120,14 @@ func TestHandoverFailedTakesBack(t *testing.T) {
 // shape cannot adopt the group; it says what differs.
 func TestAdoptRefusesOtherShape(t *testing.T) {
 	ns := newNS(t)
-	old := ns.group(t, "127.0.0.1:0", Config{Mode: ModeQUIC})
+	old := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeQUIC})
 	files, err := old.Files()
 	if err != nil {
 		t.Fatal(err)
 	}
 	st := old.Freeze()
 	defer old.Thaw(false)
-	if _, err := Adopt(files, st, Config{Mode: ModeFlow}); err == nil {
+	if _, err := Adopt(files, st, Config{Mode: contract.ModeFlow}); err == nil {
 		t.Fatal("Adopt with another mode succeeded")
 	} else {
 		t.Logf("refused as expected: %v", err)

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/testenv"
 )
 
@@ -353,7 +354,7 @@ func longHeader(version uint32, typ string, dcid []byte) []byte {
 }
 
 // serverCID is a CID a generation in slot would issue.
-func serverCID(t testing.TB, l CIDLayout, slot, worker int) []byte {
+func serverCID(t testing.TB, l contract.CIDLayout, slot, worker int) []byte {
 	t.Helper()
 	cid := randBytes(l.Len)
 	if err := l.Stamp(cid, slot, worker); err != nil {

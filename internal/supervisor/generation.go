@@ -16,8 +16,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/procgroup"
 	"github.com/baton-run/baton/internal/steer"
@@ -163,13 +163,13 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	env := childEnv(os.Environ(), cfg.Env)
 	env = append(env, o.env...)
 	env = append(env,
-		handoff.EnvListenFDs+"="+strconv.Itoa(len(o.files)),
-		handoff.EnvListenFDNames+"="+strings.Join(o.names, ":"),
-		handoff.EnvGeneration+"="+strconv.Itoa(o.num),
-		handoff.EnvReadyFD+"="+strconv.Itoa(handoff.FirstFD+len(o.files)),
-		handoff.EnvNotifySocket+"="+notifyName,
-		handoff.EnvDrainSignal+"="+config.SignalName(cfg.DrainSignal),
-		handoff.EnvControl+"="+cfg.Control,
+		contract.EnvListenFDs+"="+strconv.Itoa(len(o.files)),
+		contract.EnvListenFDNames+"="+strings.Join(o.names, contract.FDNameSep),
+		contract.EnvGeneration+"="+strconv.Itoa(o.num),
+		contract.EnvReadyFD+"="+strconv.Itoa(contract.FirstFD+len(o.files)),
+		contract.EnvNotifySocket+"="+notifyName,
+		contract.EnvDrainSignal+"="+config.SignalName(cfg.DrainSignal),
+		contract.EnvControl+"="+cfg.Control,
 	)
 	env = append(env, grp.Env()...)
 	cmd := &exec.Cmd{
@@ -296,7 +296,7 @@ func (g *generation) readPipe(r *os.File, post func(func())) {
 	sc.Buffer(make([]byte, 0, 4096), 64*1024)
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
-		if line == handoff.ReadyLine {
+		if line == contract.ReadyLine {
 			post(func() { g.markReady("pipe") })
 			continue
 		}
@@ -306,23 +306,23 @@ func (g *generation) readPipe(r *os.File, post func(func())) {
 
 func (g *generation) handleAssignments(lines []string, via string, post func(func())) {
 	for _, line := range lines {
-		k, v, ok := strings.Cut(line, "=")
+		k, v, ok := contract.ParseNotifyLine(line)
 		if !ok {
 			continue
 		}
 		switch k {
-		case "READY":
-			if v == "1" {
+		case contract.KeyReady:
+			if v == contract.FlagOn {
 				post(func() { g.markReady(via) })
 			}
-		case "STATUS":
+		case contract.KeyStatus:
 			post(func() { g.status = v })
-		case "STOPPING":
-			if v == "1" {
+		case contract.KeyStopping:
+			if v == contract.FlagOn {
 				post(func() { g.log.Info("generation reports stopping") })
 			}
-		case "IDLE":
-			if v == "1" {
+		case contract.KeyIdle:
+			if v == contract.FlagOn {
 				post(func() { g.idle = true })
 			}
 		}

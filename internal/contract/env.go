@@ -1,0 +1,54 @@
+package contract
+
+// FirstFD is the first inherited descriptor: listeners take FirstFD,
+// FirstFD+1, ... in the order of LISTEN_FDNAMES, and the write end of the
+// inheritance pipe follows them, at the number BATON_READY_FD names.
+const FirstFD = 3
+
+// FDNameSep separates the names in LISTEN_FDNAMES (sd_listen_fds(3)).
+const FDNameSep = ":"
+
+// Environment variables set for every generation.
+const (
+	// Standard systemd socket-activation variables (sd_listen_fds(3)).
+	EnvListenFDs     = "LISTEN_FDS"
+	EnvListenFDNames = "LISTEN_FDNAMES"
+	EnvListenPID     = "LISTEN_PID"
+	// EnvNotifySocket is the per-generation sd_notify socket (sd_notify(3)).
+	EnvNotifySocket = "NOTIFY_SOCKET"
+
+	// EnvGeneration is the generation number, 1 for the first one.
+	EnvGeneration = "BATON_GENERATION"
+	// EnvReadyFD is the fd number of the write end of the inheritance pipe.
+	EnvReadyFD = "BATON_READY_FD"
+	// EnvDrainSignal names the signal that starts a drain, e.g. "SIGTERM".
+	EnvDrainSignal = "BATON_DRAIN_SIGNAL"
+	// EnvControl is the supervisor's coordination socket path, so that a
+	// generation (or a script it runs) can ask for a restart or a status;
+	// the command-line tools read it too.
+	EnvControl = "BATON_CONTROL"
+)
+
+// Environment variables a generation receives for its UDP listeners (see
+// UDPEnv).
+const (
+	// EnvUDPSteer is the steering mode of the UDP listeners: off, flow or
+	// quic (Mode.String).
+	EnvUDPSteer = "BATON_UDP_STEER"
+	// EnvUDPWorkers is W, the number of sockets per UDP listener; worker i
+	// reads the i-th socket of each name.
+	EnvUDPWorkers = "BATON_UDP_WORKERS"
+
+	// The BATON_CID_* variables exist in the quic mode only, and describe
+	// the connection IDs the generation must issue (CIDLayout).
+
+	// EnvCIDLen is L, the length of every server-chosen CID, 1..MaxCIDLen.
+	EnvCIDLen = "BATON_CID_LEN"
+	// EnvCIDSlotOffset is the index of the slot octet.
+	EnvCIDSlotOffset = "BATON_CID_SLOT_OFFSET"
+	// EnvCIDWorkerOffset is the index of the worker octet, or
+	// NoWorkerOctet for none.
+	EnvCIDWorkerOffset = "BATON_CID_WORKER_OFFSET"
+	// EnvCIDSlot is the generation's slot, 1..MaxSlot.
+	EnvCIDSlot = "BATON_CID_SLOT"
+)
