@@ -9,15 +9,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // crashRun is one supervisor crash and restart under load.
@@ -31,6 +30,25 @@ type crashRun struct {
 
 func (c crashRun) String() string {
 	return fmt.Sprintf("refused=%d, SIGKILL to serving %s; %s", c.refused, c.serving.Round(time.Millisecond), c.res)
+}
+
+// crashRun runs the crash comparison once: with the fd store, then
+// without.
+func (e *env) crashRun(i int, rep *report) error {
+	for _, withStore := range []bool{true, false} {
+		progress("supervisor crash, run %d/%d: %s", i, e.o.crashRuns, crashSide(withStore))
+		r, err := e.crash(i, withStore)
+		if err != nil {
+			return err
+		}
+		progress("  %s", r)
+		if withStore {
+			rep.crashStore = append(rep.crashStore, r)
+		} else {
+			rep.crashOwn = append(rep.crashOwn, r)
+		}
+	}
+	return nil
 }
 
 func crashSide(withStore bool) string {
@@ -53,12 +71,12 @@ func (e *env) crash(run int, withStore bool) (crashRun, error) {
 	if withStore {
 		tag = fmt.Sprintf("crash%d-store", run)
 	}
-	rcv, err := newNotifyReceiver(filepath.Join(e.dir, tag+"-notify.sock"))
+	rcv, err := testkit.ListenNotify(filepath.Join(e.dir, tag+"-notify.sock"))
 	if err != nil {
 		return cr, err
 	}
-	defer rcv.close()
-	env := []string{"NOTIFY_SOCKET=" + rcv.path}
+	defer rcv.Close()
+	env := []string{"NOTIFY_SOCKET=" + rcv.Path}
 	if !withStore {
 		env = append(env, "FDSTORE=0")
 	}
@@ -68,26 +86,19 @@ func (e *env) crash(run int, withStore bool) (crashRun, error) {
 		return cr, err
 	}
 	// Whatever happens below, no supervisor of this run outlives it.
-	defer func() { _ = sup.stop() }()
+	defer func() { _ = stop(sup) }()
 	var stored *os.File
 	if withStore {
-		fd, err := rcv.waitFD("http", 10*time.Second)
-		if err != nil {
-			return cr, fmt.Errorf("%w (log %s)", err, sup.log)
+		if stored, err = rcv.StoredFile("http", 10*time.Second); err != nil {
+			return cr, fmt.Errorf("%w (log %s)", err, sup.Log)
 		}
-		stored = os.NewFile(uintptr(fd), "http")
 		defer stored.Close()
 	}
 	st, err := e.status(tag + "-a")
 	if err != nil {
 		return cr, err
 	}
-	genPID := 0
-	for _, g := range st.Gens {
-		if g.Generation == st.Working {
-			genPID = g.PID
-		}
-	}
+	gen := testkit.LookupProc(batontest.WorkingPID(st))
 
 	var refused atomic.Int64
 	d := &netns.Dialer{NS: e.ns}
@@ -107,18 +118,19 @@ func (e *env) crash(run int, withStore bool) (crashRun, error) {
 	time.Sleep(300 * time.Millisecond)
 
 	killed := time.Now()
-	if err := syscall.Kill(sup.pid(), syscall.SIGKILL); err != nil {
-		return cr, fmt.Errorf("SIGKILL baton %d: %w", sup.pid(), err)
+	if err := syscall.Kill(sup.PID(), syscall.SIGKILL); err != nil {
+		return cr, fmt.Errorf("SIGKILL baton %d: %w", sup.PID(), err)
 	}
 	select {
-	case <-sup.exited:
+	case <-sup.Exited():
 	case <-time.After(5 * time.Second):
-		return cr, fmt.Errorf("baton %d survived SIGKILL for 5s", sup.pid())
+		return cr, fmt.Errorf("baton %d survived SIGKILL for 5s", sup.PID())
 	}
 	// systemd would kill what is left of the unit before restarting it;
-	// the generation dies with its supervisor (PR_SET_PDEATHSIG).
-	if err := waitGone(genPID, 5*time.Second); err != nil {
-		return cr, err
+	// the generation dies with its supervisor (PR_SET_PDEATHSIG). Its
+	// zombie is init's to reap.
+	if err := testkit.WaitExited(gen, 5*time.Second); err != nil {
+		return cr, fmt.Errorf("generation outlived its killed supervisor: %w", err)
 	}
 	time.Sleep(time.Until(killed.Add(e.o.crashGap)))
 
@@ -137,122 +149,7 @@ func (e *env) crash(run int, withStore bool) (crashRun, error) {
 	time.Sleep(500 * time.Millisecond)
 	cr.res = lg.Stop()
 	cr.refused = refused.Load()
-	return cr, sup2.stop()
-}
-
-// waitGone waits until pid has exited and been reaped (or is a zombie of
-// a parent that is gone too, which init reaps).
-func waitGone(pid int, d time.Duration) error {
-	if pid <= 0 {
-		return nil
-	}
-	deadline := time.Now().Add(d)
-	for {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			return nil
-		}
-		if i := strings.LastIndexByte(string(b), ')'); i >= 0 && strings.HasPrefix(string(b[i+1:]), " Z") {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("generation pid %d still running %s after its supervisor was killed", pid, d)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// notifyReceiver stands in for systemd's notify socket: it keeps the
-// descriptors of FDSTORE=1 messages by FDNAME and closes any others.
-type notifyReceiver struct {
-	path string
-	conn *net.UnixConn
-	done chan struct{}
-
-	mu    sync.Mutex
-	store map[string][]int
-}
-
-func newNotifyReceiver(path string) (*notifyReceiver, error) {
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		return nil, fmt.Errorf("notify socket: %w", err)
-	}
-	r := &notifyReceiver{path: path, conn: c, done: make(chan struct{}), store: map[string][]int{}}
-	go r.read()
-	return r, nil
-}
-
-func (r *notifyReceiver) read() {
-	defer close(r.done)
-	buf := make([]byte, 4096)
-	oob := make([]byte, unix.CmsgSpace(16*4))
-	for {
-		n, oobn, _, _, err := r.conn.ReadMsgUnix(buf, oob)
-		if err != nil {
-			return
-		}
-		var fds []int
-		if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-			for _, c := range cmsgs {
-				if got, err := unix.ParseUnixRights(&c); err == nil {
-					fds = append(fds, got...)
-				}
-			}
-		}
-		if len(fds) == 0 {
-			continue
-		}
-		name, store := "", false
-		for _, line := range strings.Split(string(buf[:n]), "\n") {
-			store = store || line == "FDSTORE=1"
-			if v, ok := strings.CutPrefix(line, "FDNAME="); ok {
-				name = v
-			}
-		}
-		if !store {
-			for _, fd := range fds {
-				unix.Close(fd)
-			}
-			continue
-		}
-		r.mu.Lock()
-		r.store[name] = append(r.store[name], fds...)
-		r.mu.Unlock()
-	}
-}
-
-// waitFD returns the first stored descriptor named name; the caller owns
-// it.
-func (r *notifyReceiver) waitFD(name string, d time.Duration) (int, error) {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		r.mu.Lock()
-		if fds := r.store[name]; len(fds) > 0 {
-			fd := fds[0]
-			r.store[name] = fds[1:]
-			r.mu.Unlock()
-			return fd, nil
-		}
-		r.mu.Unlock()
-		time.Sleep(5 * time.Millisecond)
-	}
-	return -1, fmt.Errorf("no FDSTORE=1 FDNAME=%s on the notify socket within %s", name, d)
-}
-
-// close stops reading and closes every descriptor not handed out.
-func (r *notifyReceiver) close() {
-	r.conn.Close()
-	<-r.done
-	os.Remove(r.path)
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, fds := range r.store {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}
-	r.store = nil
+	return cr, stop(sup2)
 }
 
 func (r *report) writeCrash(w io.Writer, o options) {
@@ -283,16 +180,6 @@ func (r *report) writeCrash(w io.Writer, o options) {
 		name string
 		runs []crashRun
 	}{{"the fd store", r.crashStore}, {"no fd store", r.crashOwn}} {
-		var lists [][]string
-		for _, c := range side.runs {
-			lists = append(lists, c.res.Errors)
-		}
-		if errs := distinctErrors(lists, 4); len(errs) > 0 {
-			fmt.Fprintf(w, "First failures seen with %s:\n\n", side.name)
-			for _, e := range errs {
-				fmt.Fprintf(w, "- `%s`\n", e)
-			}
-			fmt.Fprintln(w)
-		}
+		writeFirstFailures(w, "First failures seen with "+side.name, side.runs, func(c crashRun) []string { return c.res.Errors })
 	}
 }

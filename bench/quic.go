@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // h3Addr is the HTTP/3 listener of the QUIC comparison.
@@ -74,18 +75,7 @@ func (e *env) quicRun(i int, into *quicRuns) error {
 }
 
 // listenUDP opens a client socket inside the namespace.
-func (e *env) listenUDP() (*net.UDPConn, error) {
-	var c *net.UDPConn
-	err := e.ns.Do(func() error {
-		var err error
-		c, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("client UDP socket in %s: %w", e.ns.Name, err)
-	}
-	return c, nil
-}
+func (e *env) listenUDP() (*net.UDPConn, error) { return testkit.ListenUDP(e.ns) }
 
 // startQUICLoad opens the connections and lets them settle before the
 // first restart.
@@ -125,7 +115,7 @@ func (e *env) quicBaton(tag, h3URL string) (quicRun, error) {
 	}
 	load, err := e.startQUICLoad()
 	if err != nil {
-		_ = sup.stop()
+		_ = stop(sup)
 		return qr, err
 	}
 	load.SetWorking(1)
@@ -135,7 +125,7 @@ func (e *env) quicBaton(tag, h3URL string) (quicRun, error) {
 		if err != nil {
 			load.Stop()
 			load.Close()
-			_ = sup.stop()
+			_ = stop(sup)
 			return qr, err
 		}
 		if code != 0 {
@@ -153,7 +143,7 @@ func (e *env) quicBaton(tag, h3URL string) (quicRun, error) {
 		qr.res.Generations = len(st.Gens)
 	}
 	load.Close()
-	return qr, sup.stop()
+	return qr, stop(sup)
 }
 
 // quicNaive restarts httpd run directly the way `systemctl restart` does:
@@ -166,13 +156,13 @@ func (e *env) quicNaive() (quicRun, error) {
 	}
 	load, err := e.startQUICLoad()
 	if err != nil {
-		_ = cur.stop()
+		_ = stop(cur)
 		return qr, err
 	}
 	meter := startRate(load)
 	for range e.o.quicRestarts {
 		t0 := time.Now()
-		err := cur.stop()
+		err := stop(cur)
 		if err == nil {
 			cur, err = e.startStandaloneH3()
 		}
@@ -180,7 +170,7 @@ func (e *env) quicNaive() (quicRun, error) {
 			load.Stop()
 			load.Close()
 			if cur != nil {
-				_ = cur.stop()
+				_ = stop(cur)
 			}
 			return qr, err
 		}
@@ -191,13 +181,13 @@ func (e *env) quicNaive() (quicRun, error) {
 	qr.rate = meter.rate(load)
 	qr.res = load.Stop()
 	load.Close()
-	return qr, cur.stop()
+	return qr, stop(cur)
 }
 
 // startStandaloneH3 starts httpd on its own sockets and waits until it
 // answers an HTTP/3 request, as a start-up probe would; bounded.
-func (e *env) startStandaloneH3() (*proc, error) {
-	p, err := e.start(e.b.httpd, "-listen", addr, "-listen-h3", h3Addr, "-drain-timeout", e.o.quicDrain.String())
+func (e *env) startStandaloneH3() (*testkit.Proc, error) {
+	p, err := e.start(e.b.HTTPD, "-listen", addr, "-listen-h3", h3Addr, "-drain-timeout", e.o.quicDrain.String())
 	if err != nil {
 		return nil, err
 	}
@@ -209,8 +199,8 @@ func (e *env) startStandaloneH3() (*proc, error) {
 	var last error
 	for time.Now().Before(deadline) {
 		select {
-		case <-p.exited:
-			return nil, fmt.Errorf("standalone httpd exited: %v (log %s)", p.err, p.log)
+		case <-p.Exited():
+			return nil, fmt.Errorf("standalone httpd exited: %v (log %s)", p.Err(), p.Log)
 		default:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -226,8 +216,8 @@ func (e *env) startStandaloneH3() (*proc, error) {
 		last = err
 		time.Sleep(5 * time.Millisecond)
 	}
-	_ = p.stop()
-	return nil, fmt.Errorf("standalone httpd not answering over HTTP/3 within 10s: %v (log %s)", last, p.log)
+	_ = stop(p)
+	return nil, fmt.Errorf("standalone httpd not answering over HTTP/3 within 10s: %v (log %s)", last, p.Log)
 }
 
 func (r *report) writeQUIC(w io.Writer, o options) {
@@ -275,17 +265,7 @@ func (r *report) writeQUIC(w io.Writer, o options) {
 		name string
 		runs []quicRun
 	}{{"baton `steer=quic`", q.steered}, {"baton `steer=off`", q.off}, {"stop-then-start", q.naive}} {
-		var lists [][]string
-		for _, r := range side.runs {
-			lists = append(lists, r.res.Errors)
-		}
-		if errs := distinctErrors(lists, 4); len(errs) > 0 {
-			fmt.Fprintf(w, "First failures seen with %s:\n\n", side.name)
-			for _, e := range errs {
-				fmt.Fprintf(w, "- `%s`\n", e)
-			}
-			fmt.Fprintln(w)
-		}
+		writeFirstFailures(w, "First failures seen with "+side.name, side.runs, func(r quicRun) []string { return r.res.Errors })
 	}
 }
 

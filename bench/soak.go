@@ -58,12 +58,12 @@ func (e *env) soak() (soakRun, error) {
 	lg, err := loadgen.Start(context.Background(), loadgen.Config{URL: url, NewConn: o.soakNewConn, Pause: o.soakPause,
 		DialContext: d.DialContext, Duration: o.soakTimeout + time.Minute})
 	if err != nil {
-		_ = sup.stop()
+		_ = stop(sup)
 		return sr, err
 	}
 	fail := func(err error) (soakRun, error) {
 		lg.Stop()
-		_ = sup.stop()
+		_ = stop(sup)
 		return sr, err
 	}
 	time.Sleep(o.soakInterval)
@@ -90,10 +90,10 @@ func (e *env) soak() (soakRun, error) {
 	}
 	sr.res = lg.Stop()
 	sr.elapsed = time.Since(sr.started)
-	if err := sup.stop(); err != nil {
+	if err := stop(sup); err != nil {
 		return sr, err
 	}
-	if b, err := os.ReadFile(sup.log); err == nil {
+	if b, err := os.ReadFile(sup.Log); err == nil {
 		sr.drainErrors = strings.Count(string(b), "drain incomplete")
 	}
 	return sr, nil
@@ -142,13 +142,7 @@ func (s soakRun) write(w io.Writer, o options) {
 		}
 		fmt.Fprintf(w, "Restarts that did not exit 0: %s.\n\n", strings.Join(parts, ", "))
 	}
-	if errs := distinctErrors([][]string{s.res.Errors}, 4); len(errs) > 0 {
-		fmt.Fprintf(w, "First failures:\n\n")
-		for _, e := range errs {
-			fmt.Fprintf(w, "- `%s`\n", e)
-		}
-		fmt.Fprintln(w)
-	}
+	writeFirstFailures(w, "First failures", []soakRun{s}, func(s soakRun) []string { return s.res.Errors })
 }
 
 // soakSection runs the soak and writes its section.

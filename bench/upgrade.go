@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/loadgen"
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // ---- supervisor self-upgrade ----
@@ -33,13 +34,14 @@ func (e *env) upgrades(n int) (upgradeRuns, error) {
 	if err != nil {
 		return ur, err
 	}
-	pid := sup.pid()
+	pid := sup.PID()
 	stopCurrent := func() error {
-		if pid == sup.pid() {
-			return sup.stop()
+		if pid == sup.PID() {
+			return stop(sup)
 		}
+		p := testkit.LookupProc(pid)
 		_ = syscall.Kill(pid, syscall.SIGTERM)
-		if err := waitGone(pid, 40*time.Second); err != nil {
+		if err := testkit.WaitExited(p, stopBound); err != nil {
 			return fmt.Errorf("supervisor pid %d after SIGTERM: %w", pid, err)
 		}
 		return nil
@@ -61,13 +63,13 @@ func (e *env) upgrades(n int) (upgradeRuns, error) {
 		}
 		if code != 0 {
 			ur.nonZero[code]++
-			return fail(fmt.Errorf("upgrade %d: exit %d: %s (log %s)", i+1, code, res.Message, sup.log))
+			return fail(fmt.Errorf("upgrade %d: exit %d: %s (log %s)", i+1, code, res.Message, sup.Log))
 		}
 		ur.upgrade = append(ur.upgrade, took)
 		ur.supUpgrade = append(ur.supUpgrade, res.DurationMS)
-		old := pid
+		old := testkit.LookupProc(pid)
 		pid = res.SupervisorPID
-		if err := waitGone(old, 30*time.Second); err != nil {
+		if err := testkit.WaitExited(old, 30*time.Second); err != nil {
 			return fail(fmt.Errorf("upgrade %d: the old supervisor did not exit: %w", i+1, err))
 		}
 		took, code, res, err = e.restartArgs("up")

@@ -12,10 +12,7 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +32,8 @@ import (
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 type options struct {
@@ -83,16 +82,9 @@ type restartRecord struct {
 }
 
 func run(o options) (bool, error) {
-	bins := map[string]string{}
-	for _, name := range []string{"baton", "restart", "httpd"} {
-		p, err := filepath.Abs(filepath.Join(o.bin, name))
-		if err != nil {
-			return false, fmt.Errorf("locate %s: %w", name, err)
-		}
-		if _, err := os.Stat(p); err != nil {
-			return false, fmt.Errorf("%s not found (run `make build` first, or pass -bin DIR): %w", name, err)
-		}
-		bins[name] = p
+	bins, err := testkit.Locate(o.bin, "baton", "restart", "httpd")
+	if err != nil {
+		return false, err
 	}
 
 	dir, err := os.MkdirTemp("", "baton-demo-")
@@ -107,7 +99,7 @@ func run(o options) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("create log: %w", err)
 	}
-	defer logFile.Close()
+	logFile.Close()
 	logPath := logFile.Name()
 
 	port, err := freePort()
@@ -130,7 +122,7 @@ func run(o options) (bool, error) {
 		h3Addr = fmt.Sprintf("127.0.0.1:%d", udpPort)
 	}
 
-	args := []string{"run", "--control", ctlPath, "--listen", "http=tcp://" + addr}
+	args := []string{"--listen", "http=tcp://" + addr}
 	if quic {
 		// A generation drains for as long as its HTTP/3 connections last,
 		// which is the rest of the demo; all of them may be draining at
@@ -140,29 +132,20 @@ func run(o options) (bool, error) {
 	} else {
 		args = append(args, "--drain-timeout", "10s")
 	}
-	args = append(args, "--stop-timeout", "15s", "--", bins["httpd"])
-	step("starting: baton %s", strings.Join(args, " "))
-	baton := exec.Command(bins["baton"], args...)
-	baton.Stdout = logFile
-	baton.Stderr = logFile
-	// Its own process group: a Ctrl-C in the terminal reaches the demo,
-	// which then stops baton gracefully itself.
-	baton.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := baton.Start(); err != nil {
+	args = append(args, "--stop-timeout", "15s", "--", bins.HTTPD)
+	// In its own process group (see testkit.Start): a Ctrl-C in the
+	// terminal reaches the demo, which then stops baton gracefully itself.
+	spec := batontest.Run{Binary: bins.Baton, Control: ctlPath, Args: args, LogFile: logPath}.Spec()
+	step("starting: baton %s", strings.Join(spec.Args, " "))
+	baton, err := testkit.Start(spec)
+	if err != nil {
 		return false, fmt.Errorf("start baton: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- baton.Wait() }()
 	stopBaton := func() (string, bool) {
-		_ = baton.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			return describeExit(err), err == nil
-		case <-time.After(30 * time.Second):
-			_ = syscall.Kill(-baton.Process.Pid, syscall.SIGKILL)
-			<-exited
+		if err := baton.Stop(30 * time.Second); err != nil {
 			return "did not stop within 30s of SIGTERM; killed", false
 		}
+		return describeExit(baton.Err()), baton.Err() == nil
 	}
 	fail := func(err error) (bool, error) {
 		stopBaton()
@@ -174,11 +157,11 @@ func run(o options) (bool, error) {
 	signal.Notify(interrupted, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(interrupted)
 
-	st, err := waitServing(ctlPath, exited, 20*time.Second)
+	st, err := waitServing(baton, ctlPath, 20*time.Second)
 	if err != nil {
 		return fail(err)
 	}
-	step("baton pid %d serving generation %d (httpd pid %d) on %s; log: %s", st.PID, st.Working, workingPID(st), url, logPath)
+	step("baton pid %d serving generation %d (httpd pid %d) on %s; log: %s", st.PID, st.Working, batontest.WorkingPID(st), url, logPath)
 
 	step("load: %d keep-alive + %d new-connection-per-request clients, no retries", o.keepAlive, o.newConn)
 	lg, err := loadgen.Start(context.Background(), loadgen.Config{
@@ -220,7 +203,7 @@ loop:
 		}
 		before := lg.Results()
 		qSent0, qFailed0 := quicCounts(ql)
-		rec, err := restart(bins["restart"], ctlPath)
+		rec, err := restart(bins.Restart, ctlPath)
 		if err != nil {
 			lg.Stop()
 			stopQUIC()
@@ -257,7 +240,7 @@ loop:
 		r := ql.Stop()
 		// Before the clients close: every generation that still holds a
 		// connection is alive.
-		if st, err := status(ctlPath); err == nil {
+		if st, err := batontest.Status(ctlPath, 2*time.Second); err == nil {
 			r.Generations = len(st.Gens)
 		}
 		ql.Close()
@@ -352,74 +335,24 @@ func reportQUIC(w io.Writer, q quicload.Result) {
 func restart(bin, ctlPath string) (restartRecord, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "--control", ctlPath, "--json")
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	start := time.Now()
-	err := cmd.Run()
-	rec := restartRecord{took: time.Since(start), stderr: stderr.String()}
-	var exitErr *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &exitErr) && exitErr.ExitCode() >= 0:
-		rec.code = exitErr.ExitCode()
-	default:
-		return rec, fmt.Errorf("run restart: %w; stderr: %s", err, stderr.Bytes())
-	}
-	sc := bufio.NewScanner(&stdout)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var r control.Result
-		if json.Unmarshal(sc.Bytes(), &r) == nil && r.Type == control.TypeResult {
-			rec.result = r
-		}
-	}
-	return rec, nil
-}
-
-// status asks the supervisor for its status.
-func status(ctlPath string) (control.Status, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	res, err := control.GetStatus(ctx, ctlPath)
+	r, err := batontest.RunRestart(ctx, bin, ctlPath, nil)
 	if err != nil {
-		return control.Status{}, fmt.Errorf("status: %w", err)
+		return restartRecord{}, err
 	}
-	if res.Status == nil {
-		return control.Status{}, fmt.Errorf("status: answer without a status (%s)", res.Result)
-	}
-	return *res.Status, nil
+	return restartRecord{code: r.Code, result: r.Result, took: r.Took, stderr: r.Stderr}, nil
 }
 
-func waitServing(ctlPath string, exited <-chan error, bound time.Duration) (control.Status, error) {
-	deadline := time.Now().Add(bound)
-	var last error
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-exited:
-			return control.Status{}, fmt.Errorf("baton exited before serving: %s", describeExit(err))
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		res, err := control.GetStatus(ctx, ctlPath)
-		cancel()
-		if err == nil && res.Status != nil && res.Status.Working > 0 {
-			return *res.Status, nil
-		}
-		last = err
-		time.Sleep(50 * time.Millisecond)
+// waitServing waits until a generation serves, baton exits, or bound.
+func waitServing(baton *testkit.Proc, ctlPath string, bound time.Duration) (control.Status, error) {
+	status := func() (control.Status, error) { return batontest.Status(ctlPath, 2*time.Second) }
+	st, err := batontest.WaitStatus(baton, bound, 50*time.Millisecond, status, batontest.Serving)
+	if errors.Is(err, batontest.ErrExited) {
+		return st, fmt.Errorf("baton exited before serving: %s", describeExit(baton.Err()))
 	}
-	return control.Status{}, fmt.Errorf("no serving generation within %s (last: %v)", bound, last)
-}
-
-func workingPID(st control.Status) int {
-	for _, g := range st.Gens {
-		if g.Generation == st.Working {
-			return g.PID
-		}
+	if err != nil {
+		return st, fmt.Errorf("no serving generation: %w", err)
 	}
-	return 0
+	return st, nil
 }
 
 // freePort asks the kernel for an unused loopback port. baton refuses

@@ -17,6 +17,8 @@ import (
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/testenv"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // How systemd-socket-activate (systemd 252) behaves, which shapes the
@@ -54,7 +56,7 @@ func requireSocketActivate(t *testing.T) string {
 // sockets, named udpName and tcpName. Every exec keeps the pid, so the
 // returned process is first systemd-socket-activate and then baton.
 // Variables in env reach baton through -E at both levels.
-func (h *harness) startActivated(sa string, env []string, udpName, udpAddr, tcpName, tcpAddr string, args ...string) *batonProc {
+func (h *harness) startActivated(sa string, env []string, udpName, udpAddr, tcpName, tcpAddr string, args ...string) *testkit.Proc {
 	h.t.Helper()
 	var pass []string
 	for _, kv := range env {
@@ -65,23 +67,21 @@ func (h *harness) startActivated(sa string, env []string, udpName, udpAddr, tcpN
 	cmdline = append(cmdline, pass...)
 	cmdline = append(cmdline, "--", sa, "-l", tcpAddr, "--fdname="+udpName+":"+tcpName)
 	cmdline = append(cmdline, pass...)
-	cmdline = append(cmdline, "--", bin.baton, "run", "--control", h.control)
+	cmdline = append(cmdline, "--", bin.Baton, "run", "--control", h.control)
 	cmdline = append(cmdline, args...)
-	cmd := h.ns.Command(cmdline[0], cmdline[1:]...)
-	cmd.Env = append(os.Environ(), env...)
-	return h.launch(cmd, strings.Join(cmdline, " "))
+	return h.launch(testkit.Spec{Path: cmdline[0], Args: cmdline[1:], NS: h.ns, Env: append([]string{}, env...)})
 }
 
 // grabSocket waits until process pid holds, at fd, a socket of type typ
 // bound to addr, and returns the test's own descriptor for that socket
 // (pidfd_getfd(2)): the very socket systemd-socket-activate made, to
 // inspect before and after baton adopts it.
-func (h *harness) grabSocket(b *batonProc, fd, typ int, addr string) *os.File {
+func (h *harness) grabSocket(b *testkit.Proc, fd, typ int, addr string) *os.File {
 	h.t.Helper()
 	want := netip.MustParseAddrPort(addr)
-	pidfd, err := unix.PidfdOpen(b.pid(), 0)
+	pidfd, err := unix.PidfdOpen(b.PID(), 0)
 	if err != nil {
-		h.t.Fatalf("pidfd_open(%d): %v", b.pid(), err)
+		h.t.Fatalf("pidfd_open(%d): %v", b.PID(), err)
 	}
 	defer unix.Close(pidfd)
 	is := func(s int) bool {
@@ -99,15 +99,15 @@ func (h *harness) grabSocket(b *batonProc, fd, typ int, addr string) *os.File {
 		// still something of `ip netns exec`.
 		if s, err := unix.PidfdGetfd(pidfd, fd, 0); err == nil {
 			if is(s) {
-				return os.NewFile(uintptr(s), fmt.Sprintf("pid %d fd %d", b.pid(), fd))
+				return os.NewFile(uintptr(s), fmt.Sprintf("pid %d fd %d", b.PID(), fd))
 			}
 			unix.Close(s)
 		}
-		if b.exitedYet() {
-			h.t.Fatalf("systemd-socket-activate exited (%v) before binding %s", b.state, addr)
+		if b.ExitedYet() {
+			h.t.Fatalf("systemd-socket-activate exited (%v) before binding %s", b.State(), addr)
 		}
 		if time.Now().After(deadline) {
-			h.t.Fatalf("pid %d did not bind %s at fd %d within %s", b.pid(), addr, fd, serveBound)
+			h.t.Fatalf("pid %d did not bind %s at fd %d within %s", b.PID(), addr, fd, serveBound)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -306,15 +306,15 @@ func (p *h3Pool) result() h3PoolResult {
 func TestSocketActivateRestarts(t *testing.T) {
 	h := newHarness(t)
 	sa := requireSocketActivate(t)
-	notify := newNotifyReceiver(t, h.dir)
+	notify := testkit.NewNotifyReceiver(t, h.dir)
 	const restarts = 12
-	b := h.startActivated(sa, []string{"NOTIFY_SOCKET=" + notify.path}, "h3", h3Addr, "http", httpAddr,
+	b := h.startActivated(sa, []string{"NOTIFY_SOCKET=" + notify.Path}, "h3", h3Addr, "http", httpAddr,
 		"--listen", "http=tcp://"+httpAddr, "--listen", "h3=quic://"+h3Addr,
 		// Generations drain for as long as their connections last: the
 		// whole run. The drain deadline is far beyond it, so that only
 		// closed connections end a generation.
 		"--drain-timeout", "10m", "--max-draining", strconv.Itoa(restarts+2), "--stop-timeout", "3s",
-		"--", bin.httpd)
+		"--", bin.HTTPD)
 
 	// The UDP socket as systemd-socket-activate made it, before traffic
 	// makes it exec anything.
@@ -335,15 +335,15 @@ func TestSocketActivateRestarts(t *testing.T) {
 	go func() {
 		// A baton that exits (refusing the socket, say) ends the wait.
 		select {
-		case <-b.exited:
+		case <-b.Exited():
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	gen, err := pool.open(ctx, 3*serveBound)
 	cancel()
-	if b.exitedYet() {
-		t.Fatalf("baton exited (%v) before the activating HTTP/3 connection was served (dial: %v)", b.state, err)
+	if b.ExitedYet() {
+		t.Fatalf("baton exited (%v) before the activating HTTP/3 connection was served (dial: %v)", b.State(), err)
 	}
 	if err != nil {
 		t.Fatalf("HTTP/3 handshake that activates the service: %v", err)
@@ -369,11 +369,11 @@ func TestSocketActivateRestarts(t *testing.T) {
 	if rp := sockoptInt(t, anchor, unix.SOL_SOCKET, unix.SO_REUSEPORT); rp != 1 {
 		t.Fatalf("SO_REUSEPORT on the activated UDP socket after baton adopted it: %d, want 1", rp)
 	}
-	notify.waitFor("READY=1", func(m notifyMsg) bool { return kind(m) == "READY" })
-	for _, m := range notify.all() {
+	notify.WaitFor(t, "READY=1", func(m testkit.NotifyMsg) bool { return kind(m) == "READY" })
+	for _, m := range notify.Messages() {
 		// The fd store is for sockets baton opened itself.
-		if strings.HasPrefix(m.text, "FDSTORE=1") {
-			t.Errorf("baton stored an activated socket: %q", m.text)
+		if strings.HasPrefix(m.Text, "FDSTORE=1") {
+			t.Errorf("baton stored an activated socket: %q", m.Text)
 		}
 	}
 
@@ -435,7 +435,7 @@ func TestSocketActivateRestarts(t *testing.T) {
 	// Each generation is held open by its connections.
 	st, _ = h.status()
 	if len(st.Gens) != restarts+1 {
-		t.Errorf("want all %d generations alive while their connections were open; got %s", restarts+1, gensString(st))
+		t.Errorf("want all %d generations alive while their connections were open; got %s", restarts+1, batontest.FormatGens(st))
 	}
 	// Closing the connections (CONNECTION_CLOSE, steered by CID to each
 	// connection's generation) lets every draining generation exit. The

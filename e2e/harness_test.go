@@ -23,7 +23,8 @@ import (
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/netns"
-	"github.com/baton-run/baton/internal/supervisor"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // httpAddr is where every test's server listens. Each test has its own
@@ -55,8 +56,8 @@ type harness struct {
 // tracker is shared by a harness and its views on other control sockets.
 type tracker struct {
 	mu     sync.Mutex
-	batons []*batonProc
-	procs  map[int]procID // generation processes seen
+	batons []*testkit.Proc
+	procs  map[int]testkit.ProcID // generation processes seen
 }
 
 func newHarness(t *testing.T) *harness {
@@ -69,7 +70,7 @@ func newHarness(t *testing.T) *harness {
 		ns:      ns,
 		dir:     dir,
 		control: filepath.Join(dir, "baton.sock"),
-		tracker: &tracker{procs: map[int]procID{}},
+		tracker: &tracker{procs: map[int]testkit.ProcID{}},
 	}
 	// Registered after the namespace's cleanup, so it runs before it.
 	t.Cleanup(h.cleanup)
@@ -85,201 +86,124 @@ func (h *harness) other(t *testing.T, control string) *harness {
 
 func (h *harness) cleanup() {
 	h.mu.Lock()
-	batons := append([]*batonProc(nil), h.batons...)
+	batons := append([]*testkit.Proc(nil), h.batons...)
 	h.mu.Unlock()
 	for _, b := range batons {
-		for _, p := range childrenOf(b.pid()) {
+		for _, p := range testkit.ChildrenOf(b.PID()) {
 			h.remember(p)
 		}
-		if !b.exitedYet() {
-			_ = b.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-b.exited:
-			case <-time.After(15 * time.Second):
-				h.t.Errorf("cleanup: baton pid %d ignored SIGTERM for 15s; killing", b.pid())
-				_ = syscall.Kill(-b.pid(), syscall.SIGKILL)
-				<-b.exited
+		if !b.ExitedYet() {
+			if err := b.Stop(15 * time.Second); err != nil {
+				h.t.Errorf("cleanup: baton %v", err)
 			}
 		}
 		if h.t.Failed() {
-			h.t.Logf("---- baton (pid %d) output, last 300 lines ----\n%s", b.pid(), b.out.tail(300))
+			h.t.Logf("---- baton (pid %d) output, last 300 lines ----\n%s", b.PID(), b.Out.Tail(300))
 		}
 	}
 	h.mu.Lock()
-	procs := make([]procID, 0, len(h.procs))
+	procs := make([]testkit.ProcID, 0, len(h.procs))
 	for _, p := range h.procs {
 		procs = append(procs, p)
 	}
 	h.mu.Unlock()
 	for _, p := range procs {
 		// A generation killed as baton exits dies a moment later.
-		if waitGone(p, 3*time.Second) != nil && p.alive() {
-			h.t.Errorf("cleanup: generation pid %d still running 3s after baton stopped; killing it", p.pid)
-			_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		if testkit.WaitGone(p, 3*time.Second) != nil && p.Alive() {
+			h.t.Errorf("cleanup: generation pid %d still running 3s after baton stopped; killing it", p.PID)
+			_ = syscall.Kill(p.PID, syscall.SIGKILL)
 		}
 	}
 }
 
 // remember records a generation process for cleanup and leak checks.
-func (tr *tracker) remember(p procID) {
-	if p.pid <= 0 || p.start == "" {
+func (tr *tracker) remember(p testkit.ProcID) {
+	if p.PID <= 0 || p.Start == "" {
 		return
 	}
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
-	if _, ok := tr.procs[p.pid]; !ok {
-		tr.procs[p.pid] = p
+	if _, ok := tr.procs[p.PID]; !ok {
+		tr.procs[p.PID] = p
 	}
 }
 
-func (tr *tracker) rememberPID(pid int) procID {
-	p := lookupProc(pid)
+func (tr *tracker) rememberPID(pid int) testkit.ProcID {
+	p := testkit.LookupProc(pid)
 	tr.remember(p)
 	return p
 }
 
 // ---- baton run ----
 
-type batonProc struct {
-	cmd    *exec.Cmd
-	out    *syncBuffer
-	exited chan struct{}
-	state  *os.ProcessState
-}
-
-func (b *batonProc) pid() int { return b.cmd.Process.Pid }
-
-func (b *batonProc) exitedYet() bool {
-	select {
-	case <-b.exited:
-		return true
-	default:
-		return false
+// startBaton starts `baton run` inside the namespace as o describes; the
+// fields it leaves empty are the harness's: the baton built for the tests
+// and the test's control socket. o.Args usually end with "--" and the
+// command.
+func (h *harness) startBaton(o batontest.Run) *testkit.Proc {
+	h.t.Helper()
+	if o.Binary == "" {
+		o.Binary = bin.Baton
 	}
-}
-
-// waitExit waits up to d for baton to exit and returns its exit code
-// (-1 for death by signal).
-func (b *batonProc) waitExit(d time.Duration) (int, bool) {
-	select {
-	case <-b.exited:
-		return b.state.ExitCode(), true
-	case <-time.After(d):
-		return 0, false
+	if o.Control == "" {
+		o.Control = h.control
 	}
-}
-
-// startBaton runs `baton run --control <h.control> ARGS...` inside the
-// namespace. args usually end with "--" and the command.
-func (h *harness) startBaton(args ...string) *batonProc {
-	h.t.Helper()
-	return h.startBatonControl(h.control, args...)
-}
-
-func (h *harness) startBatonControl(control string, args ...string) *batonProc {
-	h.t.Helper()
-	return h.startBatonEnv(control, nil, args...)
-}
-
-// startBatonEnv is startBatonControl with extra environment variables,
-// e.g. NOTIFY_SOCKET or LISTEN_FDS as systemd would set them.
-func (h *harness) startBatonEnv(control string, env []string, args ...string) *batonProc {
-	h.t.Helper()
-	return h.startBatonFiles(control, env, nil, args...)
-}
-
-// startBatonFiles also passes files at fds 3.., the way systemd passes
-// LISTEN_FDS. The new baton is started through its own exec shim, which
-// sets LISTEN_PID to its pid as systemd would.
-func (h *harness) startBatonFiles(control string, env []string, files []*os.File, args ...string) *batonProc {
-	h.t.Helper()
-	return h.startBatonBinaryFiles(bin.baton, control, env, files, args...)
-}
-
-// startBatonBinary is startBatonEnv with another baton binary, e.g. a copy
-// the test replaces to exercise self-upgrade.
-func (h *harness) startBatonBinary(path, control string, env []string, args ...string) *batonProc {
-	h.t.Helper()
-	return h.startBatonBinaryFiles(path, control, env, nil, args...)
-}
-
-func (h *harness) startBatonBinaryFiles(path, control string, env []string, files []*os.File, args ...string) *batonProc {
-	h.t.Helper()
-	full := append([]string{"run", "--control", control}, args...)
-	cmd := h.ns.Command(path, full...)
-	if len(files) > 0 {
-		cmd = h.ns.Command(path, append([]string{supervisor.ShimArg, path}, full...)...)
-		cmd.ExtraFiles = files
+	o.NS = h.ns
+	if o.Dir == "" && o.Cred != nil {
+		// Where another user can go: the test's directory is under a
+		// 0700 one.
+		o.Dir = filepath.Dir(o.Control)
 	}
-	if env != nil {
-		cmd.Env = append(os.Environ(), env...)
-	}
-	return h.launch(cmd, "baton "+strings.Join(full, " "))
+	return h.launch(o.Spec())
 }
 
-// launch starts cmd (a baton, or something that execs one) with its output
+// launch starts the process s describes (a baton, or something that execs
+// one) in the test's directory unless s says otherwise, with its output
 // kept for failure reports, and registers it for cleanup.
-func (h *harness) launch(cmd *exec.Cmd, desc string) *batonProc {
+func (h *harness) launch(s testkit.Spec) *testkit.Proc {
 	h.t.Helper()
-	out := &syncBuffer{}
-	cmd.Stdout = out
-	cmd.Stderr = out
-	cmd.Dir = h.dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		// Its own process group, so cleanup can kill baton and anything
-		// it left in its group without touching the test binary.
-		Setpgid: true,
-		// A killed test run must not leave supervisors behind (the
-		// parent-death signal survives execs).
-		Pdeathsig: syscall.SIGKILL,
+	if s.Dir == "" {
+		s.Dir = h.dir
 	}
-	if err := cmd.Start(); err != nil {
-		h.t.Fatalf("start %s: %v", desc, err)
+	p, err := testkit.Start(s)
+	if err != nil {
+		h.t.Fatal(err)
 	}
-	b := &batonProc{cmd: cmd, out: out, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		b.state = cmd.ProcessState
-		close(b.exited)
-	}()
 	h.mu.Lock()
-	h.batons = append(h.batons, b)
+	h.batons = append(h.batons, p)
 	h.mu.Unlock()
-	h.t.Logf("started pid %d: %s", b.pid(), desc)
-	return b
+	as := ""
+	if s.Cred != nil {
+		as = fmt.Sprintf(" as uid %d", s.Cred.Uid)
+	}
+	h.t.Logf("started pid %d%s: %s", p.PID(), as, s)
+	return p
 }
 
 // startServing starts baton and waits until generation 1 serves.
-func (h *harness) startServing(args ...string) (*batonProc, control.Status) {
+func (h *harness) startServing(args ...string) (*testkit.Proc, control.Status) {
 	h.t.Helper()
-	b := h.startBaton(args...)
+	b := h.startBaton(batontest.Run{Args: args})
 	st := h.waitServing(b, 1)
 	return b, st
 }
 
 // waitServing polls status until generation gen (or a later one) is the
 // working generation and serving.
-func (h *harness) waitServing(b *batonProc, gen int) control.Status {
+func (h *harness) waitServing(b *testkit.Proc, gen int) control.Status {
 	h.t.Helper()
-	deadline := time.Now().Add(serveBound)
-	var last string
-	for time.Now().Before(deadline) {
-		if b != nil && b.exitedYet() {
-			h.t.Fatalf("baton exited (%v) before generation %d served", b.state, gen)
-		}
+	get := func() (control.Status, error) {
 		st, _, err := h.statusErr()
-		if err == nil {
-			if g := findGen(st, st.Working); st.Working >= gen && g != nil && g.State == control.StateServing {
-				return st
-			}
-			last = fmt.Sprintf("working=%d generations=%s", st.Working, gensString(st))
-		} else {
-			last = err.Error()
-		}
-		time.Sleep(50 * time.Millisecond)
+		return st, err
 	}
-	h.t.Fatalf("generation %d not serving within %s; last status: %s", gen, serveBound, last)
-	return control.Status{}
+	st, err := batontest.WaitStatus(b, serveBound, 50*time.Millisecond, get, func(st control.Status) bool {
+		g := batontest.FindGen(st, st.Working)
+		return st.Working >= gen && g != nil && g.State == control.StateServing
+	})
+	if err != nil {
+		h.t.Fatalf("generation %d not serving: %v", gen, err)
+	}
+	return st
 }
 
 // ---- status ----
@@ -300,7 +224,7 @@ func (h *harness) status() (control.Status, map[string]json.RawMessage) {
 func (h *harness) statusErr() (control.Status, map[string]json.RawMessage, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), statusBound)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin.baton, "status", "--control", h.control, "--json")
+	cmd := exec.CommandContext(ctx, bin.Baton, "status", "--control", h.control, "--json")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
@@ -323,7 +247,7 @@ func (h *harness) statusExitCode() int {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), statusBound)
 	defer cancel()
-	err := exec.CommandContext(ctx, bin.baton, "status", "--control", h.control, "--json").Run()
+	err := exec.CommandContext(ctx, bin.Baton, "status", "--control", h.control, "--json").Run()
 	var exitErr *exec.ExitError
 	switch {
 	case err == nil:
@@ -362,23 +286,6 @@ func parseStatus(b []byte) (control.Status, map[string]json.RawMessage, error) {
 	return st, raw, nil
 }
 
-func findGen(st control.Status, gen int) *control.GenStatus {
-	for i := range st.Gens {
-		if st.Gens[i].Generation == gen {
-			return &st.Gens[i]
-		}
-	}
-	return nil
-}
-
-func gensString(st control.Status) string {
-	var parts []string
-	for _, g := range st.Gens {
-		parts = append(parts, fmt.Sprintf("%d:%s(pid %d)", g.Generation, g.State, g.PID))
-	}
-	return "[" + strings.Join(parts, " ") + "]"
-}
-
 // waitSettled polls status until exactly one generation remains (all
 // draining ones are gone).
 func (h *harness) waitSettled(d time.Duration) control.Status {
@@ -391,7 +298,7 @@ func (h *harness) waitSettled(d time.Duration) control.Status {
 			return st
 		}
 		if time.Now().After(deadline) {
-			h.t.Fatalf("generations did not settle to one serving within %s: %s", d, gensString(st))
+			h.t.Fatalf("generations did not settle to one serving within %s: %s", d, batontest.FormatGens(st))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -399,39 +306,14 @@ func (h *harness) waitSettled(d time.Duration) control.Status {
 
 // ---- restart ----
 
-type restartOut struct {
-	Code   int
-	Events []control.Event
-	Result control.Result
-	Stdout string
-	Stderr string
-	Took   time.Duration
-}
-
-func (r restartOut) String() string {
-	return fmt.Sprintf("exit %d, result %q (%s), generation %d pid %d, took %s; stderr: %s",
-		r.Code, r.Result.Result, r.Result.Message, r.Result.Generation, r.Result.PID,
-		r.Took.Round(time.Millisecond), strings.TrimSpace(r.Stderr))
-}
-
-// event returns the first progress event of that kind.
-func (r restartOut) event(name string) (control.Event, bool) {
-	for _, e := range r.Events {
-		if e.Event == name {
-			return e, true
-		}
-	}
-	return control.Event{}, false
-}
-
 // restart runs `restart --control <h.control> --json ARGS...`.
-func (h *harness) restart(args ...string) restartOut {
+func (h *harness) restart(args ...string) batontest.Restarted {
 	h.t.Helper()
 	return h.restartCmd(nil, args...)
 }
 
 // restartCmd is restart with optional credentials to run as.
-func (h *harness) restartCmd(cred *syscall.Credential, args ...string) restartOut {
+func (h *harness) restartCmd(cred *syscall.Credential, args ...string) batontest.Restarted {
 	h.t.Helper()
 	r, err := h.runRestart(cred, args...)
 	if err != nil {
@@ -441,65 +323,26 @@ func (h *harness) restartCmd(cred *syscall.Credential, args ...string) restartOu
 }
 
 // runRestart runs `restart`; it is safe to call from any goroutine.
-func (h *harness) runRestart(cred *syscall.Credential, args ...string) (restartOut, error) {
+func (h *harness) runRestart(cred *syscall.Credential, args ...string) (batontest.Restarted, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), restartBound)
 	defer cancel()
-	full := append([]string{"--control", h.control, "--json"}, args...)
-	cmd := exec.CommandContext(ctx, bin.restart, full...)
-	if cred != nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	r, err := batontest.RunRestart(ctx, bin.Restart, h.control, cred, args...)
+	if err != nil {
+		return r, err
 	}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	start := time.Now()
-	err := cmd.Run()
-	out := restartOut{Took: time.Since(start), Stdout: stdout.String(), Stderr: stderr.String()}
-	var exitErr *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &exitErr) && exitErr.ExitCode() >= 0:
-		out.Code = exitErr.ExitCode()
-	case ctx.Err() != nil:
-		return out, fmt.Errorf("restart %v did not exit within %s; stdout: %s stderr: %s", args, restartBound, out.Stdout, out.Stderr)
-	default:
-		return out, fmt.Errorf("restart %v: %w; stderr: %s", args, err, out.Stderr)
+	for _, m := range r.Malformed {
+		h.t.Errorf("restart --json printed %s", m)
 	}
-	sc := bufio.NewScanner(strings.NewReader(out.Stdout))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		var head struct {
-			Type string `json:"type"`
-		}
-		if json.Unmarshal(line, &head) != nil {
-			h.t.Errorf("restart --json printed a non-JSON line: %q", line)
-			continue
-		}
-		switch head.Type {
-		case control.TypeProgress:
-			var ev control.Event
-			if err := json.Unmarshal(line, &ev); err != nil {
-				h.t.Errorf("bad progress line %q: %v", line, err)
-			}
-			out.Events = append(out.Events, ev)
-			h.rememberPID(ev.PID)
-		case control.TypeResult:
-			if err := json.Unmarshal(line, &out.Result); err != nil {
-				h.t.Errorf("bad result line %q: %v", line, err)
-			}
-			h.rememberPID(out.Result.PID)
-		}
+	for _, ev := range r.Events {
+		h.rememberPID(ev.PID)
 	}
-	// No result line is legitimate when the request never reached a
-	// supervisor (exit 5, or 6 for a socket file the user cannot open);
-	// callers check Code first.
-	return out, nil
+	h.rememberPID(r.Result.PID)
+	return r, nil
 }
 
 // expectRestart runs restart and fails unless it exits with code and, when
 // code is 0, reports the next generation.
-func (h *harness) expectRestart(code int, want control.Code, args ...string) restartOut {
+func (h *harness) expectRestart(code int, want control.Code, args ...string) batontest.Restarted {
 	h.t.Helper()
 	r := h.restart(args...)
 	if r.Code != code || r.Result.Result != want {
@@ -601,7 +444,7 @@ func (h *harness) restartLoop(lg *loadgen.Loadgen, n int, byPID func(pid int) st
 // checkProgress checks the progress lines of a successful restart from
 // generation prev: the new generation spawned, got ready and took over,
 // and prev was told to drain, in that order.
-func (h *harness) checkProgress(r restartOut, prev int) {
+func (h *harness) checkProgress(r batontest.Restarted, prev int) {
 	h.t.Helper()
 	want := []struct {
 		event string
@@ -622,134 +465,12 @@ func (h *harness) checkProgress(r restartOut, prev int) {
 		h.t.Errorf("restart --json progress: want %s of generation %d after %v; got events %+v",
 			want[next].event, want[next].gen, want[:next], r.Events)
 	}
-	if ev, ok := r.event(control.EventSpawned); ok && ev.PID != r.Result.PID {
+	if ev, ok := r.Event(control.EventSpawned); ok && ev.PID != r.Result.PID {
 		h.t.Errorf("spawned pid %d differs from the result's pid %d", ev.PID, r.Result.PID)
 	}
 }
 
-// ---- processes ----
-
-// procID names a process across pid reuse: pid plus start time.
-type procID struct {
-	pid   int
-	start string
-}
-
-// lookupProc reads pid's start time; a zero start means it is gone.
-func lookupProc(pid int) procID {
-	if pid <= 0 {
-		return procID{pid: pid}
-	}
-	f := statFields(pid)
-	if len(f) < 20 {
-		return procID{pid: pid}
-	}
-	return procID{pid: pid, start: f[19]}
-}
-
-// statFields returns /proc/pid/stat from the state field on (field 3 is
-// index 0), skipping the command name, which may contain spaces.
-func statFields(pid int) []string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return nil
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return nil
-	}
-	return strings.Fields(string(b[i+1:]))
-}
-
-// state is the process's state letter ('Z' for a zombie) or 0 if the
-// process is gone or is another process now.
-func (p procID) state() byte {
-	f := statFields(p.pid)
-	if len(f) < 20 || f[19] != p.start || p.start == "" {
-		return 0
-	}
-	return f[0][0]
-}
-
-func (p procID) alive() bool {
-	s := p.state()
-	return s != 0 && s != 'Z'
-}
-
-// waitGone waits until the process has exited and been reaped.
-func waitGone(p procID, d time.Duration) error {
-	deadline := time.Now().Add(d)
-	for {
-		s := p.state()
-		if s == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			if s == 'Z' {
-				return fmt.Errorf("pid %d exited but was not reaped within %s (zombie)", p.pid, d)
-			}
-			return fmt.Errorf("pid %d still running (state %c) after %s", p.pid, s, d)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// childrenOf lists the live children of pid.
-func childrenOf(pid int) []procID {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var out []procID
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		f := statFields(n)
-		if len(f) >= 20 && f[1] == strconv.Itoa(pid) {
-			out = append(out, procID{pid: n, start: f[19]})
-		}
-	}
-	return out
-}
-
-func countFDs(pid int) (int, error) {
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		return 0, fmt.Errorf("count fds of %d: %w", pid, err)
-	}
-	return len(ents), nil
-}
-
 // ---- misc ----
-
-// syncBuffer is an io.Writer safe for the concurrent writes of a process's
-// stdout and stderr.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
-}
-
-func (s *syncBuffer) tail(lines int) string {
-	all := strings.Split(strings.TrimRight(s.String(), "\n"), "\n")
-	if len(all) > lines {
-		all = append([]string{fmt.Sprintf("... (%d earlier lines)", len(all)-lines)}, all[len(all)-lines:]...)
-	}
-	return strings.Join(all, "\n")
-}
 
 // writeFile writes a file or fails the test.
 func writeFile(t *testing.T, path, content string) {

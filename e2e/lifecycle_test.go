@@ -12,20 +12,22 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 func TestDrainDeadlineKill(t *testing.T) {
 	h := newHarness(t)
-	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "1s", "--stop-timeout", "2s", "--", bin.httpd, "-ignore-drain")
-	old := h.rememberPID(findGen(st, 1).PID)
+	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "1s", "--stop-timeout", "2s", "--", bin.HTTPD, "-ignore-drain")
+	old := h.rememberPID(batontest.FindGen(st, 1).PID)
 
 	h.expectRestart(0, control.ResultOK)
 	flipped := time.Now()
 	time.Sleep(300 * time.Millisecond)
-	if !old.alive() {
+	if !old.Alive() {
 		t.Errorf("generation 1 (ignores the drain signal) died %s after the flip, before its 1s drain deadline", time.Since(flipped))
 	}
-	if err := waitGone(old, 1*time.Second+3*time.Second); err != nil {
+	if err := testkit.WaitGone(old, 1*time.Second+3*time.Second); err != nil {
 		t.Fatalf("generation 1 past its drain deadline: %v", err)
 	}
 	t.Logf("generation 1 gone %s after the restart returned", time.Since(flipped).Round(time.Millisecond))
@@ -38,7 +40,7 @@ func TestDrainDeadlineKill(t *testing.T) {
 func TestMaxDraining(t *testing.T) {
 	h := newHarness(t)
 	h.startServing("--listen", "http=tcp://"+httpAddr, "--max-draining", "2", "--drain-timeout", "60s",
-		"--stop-timeout", "3s", "--", bin.httpd, "-ignore-drain")
+		"--stop-timeout", "3s", "--", bin.HTTPD, "-ignore-drain")
 
 	h.expectRestart(0, control.ResultOK)
 	h.expectRestart(0, control.ResultOK)
@@ -46,7 +48,7 @@ func TestMaxDraining(t *testing.T) {
 	if r.Code != 8 || r.Result.Result != control.ResultTooManyDraining {
 		t.Fatalf("third restart with two generations draining: want exit 8 too_many_draining; got %s", r)
 	}
-	if ev, ok := r.event(control.EventSpawned); ok {
+	if ev, ok := r.Event(control.EventSpawned); ok {
 		t.Errorf("a refused restart must not spawn; got %+v", ev)
 	}
 	st, _ := h.status()
@@ -57,23 +59,23 @@ func TestMaxDraining(t *testing.T) {
 		}
 	}
 	if st.Working != 3 || draining != 2 || len(st.Gens) != 3 {
-		t.Errorf("want generation 3 serving and 1, 2 draining; got working %d %s", st.Working, gensString(st))
+		t.Errorf("want generation 3 serving and 1, 2 draining; got working %d %s", st.Working, batontest.FormatGens(st))
 	}
 }
 
 func TestCrashRespawn(t *testing.T) {
 	h := newHarness(t)
-	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
-	victim := h.rememberPID(findGen(st, 1).PID)
+	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
+	victim := h.rememberPID(batontest.FindGen(st, 1).PID)
 
-	if err := syscall.Kill(victim.pid, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	// Connect only once the process is dead, so its generation cannot
 	// have accepted this connection before dying.
-	for deadline := time.Now().Add(5 * time.Second); victim.alive(); {
+	for deadline := time.Now().Add(5 * time.Second); victim.Alive(); {
 		if time.Now().After(deadline) {
-			t.Fatalf("pid %d survived SIGKILL", victim.pid)
+			t.Fatalf("pid %d survived SIGKILL", victim.PID)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -92,7 +94,7 @@ func TestCrashRespawn(t *testing.T) {
 	if st.Crashes < 1 {
 		t.Errorf("status: want crashes >= 1; got %d", st.Crashes)
 	}
-	if err := waitGone(victim, 5*time.Second); err != nil {
+	if err := testkit.WaitGone(victim, 5*time.Second); err != nil {
 		t.Error(err)
 	}
 }
@@ -100,10 +102,10 @@ func TestCrashRespawn(t *testing.T) {
 func TestGracefulStop(t *testing.T) {
 	h := newHarness(t)
 	const stopTimeout = 10 * time.Second
-	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--stop-timeout", stopTimeout.String(), "--", bin.httpd)
+	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--stop-timeout", stopTimeout.String(), "--", bin.HTTPD)
 	h.expectRestart(0, control.ResultOK)
 	st = h.waitSettled(10 * time.Second)
-	var gens []procID
+	var gens []testkit.ProcID
 	for _, g := range st.Gens {
 		gens = append(gens, h.rememberPID(g.PID))
 	}
@@ -125,15 +127,15 @@ func TestGracefulStop(t *testing.T) {
 	// Give the request time to reach the server; it sleeps 500ms there.
 	time.Sleep(150 * time.Millisecond)
 	start := time.Now()
-	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := b.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	code, ok := b.waitExit(stopTimeout + 5*time.Second)
+	code, ok := b.WaitExit(stopTimeout + 5*time.Second)
 	if !ok {
 		t.Fatalf("baton did not exit within %s of SIGTERM", stopTimeout+5*time.Second)
 	}
 	if code != 0 {
-		t.Errorf("baton exit code after SIGTERM: want 0; got %d (%v)", code, b.state)
+		t.Errorf("baton exit code after SIGTERM: want 0; got %d (%v)", code, b.State())
 	}
 	t.Logf("baton exited %s after SIGTERM", time.Since(start).Round(time.Millisecond))
 
@@ -142,7 +144,7 @@ func TestGracefulStop(t *testing.T) {
 		t.Errorf("in-flight request across the stop: want 200 \"slept 500 ms\"; got %d %q %v", r.status, r.body, r.err)
 	}
 	for _, p := range gens {
-		if err := waitGone(p, 2*time.Second); err != nil {
+		if err := testkit.WaitGone(p, 2*time.Second); err != nil {
 			t.Errorf("after baton exited: %v", err)
 		}
 	}
@@ -158,7 +160,7 @@ func TestGracefulStop(t *testing.T) {
 
 func TestNoLeaks(t *testing.T) {
 	h := newHarness(t)
-	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "5s", "--", bin.httpd)
+	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "5s", "--", bin.HTTPD)
 
 	// Warm up: the first restarts may start goroutines and open files that
 	// live as long as the supervisor (signal handling, the spawner thread).
@@ -201,7 +203,7 @@ func TestNoLeaks(t *testing.T) {
 	if goroutines != goroutines0 {
 		t.Errorf("goroutines in baton: %d before %d restarts, %d after", goroutines0, n, goroutines)
 	}
-	if kids := childrenOf(b.pid()); len(kids) != 1 {
+	if kids := testkit.ChildrenOf(b.PID()); len(kids) != 1 {
 		t.Errorf("baton has %d children after settling; want 1 (the serving generation)", len(kids))
 	}
 }
@@ -209,7 +211,7 @@ func TestNoLeaks(t *testing.T) {
 // steadyUsage is usage once it stops changing: a reaped generation's
 // process group is removed a moment after the generation leaves status,
 // and a baseline taken before would count its descriptor and goroutine.
-func (h *harness) steadyUsage(b *batonProc) (fds, goroutines int, hasGoroutines bool) {
+func (h *harness) steadyUsage(b *testkit.Proc) (fds, goroutines int, hasGoroutines bool) {
 	h.t.Helper()
 	fds, goroutines, hasGoroutines = h.usage(b)
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
@@ -225,9 +227,9 @@ func (h *harness) steadyUsage(b *batonProc) (fds, goroutines int, hasGoroutines 
 
 // usage returns baton's open fd count and, if status reports it, its
 // goroutine count.
-func (h *harness) usage(b *batonProc) (fds, goroutines int, hasGoroutines bool) {
+func (h *harness) usage(b *testkit.Proc) (fds, goroutines int, hasGoroutines bool) {
 	h.t.Helper()
-	fds, err := countFDs(b.pid())
+	fds, err := testkit.CountFDs(b.PID())
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -245,7 +247,7 @@ func (h *harness) usage(b *batonProc) (fds, goroutines int, hasGoroutines bool) 
 // nobody while baton keeps root to hold sockets and spawn the next one.
 func TestUserDropsPrivileges(t *testing.T) {
 	h := newHarness(t)
-	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--user", "nobody", "--", bin.httpd)
+	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--user", "nobody", "--", bin.HTTPD)
 	uidOf := func(pid int) string {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 		if err != nil {
@@ -258,7 +260,7 @@ func TestUserDropsPrivileges(t *testing.T) {
 		}
 		return ""
 	}
-	if uid := uidOf(findGen(st, st.Working).PID); uid != "65534" {
+	if uid := uidOf(batontest.FindGen(st, st.Working).PID); uid != "65534" {
 		t.Fatalf("generation runs as uid %s, want 65534 (nobody)", uid)
 	}
 	r := h.expectRestart(0, control.ResultOK)

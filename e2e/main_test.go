@@ -1,19 +1,16 @@
 package e2e
 
 import (
-	"bytes"
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
+
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // bin holds the absolute paths of the binaries built once for all tests.
-var bin struct {
-	dir, baton, restart, httpd, sdhttpd, udpecho string
-}
+var bin testkit.Bins
 
 func TestMain(m *testing.M) {
 	flag.Parse()
@@ -29,50 +26,19 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "baton-e2e-bin-")
+	root, err := testkit.ModuleRoot()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	// TestPermissionDenied runs `restart` as an unprivileged user, who must
-	// be able to reach the binary.
-	if err := os.Chmod(dir, 0o755); err != nil {
+	// In a directory every user can traverse: TestPermissionDenied runs
+	// `restart` as an unprivileged user, who must be able to reach it.
+	b, remove, err := testkit.BuildTemp(root)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
-	if err := build(dir); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		return 1
-	}
-	bin.dir = dir
-	bin.baton = filepath.Join(dir, "baton")
-	bin.restart = filepath.Join(dir, "restart")
-	bin.httpd = filepath.Join(dir, "httpd")
-	bin.sdhttpd = filepath.Join(dir, "sdhttpd")
-	bin.udpecho = filepath.Join(dir, "udpecho")
+	defer remove()
+	bin = b
 	return m.Run()
-}
-
-func build(dir string) error {
-	root, err := filepath.Abs("..")
-	if err != nil {
-		return fmt.Errorf("module root: %w", err)
-	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		// `go test` puts its own GOROOT/bin first in PATH, so this only
-		// happens when the test binary is run by hand.
-		goBin = "/usr/local/go/bin/go"
-	}
-	cmd := exec.Command(goBin, "build", "-o", dir+string(filepath.Separator),
-		"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho")
-	cmd.Dir = root
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &out
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("build binaries in %s: %w\n%s", root, err, out.Bytes())
-	}
-	return nil
 }

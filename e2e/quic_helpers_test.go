@@ -4,16 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // Addresses of the UDP listeners; each test has its own namespace.
@@ -26,15 +23,7 @@ const (
 
 // listenUDP opens a client UDP socket on an ephemeral loopback port inside
 // the test's namespace.
-func (h *harness) listenUDP() (*net.UDPConn, error) {
-	var c *net.UDPConn
-	err := h.ns.Do(func() error {
-		var err error
-		c, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		return err
-	})
-	return c, err
-}
+func (h *harness) listenUDP() (*net.UDPConn, error) { return testkit.ListenUDP(h.ns) }
 
 // ---- HTTP/3 clients (internal/quicload) ----
 
@@ -179,54 +168,4 @@ func slotOf(st control.Status, name string, gen int) int {
 		}
 	}
 	return 0
-}
-
-// ---- processes ----
-
-// startBatonAs runs `baton run --control control ARGS...` inside the
-// namespace as cred. `ip netns exec` needs root, so the process is forked
-// from a thread that has joined the namespace instead: a child starts in
-// its parent thread's network namespace.
-func (h *harness) startBatonAs(cred *syscall.Credential, control string, args ...string) *batonProc {
-	h.t.Helper()
-	full := append([]string{"run", "--control", control}, args...)
-	cmd := exec.Command(bin.baton, full...)
-	out := &syncBuffer{}
-	cmd.Stdout = out
-	cmd.Stderr = out
-	cmd.Dir = filepath.Dir(control)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL, Credential: cred}
-	if err := h.ns.Do(cmd.Start); err != nil {
-		h.t.Fatalf("start baton as uid %d: %v", cred.Uid, err)
-	}
-	b := &batonProc{cmd: cmd, out: out, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		b.state = cmd.ProcessState
-		close(b.exited)
-	}()
-	h.mu.Lock()
-	h.batons = append(h.batons, b)
-	h.mu.Unlock()
-	h.t.Logf("started baton pid %d as uid %d: baton %s", b.pid(), cred.Uid, strings.Join(full, " "))
-	// A process that already exited (a zombie included) shows no
-	// namespace; one that runs must be in the test's.
-	want, got := nsInode(fmt.Sprintf("/run/netns/%s", h.ns.Name)), nsInode(fmt.Sprintf("/proc/%d/ns/net", b.pid()))
-	if want == 0 || (got != 0 && got != want) {
-		h.t.Fatalf("baton pid %d is not in the test's namespace %s (namespace inode %d, want %d)", b.pid(), h.ns.Name, got, want)
-	}
-	return b
-}
-
-// nsInode returns the inode of a namespace file, 0 if it cannot be read.
-func nsInode(path string) uint64 {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0
-	}
-	return st.Ino
 }

@@ -11,6 +11,8 @@ import (
 
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // h3LoadConfig is the load of TestQUICConnectionsSurviveRestarts.
@@ -35,11 +37,11 @@ type h3LoadResult = quicload.Result
 func runH3Load(h *harness, cfg h3LoadConfig) h3LoadResult {
 	t := h.t
 	t.Helper()
-	b := h.startBaton("--listen", "http=tcp://"+cfg.TCPAddr, "--listen", "h3="+cfg.H3URL,
+	b := h.startBaton(batontest.Run{Args: []string{"--listen", "http=tcp://" + cfg.TCPAddr, "--listen", "h3=" + cfg.H3URL,
 		// Generations drain for as long as their connections last: the
 		// whole run.
-		"--drain-timeout", "120s", "--max-draining", strconv.Itoa(cfg.Restarts+2), "--stop-timeout", "3s",
-		"--", bin.httpd)
+		"--drain-timeout", "120s", "--max-draining", strconv.Itoa(cfg.Restarts + 2), "--stop-timeout", "3s",
+		"--", bin.HTTPD}})
 	h.waitServing(b, 1)
 	u, err := url.Parse(cfg.H3URL)
 	if err != nil {
@@ -132,7 +134,7 @@ func TestQUICConnectionsSurviveRestarts(t *testing.T) {
 func h3Serve(h *harness, h3URL string, extra ...string) control.Status {
 	h.t.Helper()
 	args := append([]string{"--listen", "http=tcp://" + httpAddr, "--listen", "h3=" + h3URL, "--drain-timeout", "30s", "--stop-timeout", "3s"}, extra...)
-	_, st := h.startServing(append(args, "--", bin.httpd)...)
+	_, st := h.startServing(append(args, "--", bin.HTTPD)...)
 	return st
 }
 
@@ -174,7 +176,7 @@ func expectGen(t *testing.T, c *h3Client, gen, n int, what string) []h3Resp {
 func TestQUICNewConnectionsGoToNewGeneration(t *testing.T) {
 	h := newHarness(t)
 	st := h3Serve(h, "quic://"+h3Addr)
-	pid := findGen(st, 1).PID
+	pid := batontest.FindGen(st, 1).PID
 
 	for i := range 4 {
 		gen := i + 1
@@ -204,7 +206,7 @@ func TestQUICNewConnectionsGoToNewGeneration(t *testing.T) {
 			c.close()
 		}
 		if held == nil {
-			if err := waitGone(old, 2*time.Second); err != nil {
+			if err := testkit.WaitGone(old, 2*time.Second); err != nil {
 				t.Fatalf("generation %d held no QUIC connection at the flip: %v (drain timeout 30s)", gen, err)
 			}
 			t.Logf("restart %d: generation %d (no connections) gone %s after the restart returned", i+1, gen, time.Since(flipped).Round(time.Millisecond))
@@ -212,12 +214,12 @@ func TestQUICNewConnectionsGoToNewGeneration(t *testing.T) {
 		}
 		// The held connection keeps its generation alive and served.
 		expectGen(t, held, gen, 3, "connection held across the restart")
-		if !old.alive() {
+		if !old.Alive() {
 			t.Fatalf("generation %d exited while a connection was open on it", gen)
 		}
 		held.close()
 		closed := time.Now()
-		if err := waitGone(old, 2*time.Second); err != nil {
+		if err := testkit.WaitGone(old, 2*time.Second); err != nil {
 			t.Fatalf("generation %d after its last connection closed: %v", gen, err)
 		}
 		t.Logf("restart %d: generation %d gone %s after its last connection closed", i+1, gen, time.Since(closed).Round(time.Millisecond))
@@ -227,7 +229,7 @@ func TestQUICNewConnectionsGoToNewGeneration(t *testing.T) {
 func TestQUICMigrationDuringDrain(t *testing.T) {
 	h := newHarness(t)
 	st := h3Serve(h, "quic://"+h3Addr)
-	old := h.rememberPID(findGen(st, 1).PID)
+	old := h.rememberPID(batontest.FindGen(st, 1).PID)
 	slot := slotOf(st, "h3", 1)
 	if slot == 0 {
 		t.Fatalf("status lists no slot for generation 1 in listener h3: %+v", st.Listeners)
@@ -285,7 +287,7 @@ func TestQUICMigrationDuringDrain(t *testing.T) {
 	if after := byCID(); after <= before {
 		t.Errorf("slot %d's by_cid counter did not move after the migration (%d -> %d)", slot, before, after)
 	}
-	if !old.alive() {
+	if !old.Alive() {
 		t.Fatalf("generation 1 exited while serving the migrated connection")
 	}
 	// New connections still go to the new generation.
@@ -295,7 +297,7 @@ func TestQUICMigrationDuringDrain(t *testing.T) {
 	}
 	n.close()
 	c.close()
-	if err := waitGone(old, 3*time.Second); err != nil {
+	if err := testkit.WaitGone(old, 3*time.Second); err != nil {
 		t.Errorf("generation 1 after the migrated connection closed: %v", err)
 	}
 }

@@ -8,12 +8,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // Load used while restarting: enough connections of both kinds to catch a
@@ -43,7 +44,7 @@ func median(d []time.Duration) time.Duration {
 
 func TestRestartUnderLoad(t *testing.T) {
 	h := newHarness(t)
-	h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "10s", "--", bin.httpd)
+	h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "10s", "--", bin.HTTPD)
 	lg := h.load(modestLoad())
 	waitFirst(t, lg, func(ctx context.Context) error { return lg.WaitGenSince(ctx, 1, time.Time{}) })
 
@@ -64,12 +65,12 @@ func TestRestartUnderLoad(t *testing.T) {
 
 func TestSystemdActivationBinaryRestarts(t *testing.T) {
 	h := newHarness(t)
-	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "10s", "--", bin.sdhttpd)
+	_, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--drain-timeout", "10s", "--", bin.SDHTTPD)
 	cfg := modestLoad()
 	cfg.GenerationHeader = "X-Served-By"
 	lg := h.load(cfg)
 	byPID := func(pid int) string { return fmt.Sprintf("sdhttpd pid=%d", pid) }
-	first := findGen(st, st.Working)
+	first := batontest.FindGen(st, st.Working)
 	waitFirst(t, lg, func(ctx context.Context) error { return lg.WaitValueSince(ctx, byPID(first.PID), time.Time{}) })
 
 	h.restartLoop(lg, 10, byPID)
@@ -78,7 +79,7 @@ func TestSystemdActivationBinaryRestarts(t *testing.T) {
 
 func TestIPv6(t *testing.T) {
 	h := newHarness(t)
-	h.startServing("--listen", "http=tcp://[::1]:8080", "--drain-timeout", "10s", "--", bin.httpd)
+	h.startServing("--listen", "http=tcp://[::1]:8080", "--drain-timeout", "10s", "--", bin.HTTPD)
 	cfg := modestLoad()
 	cfg.URL = "http://[::1]:8080/"
 	lg := h.load(cfg)
@@ -94,7 +95,7 @@ func TestIPv6(t *testing.T) {
 func TestUnixListener(t *testing.T) {
 	h := newHarness(t)
 	sock := filepath.Join(h.dir, "http.sock")
-	h.startServing("--listen", "http=unix://"+sock+"?mode=0660", "--drain-timeout", "10s", "--", bin.httpd)
+	h.startServing("--listen", "http=unix://"+sock+"?mode=0660", "--drain-timeout", "10s", "--", bin.HTTPD)
 
 	fi, err := os.Stat(sock)
 	if err != nil {
@@ -114,12 +115,12 @@ func TestUnixListener(t *testing.T) {
 
 	t.Run("LivePathRefused", func(t *testing.T) {
 		o := h.other(t, filepath.Join(h.dir, "second.sock"))
-		b := o.startBaton("--listen", "http=unix://"+sock, "--", bin.httpd)
-		code, ok := b.waitExit(15 * time.Second)
+		b := o.startBaton(batontest.Run{Args: []string{"--listen", "http=unix://" + sock, "--", bin.HTTPD}})
+		code, ok := b.WaitExit(15 * time.Second)
 		if !ok {
-			t.Fatalf("a second baton on the live socket %s kept running; output:\n%s", sock, b.out.tail(50))
+			t.Fatalf("a second baton on the live socket %s kept running; output:\n%s", sock, b.Out.Tail(50))
 		}
-		out := b.out.String()
+		out := b.Out.String()
 		if code == 0 {
 			t.Errorf("second baton on a live socket exited 0; output:\n%s", out)
 		}
@@ -149,7 +150,7 @@ func TestUnixListener(t *testing.T) {
 			t.Fatalf("stale socket file not left behind: %v", err)
 		}
 		o := h.other(t, filepath.Join(h.dir, "third.sock"))
-		b := o.startBaton("--listen", "http=unix://"+stale, "--", bin.httpd)
+		b := o.startBaton(batontest.Run{Args: []string{"--listen", "http=unix://" + stale, "--", bin.HTTPD}})
 		o.waitServing(b, 1)
 		o.expectRestart(0, control.ResultOK)
 		o.waitSettled(10 * time.Second)
@@ -166,12 +167,12 @@ func TestChildExitsBeforeReady(t *testing.T) {
 	h := newHarness(t)
 	cfgPath := filepath.Join(h.dir, "app.toml")
 	listen := []string{"http", "tcp://" + httpAddr}
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `drain_timeout = "10s"`))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, `drain_timeout = "10s"`))
 	h.startServing("--config", cfgPath)
 	lg := h.load(modestLoad())
 	waitFirst(t, lg, func(ctx context.Context) error { return lg.WaitGenSince(ctx, 1, time.Time{}) })
 
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd, "-exit-before-ready"}, listen, `drain_timeout = "10s"`))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD, "-exit-before-ready"}, listen, `drain_timeout = "10s"`))
 	r := h.restart()
 	if r.Code != 1 || r.Result.Result != control.ResultChildExited {
 		t.Fatalf("restart with a child that exits: want exit 1 child_exited; got %s", r)
@@ -180,21 +181,21 @@ func TestChildExitsBeforeReady(t *testing.T) {
 	if !strings.Contains(r.Result.Message, "exiting before ready") {
 		t.Errorf("result message should carry the child's stderr; got %q", r.Result.Message)
 	}
-	if ev, ok := r.event(control.EventSpawned); ok {
-		if err := waitGone(lookupProc(ev.PID), 5*time.Second); err != nil && ev.PID != 0 {
+	if ev, ok := r.Event(control.EventSpawned); ok {
+		if err := testkit.WaitGone(testkit.LookupProc(ev.PID), 5*time.Second); err != nil && ev.PID != 0 {
 			t.Errorf("failed generation: %v", err)
 		}
 	}
 	st, _ := h.status()
 	if st.Working != 1 || len(st.Gens) != 1 || st.Gens[0].State != control.StateServing {
-		t.Errorf("after the failed restart: want generation 1 alone serving; got working %d %s", st.Working, gensString(st))
+		t.Errorf("after the failed restart: want generation 1 alone serving; got working %d %s", st.Working, batontest.FormatGens(st))
 	}
 	t0 := time.Now()
 	waitFirst(t, lg, func(ctx context.Context) error { return lg.WaitGenSince(ctx, 1, t0) })
 	h.expectNoFailures(lg)
 
 	// A fixed config restarts normally.
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `drain_timeout = "10s"`))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, `drain_timeout = "10s"`))
 	r = h.expectRestart(0, control.ResultOK)
 	resp, _, err := h.get("/", 10*time.Second)
 	if err != nil {
@@ -211,11 +212,11 @@ func TestNeverReady(t *testing.T) {
 	listen := []string{"http", "tcp://" + httpAddr}
 	// The file's ready timeout would make this test take a minute; the
 	// flag must win over it.
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, `ready_timeout = "60s"`))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, `ready_timeout = "60s"`))
 	_, st := h.startServing("--config", cfgPath, "--ready-timeout", "2s")
-	old := h.rememberPID(findGen(st, 1).PID)
+	old := h.rememberPID(batontest.FindGen(st, 1).PID)
 
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd, "-never-ready"}, listen, `ready_timeout = "60s"`))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD, "-never-ready"}, listen, `ready_timeout = "60s"`))
 	r := h.restart()
 	if r.Code != 1 || r.Result.Result != control.ResultReadyTimeout {
 		t.Fatalf("restart with a child that never signals ready: want exit 1 ready_timeout; got %s", r)
@@ -223,18 +224,18 @@ func TestNeverReady(t *testing.T) {
 	if r.Took < 1500*time.Millisecond || r.Took > 10*time.Second {
 		t.Errorf("ready timeout is 2s but the restart took %s", r.Took)
 	}
-	ev, ok := r.event(control.EventSpawned)
+	ev, ok := r.Event(control.EventSpawned)
 	if !ok || ev.PID == 0 {
 		t.Errorf("no spawned event with a pid in %+v", r.Events)
-	} else if err := waitGone(lookupProc(ev.PID), 5*time.Second); err != nil {
+	} else if err := testkit.WaitGone(testkit.LookupProc(ev.PID), 5*time.Second); err != nil {
 		t.Errorf("generation that never got ready: %v", err)
 	}
-	if !old.alive() {
-		t.Fatalf("generation 1 (pid %d) died", old.pid)
+	if !old.Alive() {
+		t.Fatalf("generation 1 (pid %d) died", old.PID)
 	}
 	st, _ = h.status()
 	if st.Working != 1 || len(st.Gens) != 1 {
-		t.Errorf("after the failed restart: want generation 1 alone; got working %d %s", st.Working, gensString(st))
+		t.Errorf("after the failed restart: want generation 1 alone; got working %d %s", st.Working, batontest.FormatGens(st))
 	}
 	// Old still serves, on new and on reused connections.
 	lg := h.load(loadgen.Config{KeepAlive: 4, NewConn: 4, MaxRequests: 400})
@@ -252,19 +253,19 @@ func TestNeverReady(t *testing.T) {
 func TestCheckCmdFails(t *testing.T) {
 	h := newHarness(t)
 	flag := filepath.Join(h.dir, "check-fails")
-	_, st0 := h.startServing("--listen", "http=tcp://"+httpAddr, "--check-cmd", "test ! -e "+flag, "--", bin.httpd)
+	_, st0 := h.startServing("--listen", "http=tcp://"+httpAddr, "--check-cmd", "test ! -e "+flag, "--", bin.HTTPD)
 
 	writeFile(t, flag, "")
 	r := h.restart()
 	if r.Code != 3 || r.Result.Result != control.ResultCheckFailed {
 		t.Fatalf("restart with a failing check: want exit 3 check_failed; got %s", r)
 	}
-	if ev, ok := r.event(control.EventSpawned); ok {
+	if ev, ok := r.Event(control.EventSpawned); ok {
 		t.Errorf("a failed check must not spawn; got %+v", ev)
 	}
 	st, _ := h.status()
-	if st.Working != 1 || len(st.Gens) != 1 || st.Gens[0].PID != findGen(st0, 1).PID {
-		t.Errorf("after the failed check: want generation 1 alone, unchanged; got working %d %s", st.Working, gensString(st))
+	if st.Working != 1 || len(st.Gens) != 1 || st.Gens[0].PID != batontest.FindGen(st0, 1).PID {
+		t.Errorf("after the failed check: want generation 1 alone, unchanged; got working %d %s", st.Working, batontest.FormatGens(st))
 	}
 
 	if err := os.Remove(flag); err != nil {
@@ -275,7 +276,7 @@ func TestCheckCmdFails(t *testing.T) {
 
 func TestConcurrentRestart(t *testing.T) {
 	h := newHarness(t)
-	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd, "-ready-delay", "1s")
+	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD, "-ready-delay", "1s")
 
 	// waitStarting returns once a restart is visibly in progress, so the
 	// second request surely overlaps the first.
@@ -294,7 +295,7 @@ func TestConcurrentRestart(t *testing.T) {
 		t.Fatal("no generation in state starting within 5s of a restart")
 	}
 	type res struct {
-		out restartOut
+		out batontest.Restarted
 		err error
 	}
 	goRestart := func(args ...string) chan res {
@@ -305,7 +306,7 @@ func TestConcurrentRestart(t *testing.T) {
 		}()
 		return ch
 	}
-	get := func(ch chan res) restartOut {
+	get := func(ch chan res) batontest.Restarted {
 		t.Helper()
 		r := <-ch
 		if r.err != nil {
@@ -341,7 +342,7 @@ func TestConcurrentRestart(t *testing.T) {
 
 func TestPermissionDenied(t *testing.T) {
 	h := newHarness(t)
-	_, st0 := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	_, st0 := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
 
 	fi, err := os.Stat(h.control)
 	if err != nil {
@@ -357,7 +358,7 @@ func TestPermissionDenied(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	nobody := testkit.Cred(testkit.Nobody, testkit.Nobody)
 
 	check := func(what string) {
 		t.Helper()
@@ -366,9 +367,9 @@ func TestPermissionDenied(t *testing.T) {
 			t.Errorf("%s: restart as uid 65534: want exit 6; got %s", what, r)
 		}
 		st, _ := h.status()
-		if st.Working != st0.Working || st.Restarts != st0.Restarts || gensString(st) != gensString(st0) {
+		if st.Working != st0.Working || st.Restarts != st0.Restarts || batontest.FormatGens(st) != batontest.FormatGens(st0) {
 			t.Errorf("%s: status changed: before working %d %s, after working %d %s",
-				what, st0.Working, gensString(st0), st.Working, gensString(st))
+				what, st0.Working, batontest.FormatGens(st0), st.Working, batontest.FormatGens(st))
 		}
 	}
 	check("socket mode 0600")
@@ -387,7 +388,7 @@ func TestPermissionDenied(t *testing.T) {
 
 func TestBadRequests(t *testing.T) {
 	h := newHarness(t)
-	h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
 
 	// send writes payload and reads until the server closes, returning the
 	// final result line if one came.

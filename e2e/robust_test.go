@@ -6,40 +6,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
-
-// findProcs lists live processes whose command line is exactly argv:
-// tests give their helper processes unique arguments (a sleep of 299.37
-// seconds) so that they can find them wherever they were reparented.
-func findProcs(argv ...string) []procID {
-	want := strings.Join(argv, "\x00") + "\x00"
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var out []procID
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil || string(b) != want {
-			continue
-		}
-		if p := lookupProc(pid); p.alive() {
-			out = append(out, p)
-		}
-	}
-	return out
-}
 
 // uniqueSleep is a sleep argument no other test uses.
 func uniqueSleep(t *testing.T) string {
@@ -47,11 +22,11 @@ func uniqueSleep(t *testing.T) string {
 }
 
 // waitProcs waits up to d for a process running argv to appear.
-func waitProcs(t *testing.T, d time.Duration, argv ...string) []procID {
+func waitProcs(t *testing.T, d time.Duration, argv ...string) []testkit.ProcID {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
-		if ps := findProcs(argv...); len(ps) > 0 {
+		if ps := testkit.FindProcs(argv...); len(ps) > 0 {
 			return ps
 		}
 		if time.Now().After(deadline) {
@@ -68,8 +43,8 @@ func TestStopWinsOverSlowCheck(t *testing.T) {
 	h := newHarness(t)
 	arg := uniqueSleep(t)
 	b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--stop-timeout", "2s",
-		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "60s", "--", bin.httpd)
-	done := make(chan restartOut, 1)
+		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "60s", "--", bin.HTTPD)
+	done := make(chan batontest.Restarted, 1)
 	go func() {
 		r, err := h.runRestart(nil)
 		if err != nil {
@@ -79,10 +54,10 @@ func TestStopWinsOverSlowCheck(t *testing.T) {
 	}()
 	sleeps := waitProcs(t, 10*time.Second, "sleep", arg)
 	start := time.Now()
-	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := b.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	code, ok := b.waitExit(10 * time.Second)
+	code, ok := b.WaitExit(10 * time.Second)
 	if !ok {
 		t.Fatalf("baton still running 10s after SIGTERM with a 2s stop timeout, during a slow check command")
 	}
@@ -99,7 +74,7 @@ func TestStopWinsOverSlowCheck(t *testing.T) {
 		t.Fatal("restart did not return after baton stopped")
 	}
 	for _, p := range sleeps {
-		if err := waitGone(p, 3*time.Second); err != nil {
+		if err := testkit.WaitGone(p, 3*time.Second); err != nil {
 			t.Errorf("the check command's sleep outlived baton: %v", err)
 		}
 	}
@@ -111,15 +86,15 @@ func TestCheckTimeoutKillsWhatItStarted(t *testing.T) {
 	h := newHarness(t)
 	arg := uniqueSleep(t)
 	h.startServing("--listen", "http=tcp://"+httpAddr,
-		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "1s", "--", bin.httpd)
+		"--check-cmd", "sleep "+arg+"; true", "--check-timeout", "1s", "--", bin.HTTPD)
 	r := h.restart()
 	if r.Code != 3 || r.Result.Result != control.ResultCheckFailed || !strings.Contains(r.Result.Message, "timed out") {
 		t.Fatalf("want exit 3 check_failed (timed out); got %s", r)
 	}
 	deadline := time.Now().Add(3 * time.Second)
-	for len(findProcs("sleep", arg)) > 0 {
+	for len(testkit.FindProcs("sleep", arg)) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("the timed-out check command's sleep is still running: %v", findProcs("sleep", arg))
+			t.Fatalf("the timed-out check command's sleep is still running: %v", testkit.FindProcs("sleep", arg))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -134,8 +109,8 @@ func TestCheckTimeoutKillsWhatItStarted(t *testing.T) {
 func TestConfigFIFO(t *testing.T) {
 	h := newHarness(t)
 	cfgPath := filepath.Join(h.dir, "baton.toml")
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, []string{"http", "tcp://" + httpAddr}, `stop_timeout = "2s"`))
-	b := h.startBaton("--config", cfgPath)
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, []string{"http", "tcp://" + httpAddr}, `stop_timeout = "2s"`))
+	b := h.startBaton(batontest.Run{Args: []string{"--config", cfgPath}})
 	h.waitServing(b, 1)
 	if err := os.Remove(cfgPath); err != nil {
 		t.Fatal(err)
@@ -155,10 +130,10 @@ func TestConfigFIFO(t *testing.T) {
 			t.Errorf("doubled prefix: %q", r.Result.Message)
 		}
 	}
-	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := b.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := b.waitExit(10 * time.Second); !ok {
+	if _, ok := b.WaitExit(10 * time.Second); !ok {
 		t.Fatal("baton still running 10s after SIGTERM")
 	}
 }
@@ -175,9 +150,8 @@ func TestInheritedDescriptorsStayWithBaton(t *testing.T) {
 	}
 	defer f.Close()
 	path := copyBaton(t, h.dir)
-	cmd := h.ns.Command(path, "run", "--control", h.control, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
-	cmd.ExtraFiles = []*os.File{f} // fd 3, not close-on-exec, no LISTEN_FDS
-	b := h.launch(cmd, "baton with a stray fd 3")
+	b := h.launch(testkit.Spec{Path: path, Args: []string{"run", "--control", h.control, "--listen", "http=tcp://" + httpAddr, "--", bin.HTTPD},
+		NS: h.ns, Files: []*os.File{f}}) // fd 3, not close-on-exec, no LISTEN_FDS
 	stopSupervisorAtCleanup(h)
 	st := h.waitServing(b, 1)
 
@@ -190,10 +164,10 @@ func TestInheritedDescriptorsStayWithBaton(t *testing.T) {
 		}
 		return false
 	}
-	if !holds(b.pid()) {
+	if !holds(b.PID()) {
 		t.Fatal("baton itself does not hold the stray descriptor: the test did not set it up")
 	}
-	if pid := findGen(st, 1).PID; holds(pid) {
+	if pid := batontest.FindGen(st, 1).PID; holds(pid) {
 		t.Errorf("generation 1 (pid %d) inherited baton's stray descriptor", pid)
 	}
 	r := expectUpgrade(h, st.PID)
@@ -214,7 +188,7 @@ func TestBrokenLogPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
-	cmd := h.ns.Command(bin.baton, "run", "--control", h.control, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	cmd := h.ns.Command(bin.Baton, "run", "--control", h.control, "--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
 	cmd.Dir = h.dir
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -251,17 +225,10 @@ func TestBrokenLogPipe(t *testing.T) {
 func TestFailedUpgradesLeakNothing(t *testing.T) {
 	h := newHarness(t)
 	path := copyBaton(t, h.dir)
-	b := h.startBatonBinary(path, h.control, nil, "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+	b := h.startBaton(batontest.Run{Binary: path, Args: []string{"--listen", "http=tcp://" + httpAddr, "--", bin.HTTPD}})
 	stopSupervisorAtCleanup(h)
 	h.waitServing(b, 1)
-	broken := filepath.Join(h.dir, "broken")
-	writeFile(t, broken, "#!/bin/sh\nexit 3\n")
-	if err := os.Chmod(broken, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(broken, path); err != nil {
-		t.Fatal(err)
-	}
+	replaceBaton(t, path, "#!/bin/sh\nexit 3\n")
 	fail := func() {
 		t.Helper()
 		r := h.restart("--supervisor")
@@ -275,7 +242,7 @@ func TestFailedUpgradesLeakNothing(t *testing.T) {
 	settle := func() int {
 		// The leftovers are collected a few seconds after a failure.
 		time.Sleep(100 * time.Millisecond)
-		n, err := countFDs(b.pid())
+		n, err := testkit.CountFDs(b.PID())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -302,8 +269,8 @@ func TestFailedUpgradesLeakNothing(t *testing.T) {
 // as a restart.
 func TestCrashesAreNotRestarts(t *testing.T) {
 	h := newHarness(t)
-	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
-	if err := syscall.Kill(findGen(st, 1).PID, syscall.SIGKILL); err != nil {
+	b, st := h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
+	if err := syscall.Kill(batontest.FindGen(st, 1).PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	h.waitServing(b, 2)
@@ -324,8 +291,8 @@ func TestSpawnFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	listen := []string{"http", "tcp://" + httpAddr}
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, fmt.Sprintf("dir = %q", wd)))
-	b := h.startBaton("--config", cfgPath)
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, fmt.Sprintf("dir = %q", wd)))
+	b := h.startBaton(batontest.Run{Args: []string{"--config", cfgPath}})
 	h.waitServing(b, 1)
 	if err := os.Remove(wd); err != nil {
 		t.Fatal(err)
@@ -355,34 +322,34 @@ func TestEscapedDaemonDies(t *testing.T) {
 			h := newHarness(t)
 			arg := uniqueSleep(t)
 			daemon := []string{"sleep", arg}
-			script := "setsid sleep " + arg + " & exec " + bin.httpd
+			script := "setsid sleep " + arg + " & exec " + bin.HTTPD
 			b, _ := h.startServing("--listen", "http=tcp://"+httpAddr, "--process-tracking", mode, "--stop-timeout", "5s",
 				"--", "/bin/sh", "-c", script)
 			first := waitProcs(t, 10*time.Second, daemon...)
-			if got := b.out.String(); !strings.Contains(got, "mode="+mode) {
+			if got := b.Out.String(); !strings.Contains(got, "mode="+mode) {
 				t.Fatalf("baton did not log process tracking mode %s:\n%s", mode, got)
 			}
 			// Generation 1 drains: its daemon must go with it.
 			h.expectRestart(0, control.ResultOK)
 			for _, p := range first {
-				if err := waitGone(p, 10*time.Second); err != nil {
+				if err := testkit.WaitGone(p, 10*time.Second); err != nil {
 					t.Errorf("generation 1's setsid daemon after its drain: %v", err)
 				}
 			}
 			second := waitProcs(t, 10*time.Second, daemon...)
-			if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			if err := b.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
-			if _, ok := b.waitExit(15 * time.Second); !ok {
+			if _, ok := b.WaitExit(15 * time.Second); !ok {
 				t.Fatal("baton still running 15s after SIGTERM")
 			}
 			for _, p := range second {
-				if err := waitGone(p, 5*time.Second); err != nil {
+				if err := testkit.WaitGone(p, 5*time.Second); err != nil {
 					t.Errorf("generation 2's setsid daemon after baton stopped: %v", err)
 				}
 			}
 			// The port is free: a new baton binds it and serves.
-			h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
+			h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
 		})
 	}
 }
@@ -399,12 +366,12 @@ func TestControlDirectoryOthersCanWrite(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	b := h.startBatonControl(filepath.Join(open, "baton.sock"), "--listen", "http=tcp://"+httpAddr, "--", bin.httpd)
-	code, ok := b.waitExit(10 * time.Second)
+	b := h.startBaton(batontest.Run{Control: filepath.Join(open, "baton.sock"), Args: []string{"--listen", "http=tcp://" + httpAddr, "--", bin.HTTPD}})
+	code, ok := b.WaitExit(10 * time.Second)
 	if !ok || code != 1 {
 		t.Fatalf("baton with its control socket in a mode 0777 directory: exited %v, code %d; want exit 1", ok, code)
 	}
-	out := b.out.String()
+	out := b.Out.String()
 	if !strings.Contains(out, "writable by every user") || !strings.Contains(out, "sticky") {
 		t.Errorf("the error does not say why and what to do:\n%s", out)
 	}

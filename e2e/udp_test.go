@@ -6,18 +6,19 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 func TestUDPFlowMode(t *testing.T) {
 	h := newHarness(t)
-	echo := bin.udpecho
+	echo := bin.UDPEcho
 	_, st := h.startServing("--listen", "udp=udp://"+echoAddr, "--drain-timeout", "30s", "--", echo, "-idle", "1s")
-	old := h.rememberPID(findGen(st, 1).PID)
+	old := h.rememberPID(batontest.FindGen(st, 1).PID)
 	if l, _ := udpListener(st, "udp"); l.Steer != "flow" {
 		t.Errorf("listener udp: want steer flow by default; got %q", l.Steer)
 	}
@@ -88,7 +89,7 @@ func TestUDPFlowMode(t *testing.T) {
 	if g, err := b.echo("b", 2*time.Second); err != nil || g != 2 {
 		t.Fatalf("flow B after the flip: want generation 2; got %d, %v", g, err)
 	}
-	if !old.alive() {
+	if !old.Alive() {
 		t.Fatalf("generation 1 exited %s after the flip while flow A kept sending to it", time.Since(flipped).Round(time.Millisecond))
 	}
 	st, _ = h.status()
@@ -107,7 +108,7 @@ func TestUDPFlowMode(t *testing.T) {
 	mu.Unlock()
 
 	// Silent for -idle (1s), generation 1 exits, and its slot is freed.
-	if err := waitGone(old, 4*time.Second); err != nil {
+	if err := testkit.WaitGone(old, 4*time.Second); err != nil {
 		t.Fatalf("generation 1 after flow A stopped: %v", err)
 	}
 	t.Logf("generation 1 gone %s after flow A stopped", time.Since(stopped).Round(time.Millisecond))
@@ -124,7 +125,7 @@ func TestUDPFlowMode(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("generation 1 still listed 5s after it exited: generations %s, udp %+v", gensString(st), l.UDP)
+			t.Fatalf("generation 1 still listed 5s after it exited: generations %s, udp %+v", batontest.FormatGens(st), l.UDP)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -135,7 +136,7 @@ func TestUDPFlowMode(t *testing.T) {
 
 func TestSlotExhaustion(t *testing.T) {
 	h := newHarness(t)
-	echo := bin.udpecho
+	echo := bin.UDPEcho
 	// Generations that never finish draining within the test: each keeps
 	// its slot.
 	h.startServing("--listen", "udp=udp://"+echoAddr, "--max-draining", "40", "--drain-timeout", "120s", "--stop-timeout", "3s",
@@ -156,14 +157,14 @@ func TestSlotExhaustion(t *testing.T) {
 		}
 	}
 	if len(st.Gens) != 31 || len(slots) != 31 {
-		t.Fatalf("after 30 restarts: want 31 generations in 31 slots; got %s, slots %v", gensString(st), slots)
+		t.Fatalf("after 30 restarts: want 31 generations in 31 slots; got %s, slots %v", batontest.FormatGens(st), slots)
 	}
 	for s := 1; s <= 31; s++ {
 		if slots[s] == 0 {
 			t.Errorf("slot %d holds no generation: %v", s, slots)
 		}
 	}
-	pids := map[int]procID{}
+	pids := map[int]testkit.ProcID{}
 	for _, g := range st.Gens {
 		pids[g.Generation] = h.rememberPID(g.PID)
 	}
@@ -172,18 +173,18 @@ func TestSlotExhaustion(t *testing.T) {
 	if r.Code != 8 || r.Result.Result != control.ResultNoSlot {
 		t.Fatalf("restart with all 31 slots taken: want exit 8 no_slot; got %s", r)
 	}
-	if ev, ok := r.event(control.EventSpawned); ok {
+	if ev, ok := r.Event(control.EventSpawned); ok {
 		t.Errorf("a restart refused for want of a slot must not spawn; got %+v", ev)
 	}
 	t.Logf("refused: %s", r.Result.Message)
 
 	st, _ = h.status()
-	if st.Working != 31 || len(st.Gens) != 31 || findGen(st, 31).State != control.StateServing {
-		t.Errorf("after the refused restart: want generation 31 serving among 31; got working %d %s", st.Working, gensString(st))
+	if st.Working != 31 || len(st.Gens) != 31 || batontest.FindGen(st, 31).State != control.StateServing {
+		t.Errorf("after the refused restart: want generation 31 serving among 31; got working %d %s", st.Working, batontest.FormatGens(st))
 	}
 	for g, p := range pids {
-		if !p.alive() {
-			t.Errorf("generation %d (pid %d) died", g, p.pid)
+		if !p.Alive() {
+			t.Errorf("generation %d (pid %d) died", g, p.PID)
 		}
 	}
 	for i := range 5 {
@@ -195,8 +196,8 @@ func TestSlotExhaustion(t *testing.T) {
 
 func TestSteeringNeedsPrivileges(t *testing.T) {
 	h := newHarness(t)
-	echo := bin.udpecho
-	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	echo := bin.UDPEcho
+	nobody := testkit.Cred(testkit.Nobody, testkit.Nobody)
 	// The control socket goes where nobody may create it.
 	dir, err := os.MkdirTemp("", "baton-e2e-nobody-")
 	if err != nil {
@@ -209,12 +210,12 @@ func TestSteeringNeedsPrivileges(t *testing.T) {
 
 	for _, url := range []string{"udp://" + echoAddr, "quic://" + echoAddr} {
 		control := filepath.Join(dir, strings.SplitN(url, ":", 2)[0]+".sock")
-		b := h.startBatonAs(nobody, control, "--listen", "udp="+url, "--", echo)
-		code, ok := b.waitExit(15 * time.Second)
+		b := h.startBaton(batontest.Run{Cred: nobody, Control: control, Args: []string{"--listen", "udp=" + url, "--", echo}})
+		code, ok := b.WaitExit(15 * time.Second)
 		if !ok {
-			t.Fatalf("%s as uid 65534: baton kept running; output:\n%s", url, b.out.tail(30))
+			t.Fatalf("%s as uid 65534: baton kept running; output:\n%s", url, b.Out.Tail(30))
 		}
-		out := b.out.String()
+		out := b.Out.String()
 		if code == 0 || !strings.Contains(out, "steer=off") {
 			t.Errorf("%s as uid 65534: want a non-zero exit naming steer=off; got exit %d, output:\n%s", url, code, out)
 		}
@@ -227,13 +228,13 @@ func TestSteeringNeedsPrivileges(t *testing.T) {
 	}
 
 	control := filepath.Join(dir, "off.sock")
-	b := h.startBatonAs(nobody, control, "--listen", "udp=udp://"+echoAddr+"?steer=off", "--", echo)
+	b := h.startBaton(batontest.Run{Cred: nobody, Control: control, Args: []string{"--listen", "udp=udp://" + echoAddr + "?steer=off", "--", echo}})
 	o := h.other(t, control)
 	st := o.waitServing(b, 1)
 	if l, _ := udpListener(st, "udp"); l.Steer != "off" {
 		t.Errorf("listener udp: want steer off; got %+v", l)
 	}
-	if uid := procUID(findGen(st, 1).PID); uid != "65534" {
+	if uid := procUID(batontest.FindGen(st, 1).PID); uid != "65534" {
 		t.Errorf("generation 1 runs as uid %q, want 65534", uid)
 	}
 	if g, err := o.echoOnce(echoAddr, 2*time.Second); err != nil || g != 1 {

@@ -15,6 +15,8 @@ import (
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
 	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
 // upgradeBound is how long an old supervisor may take to drain its
@@ -31,12 +33,12 @@ func stopSupervisorAtCleanup(h *harness) {
 		if err != nil {
 			return
 		}
-		p := lookupProc(st.PID)
+		p := testkit.LookupProc(st.PID)
 		for _, g := range st.Gens {
 			h.rememberPID(g.PID)
 		}
 		_ = syscall.Kill(st.PID, syscall.SIGTERM)
-		if err := waitGone(p, 15*time.Second); err != nil {
+		if err := testkit.WaitGone(p, 15*time.Second); err != nil {
 			h.t.Errorf("cleanup: supervisor pid %d after SIGTERM: %v", st.PID, err)
 			_ = syscall.Kill(st.PID, syscall.SIGKILL)
 		}
@@ -48,7 +50,7 @@ func stopSupervisorAtCleanup(h *harness) {
 func copyBaton(t *testing.T, dir string) string {
 	t.Helper()
 	dst := filepath.Join(dir, "baton")
-	in, err := os.Open(bin.baton)
+	in, err := os.Open(bin.Baton)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,9 +71,24 @@ func copyBaton(t *testing.T, dir string) string {
 	return dst
 }
 
+// replaceBaton puts an executable script where a copy of baton was (see
+// copyBaton), the way a package upgrade replaces a binary: a new file
+// renamed over the old.
+func replaceBaton(t *testing.T, path, script string) {
+	t.Helper()
+	tmp := path + ".new"
+	writeFile(t, tmp, script)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // expectUpgrade runs `restart --supervisor --wait` and checks the result:
 // a new supervisor pid and a new generation serving.
-func expectUpgrade(h *harness, fromPID int) restartOut {
+func expectUpgrade(h *harness, fromPID int) batontest.Restarted {
 	h.t.Helper()
 	r := h.restart("--supervisor", "--wait")
 	if r.Code != 0 || r.Result.Result != control.ResultOK {
@@ -81,7 +98,7 @@ func expectUpgrade(h *harness, fromPID int) restartOut {
 		h.t.Fatalf("restart --supervisor: new supervisor pid %d (old %d)", r.Result.SupervisorPID, fromPID)
 	}
 	for _, want := range []string{control.EventSupervisorReady, control.EventSupervisorHandover} {
-		if _, ok := r.event(want); !ok {
+		if _, ok := r.Event(want); !ok {
 			h.t.Errorf("restart --supervisor: no %q progress event: %+v", want, r.Events)
 		}
 	}
@@ -99,7 +116,7 @@ func waitOneGeneration(h *harness, pid int) control.Status {
 			return st
 		}
 		if time.Now().After(deadline) {
-			h.t.Fatalf("supervisor %d still runs more than its working generation after %s: %s (err %v)", pid, upgradeBound, gensString(st), err)
+			h.t.Fatalf("supervisor %d still runs more than its working generation after %s: %s (err %v)", pid, upgradeBound, batontest.FormatGens(st), err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -111,10 +128,10 @@ func waitOneGeneration(h *harness, pid int) control.Status {
 // hears each new main pid, and the supervisor's descriptors do not grow.
 func TestSupervisorUpgradeUnderLoad(t *testing.T) {
 	h := newHarness(t)
-	r := newNotifyReceiver(t, h.dir)
+	r := testkit.NewNotifyReceiver(t, h.dir)
 	path := copyBaton(t, h.dir)
-	b := h.startBatonBinary(path, h.control, []string{"NOTIFY_SOCKET=" + r.path},
-		"--listen", "http=tcp://"+httpAddr, "--listen", "h3=quic://"+h3Addr, "--drain-timeout", "30s", "--", bin.httpd)
+	b := h.startBaton(batontest.Run{Binary: path, Env: []string{"NOTIFY_SOCKET=" + r.Path}, Args: []string{
+		"--listen", "http=tcp://" + httpAddr, "--listen", "h3=quic://" + h3Addr, "--drain-timeout", "30s", "--", bin.HTTPD}})
 	stopSupervisorAtCleanup(h)
 	st := h.waitServing(b, 1)
 	pid := st.PID
@@ -132,7 +149,7 @@ func TestSupervisorUpgradeUnderLoad(t *testing.T) {
 		ql.Open(conns)
 		waitQUICResponses(t, ql, 2*conns)
 
-		prev := lookupProc(pid)
+		prev := testkit.LookupProc(pid)
 		out := expectUpgrade(h, pid)
 		pid = out.Result.SupervisorPID
 		time.Sleep(300 * time.Millisecond) // the old generation keeps serving them
@@ -143,7 +160,7 @@ func TestSupervisorUpgradeUnderLoad(t *testing.T) {
 		}
 		quicSent += res.Sent
 		quicOK += res.OK
-		if err := waitGone(prev, upgradeBound); err != nil {
+		if err := testkit.WaitGone(prev, upgradeBound); err != nil {
 			t.Fatalf("upgrade %d: the old supervisor did not exit after draining: %v", i, err)
 		}
 		st = waitOneGeneration(h, pid)
@@ -151,15 +168,15 @@ func TestSupervisorUpgradeUnderLoad(t *testing.T) {
 			t.Errorf("upgrade %d: working generation %d, want %d", i, st.Working, i+1)
 		}
 		fds[i] = st.OpenFDs
-		r.waitFor("MAINPID="+strconv.Itoa(pid), func(m notifyMsg) bool { return strings.Contains(m.text, "MAINPID="+strconv.Itoa(pid)) })
+		r.WaitFor(t, "MAINPID="+strconv.Itoa(pid), func(m testkit.NotifyMsg) bool { return strings.Contains(m.Text, "MAINPID="+strconv.Itoa(pid)) })
 	}
 	lres := h.expectNoFailures(lg)
 	if fds[upgrades] > fds[1] {
 		t.Errorf("supervisor descriptors grew across upgrades: %v", fds)
 	}
 	var mainPIDs []string
-	for _, m := range r.all() {
-		if v, ok := strings.CutPrefix(m.text, "MAINPID="); ok {
+	for _, m := range r.Messages() {
+		if v, ok := strings.CutPrefix(m.Text, "MAINPID="); ok {
 			mainPIDs = append(mainPIDs, strings.SplitN(v, "\n", 2)[0])
 		}
 	}
@@ -203,8 +220,8 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 	path := copyBaton(t, h.dir)
 	cfgPath := filepath.Join(h.dir, "baton.toml")
 	listen := []string{"http", "tcp://" + httpAddr, "h3", "quic://" + h3Addr}
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, ""))
-	b := h.startBatonBinary(path, h.control, nil, "--config", cfgPath)
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, ""))
+	b := h.startBaton(batontest.Run{Binary: path, Args: []string{"--config", cfgPath}})
 	stopSupervisorAtCleanup(h)
 	st := h.waitServing(b, 1)
 	lg := h.load(loadgen.Config{KeepAlive: 4, NewConn: 2, Pause: 2 * time.Millisecond, MaxRequests: 100000, Duration: time.Minute})
@@ -231,21 +248,14 @@ func TestSupervisorUpgradeFails(t *testing.T) {
 		}
 	}
 
-	broken := filepath.Join(h.dir, "broken")
-	writeFile(t, broken, "#!/bin/sh\necho 'new baton: cannot start' >&2\nexit 3\n")
-	if err := os.Chmod(broken, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(broken, path); err != nil {
-		t.Fatal(err)
-	}
+	replaceBaton(t, path, "#!/bin/sh\necho 'new baton: cannot start' >&2\nexit 3\n")
 	expectFailed("a binary that exits at start", "exit status 3")
 
 	copyBaton(t, h.dir)
 	writeFile(t, cfgPath, tomlConfig([]string{"/bin/sh", "-c", "exit 4"}, listen, ""))
 	expectFailed("a new supervisor whose first generation exits", "child_exited")
 
-	writeFile(t, cfgPath, tomlConfig([]string{bin.httpd}, listen, ""))
+	writeFile(t, cfgPath, tomlConfig([]string{bin.HTTPD}, listen, ""))
 	h.expectRestart(0, control.ResultOK)
 	if msg := checkH3(h, 2); msg != "" {
 		t.Errorf("HTTP/3 after a restart following the failed upgrades: %s", msg)

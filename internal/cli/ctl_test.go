@@ -23,6 +23,7 @@ import (
 	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/testenv"
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // The test binary doubles as the restart command run under another uid:
@@ -56,10 +57,7 @@ func TestMain(m *testing.M) {
 // in the middle of a restart. It prints "ready" and runs until its
 // standard input closes.
 func runServer(mode, path string) error {
-	go func() {
-		io.Copy(io.Discard, os.Stdin)
-		os.Exit(0)
-	}()
+	testkit.ExitOnStdinEOF()
 	switch mode {
 	case "plant":
 		l, err := net.Listen("unix", path)
@@ -67,19 +65,7 @@ func runServer(mode, path string) error {
 			return err
 		}
 		fmt.Println("ready")
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return err
-			}
-			go func() {
-				defer c.Close()
-				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
-					return
-				}
-				c.Write([]byte(`{"v":1,"type":"result","result":"ok","message":"generation 99 (pid 1) serving","generation":99,"pid":1,"status":{"pid":1}}` + "\n"))
-			}()
-		}
+		return testkit.ServeCanned(l, `{"v":1,"type":"result","result":"ok","message":"generation 99 (pid 1) serving","generation":99,"pid":1,"status":{"pid":1}}`+"\n", nil)
 	case "dying":
 		srv, err := control.Listen(path, control.Options{Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
@@ -102,40 +88,11 @@ func runServer(mode, path string) error {
 // (with gid the same), and stops it when the test ends.
 func startServer(t *testing.T, dir string, uid uint32, mode, path string) {
 	t.Helper()
-	cmd := exec.Command(testBinary(t, dir), "-test.run=^$")
-	cmd.Env = []string{serverEnv + "=" + mode, serverPathEnv + "=" + path, "GORACE=atexit_sleep_ms=0"}
+	var cred *syscall.Credential
 	if uid != 0 {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+		cred = testkit.Cred(uid, uid)
 	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	waited := make(chan struct{})
-	go func() {
-		io.Copy(io.Discard, stdout)
-		cmd.Wait()
-		close(waited)
-	}()
-	t.Cleanup(func() {
-		stdin.Close()
-		select {
-		case <-waited:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-waited
-			t.Errorf("server %s did not exit after its stdin closed", mode)
-		}
-	})
+	h := testkit.StartHelper(t, testkit.HelperCommand(t, dir, cred, serverEnv+"="+mode, serverPathEnv+"="+path), "server "+mode, nil)
 	// Ready once the socket accepts.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -144,8 +101,8 @@ func startServer(t *testing.T, dir string, uid uint32, mode, path string) {
 			return
 		}
 		select {
-		case <-waited:
-			t.Fatalf("server %s exited: %s", mode, stderr.String())
+		case <-h.Done():
+			t.Fatalf("server %s exited: %s", mode, h.Stderr)
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -153,27 +110,6 @@ func startServer(t *testing.T, dir string, uid uint32, mode, path string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// testBinary is a copy of the test binary in dir, where other users can
-// run it.
-func testBinary(t *testing.T, dir string) string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "ctl.test")
-	if _, err := os.Stat(bin); errors.Is(err, os.ErrNotExist) {
-		b, err := os.ReadFile(self)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(bin, b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return bin
 }
 
 func requireRoot(t *testing.T) {
@@ -185,10 +121,7 @@ func requireRoot(t *testing.T) {
 // exit code and stderr.
 func restartAsNobody(t *testing.T, dir string, args ...string) (int, string) {
 	t.Helper()
-	cmd := exec.Command(testBinary(t, dir), "-test.run=^$")
-	// GORACE: a race-enabled binary otherwise sleeps a second at exit.
-	cmd.Env = []string{helperEnv + "=" + strings.Join(args, helperArgsSep), "GORACE=atexit_sleep_ms=0"}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}}
+	cmd := testkit.HelperCommand(t, dir, testkit.Cred(testkit.Nobody, testkit.Nobody), helperEnv+"="+strings.Join(args, helperArgsSep))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	err := cmd.Run()

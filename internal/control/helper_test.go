@@ -2,7 +2,6 @@ package control
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,10 +10,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -22,6 +19,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/testenv"
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // The test binary doubles as a client run under another uid: TestMain
@@ -60,10 +58,7 @@ func runHelper(op, path string) int {
 	switch op {
 	case helperPlant, helperServe, helperHog:
 		// The parent ends us by closing our standard input.
-		go func() {
-			io.Copy(io.Discard, os.Stdin)
-			os.Exit(0)
-		}()
+		testkit.ExitOnStdinEOF()
 		n, _ := strconv.Atoi(os.Getenv(helperNEnv))
 		if err := runServingHelper(op, path, n); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -107,14 +102,7 @@ func requireRoot(t *testing.T) {
 // the given supplementary groups.
 func runAs(t *testing.T, dir string, uid, gid uint32, groups []uint32, op, path string) helperOutput {
 	t.Helper()
-	bin := helperBinary(t, dir)
-	cmd := exec.Command(bin, "-test.run=^$")
-	// GORACE: a race-enabled binary otherwise sleeps a second at exit.
-	cmd.Env = []string{helperEnv + "=" + op, helperPathEnv + "=" + path, "GORACE=atexit_sleep_ms=0"}
-	if groups == nil {
-		groups = []uint32{}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: groups}}
+	cmd := testkit.HelperCommand(t, dir, testkit.Cred(uid, gid, groups...), helperEnv+"="+op, helperPathEnv+"="+path)
 	cmd.Stderr = t.Output()
 	out, err := cmd.Output()
 	if err != nil {
@@ -157,21 +145,8 @@ func runServingHelper(op, path string, n int) error {
 			return err
 		}
 		emit(helperLine{Event: "ready", PID: os.Getpid()})
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return err
-			}
-			go func() {
-				defer c.Close()
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err != nil {
-					return
-				}
-				emit(helperLine{Event: "request", Request: strings.TrimSpace(line)})
-				c.Write([]byte(`{"v":1,"type":"result","result":"ok","message":"generation 99 (pid 1) serving","generation":99,"pid":1}` + "\n"))
-			}()
-		}
+		return testkit.ServeCanned(l, `{"v":1,"type":"result","result":"ok","message":"generation 99 (pid 1) serving","generation":99,"pid":1}`+"\n",
+			func(line string) { emit(helperLine{Event: "request", Request: line}) })
 	case helperServe:
 		srv, err := Listen(path, Options{Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 		if err != nil {
@@ -229,133 +204,43 @@ type helperProc struct {
 // ends.
 func startAs(t *testing.T, dir string, uid, gid uint32, groups []uint32, mode, path string, n int) *helperProc {
 	t.Helper()
-	bin := helperBinary(t, dir)
-	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = []string{helperEnv + "=" + mode, helperPathEnv + "=" + path, helperNEnv + "=" + strconv.Itoa(n), "GORACE=atexit_sleep_ms=0"}
-	if groups == nil {
-		groups = []uint32{}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: groups}}
-	var stderr lockedBuffer
-	cmd.Stderr = &stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd := testkit.HelperCommand(t, dir, testkit.Cred(uid, gid, groups...),
+		helperEnv+"="+mode, helperPathEnv+"="+path, helperNEnv+"="+strconv.Itoa(n))
 	hp := &helperProc{lines: make(chan helperLine, 1<<16)}
-	readDone := make(chan struct{})
-	go func() {
-		defer close(readDone)
-		defer close(hp.lines)
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			var l helperLine
-			if err := json.Unmarshal(sc.Bytes(), &l); err == nil {
-				select {
-				case hp.lines <- l:
-				default: // nobody reads them; the counts do not matter then
-				}
+	h := testkit.StartHelper(t, cmd, fmt.Sprintf("helper %s as uid %d", mode, uid), func(b []byte) {
+		var l helperLine
+		if err := json.Unmarshal(b, &l); err == nil {
+			select {
+			case hp.lines <- l:
+			default: // nobody reads them; the counts do not matter then
 			}
 		}
+	})
+	go func() {
+		<-h.Done()
+		close(hp.lines)
 	}()
-	var once sync.Once
-	hp.Stop = func() {
-		once.Do(func() {
-			stdin.Close()
-			waited := make(chan error, 1)
-			go func() { <-readDone; waited <- cmd.Wait() }()
-			select {
-			case <-waited:
-			case <-time.After(10 * time.Second):
-				cmd.Process.Kill()
-				<-waited
-				t.Errorf("helper %s as uid %d did not exit after its stdin closed; stderr:\n%s", mode, uid, stderr.String())
-			}
-		})
-	}
-	t.Cleanup(hp.Stop)
+	hp.Stop = h.Stop
 	select {
 	case l, ok := <-hp.lines:
 		if !ok || l.Event != "ready" {
-			t.Fatalf("helper %s as uid %d: got %+v instead of ready; stderr:\n%s", mode, uid, l, stderr.String())
+			t.Fatalf("helper %s as uid %d: got %+v instead of ready; stderr:\n%s", mode, uid, l, h.Stderr)
 		}
 		hp.PID = l.PID
 	case <-time.After(10 * time.Second):
-		t.Fatalf("helper %s as uid %d not ready; stderr:\n%s", mode, uid, stderr.String())
+		t.Fatalf("helper %s as uid %d not ready; stderr:\n%s", mode, uid, h.Stderr)
 	}
 	return hp
 }
 
-// helperBinary is a copy of the test binary in dir, where other users can
-// run it.
-func helperBinary(t *testing.T, dir string) string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "helper.test")
-	if _, err := os.Stat(bin); errors.Is(err, os.ErrNotExist) {
-		if err := copyFile(self, bin, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return bin
-}
-
-// lockedBuffer is a bytes.Buffer safe for a writer and a reader at once:
-// the server's log handler and the test.
+// lockedBuffer is a buffer safe for a writer and a reader at once: the
+// server's log handler and the test.
 type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	testkit.SyncBuffer
 }
 
 // lines returns the buffer's lines that contain substr.
-func (b *lockedBuffer) lines(substr string) []string {
-	var out []string
-	for _, l := range strings.Split(b.String(), "\n") {
-		if l != "" && strings.Contains(l, substr) {
-			out = append(out, l)
-		}
-	}
-	return out
-}
-
-func copyFile(src, dst string, mode os.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
-}
+func (b *lockedBuffer) lines(substr string) []string { return b.Lines(substr) }
 
 // fakeHandler stands in for the supervisor.
 type fakeHandler struct {

@@ -1,0 +1,12 @@
+// Package testkit is what baton's end-to-end tests, its benchmark, its demo
+// and the unit tests that run a client as another user share to drive real
+// processes: a process launcher (inside a network namespace, with extra
+// environment, descriptors and credentials, its output kept), /proc
+// helpers, a stand-in for systemd's notify socket, the test binary run as a
+// helper under another uid, and the project's binaries built once.
+//
+// It imports nothing of baton's own but internal/netns, so that the
+// in-package tests of any package, internal/control's included, can use
+// it. What needs baton's control protocol (a `baton run` and its status,
+// the restart command's output) is in internal/testkit/batontest.
+package testkit
