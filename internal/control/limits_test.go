@@ -435,11 +435,11 @@ func TestLogLimiter(t *testing.T) {
 			t.Errorf("%s: %d lines in %s, want at most %d", k.kind, lines, elapsed, max)
 		}
 	}
-	if s := buf.lines("connections rejected in the last"); !strings.Contains(s[0], "(the last: uid 100") {
-		t.Errorf("mixed reasons not marked: %s", s[0])
+	if s := buf.lines("connections rejected in the last"); len(s) == 0 || !strings.Contains(s[0], "(the last: uid 100") {
+		t.Errorf("mixed reasons not marked: %q", s)
 	}
-	if s := buf.lines("connections denied in the last"); !strings.Contains(s[0], "(uid 7 is not allowed)") {
-		t.Errorf("summary %s", s[0])
+	if s := buf.lines("connections denied in the last"); len(s) == 0 || !strings.Contains(s[0], "(uid 7 is not allowed)") {
+		t.Errorf("summary %q", s)
 	}
 	if got := len(buf.lines("after close")); got != 2 {
 		t.Errorf("%d lines after close, want 2", got)

@@ -461,6 +461,9 @@ type logLimiter struct {
 	mu     sync.Mutex
 	open   map[logKind]*logWindow // kinds within an interval that began with a logged line
 	closed bool
+	// writing counts summaries a tick took out of a window but has not
+	// logged yet: close waits for them, so no count is written after it.
+	writing sync.WaitGroup
 }
 
 type logWindow struct {
@@ -517,7 +520,9 @@ func (l *logLimiter) tick(k logKind) {
 	p := *w
 	w.suppressed, w.mixed, w.since = 0, false, time.Now()
 	w.timer.Reset(l.interval)
+	l.writing.Add(1)
 	l.mu.Unlock()
+	defer l.writing.Done()
 	l.summary(k, p, time.Since(p.since))
 }
 
@@ -542,6 +547,7 @@ func (l *logLimiter) close() {
 	for _, p := range out {
 		l.summary(p.k, p.w, p.since)
 	}
+	l.writing.Wait()
 }
 
 func (l *logLimiter) summary(k logKind, w logWindow, over time.Duration) {
