@@ -7,8 +7,7 @@
 // restart.go (the restart pipeline), lifecycle.go (drain, reap, crash
 // respawn, stop), status.go, upgrade_old.go (handing over to a new
 // supervisor), upgrade_new.go (taking over from the previous one),
-// handover.go (what passes between the two), generation.go and spawn.go
-// (one generation's process).
+// generation.go and spawn.go (one generation's process).
 package supervisor
 
 import (
@@ -48,7 +47,7 @@ type Options struct {
 	// Upgrader, when set, makes self-upgrade (Upgrade, SIGUSR2) possible.
 	Upgrader Upgrader
 	// Successor is set when this supervisor took over from a previous
-	// one (see TakeOver); Sockets then came from it.
+	// one (listen.TakeOver); Sockets then came from it.
 	Successor *Successor
 	// Procs tracks everything generations and check commands start; nil
 	// means Run makes its own (procgroup.Auto) and closes it at the end.
@@ -88,9 +87,9 @@ type Supervisor struct {
 	stopCancel context.CancelFunc
 	loopEnd    chan struct{} // closed when the loop returns
 	checks     atomic.Int64  // check command runs, for their group names
-	// handoverDone is closed once a successor serves.
-	handoverDone chan struct{}
-	handoverFile *os.File // memfd shared with predecessor/successor
+	// upgraded is closed once a successor serves.
+	upgraded  chan struct{}
+	stateFile *os.File // upgrade memfd shared with predecessor/successor
 
 	// loop state
 	cfg           *config.Config
@@ -123,17 +122,17 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 	}
 	stopCtx, stopCancel := context.WithCancel(context.Background())
 	return &Supervisor{
-		stopCtx:      stopCtx,
-		stopCancel:   stopCancel,
-		opts:         opts,
-		log:          opts.Logger,
-		spawner:      newSpawner(),
-		ops:          make(chan func(), 64),
-		sem:          make(chan struct{}, 1),
-		loopEnd:      make(chan struct{}),
-		cfg:          cfg,
-		handoverDone: make(chan struct{}),
-		startedAt:    time.Now(),
+		stopCtx:    stopCtx,
+		stopCancel: stopCancel,
+		opts:       opts,
+		log:        opts.Logger,
+		spawner:    newSpawner(),
+		ops:        make(chan func(), 64),
+		sem:        make(chan struct{}, 1),
+		loopEnd:    make(chan struct{}),
+		cfg:        cfg,
+		upgraded:   make(chan struct{}),
+		startedAt:  time.Now(),
 	}
 }
 
@@ -171,7 +170,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	var ctl *control.Server
 	var err error
 	if succ != nil {
-		ctl, err = control.FromFile(cfg.Control, succ.control, ctlOpts)
+		ctl, err = control.FromFile(cfg.Control, succ.Control, ctlOpts)
 	} else {
 		ctl, err = control.Listen(cfg.Control, ctlOpts)
 	}
@@ -216,7 +215,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	handover := s.handoverDone
+	upgraded := s.upgraded
 	var serveDone chan struct{}
 	for {
 		select {
@@ -259,9 +258,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				s.signalPredecessor(syscall.SIGQUIT)
 				s.stop(true)
 			}
-		case <-handover:
+		case <-upgraded:
 			// The successor accepts on the same socket from now on.
-			handover = nil
+			upgraded = nil
 			ctl.KeepPath()
 			ctl.Close()
 		case <-ctx.Done():

@@ -1,11 +1,12 @@
 package supervisor
 
 // Self-upgrade, the side that takes over: a supervisor started by an
-// upgrade got its sockets from TakeOver and the rest in Successor. It
-// continues the generation numbering, watches the previous supervisor's
-// generations (not its children: by pidfd) to free their UDP slots and to
-// show them in status, starts its first generation and reports back. A
-// stop is passed on to the previous supervisor while it drains.
+// upgrade got its sockets from listen.TakeOver and the rest in Successor.
+// It continues the generation numbering, watches the previous
+// supervisor's generations (not its children: by pidfd) to free their UDP
+// slots and to show them in status, starts its first generation and
+// reports back. A stop is passed on to the previous supervisor while it
+// drains.
 
 import (
 	"errors"
@@ -15,14 +16,26 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/listen"
+	"github.com/baton-run/baton/internal/upgrade"
 )
+
+// Successor is what a supervisor started by an upgrade inherited from the
+// one it replaces (Options.Successor).
+type Successor = upgrade.Inherited
+
+// TakeOver is listen.TakeOver.
+func TakeOver(src listen.FileSource, specs []config.Listener) (*Successor, []*listen.Socket, error) {
+	return listen.TakeOver(src, specs)
+}
 
 // adoptedGen is a generation of the previous supervisor that is still
 // draining. It is not our child: we only watch it exit (pidfd) to free its
 // UDP slot and to show it in status.
 type adoptedGen struct {
-	HandoverGen
+	upgrade.Gen
 	exited bool
 }
 
@@ -33,8 +46,8 @@ func (s *Supervisor) startAsSuccessor() {
 	st := s.opts.Successor.State
 	s.call(func() {
 		s.nextGen, s.restarts, s.crashes = st.NextGen, st.Restarts, st.Crashes
-		for _, hg := range st.Gens {
-			a := &adoptedGen{HandoverGen: hg}
+		for _, g := range st.Gens {
+			a := &adoptedGen{Gen: g}
 			s.adopted = append(s.adopted, a)
 			s.watchAdopted(a)
 		}
@@ -47,14 +60,8 @@ func (s *Supervisor) startAsSuccessor() {
 // was killed leaves its process groups (and, in process-group mode,
 // escaped daemons of its generations that went to init).
 func (s *Supervisor) sweepAfterPredecessor(pid int) {
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err == nil {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		for {
-			if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, syscall.EINTR) {
-				break
-			}
-		}
+	if fd, err := unix.PidfdOpen(pid, 0); err == nil {
+		waitPidfd(fd)
 		unix.Close(fd)
 	}
 	if s.opts.Procs == nil {
@@ -67,31 +74,33 @@ func (s *Supervisor) sweepAfterPredecessor(pid int) {
 	}
 }
 
-// watchAdopted waits, off the loop, for an adopted generation to exit.
+// watchAdopted runs on the loop; it waits, off the loop, for an adopted
+// generation to exit. One whose pid is free or belongs to another process
+// by now is gone already.
 func (s *Supervisor) watchAdopted(a *adoptedGen) {
-	fd, err := unix.PidfdOpen(a.PID, 0)
-	if err == nil {
-		// The pidfd pins the process; if its start time differs, the pid
-		// was reused and the generation is long gone.
-		if ticks, terr := procStartTicks(a.PID); terr != nil || ticks != a.StartTicks {
-			unix.Close(fd)
-			err = errors.New("pid reused")
-		}
-	}
+	fd, err := a.Pidfd()
 	if err != nil {
+		if !errors.Is(err, upgrade.ErrGone) {
+			s.log.Warn("cannot watch a generation of the previous supervisor; taking it for gone", "err", err)
+		}
 		s.adoptedExited(a)
 		return
 	}
 	go func() {
-		defer unix.Close(fd)
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		for {
-			if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, syscall.EINTR) {
-				break
-			}
-		}
+		waitPidfd(fd)
+		unix.Close(fd)
 		s.post(func() { s.adoptedExited(a) })
 	}()
+}
+
+// waitPidfd returns once the pidfd's process has exited.
+func waitPidfd(fd int) {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, syscall.EINTR) {
+			return
+		}
+	}
 }
 
 // adoptedExited runs on the loop: the generation's sockets are gone with
@@ -126,14 +135,18 @@ func (s *Supervisor) adoptedExited(a *adoptedGen) {
 // finishTakeOver tells the previous supervisor how the first generation
 // went; Ready makes its Upgrade return.
 func (s *Supervisor) finishTakeOver(res control.Result) error {
-	reply := handoverReply{Kind: "reply", PID: os.Getpid()}
+	f := s.opts.Successor.StateFile
+	reply := upgrade.Reply{PID: os.Getpid()}
 	if res.Result != control.ResultOK {
 		reply.Error = fmt.Sprintf("%s: %s", res.Result, res.Message)
-		return writeHandover(s.handoverFile, reply)
+		return upgrade.WriteReply(f, reply)
 	}
 	reply.Gen, reply.GenPID = res.Generation, res.PID
-	if err := writeHandover(s.handoverFile, reply); err != nil {
+	if err := upgrade.WriteReply(f, reply); err != nil {
 		return err
+	}
+	if s.opts.Upgrader == nil {
+		return errors.New("no upgrader to report ready with")
 	}
 	return s.opts.Upgrader.Ready()
 }
@@ -151,6 +164,8 @@ func (s *Supervisor) signalPredecessor(sig syscall.Signal) {
 	}
 }
 
+// predecessorPID is the pid of the supervisor this one took over from, 0
+// if it took over from none.
 func (s *Supervisor) predecessorPID() int {
 	if s.opts.Successor != nil {
 		return s.opts.Successor.State.FromPID

@@ -3,11 +3,11 @@ package supervisor
 // Self-upgrade, the side that hands over: the running supervisor starts
 // the baton binary now at its path (tableflip re-executes os.Args) and
 // hands it every listening socket, the coordination socket, the UDP
-// groups' kernel objects and a description of its generations. Once the
-// successor reports that it serves, this supervisor drains its own
-// generations (they stay its children, so Pdeathsig keeps meaning "the
-// supervisor died") and exits. If the successor fails, it takes the UDP
-// maps back and keeps serving.
+// groups' kernel objects and a description of its generations
+// (upgrade.State). Once the successor reports that it serves, this
+// supervisor drains its own generations (they stay its children, so
+// Pdeathsig keeps meaning "the supervisor died") and exits. If the
+// successor fails, it takes the UDP maps back (thaw) and keeps serving.
 
 import (
 	"context"
@@ -17,9 +17,8 @@ import (
 	"runtime"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/upgrade"
 )
 
 // prepareUpgrades registers, once, the descriptors that every upgrade
@@ -31,14 +30,13 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 		return nil
 	}
 	if s.opts.Successor != nil {
-		s.handoverFile = s.opts.Successor.file
+		s.stateFile = s.opts.Successor.StateFile
 		return nil
 	}
-	fd, err := unix.MemfdCreate("baton-handover", unix.MFD_CLOEXEC)
-	if err != nil {
-		return fmt.Errorf("handover memfd: %w", err)
+	var err error
+	if s.stateFile, err = upgrade.NewStateFile(); err != nil {
+		return err
 	}
-	s.handoverFile = os.NewFile(uintptr(fd), "baton-handover")
 	add := func(name string, f *os.File, owned bool) error {
 		err := upg.AddFile(name, f)
 		if owned {
@@ -49,19 +47,19 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 		}
 		return nil
 	}
-	if err := add(fileHandover, s.handoverFile, false); err != nil {
+	if err := add(upgrade.FileState, s.stateFile, false); err != nil {
 		return err
 	}
 	cf, err := ctl.File()
 	if err != nil {
 		return err
 	}
-	if err := add(fileControl, cf, true); err != nil {
+	if err := add(upgrade.FileControl, cf, true); err != nil {
 		return err
 	}
 	for _, sk := range s.opts.Sockets {
 		if sk.UDP == nil {
-			if err := add(listenerFile(sk.Spec.Name), sk.File, false); err != nil {
+			if err := add(upgrade.ListenerFile(sk.Spec.Name), sk.File, false); err != nil {
 				return err
 			}
 			continue
@@ -71,7 +69,7 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 			return err
 		}
 		for part, f := range files {
-			if err := add(udpFile(sk.Spec.Name, part), f, true); err != nil {
+			if err := add(upgrade.UDPFile(sk.Spec.Name, part), f, true); err != nil {
 				for _, rest := range files {
 					rest.Close()
 				}
@@ -82,12 +80,13 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 	return nil
 }
 
-// Upgrade implements control.Handler: replace this supervisor with the
-// baton binary now at its path. Single-flight with restarts.
+// Upgrade replaces this supervisor with the baton binary now at its path.
+// Single-flight with restarts; with wait, it queues behind a running
+// restart and behind this supervisor's own predecessor, still draining.
 func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
 	start := time.Now()
 	upg := s.opts.Upgrader
-	if upg == nil || s.handoverFile == nil {
+	if upg == nil || s.stateFile == nil {
 		return result(control.ResultUpgradeFailed, "self-upgrade is not available in this supervisor", start)
 	}
 	// tableflip runs one upgrade at a time: this supervisor's own
@@ -114,7 +113,7 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 	}
 	defer func() { <-s.sem }()
 
-	var st Handover
+	var st upgrade.State
 	var ok bool
 	var why string
 	if !s.call(func() { st, ok, why = s.freeze() }) {
@@ -123,30 +122,18 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 	if !ok {
 		return result(control.ResultUpgradeFailed, why, start)
 	}
-	thaw := func() {
-		s.call(func() {
-			for _, sk := range s.opts.Sockets {
-				if sk.UDP != nil {
-					if err := sk.UDP.Thaw(false); err != nil {
-						s.log.Error("taking the UDP maps back failed", "listener", sk.Spec.Name, "err", err)
-					}
-				}
-			}
-		})
-	}
-	if err := writeHandover(s.handoverFile, st); err != nil {
-		thaw()
+	if err := upgrade.WriteState(s.stateFile, st); err != nil {
+		s.call(s.thaw)
 		return result(control.ResultUpgradeFailed, err.Error(), start)
 	}
 	s.log.Info("supervisor upgrade: starting the new baton binary", "path", os.Args[0])
 	uerr := upg.Upgrade()
-	var reply handoverReply
-	kind, rerr := readHandover(s.handoverFile, &reply)
+	reply, rerr := upgrade.ReadReply(s.stateFile)
 	if uerr != nil {
-		thaw()
+		s.call(s.thaw)
 		go collectUpgradeLeftovers()
 		msg := "new supervisor failed: " + uerr.Error()
-		if rerr == nil && kind == "reply" && reply.Error != "" {
+		if rerr == nil && reply.Error != "" {
 			msg += ": " + reply.Error
 		}
 		s.log.Error("supervisor upgrade failed; this supervisor keeps serving", "err", msg)
@@ -159,10 +146,10 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 		})
 		return res
 	}
-	if rerr != nil || kind != "reply" || reply.PID <= 0 {
+	if rerr != nil || reply.PID <= 0 {
 		// The successor said it was ready but left no reply: it is
 		// serving, so hand over anyway, and say what is unknown.
-		s.log.Error("new supervisor left no handover reply", "err", rerr, "kind", kind)
+		s.log.Error("new supervisor left no handover reply", "err", rerr, "pid", reply.PID)
 	}
 	progress(event(control.EventSupervisorReady, reply.Gen, reply.PID, ""))
 	s.handedOver(reply.PID)
@@ -189,38 +176,50 @@ func collectUpgradeLeftovers() {
 
 // freeze runs on the loop: stop writing the UDP maps and describe
 // everything for the successor.
-func (s *Supervisor) freeze() (Handover, bool, string) {
+func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 	if s.stopping {
-		return Handover{}, false, s.stoppingMessage()
+		return upgrade.State{}, false, s.stoppingMessage()
 	}
 	if s.working == nil {
-		return Handover{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
+		return upgrade.State{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
 	}
-	st := Handover{Kind: "state", FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
+	st := upgrade.State{FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
 	for _, sk := range s.opts.Sockets {
-		hl := HandoverListener{Name: sk.Spec.Name, URL: sk.Spec.URL, Activated: sk.Activated}
+		l := upgrade.Listener{Name: sk.Spec.Name, URL: sk.Spec.URL, Activated: sk.Activated}
 		if sk.UDP != nil {
 			us := sk.UDP.Freeze()
-			hl.UDP = &us
+			l.UDP = &us
 		}
-		st.Listeners = append(st.Listeners, hl)
+		st.Listeners = append(st.Listeners, l)
 	}
 	for _, g := range s.gens {
 		if g.exited {
 			continue
 		}
-		ticks, err := procStartTicks(g.pid)
+		ug, err := upgrade.Identify(g.num, g.pid, g.slot, g.startedAt)
 		if err != nil {
 			continue
 		}
-		st.Gens = append(st.Gens, HandoverGen{Num: g.num, PID: g.pid, StartTicks: ticks, Slot: g.slot, StartedAt: g.startedAt})
+		st.Gens = append(st.Gens, ug)
 	}
 	for _, a := range s.adopted {
 		if !a.exited {
-			st.Gens = append(st.Gens, a.HandoverGen)
+			st.Gens = append(st.Gens, a.Gen)
 		}
 	}
 	return st, true, ""
+}
+
+// thaw runs on the loop after a failed upgrade: take the UDP maps back
+// from the successor that did not make it.
+func (s *Supervisor) thaw() {
+	for _, sk := range s.opts.Sockets {
+		if sk.UDP != nil {
+			if err := sk.UDP.Thaw(false); err != nil {
+				s.log.Error("taking the UDP maps back failed", "listener", sk.Spec.Name, "err", err)
+			}
+		}
+	}
 }
 
 // handedOver: the successor serves. Tell systemd who the main process is
@@ -255,5 +254,5 @@ func (s *Supervisor) handedOver(pid int) {
 	})
 	// Wake the loop even when there is nothing to reap.
 	s.post(func() {})
-	close(s.handoverDone)
+	close(s.upgraded)
 }
