@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/config"
-	"github.com/baton-run/baton/internal/control"
 )
 
 // Crash respawn backoff: doubling from the first to the cap; a generation
@@ -23,10 +22,10 @@ const (
 
 // drain tells g to finish its work and SIGKILLs it at the deadline.
 func (s *Supervisor) drain(g *generation, timeout time.Duration) {
-	if g.state == control.StateDraining || g.exited {
+	if g.state == Draining || g.exited {
 		return
 	}
-	g.state = control.StateDraining
+	g.state = Draining
 	g.drainStart = time.Now()
 	sig := s.cfg.DrainSignal
 	g.log.Info("draining generation", "signal", config.SignalName(sig), "deadline", timeout)
@@ -82,13 +81,13 @@ func (s *Supervisor) reaped(g *generation) {
 		delay := backoff(s.consecCrashes)
 		g.log.Error("serving generation died; respawning", "status", g.exitDesc, "in", delay, "consecutive_crashes", s.consecCrashes, "crash_loop", s.consecCrashes >= crashLoopAt)
 		s.scheduleRespawn(delay)
-	case g.state == control.StateDraining:
+	case g.state == Draining:
 		g.log.Info("generation drained", "status", g.exitDesc, "drain", time.Since(g.drainStart).Round(time.Millisecond))
 	default:
 		g.log.Warn("generation exited before serving", "status", g.exitDesc)
 	}
 	if s.opts.Events != nil && !s.stopping {
-		s.opts.Events.StatusChanged(s.status())
+		s.opts.Events.StatusChanged(s.status().Summary())
 	}
 }
 
@@ -173,7 +172,7 @@ func (s *Supervisor) respawn() {
 		return
 	}
 	res := s.runRestart(false, reasonCrash, s.logProgress)
-	if res.Result == control.ResultOK {
+	if res.Code == OK {
 		return
 	}
 	s.post(func() {
@@ -183,7 +182,7 @@ func (s *Supervisor) respawn() {
 		s.consecCrashes++
 		s.lastCrash = res.Message
 		delay := backoff(s.consecCrashes)
-		s.log.Error("respawn failed; retrying", "result", res.Result, "message", res.Message, "in", delay, "consecutive_crashes", s.consecCrashes)
+		s.log.Error("respawn failed; retrying", "result", res.Code, "message", res.Message, "in", delay, "consecutive_crashes", s.consecCrashes)
 		s.scheduleRespawn(delay)
 	})
 }
@@ -203,7 +202,7 @@ func (s *Supervisor) stop(immediate bool) {
 		}
 		for _, g := range s.gens {
 			switch {
-			case immediate, g.state == control.StateStarting:
+			case immediate, g.state == Starting:
 				g.kill()
 			default:
 				s.drain(g, s.cfg.StopTimeout)

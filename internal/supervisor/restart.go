@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/config"
-	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/procgroup"
 	"github.com/baton-run/baton/internal/steer"
 )
@@ -29,8 +28,10 @@ const (
 	reasonUpgrade = "upgrade"
 )
 
-// Restart implements control.Handler: single-flight, or queued with wait.
-func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+// Restart replaces the working generation with a new one, with the
+// config re-read: single-flight, or queued behind the running restart or
+// upgrade with wait. progress hears each step.
+func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(Progress)) Result {
 	if res, ok := s.acquire(ctx, wait, progress); !ok {
 		return res
 	}
@@ -40,47 +41,40 @@ func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(contr
 	}
 	s.opts.Events.Reloading()
 	res := s.runRestart(true, reasonRequest, progress)
-	s.opts.Events.Reloaded(res, s.Status(ctx))
+	var failed, message string
+	if res.Code != OK {
+		failed, message = res.Code.String(), res.Message
+	}
+	s.opts.Events.Reloaded(failed, message, s.Status(ctx).Summary())
 	return res
 }
 
 // acquire takes the single-flight lock that restarts and upgrades share,
 // or queues for it with wait. When it fails, the result says why.
-func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(control.Event)) (control.Result, bool) {
+func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(Progress)) (Result, bool) {
 	select {
 	case s.sem <- struct{}{}:
-		return control.Result{}, true
+		return Result{}, true
 	default:
 	}
 	if !wait {
-		return result(control.ResultBusy, "another restart or upgrade is in progress; retry, or use --wait to queue behind it", time.Now()), false
+		return result(Busy, "another restart or upgrade is in progress; retry, or use --wait to queue behind it", time.Now()), false
 	}
-	progress(event(control.EventQueued, 0, 0, "waiting for the running restart to finish"))
+	progress(progressAt(StepQueued, 0, 0, "waiting for the running restart to finish"))
 	select {
 	case s.sem <- struct{}{}:
-		return control.Result{}, true
+		return Result{}, true
 	case <-ctx.Done():
-		return result(control.ResultBusy, "gave up waiting for the running restart", time.Now()), false
+		return result(Busy, "gave up waiting for the running restart", time.Now()), false
 	case <-s.stopCtx.Done():
-		return result(control.ResultShuttingDown, s.stoppingMessage(), time.Now()), false
-	}
-}
-
-func event(name string, gen, pid int, msg string) control.Event {
-	return control.Event{V: control.ProtocolVersion, Type: control.TypeProgress, Event: name, Generation: gen, PID: pid, Message: msg, Time: time.Now()}
-}
-
-func result(code control.Code, msg string, start time.Time) control.Result {
-	return control.Result{
-		V: control.ProtocolVersion, Type: control.TypeResult, Result: code, Message: msg,
-		DurationMS: float64(time.Since(start).Microseconds()) / 1000,
+		return result(ShuttingDown, s.stoppingMessage(), time.Now()), false
 	}
 }
 
 // runRestart replaces the working generation. The caller holds s.sem.
 // reload re-reads the config and runs the check command; a crash respawn
 // and the first start use the current config as it is.
-func (s *Supervisor) runRestart(reload bool, reason string, progress func(control.Event)) control.Result {
+func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progress)) Result {
 	start := time.Now()
 	var cfg *config.Config
 	var stopping bool
@@ -89,54 +83,54 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(contro
 	if !s.call(func() {
 		cfg, stopping, hasWorking = s.cfg, s.stopping, s.working != nil
 		for _, g := range s.gens {
-			if g.state == control.StateDraining {
+			if g.state == Draining {
 				draining++
 			}
 		}
 		draining += len(s.adopted)
 	}) || stopping {
-		return result(control.ResultShuttingDown, s.stoppingMessage(), start)
+		return result(ShuttingDown, s.stoppingMessage(), start)
 	}
 	if reload {
 		next, err := s.loadConfig()
 		if errors.Is(err, errStopping) {
-			return result(control.ResultShuttingDown, s.stoppingMessage(), start)
+			return result(ShuttingDown, s.stoppingMessage(), start)
 		}
 		if err != nil {
-			return result(control.ResultCheckFailed, err.Error(), start)
+			return result(CheckFailed, err.Error(), start)
 		}
 		if err := sameListeners(cfg, next); err != nil {
-			return result(control.ResultCheckFailed, err.Error(), start)
+			return result(CheckFailed, err.Error(), start)
 		}
 		if warn := fixedSettings(cfg, next); warn != "" {
 			s.log.Warn(warn)
 		}
 		cfg = next
 		if hasWorking && draining >= cfg.MaxDraining {
-			return result(control.ResultTooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
+			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
 		}
 		if cfg.CheckCmd != "" {
 			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1), s.log)
 			if errors.Is(err, errStopping) {
-				return result(control.ResultShuttingDown, s.stoppingMessage(), start)
+				return result(ShuttingDown, s.stoppingMessage(), start)
 			}
 			if err != nil {
-				return result(control.ResultCheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
+				return result(CheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
 			}
 		}
-		progress(event(control.EventChecked, 0, 0, "config valid"))
+		progress(progressAt(StepChecked, 0, 0, "config valid"))
 	}
 
 	var g *generation
 	var err error
 	if !s.call(func() { g, err = s.spawn(cfg) }) {
-		return result(control.ResultShuttingDown, "the supervisor is stopping", start)
+		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
 	if errors.Is(err, errNoSlot) {
-		return result(control.ResultNoSlot, err.Error(), start)
+		return result(NoSlot, err.Error(), start)
 	}
 	if err != nil {
-		res := result(control.ResultSpawnFailed, err.Error(), start)
+		res := result(SpawnFailed, err.Error(), start)
 		s.call(func() {
 			if s.working != nil {
 				res.Generation, res.PID = s.working.num, s.working.pid
@@ -144,14 +138,14 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(contro
 		})
 		return res
 	}
-	progress(event(control.EventSpawned, g.num, g.pid, ""))
+	progress(progressAt(StepSpawned, g.num, g.pid, ""))
 
 	timer := time.NewTimer(cfg.ReadyTimeout)
 	defer timer.Stop()
 	select {
 	case <-g.ready:
 	case <-g.done:
-		return s.failed(g, control.ResultChildExited, start)
+		return s.failed(g, ChildExited, start)
 	case <-timer.C:
 		s.post(func() {
 			g.log.Warn("generation not ready in time; killing it", "ready_timeout", cfg.ReadyTimeout)
@@ -161,27 +155,27 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(contro
 		case <-g.done:
 		case <-time.After(5 * time.Second):
 		}
-		res := s.failed(g, control.ResultReadyTimeout, start)
+		res := s.failed(g, ReadyTimeout, start)
 		res.Message = fmt.Sprintf("generation %d (pid %d) was not ready within %v and was killed", g.num, g.pid, cfg.ReadyTimeout) + indent(g.stderrTail())
 		return res
 	case <-s.stopCtx.Done():
-		return result(control.ResultShuttingDown, "the supervisor is stopping", start)
+		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
-	progress(event(control.EventReady, g.num, g.pid, ""))
+	progress(progressAt(StepReady, g.num, g.pid, ""))
 
 	var old *generation
 	var ok bool
 	if !s.call(func() { old, ok = s.flip(g, cfg, reason) }) {
-		return result(control.ResultShuttingDown, "the supervisor is stopping", start)
+		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
 	if !ok {
-		return s.failed(g, control.ResultChildExited, start)
+		return s.failed(g, ChildExited, start)
 	}
-	progress(event(control.EventFlipped, g.num, g.pid, ""))
+	progress(progressAt(StepFlipped, g.num, g.pid, ""))
 	if old != nil {
-		progress(event(control.EventDraining, old.num, old.pid, ""))
+		progress(progressAt(StepDraining, old.num, old.pid, ""))
 	}
-	res := result(control.ResultOK, fmt.Sprintf("generation %d (pid %d) serving", g.num, g.pid), start)
+	res := result(OK, fmt.Sprintf("generation %d (pid %d) serving", g.num, g.pid), start)
 	res.Generation, res.PID = g.num, g.pid
 	return res
 }
@@ -189,7 +183,7 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(contro
 // failed builds the result for a generation that did not make it, with
 // its exit status and the last lines of its stderr. The old generation is
 // untouched.
-func (s *Supervisor) failed(g *generation, code control.Code, start time.Time) control.Result {
+func (s *Supervisor) failed(g *generation, code Code, start time.Time) Result {
 	var desc string
 	s.call(func() { desc = g.exitDesc })
 	msg := fmt.Sprintf("generation %d (pid %d) exited before ready: %s", g.num, g.pid, desc)
@@ -399,7 +393,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	old := s.working
 	s.working = g
 	s.cfg = cfg
-	g.state = control.StateServing
+	g.state = Serving
 	for _, grp := range g.groups {
 		if err := grp.SetWorking(g.slot); err != nil {
 			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
@@ -415,7 +409,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 		s.drain(old, cfg.DrainTimeout)
 	}
 	if s.opts.Events != nil {
-		s.opts.Events.StatusChanged(s.status())
+		s.opts.Events.StatusChanged(s.status().Summary())
 	}
 	return old, true
 }

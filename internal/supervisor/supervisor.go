@@ -5,9 +5,10 @@
 //
 // Files by job: supervisor.go (this: types, Run, the loop, signals),
 // restart.go (the restart pipeline), lifecycle.go (drain, reap, crash
-// respawn, stop), status.go, upgrade_old.go (handing over to a new
-// supervisor), upgrade_new.go (taking over from the previous one),
-// generation.go and spawn.go (one generation's process).
+// respawn, stop), status.go, control.go (the coordination socket's edge),
+// upgrade_old.go (handing over to a new supervisor), upgrade_new.go
+// (taking over from the previous one), generation.go and spawn.go (one
+// generation's process).
 package supervisor
 
 import (
@@ -54,13 +55,19 @@ type Options struct {
 	Procs *procgroup.Tracker
 }
 
-// EventSink hears about lifecycle changes, e.g. to tell systemd.
+// EventSink hears about lifecycle changes, e.g. to tell systemd. A
+// summary is Status.Summary.
 type EventSink interface {
-	Ready(st control.Status)
+	// Ready: the first generation serves.
+	Ready(summary string)
+	// Reloading: a requested restart begins.
 	Reloading()
-	Reloaded(res control.Result, st control.Status)
+	// Reloaded ends a restart, successful or not. failed is empty after
+	// a successful one, else the result code (Code.String) and message
+	// says why.
+	Reloaded(failed, message, summary string)
 	Stopping()
-	StatusChanged(st control.Status)
+	StatusChanged(summary string)
 	// HandedOver: a new supervisor, pid, serves from now on.
 	HandedOver(pid int)
 }
@@ -164,16 +171,8 @@ func (s *Supervisor) call(f func()) bool {
 // handles signals until the supervisor is stopped. It returns nil after a
 // graceful or immediate stop, an error if the first generation fails.
 func (s *Supervisor) Run(ctx context.Context) error {
-	cfg := s.cfg
 	succ := s.opts.Successor
-	ctlOpts := control.Options{Group: cfg.ControlGroup, Logger: s.log}
-	var ctl *control.Server
-	var err error
-	if succ != nil {
-		ctl, err = control.FromFile(cfg.Control, succ.Control, ctlOpts)
-	} else {
-		ctl, err = control.Listen(cfg.Control, ctlOpts)
-	}
+	ctl, err := s.openControl(s.cfg)
 	if err != nil {
 		return err
 	}
@@ -205,7 +204,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	// The first generation starts while signals are already handled: a
 	// stop during its start must not wait for its ready timeout.
-	first := make(chan control.Result, 1)
+	first := make(chan Result, 1)
 	go func() {
 		s.sem <- struct{}{}
 		res := s.runRestart(false, reason, s.logProgress)
@@ -231,7 +230,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			serveDone = make(chan struct{})
 			go func() {
 				defer close(serveDone)
-				if err := ctl.Serve(sctx, s); err != nil && sctx.Err() == nil {
+				if err := ctl.Serve(sctx, controlHandler{s}); err != nil && sctx.Err() == nil {
 					s.log.Error("coordination socket stopped", "err", err)
 				}
 			}()
@@ -242,12 +241,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				// waits for RELOADING=1 and READY=1 after every SIGHUP.
 				go func() {
 					res := s.Restart(sctx, true, s.logProgress)
-					s.log.Info("restart on SIGHUP finished", "result", res.Result, "message", res.Message, "gen", res.Generation, "pid", res.PID)
+					s.log.Info("restart on SIGHUP finished", "result", res.Code, "message", res.Message, "gen", res.Generation, "pid", res.PID)
 				}()
 			case syscall.SIGUSR2:
 				go func() {
 					res := s.Upgrade(sctx, false, s.logProgress)
-					s.log.Info("supervisor upgrade on SIGUSR2 finished", "result", res.Result, "message", res.Message, "supervisor_pid", res.SupervisorPID)
+					s.log.Info("supervisor upgrade on SIGUSR2 finished", "result", res.Code, "message", res.Message, "supervisor_pid", res.SupervisorPID)
 				}()
 			case syscall.SIGTERM, syscall.SIGINT:
 				s.log.Info("graceful stop", "signal", sig.String())
@@ -288,13 +287,13 @@ func (s *Supervisor) Run(ctx context.Context) error {
 // started finishes the start once the first generation's restart is done:
 // report to a predecessor, or to systemd, and arm self-upgrade. An error
 // means the first generation failed and the supervisor is stopping.
-func (s *Supervisor) started(ctx context.Context, ctl *control.Server, res control.Result) error {
+func (s *Supervisor) started(ctx context.Context, ctl *control.Server, res Result) error {
 	succ := s.opts.Successor
 	if succ != nil {
 		if err := s.finishTakeOver(res); err != nil {
 			s.log.Error("could not report to the previous supervisor", "err", err)
 		}
-		if res.Result != control.ResultOK {
+		if res.Code != OK {
 			// The previous supervisor keeps serving these paths.
 			ctl.KeepPath()
 			for _, sk := range s.opts.Sockets {
@@ -302,19 +301,19 @@ func (s *Supervisor) started(ctx context.Context, ctl *control.Server, res contr
 			}
 		}
 	}
-	if res.Result != control.ResultOK {
+	if res.Code != OK {
 		s.stop(true)
-		if res.Result == control.ResultShuttingDown {
+		if res.Code == ShuttingDown {
 			return errStopping
 		}
-		return fmt.Errorf("first generation failed: %s: %s", res.Result, res.Message)
+		return fmt.Errorf("first generation failed: %s: %s", res.Code, res.Message)
 	}
 	switch {
 	case succ != nil:
 		// The previous supervisor tells systemd about us (MAINPID=).
 		s.log.Info("took over from the previous supervisor", "previous_pid", succ.State.FromPID, "their_generations", len(succ.State.Gens))
 	case s.opts.Events != nil:
-		s.opts.Events.Ready(s.Status(ctx))
+		s.opts.Events.Ready(s.Status(ctx).Summary())
 	}
 	if s.opts.Upgrader != nil && succ == nil {
 		if err := s.opts.Upgrader.Ready(); err != nil {
@@ -324,8 +323,8 @@ func (s *Supervisor) started(ctx context.Context, ctl *control.Server, res contr
 	return nil
 }
 
-func (s *Supervisor) logProgress(e control.Event) {
-	s.log.Info("restart progress", "event", e.Event, "gen", e.Generation, "pid", e.PID)
+func (s *Supervisor) logProgress(p Progress) {
+	s.log.Info("restart progress", "event", p.Step, "gen", p.Generation, "pid", p.PID)
 }
 
 // loop runs posted closures until a stop has reaped every generation.

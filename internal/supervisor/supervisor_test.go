@@ -18,7 +18,6 @@ import (
 
 	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/config"
-	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/listen"
 )
 
@@ -155,7 +154,7 @@ func (h *harness) load(ctx context.Context) (*config.Config, error) {
 }
 
 // waitWorking waits for a serving generation and returns the status.
-func (h *harness) waitWorking(min int) control.Status {
+func (h *harness) waitWorking(min int) Status {
 	h.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -171,13 +170,13 @@ func (h *harness) waitWorking(min int) control.Status {
 		time.Sleep(10 * time.Millisecond)
 	}
 	h.t.Fatalf("no working generation >= %d within 10s: %+v", min, h.sup.Status(context.Background()))
-	return control.Status{}
+	return Status{}
 }
 
-func (h *harness) restart() control.Result {
+func (h *harness) restart() Result {
 	var events []string
-	res := h.sup.Restart(context.Background(), false, func(e control.Event) { events = append(events, e.Event) })
-	h.t.Logf("restart: %s %q events=%v", res.Result, res.Message, events)
+	res := h.sup.Restart(context.Background(), false, func(e Progress) { events = append(events, e.Step.String()) })
+	h.t.Logf("restart: %s %q events=%v", res.Code, res.Message, events)
 	return res
 }
 
@@ -196,7 +195,7 @@ func TestRestartFlipsAndDrains(t *testing.T) {
 	st := h.waitWorking(1)
 	oldPID := st.Gens[0].PID
 	res := h.restart()
-	if res.Result != control.ResultOK || res.Generation != 2 {
+	if res.Code != OK || res.Generation != 2 {
 		t.Fatalf("restart = %+v", res)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -230,7 +229,7 @@ func TestChildExitBeforeReadyKeepsOld(t *testing.T) {
 	h.waitWorking(1)
 	h.setMode("exit")
 	res := h.restart()
-	if res.Result != control.ResultChildExited {
+	if res.Code != ChildExited {
 		t.Fatalf("result = %+v", res)
 	}
 	if !strings.Contains(res.Message, "exit status 3") || !strings.Contains(res.Message, "config broken at line 7") {
@@ -252,12 +251,12 @@ func TestReadyTimeoutKills(t *testing.T) {
 	h.cfg = func(c *config.Config) { c.ReadyTimeout = 300 * time.Millisecond }
 	h.setMode("never")
 	var spawned int
-	res := h.sup.Restart(context.Background(), false, func(e control.Event) {
-		if e.Event == control.EventSpawned {
+	res := h.sup.Restart(context.Background(), false, func(e Progress) {
+		if e.Step == StepSpawned {
 			spawned = e.PID
 		}
 	})
-	if res.Result != control.ResultReadyTimeout {
+	if res.Code != ReadyTimeout {
 		t.Fatalf("result = %+v", res)
 	}
 	if spawned == 0 || pidAlive(spawned) {
@@ -273,10 +272,10 @@ func TestCheckCommandFailureSpawnsNothing(t *testing.T) {
 	h.waitWorking(1)
 	h.cfg = func(c *config.Config) { c.CheckCmd = "echo syntax error near line 3; exit 1" }
 	res := h.restart()
-	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "syntax error near line 3") {
+	if res.Code != CheckFailed || !strings.Contains(res.Message, "syntax error near line 3") {
 		t.Fatalf("result = %+v", res)
 	}
-	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Generation != 1 {
+	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Num != 1 {
 		t.Fatalf("status = %+v", st)
 	}
 }
@@ -289,7 +288,7 @@ func TestListenerChangeRefused(t *testing.T) {
 		c.Listeners = append(c.Listeners, l)
 	}
 	res := h.restart()
-	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "listener") {
+	if res.Code != CheckFailed || !strings.Contains(res.Message, "listener") {
 		t.Fatalf("result = %+v", res)
 	}
 }
@@ -298,11 +297,11 @@ func TestBusyAndWait(t *testing.T) {
 	h := newHarness(t, "ready", nil)
 	h.waitWorking(1)
 	h.sup.sem <- struct{}{} // a restart in flight
-	if res := h.restart(); res.Result != control.ResultBusy {
+	if res := h.restart(); res.Code != Busy {
 		t.Fatalf("result = %+v, want busy", res)
 	}
-	got := make(chan control.Result, 1)
-	go func() { got <- h.sup.Restart(context.Background(), true, func(control.Event) {}) }()
+	got := make(chan Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), true, func(Progress) {}) }()
 	time.Sleep(100 * time.Millisecond)
 	select {
 	case r := <-got:
@@ -310,7 +309,7 @@ func TestBusyAndWait(t *testing.T) {
 	default:
 	}
 	<-h.sup.sem
-	if r := <-got; r.Result != control.ResultOK {
+	if r := <-got; r.Code != OK {
 		t.Fatalf("queued restart = %+v", r)
 	}
 }
@@ -322,10 +321,10 @@ func TestMaxDrainingAndDeadlineKill(t *testing.T) {
 	})
 	st := h.waitWorking(1)
 	first := st.Gens[0].PID
-	if res := h.restart(); res.Result != control.ResultOK {
+	if res := h.restart(); res.Code != OK {
 		t.Fatalf("restart 1 = %+v", res)
 	}
-	if res := h.restart(); res.Result != control.ResultTooManyDraining {
+	if res := h.restart(); res.Code != TooManyDraining {
 		t.Fatalf("restart 2 = %+v, want too_many_draining", res)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -338,7 +337,7 @@ func TestMaxDrainingAndDeadlineKill(t *testing.T) {
 	for time.Now().Before(deadline) && len(h.sup.Status(context.Background()).Gens) > 1 {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if res := h.restart(); res.Result != control.ResultOK {
+	if res := h.restart(); res.Code != OK {
 		t.Fatalf("restart after the drain ended = %+v", res)
 	}
 }
@@ -370,7 +369,7 @@ func TestGracefulStopReapsAll(t *testing.T) {
 	}
 	for _, g := range st.Gens {
 		if pidAlive(g.PID) {
-			t.Errorf("generation %d pid %d survived the stop", g.Generation, g.PID)
+			t.Errorf("generation %d pid %d survived the stop", g.Num, g.PID)
 		}
 	}
 }
@@ -388,8 +387,8 @@ func TestReadyFallbacks(t *testing.T) {
 	t.Run("delay", func(t *testing.T) {
 		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond} })
 		st := h.waitWorking(1)
-		if st.Gens[0].ReadyAfterMS < 200 {
-			t.Fatalf("ready after %.1fms, before the 200ms delay", st.Gens[0].ReadyAfterMS)
+		if st.Gens[0].ReadyAfter < 200*time.Millisecond {
+			t.Fatalf("ready after %v, before the 200ms delay", st.Gens[0].ReadyAfter)
 		}
 	})
 	t.Run("tcp-connect", func(t *testing.T) {
@@ -423,10 +422,8 @@ func TestReadyFallbacks(t *testing.T) {
 		defer mu.Unlock()
 		// The port opens 300ms after the timer was set, not after the
 		// spawn: compare with when it opened.
-		g := st.Gens[0]
-		readyAfter := time.Duration(g.ReadyAfterMS * float64(time.Millisecond))
-		if opening.IsZero() || g.StartedAt.Add(readyAfter).Before(opening) {
-			t.Fatalf("ready %v after the spawn at %v, before the port was open at %v", readyAfter, g.StartedAt, opening)
+		if g := st.Gens[0]; opening.IsZero() || g.StartedAt.Add(g.ReadyAfter).Before(opening) {
+			t.Fatalf("ready %v after the spawn at %v, before the port was open at %v", g.ReadyAfter, g.StartedAt, opening)
 		}
 	})
 }
@@ -464,8 +461,8 @@ func TestStopWinsOverHungConfig(t *testing.T) {
 	h.mu.Lock()
 	h.hang = reading
 	h.mu.Unlock()
-	got := make(chan control.Result, 1)
-	go func() { got <- h.sup.Restart(context.Background(), false, func(control.Event) {}) }()
+	got := make(chan Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), false, func(Progress) {}) }()
 	select {
 	case <-reading:
 	case <-time.After(10 * time.Second):
@@ -474,7 +471,7 @@ func TestStopWinsOverHungConfig(t *testing.T) {
 	h.stop()
 	select {
 	case r := <-got:
-		if r.Result != control.ResultShuttingDown {
+		if r.Code != ShuttingDown {
 			t.Errorf("restart during a stop = %+v, want shutting_down", r)
 		}
 	case <-time.After(10 * time.Second):

@@ -17,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/config"
-	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/listen"
 	"github.com/baton-run/baton/internal/upgrade"
 )
@@ -128,17 +127,17 @@ func (s *Supervisor) adoptedExited(a *adoptedGen) {
 	}
 	s.log.Info("generation of the previous supervisor exited", "gen", a.Num, "pid", a.PID)
 	if s.opts.Events != nil && !s.stopping {
-		s.opts.Events.StatusChanged(s.status())
+		s.opts.Events.StatusChanged(s.status().Summary())
 	}
 }
 
 // finishTakeOver tells the previous supervisor how the first generation
 // went; Ready makes its Upgrade return.
-func (s *Supervisor) finishTakeOver(res control.Result) error {
+func (s *Supervisor) finishTakeOver(res Result) error {
 	f := s.opts.Successor.StateFile
 	reply := upgrade.Reply{PID: os.Getpid()}
-	if res.Result != control.ResultOK {
-		reply.Error = fmt.Sprintf("%s: %s", res.Result, res.Message)
+	if res.Code != OK {
+		reply.Error = fmt.Sprintf("%s: %s", res.Code, res.Message)
 		return upgrade.WriteReply(f, reply)
 	}
 	reply.Gen, reply.GenPID = res.Generation, res.PID

@@ -83,11 +83,11 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 // Upgrade replaces this supervisor with the baton binary now at its path.
 // Single-flight with restarts; with wait, it queues behind a running
 // restart and behind this supervisor's own predecessor, still draining.
-func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(Progress)) Result {
 	start := time.Now()
 	upg := s.opts.Upgrader
 	if upg == nil || s.stateFile == nil {
-		return result(control.ResultUpgradeFailed, "self-upgrade is not available in this supervisor", start)
+		return result(UpgradeFailed, "self-upgrade is not available in this supervisor", start)
 	}
 	// tableflip runs one upgrade at a time: this supervisor's own
 	// predecessor must have finished draining and exited. Checked before
@@ -98,13 +98,13 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 		wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 		if wait {
 			cancel()
-			progress(event(control.EventQueued, 0, 0, fmt.Sprintf("waiting for the previous supervisor (pid %d) to finish draining", s.predecessorPID())))
+			progress(progressAt(StepQueued, 0, 0, fmt.Sprintf("waiting for the previous supervisor (pid %d) to finish draining", s.predecessorPID())))
 			wctx, cancel = context.WithCancel(ctx)
 		}
 		err := upg.WaitForParent(wctx)
 		cancel()
 		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			return result(control.ResultBusy, fmt.Sprintf("the previous supervisor (pid %d) is still draining its generations; retry once it has exited, or use --wait", s.predecessorPID()), start)
+			return result(Busy, fmt.Sprintf("the previous supervisor (pid %d) is still draining its generations; retry once it has exited, or use --wait", s.predecessorPID()), start)
 		}
 	}
 
@@ -117,14 +117,14 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 	var ok bool
 	var why string
 	if !s.call(func() { st, ok, why = s.freeze() }) {
-		return result(control.ResultShuttingDown, s.stoppingMessage(), start)
+		return result(ShuttingDown, s.stoppingMessage(), start)
 	}
 	if !ok {
-		return result(control.ResultUpgradeFailed, why, start)
+		return result(UpgradeFailed, why, start)
 	}
 	if err := upgrade.WriteState(s.stateFile, st); err != nil {
 		s.call(s.thaw)
-		return result(control.ResultUpgradeFailed, err.Error(), start)
+		return result(UpgradeFailed, err.Error(), start)
 	}
 	s.log.Info("supervisor upgrade: starting the new baton binary", "path", os.Args[0])
 	uerr := upg.Upgrade()
@@ -137,7 +137,7 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 			msg += ": " + reply.Error
 		}
 		s.log.Error("supervisor upgrade failed; this supervisor keeps serving", "err", msg)
-		res := result(control.ResultUpgradeFailed, msg+"; this supervisor keeps serving", start)
+		res := result(UpgradeFailed, msg+"; this supervisor keeps serving", start)
 		res.SupervisorPID = os.Getpid()
 		s.call(func() {
 			if s.working != nil {
@@ -151,10 +151,10 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(contr
 		// serving, so hand over anyway, and say what is unknown.
 		s.log.Error("new supervisor left no handover reply", "err", rerr, "pid", reply.PID)
 	}
-	progress(event(control.EventSupervisorReady, reply.Gen, reply.PID, ""))
+	progress(progressAt(StepSuccessorReady, reply.Gen, reply.PID, ""))
 	s.handedOver(reply.PID)
-	progress(event(control.EventSupervisorHandover, 0, os.Getpid(), ""))
-	res := result(control.ResultOK, fmt.Sprintf("supervisor pid %d replaced by pid %d; generation %d (pid %d) serving", os.Getpid(), reply.PID, reply.Gen, reply.GenPID), start)
+	progress(progressAt(StepHandedOver, 0, os.Getpid(), ""))
+	res := result(OK, fmt.Sprintf("supervisor pid %d replaced by pid %d; generation %d (pid %d) serving", os.Getpid(), reply.PID, reply.Gen, reply.GenPID), start)
 	res.Generation, res.PID, res.SupervisorPID = reply.Gen, reply.GenPID, reply.PID
 	return res
 }
@@ -244,7 +244,7 @@ func (s *Supervisor) handedOver(pid int) {
 			}
 		}
 		for _, g := range s.gens {
-			if g.state == control.StateStarting {
+			if g.state == Starting {
 				g.kill()
 				continue
 			}
