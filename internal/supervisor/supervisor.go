@@ -185,7 +185,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		defer procs.Close()
 		s.opts.Procs = procs
 	}
-	if err := s.prepareUpgrades(ctl); err != nil {
+	if succ != nil {
+		// The predecessor registered the descriptors every upgrade
+		// passes, and claiming them registered them again.
+		s.stateFile = succ.StateFile
+	} else if err := s.prepareUpgrades(ctl); err != nil {
 		// Serving matters more than being upgradable.
 		s.log.Error("self-upgrade unavailable", "err", err)
 		s.opts.Upgrader = nil

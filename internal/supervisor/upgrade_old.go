@@ -23,14 +23,9 @@ import (
 
 // prepareUpgrades registers, once, the descriptors that every upgrade
 // passes: tableflip keeps its duplicates and passes them to each child.
-// A successor got them registered already when it claimed them.
 func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 	upg := s.opts.Upgrader
 	if upg == nil {
-		return nil
-	}
-	if s.opts.Successor != nil {
-		s.stateFile = s.opts.Successor.StateFile
 		return nil
 	}
 	var err error
