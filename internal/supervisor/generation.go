@@ -18,7 +18,6 @@ import (
 
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/contract"
-	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/procgroup"
 	"github.com/baton-run/baton/internal/steer"
 	"golang.org/x/sys/unix"
@@ -47,7 +46,7 @@ type generation struct {
 	procs *procgroup.Group
 
 	// loop state
-	state      string
+	state      GenState
 	startedAt  time.Time
 	readyAt    time.Time
 	drainStart time.Time
@@ -100,7 +99,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		done:       make(chan struct{}),
 		stderrDone: make(chan struct{}),
 		tail:       &lineTail{max: stderrTailLines},
-		state:      control.StateStarting,
+		state:      Starting,
 	}
 	cred, err := credential(cfg.User, cfg.Group)
 	if err != nil {

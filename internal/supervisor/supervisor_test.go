@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,8 +19,8 @@ import (
 
 	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/config"
-	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/listen"
+	"github.com/baton-run/baton/internal/upgrade"
 )
 
 // The test binary doubles as the exec shim and as the supervised child,
@@ -83,13 +84,31 @@ type harness struct {
 	cfg  func(*config.Config)
 	// hang makes a reload block like a config on a hung mount, until
 	// the supervisor abandons it.
-	hang chan struct{}
-	done chan error
-	ctl  string
-	stop context.CancelFunc
+	hang  chan struct{}
+	done  chan error
+	ctl   string
+	stop  context.CancelFunc
+	socks []*listen.Socket
+	// succ is what the supervisor took over, with harnessOpts.successor.
+	succ *upgrade.Inherited
+}
+
+// harnessOpts adds to what newHarness sets up.
+type harnessOpts struct {
+	udp      bool // a UDP listener (steer=off) besides the Unix one
+	upgrader Upgrader
+	events   EventSink
+	// successor makes the supervisor one that took over from a
+	// previous one with this state.
+	successor *upgrade.State
 }
 
 func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness {
+	t.Helper()
+	return newHarnessWith(t, mode, tweak, harnessOpts{})
+}
+
+func newHarnessWith(t *testing.T, mode string, tweak func(*config.Config), ho harnessOpts) *harness {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
@@ -97,15 +116,28 @@ func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness 
 	}
 	dir := t.TempDir()
 	h := &harness{t: t, mode: mode, cfg: tweak, done: make(chan error, 1), ctl: filepath.Join(dir, "ctl.sock")}
-	spec, err := config.ParseListen("http=unix://" + filepath.Join(dir, "http.sock"))
-	if err != nil {
-		t.Fatal(err)
+	listeners := []string{"http=unix://" + filepath.Join(dir, "http.sock")}
+	if ho.udp {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := c.LocalAddr().String()
+		c.Close()
+		listeners = append(listeners, "q=udp://"+addr+"?steer=off")
 	}
-	sock, err := listen.Open(spec)
-	if err != nil {
-		t.Fatal(err)
+	for _, l := range listeners {
+		spec, err := config.ParseListen(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sock, err := listen.Open(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sock.Close() })
+		h.socks = append(h.socks, sock)
 	}
-	t.Cleanup(func() { sock.Close() })
 	cfg, err := h.load(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +146,12 @@ func newHarness(t *testing.T, mode string, tweak func(*config.Config)) *harness 
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	h.sup = New(cfg, Options{Load: h.load, Logger: log, Sockets: []*listen.Socket{sock}, Self: self, Stderr: io.Discard})
+	opts := Options{Load: h.load, Logger: log, Sockets: h.socks, Self: self, Stderr: io.Discard, Upgrader: ho.upgrader, Events: ho.events}
+	if ho.successor != nil {
+		h.succ = inherit(t, h.ctl, *ho.successor)
+		opts.Successor = h.succ
+	}
+	h.sup = New(cfg, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	h.stop = cancel
 	go func() { h.done <- h.sup.Run(ctx) }()
@@ -155,7 +192,7 @@ func (h *harness) load(ctx context.Context) (*config.Config, error) {
 }
 
 // waitWorking waits for a serving generation and returns the status.
-func (h *harness) waitWorking(min int) control.Status {
+func (h *harness) waitWorking(min int) Status {
 	h.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -171,13 +208,13 @@ func (h *harness) waitWorking(min int) control.Status {
 		time.Sleep(10 * time.Millisecond)
 	}
 	h.t.Fatalf("no working generation >= %d within 10s: %+v", min, h.sup.Status(context.Background()))
-	return control.Status{}
+	return Status{}
 }
 
-func (h *harness) restart() control.Result {
+func (h *harness) restart() Result {
 	var events []string
-	res := h.sup.Restart(context.Background(), false, func(e control.Event) { events = append(events, e.Event) })
-	h.t.Logf("restart: %s %q events=%v", res.Result, res.Message, events)
+	res := h.sup.Restart(context.Background(), false, func(e Progress) { events = append(events, e.Step.String()) })
+	h.t.Logf("restart: %s %q events=%v", res.Code, res.Message, events)
 	return res
 }
 
@@ -196,7 +233,7 @@ func TestRestartFlipsAndDrains(t *testing.T) {
 	st := h.waitWorking(1)
 	oldPID := st.Gens[0].PID
 	res := h.restart()
-	if res.Result != control.ResultOK || res.Generation != 2 {
+	if res.Code != OK || res.Generation != 2 {
 		t.Fatalf("restart = %+v", res)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -230,7 +267,7 @@ func TestChildExitBeforeReadyKeepsOld(t *testing.T) {
 	h.waitWorking(1)
 	h.setMode("exit")
 	res := h.restart()
-	if res.Result != control.ResultChildExited {
+	if res.Code != ChildExited {
 		t.Fatalf("result = %+v", res)
 	}
 	if !strings.Contains(res.Message, "exit status 3") || !strings.Contains(res.Message, "config broken at line 7") {
@@ -245,16 +282,19 @@ func TestChildExitBeforeReadyKeepsOld(t *testing.T) {
 }
 
 func TestReadyTimeoutKills(t *testing.T) {
-	h := newHarness(t, "ready", func(c *config.Config) { c.ReadyTimeout = 300 * time.Millisecond })
+	h := newHarness(t, "ready", nil)
 	h.waitWorking(1)
+	// Only for the restart: a loaded machine may take longer than that
+	// to start the first generation.
+	h.cfg = func(c *config.Config) { c.ReadyTimeout = 300 * time.Millisecond }
 	h.setMode("never")
 	var spawned int
-	res := h.sup.Restart(context.Background(), false, func(e control.Event) {
-		if e.Event == control.EventSpawned {
+	res := h.sup.Restart(context.Background(), false, func(e Progress) {
+		if e.Step == StepSpawned {
 			spawned = e.PID
 		}
 	})
-	if res.Result != control.ResultReadyTimeout {
+	if res.Code != ReadyTimeout {
 		t.Fatalf("result = %+v", res)
 	}
 	if spawned == 0 || pidAlive(spawned) {
@@ -270,10 +310,10 @@ func TestCheckCommandFailureSpawnsNothing(t *testing.T) {
 	h.waitWorking(1)
 	h.cfg = func(c *config.Config) { c.CheckCmd = "echo syntax error near line 3; exit 1" }
 	res := h.restart()
-	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "syntax error near line 3") {
+	if res.Code != CheckFailed || !strings.Contains(res.Message, "syntax error near line 3") {
 		t.Fatalf("result = %+v", res)
 	}
-	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Generation != 1 {
+	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Num != 1 {
 		t.Fatalf("status = %+v", st)
 	}
 }
@@ -286,7 +326,7 @@ func TestListenerChangeRefused(t *testing.T) {
 		c.Listeners = append(c.Listeners, l)
 	}
 	res := h.restart()
-	if res.Result != control.ResultCheckFailed || !strings.Contains(res.Message, "listener") {
+	if res.Code != CheckFailed || !strings.Contains(res.Message, "listener") {
 		t.Fatalf("result = %+v", res)
 	}
 }
@@ -295,11 +335,11 @@ func TestBusyAndWait(t *testing.T) {
 	h := newHarness(t, "ready", nil)
 	h.waitWorking(1)
 	h.sup.sem <- struct{}{} // a restart in flight
-	if res := h.restart(); res.Result != control.ResultBusy {
+	if res := h.restart(); res.Code != Busy {
 		t.Fatalf("result = %+v, want busy", res)
 	}
-	got := make(chan control.Result, 1)
-	go func() { got <- h.sup.Restart(context.Background(), true, func(control.Event) {}) }()
+	got := make(chan Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), true, func(Progress) {}) }()
 	time.Sleep(100 * time.Millisecond)
 	select {
 	case r := <-got:
@@ -307,7 +347,7 @@ func TestBusyAndWait(t *testing.T) {
 	default:
 	}
 	<-h.sup.sem
-	if r := <-got; r.Result != control.ResultOK {
+	if r := <-got; r.Code != OK {
 		t.Fatalf("queued restart = %+v", r)
 	}
 }
@@ -319,10 +359,10 @@ func TestMaxDrainingAndDeadlineKill(t *testing.T) {
 	})
 	st := h.waitWorking(1)
 	first := st.Gens[0].PID
-	if res := h.restart(); res.Result != control.ResultOK {
+	if res := h.restart(); res.Code != OK {
 		t.Fatalf("restart 1 = %+v", res)
 	}
-	if res := h.restart(); res.Result != control.ResultTooManyDraining {
+	if res := h.restart(); res.Code != TooManyDraining {
 		t.Fatalf("restart 2 = %+v, want too_many_draining", res)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -335,7 +375,7 @@ func TestMaxDrainingAndDeadlineKill(t *testing.T) {
 	for time.Now().Before(deadline) && len(h.sup.Status(context.Background()).Gens) > 1 {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if res := h.restart(); res.Result != control.ResultOK {
+	if res := h.restart(); res.Code != OK {
 		t.Fatalf("restart after the drain ended = %+v", res)
 	}
 }
@@ -367,7 +407,7 @@ func TestGracefulStopReapsAll(t *testing.T) {
 	}
 	for _, g := range st.Gens {
 		if pidAlive(g.PID) {
-			t.Errorf("generation %d pid %d survived the stop", g.Generation, g.PID)
+			t.Errorf("generation %d pid %d survived the stop", g.Num, g.PID)
 		}
 	}
 }
@@ -385,8 +425,8 @@ func TestReadyFallbacks(t *testing.T) {
 	t.Run("delay", func(t *testing.T) {
 		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond} })
 		st := h.waitWorking(1)
-		if st.Gens[0].ReadyAfterMS < 200 {
-			t.Fatalf("ready after %.1fms, before the 200ms delay", st.Gens[0].ReadyAfterMS)
+		if st.Gens[0].ReadyAfter < 200*time.Millisecond {
+			t.Fatalf("ready after %v, before the 200ms delay", st.Gens[0].ReadyAfter)
 		}
 	})
 	t.Run("tcp-connect", func(t *testing.T) {
@@ -414,8 +454,8 @@ func TestReadyFallbacks(t *testing.T) {
 		})
 		h := newHarness(t, "never", func(c *config.Config) { c.Ready = config.Ready{Kind: config.ReadyTCPConnect, Addr: addr} })
 		st := h.waitWorking(1)
-		if st.Gens[0].ReadyAfterMS < 300 {
-			t.Fatalf("ready after %.1fms, before the port was open", st.Gens[0].ReadyAfterMS)
+		if st.Gens[0].ReadyAfter < 300*time.Millisecond {
+			t.Fatalf("ready after %v, before the port was open", st.Gens[0].ReadyAfter)
 		}
 	})
 }
@@ -453,8 +493,8 @@ func TestStopWinsOverHungConfig(t *testing.T) {
 	h.mu.Lock()
 	h.hang = reading
 	h.mu.Unlock()
-	got := make(chan control.Result, 1)
-	go func() { got <- h.sup.Restart(context.Background(), false, func(control.Event) {}) }()
+	got := make(chan Result, 1)
+	go func() { got <- h.sup.Restart(context.Background(), false, func(Progress) {}) }()
 	select {
 	case <-reading:
 	case <-time.After(10 * time.Second):
@@ -463,7 +503,7 @@ func TestStopWinsOverHungConfig(t *testing.T) {
 	h.stop()
 	select {
 	case r := <-got:
-		if r.Result != control.ResultShuttingDown {
+		if r.Code != ShuttingDown {
 			t.Errorf("restart during a stop = %+v, want shutting_down", r)
 		}
 	case <-time.After(10 * time.Second):
@@ -478,4 +518,79 @@ func TestStopWinsOverHungConfig(t *testing.T) {
 		t.Fatal("supervisor did not stop while a config read hung")
 	}
 	h.done <- nil // for the cleanup
+}
+
+// recordingSink is an EventSink that remembers what it was told.
+type recordingSink struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (r *recordingSink) add(format string, args ...any) {
+	r.mu.Lock()
+	r.events = append(r.events, fmt.Sprintf(format, args...))
+	r.mu.Unlock()
+}
+
+func (r *recordingSink) Ready(summary string) { r.add("ready: %s", summary) }
+func (r *recordingSink) Reloading()           { r.add("reloading") }
+func (r *recordingSink) Reloaded(failed, message, summary string) {
+	first, _, _ := strings.Cut(message, "\n")
+	r.add("reloaded: %q %q: %s", failed, first, summary)
+}
+func (r *recordingSink) Stopping()                    { r.add("stopping") }
+func (r *recordingSink) StatusChanged(summary string) { r.add("status: %s", summary) }
+func (r *recordingSink) HandedOver(pid int)           { r.add("handed over: %d", pid) }
+
+func (r *recordingSink) all() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.events)
+}
+
+// TestEventsTellSystemd: what systemd hears about a start, a restart that
+// works and one that fails, and a stop.
+func TestEventsTellSystemd(t *testing.T) {
+	sink := &recordingSink{}
+	h := newHarnessWith(t, "ready", nil, harnessOpts{events: sink})
+	st := h.waitWorking(1)
+	if res := h.restart(); res.Code != OK {
+		t.Fatalf("restart = %+v", res)
+	}
+	h.setMode("exit")
+	if res := h.restart(); res.Code != ChildExited {
+		t.Fatalf("restart = %+v", res)
+	}
+	h.stop()
+	select {
+	case <-h.done:
+		h.done <- nil
+	case <-time.After(10 * time.Second):
+		t.Fatal("no stop within 10s")
+	}
+	var got []string
+	for _, e := range sink.all() {
+		// Status updates come as generations come and go; the order of
+		// the rest is what systemd relies on.
+		if !strings.HasPrefix(e, "status: ") {
+			got = append(got, e)
+		}
+	}
+	g2 := "generation 2 (pid "
+	want := []string{
+		"ready: generation 1 (pid " + strconv.Itoa(st.Gens[0].PID) + ") serving, 0 draining",
+		"reloading",
+		`reloaded: "" "": ` + g2,
+		"reloading",
+		`reloaded: "child_exited" "generation 3 (pid `,
+		"stopping",
+	}
+	if len(got) != len(want) {
+		t.Fatalf("events %q, want %q", got, want)
+	}
+	for i := range want {
+		if !strings.HasPrefix(got[i], want[i]) {
+			t.Fatalf("event %d = %q, want %q...; all: %q", i, got[i], want[i], got)
+		}
+	}
 }

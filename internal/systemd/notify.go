@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/baton-run/baton/internal/control"
 	"golang.org/x/sys/unix"
 )
 
@@ -84,12 +83,13 @@ func (n *Notifier) send(state string) {
 	}
 }
 
-// Ready reports the supervisor ready, with a status line.
-func (n *Notifier) Ready(st control.Status) {
+// Ready reports the supervisor ready, with a one-line summary of what
+// serves for STATUS=.
+func (n *Notifier) Ready(summary string) {
 	if n == nil {
 		return
 	}
-	n.send("READY=1\nSTATUS=" + StatusLine(st))
+	n.send("READY=1\nSTATUS=" + summary)
 }
 
 // Reloading tells systemd a restart began. MONOTONIC_USEC must be in the
@@ -102,14 +102,15 @@ func (n *Notifier) Reloading() {
 }
 
 // Reloaded ends a reload, successful or not: the service keeps running
-// either way, and STATUS= says what happened.
-func (n *Notifier) Reloaded(res control.Result, st control.Status) {
+// either way, and STATUS= says what happened. failed is empty after a
+// successful restart, else its result code, and message says why.
+func (n *Notifier) Reloaded(failed, message, summary string) {
 	if n == nil {
 		return
 	}
-	line := StatusLine(st)
-	if res.Result != control.ResultOK {
-		line = fmt.Sprintf("last restart failed (%s): %s; %s", res.Result, firstLine(res.Message), line)
+	line := summary
+	if failed != "" {
+		line = fmt.Sprintf("last restart failed (%s): %s; %s", failed, firstLine(message), summary)
 	}
 	n.send("READY=1\nSTATUS=" + line)
 }
@@ -122,12 +123,12 @@ func (n *Notifier) Stopping() {
 	n.send("STOPPING=1\nSTATUS=stopping: draining every generation")
 }
 
-// StatusChanged updates STATUS=.
-func (n *Notifier) StatusChanged(st control.Status) {
+// StatusChanged updates STATUS= with a one-line summary.
+func (n *Notifier) StatusChanged(summary string) {
 	if n == nil {
 		return
 	}
-	n.send("STATUS=" + StatusLine(st))
+	n.send("STATUS=" + summary)
 }
 
 // MainPID tells systemd a new process is the service's main pid.
@@ -146,27 +147,6 @@ func (n *Notifier) HandedOver(pid int) {
 	n.mu.Lock()
 	n.handedOver = true
 	n.mu.Unlock()
-}
-
-// StatusLine is the one-line summary used in STATUS=.
-func StatusLine(st control.Status) string {
-	var draining int
-	var serving string
-	for _, g := range st.Gens {
-		switch g.State {
-		case control.StateDraining:
-			draining++
-		case control.StateServing:
-			serving = fmt.Sprintf("generation %d (pid %d) serving", g.Generation, g.PID)
-		}
-	}
-	if serving == "" {
-		serving = "no generation serving"
-		if st.CrashLoop {
-			serving += " (crash loop)"
-		}
-	}
-	return fmt.Sprintf("%s, %d draining", serving, draining)
 }
 
 // MonotonicUsec is CLOCK_MONOTONIC in microseconds, as systemd wants it.

@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/baton-run/baton/internal/control"
 )
 
 // receiver stands in for systemd: a unixgram socket that reads the
@@ -59,10 +57,8 @@ func TestNotifierMessages(t *testing.T) {
 		}
 		return ""
 	}, nil)
-	st := control.Status{Gens: []control.GenStatus{
-		{Generation: 2, PID: 42, State: control.StateServing},
-		{Generation: 1, PID: 41, State: control.StateDraining},
-	}}
+	// The supervisor's Status.Summary.
+	st := "generation 2 (pid 42) serving, 1 draining"
 
 	n.Ready(st)
 	if msg, _ := r.next(t); msg != "READY=1\nSTATUS=generation 2 (pid 42) serving, 1 draining" {
@@ -80,9 +76,17 @@ func TestNotifierMessages(t *testing.T) {
 	} else if usec := parseInt(t, v); usec < before || usec > MonotonicUsec() {
 		t.Fatalf("MONOTONIC_USEC %d not within the call (%d..)", usec, before)
 	}
-	n.Reloaded(control.Result{Result: control.ResultChildExited, Message: "generation 3 exited before ready: exit status 1\n  stderr"}, st)
+	n.Reloaded("child_exited", "generation 3 exited before ready: exit status 1\n  stderr", st)
 	if msg, _ := r.next(t); !strings.HasPrefix(msg, "READY=1\nSTATUS=last restart failed (child_exited): generation 3 exited before ready: exit status 1; generation 2") {
 		t.Fatalf("failed reload = %q", msg)
+	}
+	n.Reloaded("", "", st)
+	if msg, _ := r.next(t); msg != "READY=1\nSTATUS=generation 2 (pid 42) serving, 1 draining" {
+		t.Fatalf("reload = %q", msg)
+	}
+	n.StatusChanged(st)
+	if msg, _ := r.next(t); msg != "STATUS=generation 2 (pid 42) serving, 1 draining" {
+		t.Fatalf("status = %q", msg)
 	}
 	n.Stopping()
 	if msg, _ := r.next(t); !strings.HasPrefix(msg, "STOPPING=1\n") {

@@ -47,7 +47,7 @@ type Env struct {
 // supervisor uses, the descriptors a predecessor passed, and Stop.
 type Upgrader interface {
 	supervisor.Upgrader
-	supervisor.FileSource
+	listen.FileSource
 	Stop()
 }
 

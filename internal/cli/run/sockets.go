@@ -10,7 +10,7 @@ import (
 
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/listen"
-	"github.com/baton-run/baton/internal/supervisor"
+	"github.com/baton-run/baton/internal/upgrade"
 )
 
 // tableflipSentinel is the variable tableflip v1.2.3 sets in the
@@ -55,9 +55,9 @@ const (
 // the predecessor's already. Otherwise the sockets systemd passed serve
 // the listeners of the same name, and the rest are opened. src is set on
 // error too, for the message.
-func openSockets(env Env, upg Upgrader, specs []config.Listener) (socks []*listen.Socket, succ *supervisor.Successor, src source, err error) {
+func openSockets(env Env, upg Upgrader, specs []config.Listener) (socks []*listen.Socket, succ *upgrade.Inherited, src source, err error) {
 	if upg.HasParent() {
-		succ, socks, err = takeOver(upg, specs)
+		succ, socks, err = listen.TakeOver(upg, specs)
 		if err != nil {
 			return nil, nil, fromPredecessor, err
 		}
@@ -73,12 +73,6 @@ func openSockets(env Env, upg Upgrader, specs []config.Listener) (socks []*liste
 		return nil, nil, src, err
 	}
 	return socks, nil, src, nil
-}
-
-// takeOver adopts the sockets and the state the previous supervisor
-// passed in an upgrade.
-func takeOver(src supervisor.FileSource, specs []config.Listener) (*supervisor.Successor, []*listen.Socket, error) {
-	return supervisor.TakeOver(src, specs)
 }
 
 // adoptWatchdog moves systemd's watchdog to this process when it was

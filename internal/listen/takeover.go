@@ -1,0 +1,112 @@
+package listen
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/steer"
+	"github.com/baton-run/baton/internal/upgrade"
+)
+
+// FileSource gives a supervisor started by an upgrade the descriptors its
+// predecessor passed, by name (tableflip's Upgrader does).
+type FileSource interface {
+	File(name string) (*os.File, error)
+}
+
+// TakeOver is the third way to get the listening sockets, after Open and
+// systemd activation: from the supervisor this one replaces. It reads the
+// predecessor's state and builds the sockets for specs from the
+// descriptors it passed. The listeners must be the ones the predecessor
+// had: a changed listener needs a full restart of baton, as it does for a
+// restart. No specs means systemd's sockets passed through as they were.
+//
+// The Inherited part is for the supervisor (supervisor.Options.Successor).
+func TakeOver(src FileSource, specs []config.Listener) (*upgrade.Inherited, []*Socket, error) {
+	in := &upgrade.Inherited{}
+	var socks []*Socket
+	fail := func(err error) (*upgrade.Inherited, []*Socket, error) {
+		CloseAll(socks)
+		for _, f := range []*os.File{in.StateFile, in.Control} {
+			if f != nil {
+				f.Close()
+			}
+		}
+		return nil, nil, err
+	}
+	var err error
+	if in.StateFile, err = need(src, upgrade.FileState); err != nil {
+		return fail(err)
+	}
+	if in.State, err = upgrade.ReadState(in.StateFile); err != nil {
+		return fail(err)
+	}
+	if in.Control, err = need(src, upgrade.FileControl); err != nil {
+		return fail(err)
+	}
+	byName := map[string]upgrade.Listener{}
+	for _, hl := range in.State.Listeners {
+		byName[hl.Name] = hl
+	}
+	if len(specs) == 0 {
+		for _, hl := range in.State.Listeners {
+			specs = append(specs, config.Listener{Name: hl.Name, Scheme: config.SchemeSystemd, URL: hl.URL})
+		}
+	}
+	if len(specs) != len(in.State.Listeners) {
+		return fail(fmt.Errorf("the configured listeners %s differ from the running supervisor's %s; a listener change needs a full restart of baton", specNames(specs), in.State.Names()))
+	}
+	for _, spec := range specs {
+		hl, ok := byName[spec.Name]
+		if !ok || (spec.Scheme != config.SchemeSystemd && strings.TrimSuffix(hl.URL, " (systemd)") != spec.URL) {
+			return fail(fmt.Errorf("listener %s (%s) is not what the running supervisor has (%s); a listener change needs a full restart of baton", spec.Name, spec.URL, hl.URL))
+		}
+		spec.URL = hl.URL
+		if hl.UDP == nil {
+			f, err := need(src, upgrade.ListenerFile(spec.Name))
+			if err != nil {
+				return fail(err)
+			}
+			socks = append(socks, Inherited(spec, f, hl.Activated))
+			continue
+		}
+		files := map[string]*os.File{}
+		for _, part := range steer.FileNames(*hl.UDP) {
+			f, err := need(src, upgrade.UDPFile(spec.Name, part))
+			if err != nil {
+				for _, f := range files {
+					f.Close()
+				}
+				return fail(err)
+			}
+			files[part] = f
+		}
+		g, err := steer.Adopt(files, *hl.UDP, UDPConfig(spec))
+		if err != nil {
+			return fail(fmt.Errorf("listener %s: %w", spec.Name, err))
+		}
+		socks = append(socks, InheritedUDP(spec, g, hl.Activated))
+	}
+	return in, socks, nil
+}
+
+func need(src FileSource, name string) (*os.File, error) {
+	f, err := src.File(name)
+	if err != nil {
+		return nil, fmt.Errorf("handover: descriptor %s: %w", name, err)
+	}
+	if f == nil {
+		return nil, fmt.Errorf("handover: the previous supervisor passed no descriptor %s", name)
+	}
+	return f, nil
+}
+
+func specNames(ls []config.Listener) string {
+	names := make([]string, len(ls))
+	for i, l := range ls {
+		names[i] = l.Name
+	}
+	return "[" + strings.Join(names, " ") + "]"
+}

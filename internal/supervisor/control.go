@@ -1,0 +1,137 @@
+package supervisor
+
+// The coordination socket's edge: the supervisor speaks in its own types,
+// and this file alone translates them to and from the wire (package
+// control).
+
+import (
+	"context"
+	"time"
+
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/control"
+)
+
+// openControl binds the coordination socket, or takes it over from the
+// previous supervisor, still bound to its path.
+func (s *Supervisor) openControl(cfg *config.Config) (*control.Server, error) {
+	opts := control.Options{Group: cfg.ControlGroup, Logger: s.log}
+	if succ := s.opts.Successor; succ != nil {
+		return control.FromFile(cfg.Control, succ.Control, opts)
+	}
+	return control.Listen(cfg.Control, opts)
+}
+
+// controlHandler serves coordination socket requests with the supervisor.
+type controlHandler struct{ s *Supervisor }
+
+var _ control.Handler = controlHandler{}
+
+func (h controlHandler) Restart(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+	return wireResult(h.s.Restart(ctx, wait, wireProgress(progress)))
+}
+
+func (h controlHandler) Upgrade(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+	return wireResult(h.s.Upgrade(ctx, wait, wireProgress(progress)))
+}
+
+func (h controlHandler) Status(ctx context.Context) control.Status {
+	return wireStatus(h.s.Status(ctx))
+}
+
+var wireCodes = map[Code]control.Code{
+	OK:              control.ResultOK,
+	CheckFailed:     control.ResultCheckFailed,
+	ChildExited:     control.ResultChildExited,
+	ReadyTimeout:    control.ResultReadyTimeout,
+	Busy:            control.ResultBusy,
+	TooManyDraining: control.ResultTooManyDraining,
+	ShuttingDown:    control.ResultShuttingDown,
+	NoSlot:          control.ResultNoSlot,
+	UpgradeFailed:   control.ResultUpgradeFailed,
+	SpawnFailed:     control.ResultSpawnFailed,
+}
+
+var wireSteps = map[Step]string{
+	StepQueued:         control.EventQueued,
+	StepChecked:        control.EventChecked,
+	StepSpawned:        control.EventSpawned,
+	StepReady:          control.EventReady,
+	StepFlipped:        control.EventFlipped,
+	StepDraining:       control.EventDraining,
+	StepSuccessorReady: control.EventSupervisorReady,
+	StepHandedOver:     control.EventSupervisorHandover,
+}
+
+var wireStates = map[GenState]string{
+	Starting: control.StateStarting,
+	Serving:  control.StateServing,
+	Draining: control.StateDraining,
+}
+
+func wireCode(c Code) control.Code {
+	if w, ok := wireCodes[c]; ok {
+		return w
+	}
+	return control.Code(c.String())
+}
+
+func wireResult(r Result) control.Result {
+	return control.Result{
+		V: control.ProtocolVersion, Type: control.TypeResult, Result: wireCode(r.Code), Message: r.Message,
+		Generation: r.Generation, PID: r.PID, SupervisorPID: r.SupervisorPID,
+		DurationMS: ms(r.Duration),
+	}
+}
+
+func wireProgress(progress func(control.Event)) func(Progress) {
+	return func(p Progress) {
+		name, ok := wireSteps[p.Step]
+		if !ok {
+			name = p.Step.String()
+		}
+		progress(control.Event{
+			V: control.ProtocolVersion, Type: control.TypeProgress, Event: name,
+			Generation: p.Generation, PID: p.PID, Message: p.Message, Time: p.Time,
+		})
+	}
+}
+
+func wireStatus(st Status) control.Status {
+	out := control.Status{
+		PID: st.PID, StartedAt: st.StartedAt, Working: st.Working, Restarts: st.Restarts, Crashes: st.Crashes,
+		CrashLoop: st.CrashLoop, LastCrash: st.LastCrash, Stopping: st.Stopping,
+		Goroutines: st.Goroutines, OpenFDs: st.OpenFDs,
+	}
+	if st.Gens != nil {
+		out.Gens = make([]control.GenStatus, 0, len(st.Gens))
+	}
+	for _, g := range st.Gens {
+		state, ok := wireStates[g.State]
+		if !ok {
+			state = g.State.String()
+		}
+		out.Gens = append(out.Gens, control.GenStatus{
+			Generation: g.Num, PID: g.PID, State: state, StartedAt: g.StartedAt, Status: g.Status,
+			ReadyAfterMS: ms(g.ReadyAfter), DrainingFor: float64(g.DrainingFor.Milliseconds()),
+		})
+	}
+	for _, l := range st.Listeners {
+		ls := control.ListenerStatus{Name: l.Name, URL: l.URL, FD: l.FD, Steer: l.Steer, Workers: l.Workers, Working: l.WorkingSlot}
+		if l.UDP != nil {
+			ls.UDP = make([]control.UDPStatus, 0, len(l.UDP))
+		}
+		for _, u := range l.UDP {
+			ls.UDP = append(ls.UDP, control.UDPStatus{
+				Slot: u.Slot, Generation: u.Generation, CID: u.CID, Pinned: u.Pinned, New: u.New,
+				Fallback: u.Fallback, Errors: u.Errors, Dropped: u.Dropped,
+			})
+		}
+		out.Listeners = append(out.Listeners, ls)
+	}
+	return out
+}
+
+// ms is a duration in milliseconds with microsecond precision, as the
+// wire has it.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

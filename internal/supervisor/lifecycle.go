@@ -1,0 +1,235 @@
+package supervisor
+
+// A generation's life after the flip and the supervisor's end: drain,
+// reap, free what a generation held, respawn after a crash, stop.
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/baton-run/baton/internal/config"
+)
+
+// Crash respawn backoff: doubling from the first to the cap; a generation
+// that served for crashResetAfter before crashing starts the series anew.
+const (
+	crashBackoffFirst = 100 * time.Millisecond
+	crashBackoffMax   = 10 * time.Second
+	crashResetAfter   = 30 * time.Second
+	crashLoopAt       = 3
+)
+
+// drain tells g to finish its work and SIGKILLs it at the deadline.
+func (s *Supervisor) drain(g *generation, timeout time.Duration) {
+	if g.state == Draining || g.exited {
+		return
+	}
+	g.state = Draining
+	g.drainStart = time.Now()
+	sig := s.cfg.DrainSignal
+	g.log.Info("draining generation", "signal", config.SignalName(sig), "deadline", timeout)
+	g.signal(sig)
+	if len(g.groups) > 0 {
+		s.watchUDPIdle(g)
+	}
+	g.drainTimer = time.AfterFunc(timeout, func() {
+		s.post(func() {
+			if !g.exited {
+				g.log.Warn("generation still running at its drain deadline; sending SIGKILL", "drain_timeout", timeout)
+				g.kill()
+			}
+		})
+	})
+}
+
+// reaped runs on the loop after a generation's process was waited for.
+func (s *Supervisor) reaped(g *generation) {
+	for i, x := range s.gens {
+		if x == g {
+			s.gens = append(s.gens[:i], s.gens[i+1:]...)
+			break
+		}
+	}
+	if g.drainTimer != nil {
+		g.drainTimer.Stop()
+	}
+	g.notify.Close()
+	// Whatever the main process left behind in its group goes with it.
+	g.kill()
+	if g.idleTimer != nil {
+		g.idleTimer.Stop()
+	}
+	s.leftovers++
+	go s.awaitEmpty(g)
+	close(g.done)
+
+	switch {
+	case g == s.working:
+		s.working = nil
+		if s.stopping {
+			g.log.Info("generation exited", "status", g.exitDesc)
+			break
+		}
+		served := time.Since(g.readyAt)
+		if served >= crashResetAfter {
+			s.consecCrashes = 0
+		}
+		s.crashes++
+		s.consecCrashes++
+		s.lastCrash = fmt.Sprintf("generation %d (pid %d) %s at %s", g.num, g.pid, g.exitDesc, time.Now().Format(time.RFC3339))
+		delay := backoff(s.consecCrashes)
+		g.log.Error("serving generation died; respawning", "status", g.exitDesc, "in", delay, "consecutive_crashes", s.consecCrashes, "crash_loop", s.consecCrashes >= crashLoopAt)
+		s.scheduleRespawn(delay)
+	case g.state == Draining:
+		g.log.Info("generation drained", "status", g.exitDesc, "drain", time.Since(g.drainStart).Round(time.Millisecond))
+	default:
+		g.log.Warn("generation exited before serving", "status", g.exitDesc)
+	}
+	if s.opts.Events != nil && !s.stopping {
+		s.opts.Events.StatusChanged(s.status().Summary())
+	}
+}
+
+// groupEmptyBound bounds the wait for a killed generation's last process
+// to die; only a process stuck in the kernel takes longer.
+const groupEmptyBound = 10 * time.Second
+
+// awaitEmpty waits, off the loop, until nothing the generation started
+// runs any more, removes its process group, and only then frees its UDP
+// slot: until every socket of the slot is closed, another generation in
+// it would share its steering with a process that is still alive.
+func (s *Supervisor) awaitEmpty(g *generation) {
+	ctx, cancel := context.WithTimeout(context.Background(), groupEmptyBound)
+	err := g.procs.Wait(ctx)
+	cancel()
+	cerr := g.procs.Close()
+	s.post(func() {
+		s.leftovers--
+		if err != nil {
+			g.log.Warn("processes of the generation still running after SIGKILL; freeing its resources anyway", "bound", groupEmptyBound, "err", err)
+		}
+		if cerr != nil {
+			g.log.Warn("removing the generation's process group failed", "err", cerr)
+		}
+		for _, grp := range g.groups {
+			if err := grp.Release(g.slot); err != nil {
+				g.log.Warn("UDP slot release failed", "err", err)
+			}
+		}
+	})
+}
+
+// watchUDPIdle ends a draining generation's drain early once it has
+// reported IDLE=1 and its UDP sockets got no datagram for cfg.UDPIdle:
+// with no connection-oriented socket to watch, that is the only way to
+// know a UDP server is done before its drain deadline.
+func (s *Supervisor) watchUDPIdle(g *generation) {
+	quiet := s.cfg.UDPIdle
+	every := min(quiet/4, time.Second)
+	var check func()
+	check = func() {
+		s.post(func() {
+			if g.exited {
+				return
+			}
+			if g.idle && g.udpIdle(quiet) {
+				g.log.Info("drain ended early: generation reported idle and its UDP sockets are quiet", "quiet", quiet)
+				g.kill()
+				return
+			}
+			g.idleTimer = time.AfterFunc(every, check)
+		})
+	}
+	g.idleTimer = time.AfterFunc(every, check)
+}
+
+func backoff(n int) time.Duration {
+	d := crashBackoffFirst
+	for i := 1; i < n && d < crashBackoffMax; i++ {
+		d *= 2
+	}
+	return min(d, crashBackoffMax)
+}
+
+func (s *Supervisor) scheduleRespawn(delay time.Duration) {
+	if s.respawnTimer != nil {
+		s.respawnTimer.Stop()
+	}
+	s.respawnTimer = time.AfterFunc(delay, func() { go s.respawn() })
+}
+
+// respawn replaces a crashed working generation with the current config.
+func (s *Supervisor) respawn() {
+	select {
+	case s.sem <- struct{}{}:
+	case <-s.stopCtx.Done():
+		return
+	}
+	defer func() { <-s.sem }()
+	var need bool
+	if !s.call(func() { need = s.working == nil && !s.stopping }) || !need {
+		return
+	}
+	res := s.runRestart(false, reasonCrash, s.logProgress)
+	if res.Code == OK {
+		return
+	}
+	s.post(func() {
+		if s.stopping || s.working != nil {
+			return
+		}
+		s.consecCrashes++
+		s.lastCrash = res.Message
+		delay := backoff(s.consecCrashes)
+		s.log.Error("respawn failed; retrying", "result", res.Code, "message", res.Message, "in", delay, "consecutive_crashes", s.consecCrashes)
+		s.scheduleRespawn(delay)
+	})
+}
+
+// stop begins a graceful (drain everything within the stop timeout) or
+// immediate (SIGKILL everything) stop. The loop ends once all are reaped.
+func (s *Supervisor) stop(immediate bool) {
+	s.post(func() {
+		first := !s.stopping
+		s.stopping = true
+		s.stopCancel()
+		if s.respawnTimer != nil {
+			s.respawnTimer.Stop()
+		}
+		if first && s.opts.Events != nil {
+			s.opts.Events.Stopping()
+		}
+		for _, g := range s.gens {
+			switch {
+			case immediate, g.state == Starting:
+				g.kill()
+			default:
+				s.drain(g, s.cfg.StopTimeout)
+			}
+		}
+		if first && !immediate {
+			timeout := s.cfg.StopTimeout
+			s.stopTimer = time.AfterFunc(timeout, func() {
+				s.post(func() {
+					for _, g := range s.gens {
+						g.log.Warn("generation still running at the stop timeout; sending SIGKILL", "stop_timeout", timeout)
+						g.kill()
+					}
+				})
+			})
+		}
+	})
+	// Wake the loop even when there is nothing to reap.
+	s.post(func() {})
+}
+
+// stoppingMessage says why a request finds the supervisor stopping.
+func (s *Supervisor) stoppingMessage() string {
+	var pid int
+	s.call(func() { pid = s.successor })
+	if pid != 0 {
+		return fmt.Sprintf("this supervisor handed over to a new one (pid %d); send the request again", pid)
+	}
+	return "the supervisor is stopping"
+}

@@ -1,0 +1,415 @@
+package supervisor
+
+// The restart pipeline: take the single-flight lock, re-read and check
+// the config, run the check command, spawn the next generation, wait for
+// it to be ready, flip.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/procgroup"
+	"github.com/baton-run/baton/internal/steer"
+)
+
+// Why a generation is started.
+const (
+	reasonStart   = "start"
+	reasonRequest = "request"
+	reasonCrash   = "crash"
+	reasonUpgrade = "upgrade"
+)
+
+// Restart replaces the working generation with a new one, with the
+// config re-read: single-flight, or queued behind the running restart or
+// upgrade with wait. progress hears each step.
+func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(Progress)) Result {
+	if res, ok := s.acquire(ctx, wait, progress); !ok {
+		return res
+	}
+	defer func() { <-s.sem }()
+	if s.opts.Events == nil {
+		return s.runRestart(true, reasonRequest, progress)
+	}
+	s.opts.Events.Reloading()
+	res := s.runRestart(true, reasonRequest, progress)
+	var failed, message string
+	if res.Code != OK {
+		failed, message = res.Code.String(), res.Message
+	}
+	s.opts.Events.Reloaded(failed, message, s.Status(ctx).Summary())
+	return res
+}
+
+// acquire takes the single-flight lock that restarts and upgrades share,
+// or queues for it with wait. When it fails, the result says why.
+func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(Progress)) (Result, bool) {
+	select {
+	case s.sem <- struct{}{}:
+		return Result{}, true
+	default:
+	}
+	if !wait {
+		return result(Busy, "another restart or upgrade is in progress; retry, or use --wait to queue behind it", time.Now()), false
+	}
+	progress(progressAt(StepQueued, 0, 0, "waiting for the running restart to finish"))
+	select {
+	case s.sem <- struct{}{}:
+		return Result{}, true
+	case <-ctx.Done():
+		return result(Busy, "gave up waiting for the running restart", time.Now()), false
+	case <-s.stopCtx.Done():
+		return result(ShuttingDown, s.stoppingMessage(), time.Now()), false
+	}
+}
+
+// runRestart replaces the working generation. The caller holds s.sem.
+// reload re-reads the config and runs the check command; a crash respawn
+// and the first start use the current config as it is.
+func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progress)) Result {
+	start := time.Now()
+	var cfg *config.Config
+	var stopping bool
+	var draining int
+	var hasWorking bool
+	if !s.call(func() {
+		cfg, stopping, hasWorking = s.cfg, s.stopping, s.working != nil
+		for _, g := range s.gens {
+			if g.state == Draining {
+				draining++
+			}
+		}
+		draining += len(s.adopted)
+	}) || stopping {
+		return result(ShuttingDown, s.stoppingMessage(), start)
+	}
+	if reload {
+		next, err := s.loadConfig()
+		if errors.Is(err, errStopping) {
+			return result(ShuttingDown, s.stoppingMessage(), start)
+		}
+		if err != nil {
+			return result(CheckFailed, err.Error(), start)
+		}
+		if err := sameListeners(cfg, next); err != nil {
+			return result(CheckFailed, err.Error(), start)
+		}
+		if warn := fixedSettings(cfg, next); warn != "" {
+			s.log.Warn(warn)
+		}
+		cfg = next
+		if hasWorking && draining >= cfg.MaxDraining {
+			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
+		}
+		if cfg.CheckCmd != "" {
+			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1), s.log)
+			if errors.Is(err, errStopping) {
+				return result(ShuttingDown, s.stoppingMessage(), start)
+			}
+			if err != nil {
+				return result(CheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
+			}
+		}
+		progress(progressAt(StepChecked, 0, 0, "config valid"))
+	}
+
+	var g *generation
+	var err error
+	if !s.call(func() { g, err = s.spawn(cfg) }) {
+		return result(ShuttingDown, "the supervisor is stopping", start)
+	}
+	if errors.Is(err, errNoSlot) {
+		return result(NoSlot, err.Error(), start)
+	}
+	if err != nil {
+		res := result(SpawnFailed, err.Error(), start)
+		s.call(func() {
+			if s.working != nil {
+				res.Generation, res.PID = s.working.num, s.working.pid
+			}
+		})
+		return res
+	}
+	progress(progressAt(StepSpawned, g.num, g.pid, ""))
+
+	timer := time.NewTimer(cfg.ReadyTimeout)
+	defer timer.Stop()
+	select {
+	case <-g.ready:
+	case <-g.done:
+		return s.failed(g, ChildExited, start)
+	case <-timer.C:
+		s.post(func() {
+			g.log.Warn("generation not ready in time; killing it", "ready_timeout", cfg.ReadyTimeout)
+			g.kill()
+		})
+		select {
+		case <-g.done:
+		case <-time.After(5 * time.Second):
+		}
+		res := s.failed(g, ReadyTimeout, start)
+		res.Message = fmt.Sprintf("generation %d (pid %d) was not ready within %v and was killed", g.num, g.pid, cfg.ReadyTimeout) + indent(g.stderrTail())
+		return res
+	case <-s.stopCtx.Done():
+		return result(ShuttingDown, "the supervisor is stopping", start)
+	}
+	progress(progressAt(StepReady, g.num, g.pid, ""))
+
+	var old *generation
+	var ok bool
+	if !s.call(func() { old, ok = s.flip(g, cfg, reason) }) {
+		return result(ShuttingDown, "the supervisor is stopping", start)
+	}
+	if !ok {
+		return s.failed(g, ChildExited, start)
+	}
+	progress(progressAt(StepFlipped, g.num, g.pid, ""))
+	if old != nil {
+		progress(progressAt(StepDraining, old.num, old.pid, ""))
+	}
+	res := result(OK, fmt.Sprintf("generation %d (pid %d) serving", g.num, g.pid), start)
+	res.Generation, res.PID = g.num, g.pid
+	return res
+}
+
+// failed builds the result for a generation that did not make it, with
+// its exit status and the last lines of its stderr. The old generation is
+// untouched.
+func (s *Supervisor) failed(g *generation, code Code, start time.Time) Result {
+	var desc string
+	s.call(func() { desc = g.exitDesc })
+	msg := fmt.Sprintf("generation %d (pid %d) exited before ready: %s", g.num, g.pid, desc)
+	res := result(code, msg+indent(g.stderrTail()), start)
+	s.call(func() {
+		if s.working != nil {
+			res.Generation, res.PID = s.working.num, s.working.pid
+		}
+	})
+	return res
+}
+
+func indent(out string) string {
+	out = strings.TrimSpace(out)
+	if out == "" {
+		return ""
+	}
+	return "\n  " + strings.ReplaceAll(out, "\n", "\n  ")
+}
+
+// loadConfig re-reads the config, giving up at once when a stop begins: a
+// config on a hung mount must never keep baton from stopping.
+func (s *Supervisor) loadConfig() (*config.Config, error) {
+	c, err := s.opts.Load(s.stopCtx)
+	if s.stopCtx.Err() != nil {
+		return nil, errStopping
+	}
+	return c, err
+}
+
+// runCheck runs the check command, bounded by the check timeout and by a
+// stop of the supervisor, and returns its output. Everything the command
+// starts is in one process group, killed as a whole when it times out and
+// when the shell exits, so nothing it started outlives it.
+func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker, n int64, log *slog.Logger) (string, error) {
+	grp, err := procs.NewGroup(fmt.Sprintf("check-%d", n))
+	if err != nil {
+		return "", err
+	}
+	defer grp.Close()
+	ctx, cancel := context.WithTimeout(stop, cfg.CheckTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
+	cmd.Dir = cfg.Dir
+	cmd.Env = append(childEnv(os.Environ(), cfg.Env), grp.Env()...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	if err := grp.Prepare(cmd.SysProcAttr); err != nil {
+		return "", err
+	}
+	cmd.Cancel = grp.Kill
+	// A background process holding the output pipe must not keep the
+	// check waiting once the shell is gone.
+	cmd.WaitDelay = time.Second
+	var out cappedBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err = cmd.Start()
+	if err == nil {
+		if serr := grp.Started(cmd.Process.Pid); serr != nil {
+			log.Warn("check command: process tracking", "err", serr)
+		}
+		err = cmd.Wait()
+		grp.Kill()
+	}
+	switch {
+	case stop.Err() != nil:
+		err = errStopping
+	case ctx.Err() != nil:
+		err = fmt.Errorf("timed out after %v", cfg.CheckTimeout)
+	}
+	tail := out.String()
+	if len(tail) > 2048 {
+		tail = "…" + tail[len(tail)-2048:]
+	}
+	return tail, err
+}
+
+// cappedBuffer collects a command's output up to 1 MiB: a check that
+// prints without end must not grow the supervisor without bound. exec
+// writes to it from one goroutine (stdout and stderr are the same writer)
+// and Wait returns only once that goroutine is done.
+type cappedBuffer struct{ buf strings.Builder }
+
+func (b *cappedBuffer) Write(p []byte) (int, error) {
+	if b.buf.Len() < 1<<20 {
+		b.buf.Write(p)
+	}
+	return len(p), nil
+}
+
+func (b *cappedBuffer) String() string { return b.buf.String() }
+
+// sameListeners refuses a restart whose config changes the listener set.
+// Reusing the old sockets while the config says otherwise would silently
+// ignore the change.
+func sameListeners(cur, next *config.Config) error {
+	a, b := cur.Listeners, next.Listeners
+	if len(a) != len(b) {
+		return fmt.Errorf("the config changes the listeners (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring them", listenerNames(a), listenerNames(b))
+	}
+	for i := range a {
+		if !a[i].Same(b[i]) {
+			return fmt.Errorf("the config changes listener %s (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring it", a[i].Name, a[i].URL, b[i].URL)
+		}
+	}
+	return nil
+}
+
+// fixedSettings names settings that cannot change without a new supervisor.
+func fixedSettings(cur, next *config.Config) string {
+	var fixed []string
+	if cur.Control != next.Control || cur.ControlGroup != next.ControlGroup {
+		fixed = append(fixed, "control socket")
+	}
+	if cur.LogFormat != next.LogFormat || cur.LogLevel != next.LogLevel {
+		fixed = append(fixed, "log format/level")
+	}
+	if cur.ProcessTracking != next.ProcessTracking {
+		fixed = append(fixed, "process tracking")
+	}
+	if len(fixed) == 0 {
+		return ""
+	}
+	return "config change not applied until baton itself restarts: " + strings.Join(fixed, ", ")
+}
+
+func listenerNames(ls []config.Listener) string {
+	names := make([]string, len(ls))
+	for i, l := range ls {
+		names[i] = l.Name
+	}
+	return "[" + strings.Join(names, " ") + "]"
+}
+
+// errNoSlot: every UDP steering slot is held by a live generation.
+var errNoSlot = errors.New("all 31 UDP steering slots belong to live generations; wait for draining generations to exit")
+
+// spawn runs on the loop: start the next generation and register it.
+func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
+	if s.stopping {
+		return nil, errors.New("the supervisor is stopping")
+	}
+	var files []*os.File
+	var names, env []string
+	slot := 0
+	var groups []*steer.Group
+	release := func() {
+		for _, grp := range groups {
+			grp.Release(slot)
+		}
+	}
+	for _, sk := range s.opts.Sockets {
+		if sk.UDP == nil {
+			files, names = append(files, sk.File), append(names, sk.Spec.Name)
+			continue
+		}
+		// One slot for all UDP listeners: the generation's CIDs carry one.
+		var fs []*os.File
+		var err error
+		if slot == 0 {
+			slot, fs, err = sk.UDP.AddGeneration()
+			if err == nil {
+				env, err = sk.UDP.Env(slot)
+			}
+		} else {
+			fs, err = sk.UDP.AddGenerationAt(slot)
+		}
+		if err != nil {
+			release()
+			if errors.Is(err, steer.ErrNoSlot) {
+				return nil, errNoSlot
+			}
+			return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
+		}
+		groups = append(groups, sk.UDP)
+		for _, f := range fs {
+			files, names = append(files, f), append(names, sk.Spec.Name)
+		}
+	}
+	s.nextGen++
+	g, err := startGeneration(spawnOpts{
+		num: s.nextGen, cfg: cfg, files: files, names: names, env: env, self: s.opts.Self,
+		post: s.post, spawner: s.spawner, log: s.log, supPID: os.Getpid(), stderrOut: s.opts.Stderr,
+		onExit: s.reaped, procs: s.opts.Procs,
+	})
+	if err != nil {
+		release()
+		s.log.Error("spawn failed", "gen", s.nextGen, "err", err)
+		// The number goes to the next generation that does start.
+		s.nextGen--
+		return nil, fmt.Errorf("generation %d could not be started: %w", s.nextGen+1, err)
+	}
+	g.slot, g.groups = slot, groups
+	if slot != 0 {
+		g.log = g.log.With("slot", slot)
+	}
+	g.log.Info("generation spawned", "command", cfg.Command)
+	s.gens = append(s.gens, g)
+	return g, nil
+}
+
+// flip makes g the working generation and tells the old one to drain.
+// It fails if g died after reporting ready.
+func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*generation, bool) {
+	if g.exited || s.stopping {
+		return nil, false
+	}
+	old := s.working
+	s.working = g
+	s.cfg = cfg
+	g.state = Serving
+	for _, grp := range g.groups {
+		if err := grp.SetWorking(g.slot); err != nil {
+			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
+		}
+	}
+	// Restarts are what someone asked for; crash respawns are counted
+	// as crashes, and an upgrade's first generation as the upgrade.
+	if reason == reasonRequest {
+		s.restarts++
+	}
+	g.log.Info("generation is now the working generation", "reason", reason, "ready_after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
+	if old != nil {
+		s.drain(old, cfg.DrainTimeout)
+	}
+	if s.opts.Events != nil {
+		s.opts.Events.StatusChanged(s.status().Summary())
+	}
+	return old, true
+}

@@ -1,0 +1,198 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/baton-run/baton/internal/steer"
+)
+
+// GenState is where a generation is in its life.
+type GenState int
+
+// A generation is Starting until it is flipped, then Serving, then
+// Draining; it leaves the status when it is reaped.
+const (
+	Starting GenState = iota
+	Serving
+	Draining
+)
+
+func (g GenState) String() string {
+	switch g {
+	case Starting:
+		return "starting"
+	case Serving:
+		return "serving"
+	case Draining:
+		return "draining"
+	}
+	return "state(" + strconv.Itoa(int(g)) + ")"
+}
+
+// Status describes the supervisor and its generations.
+type Status struct {
+	PID       int
+	StartedAt time.Time
+	Working   int // working generation number, 0 if none
+	Restarts  int
+	Crashes   int
+	CrashLoop bool
+	LastCrash string
+	Stopping  bool
+	// Goroutines and OpenFDs let operators and tests see leaks.
+	Goroutines int
+	OpenFDs    int
+	Gens       []GenStatus
+	Listeners  []ListenerStatus
+}
+
+// GenStatus is one generation, the previous supervisor's included.
+type GenStatus struct {
+	Num         int
+	PID         int
+	State       GenState
+	StartedAt   time.Time
+	ReadyAfter  time.Duration // spawn to ready, 0 before
+	Status      string        // the last STATUS= it sent
+	DrainingFor time.Duration
+}
+
+// ListenerStatus is one listening socket.
+type ListenerStatus struct {
+	Name string
+	URL  string
+	FD   int // first fd number in every generation
+	// For UDP listeners: the steering mode, sockets per generation, the
+	// working slot and each slot's counters.
+	Steer       string
+	Workers     int
+	WorkingSlot int
+	UDP         []SlotStatus
+}
+
+// SlotStatus is one slot of a UDP listener: the generation that holds it
+// (0 for slot 0 and for a generation already reaped) and the steering
+// program's counters.
+type SlotStatus struct {
+	Slot       int
+	Generation int
+	steer.Counters
+}
+
+// Summary is one line on what serves and how much drains, as systemd's
+// STATUS= shows it.
+func (st Status) Summary() string {
+	var draining int
+	var serving string
+	for _, g := range st.Gens {
+		switch g.State {
+		case Draining:
+			draining++
+		case Serving:
+			serving = fmt.Sprintf("generation %d (pid %d) serving", g.Num, g.PID)
+		}
+	}
+	if serving == "" {
+		serving = "no generation serving"
+		if st.CrashLoop {
+			serving += " (crash loop)"
+		}
+	}
+	return fmt.Sprintf("%s, %d draining", serving, draining)
+}
+
+// Status reports the supervisor's state; after the loop ended, only that
+// it stopped.
+func (s *Supervisor) Status(ctx context.Context) Status {
+	var st Status
+	if !s.call(func() { st = s.status() }) {
+		st = Status{PID: os.Getpid(), Stopping: true}
+	}
+	st.Goroutines = runtime.NumGoroutine()
+	st.OpenFDs = countFDs()
+	return st
+}
+
+// status runs on the loop.
+func (s *Supervisor) status() Status {
+	st := Status{
+		PID:       os.Getpid(),
+		StartedAt: s.startedAt,
+		Restarts:  s.restarts,
+		Crashes:   s.crashes,
+		CrashLoop: s.consecCrashes >= crashLoopAt,
+		LastCrash: s.lastCrash,
+		Stopping:  s.stopping,
+		Gens:      []GenStatus{},
+	}
+	if s.working != nil {
+		st.Working = s.working.num
+	}
+	for _, g := range s.gens {
+		gs := GenStatus{Num: g.num, PID: g.pid, State: g.state, StartedAt: g.startedAt, Status: g.status}
+		if !g.readyAt.IsZero() {
+			gs.ReadyAfter = g.readyAt.Sub(g.startedAt)
+		}
+		if g.state == Draining {
+			gs.DrainingFor = time.Since(g.drainStart)
+		}
+		st.Gens = append(st.Gens, gs)
+	}
+	for _, a := range s.adopted {
+		st.Gens = append(st.Gens, GenStatus{
+			Num: a.Num, PID: a.PID, State: Draining, StartedAt: a.StartedAt,
+			Status: fmt.Sprintf("previous supervisor's (pid %d)", s.predecessorPID()),
+		})
+	}
+	fd := 3
+	for _, sk := range s.opts.Sockets {
+		ls := ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd}
+		fd++
+		if sk.UDP != nil {
+			cfg := sk.UDP.Config()
+			fd += cfg.Workers - 1
+			ls.Steer, ls.Workers, ls.WorkingSlot = cfg.Mode.String(), cfg.Workers, sk.UDP.Working()
+			ls.UDP = s.udpStatus(sk.UDP)
+		}
+		st.Listeners = append(st.Listeners, ls)
+	}
+	return st
+}
+
+func (s *Supervisor) udpStatus(grp *steer.Group) []SlotStatus {
+	counters, err := grp.Counters()
+	if err != nil {
+		return nil
+	}
+	genOf := map[int]int{}
+	for _, g := range s.gens {
+		if g.slot != 0 {
+			genOf[g.slot] = g.num
+		}
+	}
+	for _, a := range s.adopted {
+		if a.Slot != 0 {
+			genOf[a.Slot] = a.Num
+		}
+	}
+	out := make([]SlotStatus, 0, len(counters))
+	for slot, c := range counters {
+		out = append(out, SlotStatus{Slot: slot, Generation: genOf[slot], Counters: c})
+	}
+	slices.SortFunc(out, func(a, b SlotStatus) int { return a.Slot - b.Slot })
+	return out
+}
+
+func countFDs() int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(ents)
+}
