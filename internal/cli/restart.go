@@ -151,8 +151,6 @@ func describeEvent(ev control.Event) string {
 		s = gen + " flipped (now the working generation)"
 	case control.EventDraining:
 		s = withPID + " draining"
-	case control.EventSupervisorSpawned:
-		s = fmt.Sprintf("new supervisor started (pid %d)", ev.PID)
 	case control.EventSupervisorReady:
 		s = fmt.Sprintf("new supervisor (pid %d) took over; %s serving", ev.PID, gen)
 	case control.EventSupervisorHandover:

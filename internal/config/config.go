@@ -87,15 +87,10 @@ func Defaults() *Config {
 
 // Load builds a Config from defaults, then the TOML file at path (if path
 // is not empty), then overrides (the command-line flags, see
-// Overrides.Apply), and validates it.
-// Reading the file is bounded by FileReadTimeout and MaxFileSize.
-func Load(path string, overrides func(*Config) error) (*Config, error) {
-	return LoadContext(context.Background(), path, overrides)
-}
-
-// LoadContext is Load that gives up reading the file once ctx is done,
-// for a caller that is stopping.
-func LoadContext(ctx context.Context, path string, overrides func(*Config) error) (*Config, error) {
+// Overrides.Apply), and validates it. Reading the file is bounded by
+// FileReadTimeout and MaxFileSize, and given up once ctx is done, for a
+// caller that is stopping.
+func Load(ctx context.Context, path string, overrides func(*Config) error) (*Config, error) {
 	c := Defaults()
 	if path != "" {
 		data, err := readFile(ctx, path)

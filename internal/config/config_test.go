@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -93,7 +94,7 @@ A = "1"
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := Load(path, func(c *Config) error {
+	c, err := Load(context.Background(), path, func(c *Config) error {
 		c.DrainTimeout = 9 * time.Second // a flag that was set
 		return nil
 	})
@@ -144,7 +145,7 @@ func TestLoadErrors(t *testing.T) {
 		`command = ["x"]` + "\n[listen]\na = \"tcp://:1\"\nb = \"tcp://:\"": "listener b",
 	}
 	for body, want := range cases {
-		_, err := Load(write(body), nil)
+		_, err := Load(context.Background(), write(body), nil)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("config %q: err = %v, want containing %q", body, err, want)
 		}
@@ -163,14 +164,14 @@ func TestDuplicateListenerNames(t *testing.T) {
 
 func TestParseReadyAndSignal(t *testing.T) {
 	for in, want := range map[string]string{"auto": "auto", "delay:2s": "delay:2s", "tcp-connect:127.0.0.1:80": "tcp-connect:127.0.0.1:80", "notify": "auto"} {
-		r, err := ParseReady(in)
+		r, err := parseReady(in)
 		if err != nil || r.String() != want {
-			t.Errorf("ParseReady(%q) = %v, %v", in, r, err)
+			t.Errorf("parseReady(%q) = %v, %v", in, r, err)
 		}
 	}
 	for _, bad := range []string{"delay:x", "tcp-connect:nope", "sometimes"} {
-		if _, err := ParseReady(bad); err == nil {
-			t.Errorf("ParseReady(%q) accepted", bad)
+		if _, err := parseReady(bad); err == nil {
+			t.Errorf("parseReady(%q) accepted", bad)
 		}
 	}
 	for in, want := range map[string]syscall.Signal{"SIGTERM": syscall.SIGTERM, "term": syscall.SIGTERM, "USR1": syscall.SIGUSR1, "3": syscall.SIGQUIT} {

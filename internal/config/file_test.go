@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,7 +59,7 @@ func TestFileExplicitValuesAreValidated(t *testing.T) {
 	}
 	for _, c := range cases {
 		path := writeConfig(t, "command = [\"/bin/true\"]\n"+c.body+"\n")
-		_, err := Load(path, nil)
+		_, err := Load(context.Background(), path, nil)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: err = %v, want containing %q", c.body, err, c.want)
 			continue
@@ -69,18 +70,18 @@ func TestFileExplicitValuesAreValidated(t *testing.T) {
 	// The file is checked on its own: a flag that would override the bad
 	// value does not hide it, since the file is re-read on every restart.
 	path := writeConfig(t, "command = [\"/bin/true\"]\nmax_draining = 0\n")
-	_, err := Load(path, func(c *Config) error { c.MaxDraining = 2; return nil })
+	_, err := Load(context.Background(), path, func(c *Config) error { c.MaxDraining = 2; return nil })
 	if err == nil || !strings.Contains(err.Error(), "max_draining") {
 		t.Errorf("max_draining = 0 under a flag: err = %v", err)
 	}
 
 	// An explicit command = [] is an error of the file, naming the key.
 	path = writeConfig(t, "command = []\n")
-	if _, err := Load(path, nil); err == nil || !strings.Contains(err.Error(), "command: is empty") {
+	if _, err := Load(context.Background(), path, nil); err == nil || !strings.Contains(err.Error(), "command: is empty") {
 		t.Errorf("command = []: err = %v", err)
 	}
 	path = writeConfig(t, "command = [\"\", \"-v\"]\n")
-	if _, err := Load(path, nil); err == nil || !strings.Contains(err.Error(), "command[0]: the program is empty") {
+	if _, err := Load(context.Background(), path, nil); err == nil || !strings.Contains(err.Error(), "command[0]: the program is empty") {
 		t.Errorf(`command = ["", "-v"]: err = %v`, err)
 	}
 }
@@ -96,7 +97,7 @@ user = ""
 group = ""
 max_draining = 1
 `)
-	c, err := Load(path, nil)
+	c, err := Load(context.Background(), path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +148,7 @@ func TestFileWrongShapes(t *testing.T) {
 	}
 	for _, c := range cases {
 		path := writeConfig(t, c.body+"\n")
-		_, err := Load(path, nil)
+		_, err := Load(context.Background(), path, nil)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q: err = %v, want containing %q", c.body, err, c.want)
 			continue
@@ -159,7 +160,7 @@ func TestFileWrongShapes(t *testing.T) {
 // Every problem of the file is reported at once, in file order.
 func TestFileReportsEveryProblem(t *testing.T) {
 	path := writeConfig(t, "command = [\"/bin/true\"]\nmax_draining = 0\nlisten = \"tcp://:80\"\nbogus = 1\n")
-	_, err := Load(path, nil)
+	_, err := Load(context.Background(), path, nil)
 	if err == nil {
 		t.Fatal("accepted")
 	}
@@ -173,7 +174,7 @@ func TestFileReportsEveryProblem(t *testing.T) {
 
 func TestFileUnknownKeys(t *testing.T) {
 	path := writeConfig(t, "command = [\"/bin/true\"]\nlisten_on = \"x\"\n[limits]\nfiles = 1\n")
-	_, err := Load(path, nil)
+	_, err := Load(context.Background(), path, nil)
 	if err == nil || !strings.Contains(err.Error(), "unknown keys: listen_on, limits (known: command, ") {
 		t.Fatalf("err = %v", err)
 	}
@@ -188,7 +189,7 @@ func TestFileOrderKept(t *testing.T) {
 		"listen = {zeta = \"tcp://127.0.0.1:9000\", alpha = \"tcp://127.0.0.1:9001\", mid = \"unix:///tmp/m.sock\"}\nenv = {Z = \"1\", A = \"2\", M = \"\"}\n",
 		"listen.zeta = \"tcp://127.0.0.1:9000\"\nenv.Z = \"1\"\nlisten.alpha = \"tcp://127.0.0.1:9001\"\nenv.A = \"2\"\nlisten.mid = \"unix:///tmp/m.sock\"\nenv.M = \"\"\n",
 	} {
-		c, err := Load(writeConfig(t, "command = [\"/bin/true\"]\n"+body), nil)
+		c, err := Load(context.Background(), writeConfig(t, "command = [\"/bin/true\"]\n"+body), nil)
 		if err != nil {
 			t.Errorf("%q: %v", body, err)
 			continue
@@ -208,7 +209,7 @@ func TestFileOrderKept(t *testing.T) {
 
 // A value that the flags can give is parsed the same way from the file.
 func TestFileValues(t *testing.T) {
-	c, err := Load(writeConfig(t, `command = ["/bin/server", ""]
+	c, err := Load(context.Background(), writeConfig(t, `command = ["/bin/server", ""]
 dir = "/srv"
 ready = "tcp-connect:127.0.0.1:80"
 udp_idle = "250ms"
@@ -232,7 +233,7 @@ control_group = "ops"
 // TestFileRecordsKeysSet: InFile tells a key written in the file, even
 // with the default's value, from one left out.
 func TestFileRecordsKeysSet(t *testing.T) {
-	c, err := Load(writeConfig(t, "command = [\"/bin/true\"]\ncontrol = \""+DefaultControl+"\"\nmax_draining = 4\n[env]\nA = \"1\"\n"), nil)
+	c, err := Load(context.Background(), writeConfig(t, "command = [\"/bin/true\"]\ncontrol = \""+DefaultControl+"\"\nmax_draining = 4\n[env]\nA = \"1\"\n"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

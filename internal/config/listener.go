@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -56,7 +57,7 @@ const (
 func ParseListen(arg string) (Listener, error) {
 	name, raw, ok := strings.Cut(arg, "=")
 	if !ok {
-		return Listener{}, fmt.Errorf("--listen %q: want NAME=URL, e.g. http=tcp://127.0.0.1:8080", arg)
+		return Listener{}, errors.New("want NAME=URL, e.g. http=tcp://127.0.0.1:8080")
 	}
 	return ParseListener(name, raw)
 }

@@ -196,11 +196,7 @@ func absolutePath(s string) error {
 func (o *Overrides) Set(name, value string) error {
 	switch name {
 	case flagListen:
-		lname, raw, ok := strings.Cut(value, "=")
-		if !ok {
-			return fmt.Errorf("--listen %q: want NAME=URL, e.g. http=tcp://127.0.0.1:8080", value)
-		}
-		l, err := ParseListener(lname, raw)
+		l, err := ParseListen(value)
 		if err != nil {
 			return fmt.Errorf("--listen %q: %w", value, err)
 		}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"flag"
 	"io"
 	"reflect"
@@ -44,7 +45,7 @@ func loadWith(t *testing.T, body string, o *Overrides) *Config {
 	if body != "" {
 		path = writeConfig(t, body)
 	}
-	c, err := Load(path, o.Apply)
+	c, err := Load(context.Background(), path, o.Apply)
 	if err != nil {
 		t.Fatalf("load %q with %+v: %v", body, o, err)
 	}
@@ -167,11 +168,11 @@ web = "tcp://127.0.0.1:8080"
 [env]
 A = "1"
 `)
-	want, err := Load(path, nil)
+	want, err := Load(context.Background(), path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := Load(path, mustParseFlags(t).Apply)
+	got, err := Load(context.Background(), path, mustParseFlags(t).Apply)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,7 +253,7 @@ func TestControlPrecedence(t *testing.T) {
 	}
 	o := mustParseFlags(t, "--", "x")
 	o.EnvControl = "relative.sock"
-	if _, err := Load("", o.Apply); err == nil || !strings.Contains(err.Error(), "$BATON_CONTROL") {
+	if _, err := Load(context.Background(), "", o.Apply); err == nil || !strings.Contains(err.Error(), "$BATON_CONTROL") {
 		t.Errorf("BATON_CONTROL=relative.sock: err = %v, want one naming $BATON_CONTROL", err)
 	}
 }

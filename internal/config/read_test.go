@@ -69,7 +69,7 @@ func TestLoadRefusesFIFO(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range []string{fifo, link} {
-		_, err := loadBounded(t, func() (*Config, error) { return Load(p, nil) })
+		_, err := loadBounded(t, func() (*Config, error) { return Load(context.Background(), p, nil) })
 		want := "config " + p + ": is a named pipe (FIFO), not a regular file; "
 		if err == nil || !strings.HasPrefix(err.Error(), want) {
 			t.Errorf("err = %v, want starting %q", err, want)
@@ -99,7 +99,7 @@ func TestLoadRefusesNonRegular(t *testing.T) {
 		sock:        "is a socket, not a regular file",
 	}
 	for p, want := range cases {
-		_, err := loadBounded(t, func() (*Config, error) { return Load(p, nil) })
+		_, err := loadBounded(t, func() (*Config, error) { return Load(context.Background(), p, nil) })
 		if err == nil || !strings.HasPrefix(err.Error(), "config "+p+": "+want) {
 			t.Errorf("%s: err = %v, want %q", p, err, want)
 		}
@@ -108,7 +108,7 @@ func TestLoadRefusesNonRegular(t *testing.T) {
 
 func TestLoadMissingFile(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "nope.toml")
-	_, err := Load(p, nil)
+	_, err := Load(context.Background(), p, nil)
 	if err == nil || err.Error() != "config "+p+": no such file or directory" || !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("err = %v", err)
 	}
@@ -125,29 +125,29 @@ func TestLoadSizeBound(t *testing.T) {
 	}
 	b.WriteString(strings.Repeat("#", MaxFileSize-b.Len()))
 	p := writeConfig(t, b.String())
-	if _, err := Load(p, nil); err != nil {
+	if _, err := Load(context.Background(), p, nil); err != nil {
 		t.Fatalf("%d bytes: %v", b.Len(), err)
 	}
 	// One byte more is refused.
 	b.WriteString("\n")
 	p = writeConfig(t, b.String())
-	_, err := Load(p, nil)
+	_, err := Load(context.Background(), p, nil)
 	want := fmt.Sprintf("config %s: is %d bytes; a config file may be at most %d bytes (1 MiB)", p, MaxFileSize+1, MaxFileSize)
 	if err == nil || err.Error() != want {
 		t.Errorf("err = %v, want %q", err, want)
 	}
 }
 
-func TestLoadContextCanceledBeforeRead(t *testing.T) {
+func TestLoadCanceledBeforeRead(t *testing.T) {
 	p := writeConfig(t, "command = [\"/bin/true\"]\n")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := LoadContext(ctx, p, nil)
+	_, err := Load(ctx, p, nil)
 	if !errors.Is(err, context.Canceled) || err.Error() != "config "+p+": read abandoned: context canceled" {
 		t.Errorf("err = %v", err)
 	}
 	// An empty path reads nothing, so there is nothing to abandon.
-	if _, err := LoadContext(ctx, "", func(c *Config) error { c.Command = []string{"x"}; return nil }); err != nil {
+	if _, err := Load(ctx, "", func(c *Config) error { c.Command = []string{"x"}; return nil }); err != nil {
 		t.Errorf("no file: %v", err)
 	}
 }
@@ -212,7 +212,7 @@ func TestLoadHungMount(t *testing.T) {
 	p := filepath.Join(mnt, "app.toml")
 
 	setReadTimeout(t, 200*time.Millisecond)
-	_, err := loadBounded(t, func() (*Config, error) { return Load(p, nil) })
+	_, err := loadBounded(t, func() (*Config, error) { return Load(context.Background(), p, nil) })
 	want := "config " + p + ": not read within 200ms; is it on a hung network mount?"
 	if err == nil || err.Error() != want || !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("err = %v, want %q", err, want)
@@ -221,7 +221,7 @@ func TestLoadHungMount(t *testing.T) {
 	// With a bound of an hour, only failing at once returns within hangBound.
 	setReadTimeout(t, time.Hour)
 	for range 20 {
-		_, err := loadBounded(t, func() (*Config, error) { return Load(p, nil) })
+		_, err := loadBounded(t, func() (*Config, error) { return Load(context.Background(), p, nil) })
 		prefix := "config " + p + ": not read: an earlier read has been stuck for "
 		if err == nil || !strings.HasPrefix(err.Error(), prefix) || !strings.HasSuffix(err.Error(), "; is it on a hung network mount?") ||
 			!errors.Is(err, os.ErrDeadlineExceeded) {
@@ -236,7 +236,7 @@ func TestLoadHungMount(t *testing.T) {
 	other := filepath.Join(mnt, "other.toml")
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
-	_, err = loadBounded(t, func() (*Config, error) { return LoadContext(ctx, other, nil) })
+	_, err = loadBounded(t, func() (*Config, error) { return Load(ctx, other, nil) })
 	if !errors.Is(err, context.Canceled) || err.Error() != "config "+other+": read abandoned: context canceled" {
 		t.Errorf("canceled: err = %v", err)
 	}
@@ -249,7 +249,7 @@ func TestLoadHungMount(t *testing.T) {
 	setReadTimeout(t, DefaultFileReadTimeout)
 	abort()
 	waitNoPendingReads(t)
-	_, err = loadBounded(t, func() (*Config, error) { return Load(p, nil) })
+	_, err = loadBounded(t, func() (*Config, error) { return Load(context.Background(), p, nil) })
 	if err == nil || err.Error() != "config "+p+": transport endpoint is not connected" {
 		t.Errorf("after abort: err = %v", err)
 	}

@@ -32,17 +32,8 @@ func (r Ready) String() string {
 	return ReadyAuto
 }
 
-// ParseReady parses --ready: auto, delay:2s or tcp-connect:127.0.0.1:8080.
-func ParseReady(s string) (Ready, error) {
-	r, err := parseReady(s)
-	if err != nil {
-		return Ready{}, fmt.Errorf("--ready: %w", err)
-	}
-	return r, nil
-}
-
-// parseReady is ParseReady with messages that name no flag, for the
-// config file's ready key as well.
+// parseReady parses the ready key and --ready: auto, delay:2s or
+// tcp-connect:127.0.0.1:8080.
 func parseReady(s string) (Ready, error) {
 	kind, arg, _ := strings.Cut(s, ":")
 	switch kind {

@@ -273,7 +273,7 @@ func (f *fakeHandler) Restart(ctx context.Context, wait bool, progress func(Even
 // op dispatch can be told apart from Restart.
 func (f *fakeHandler) Upgrade(ctx context.Context, wait bool, progress func(Event)) Result {
 	f.upgradeCalls.Add(1)
-	progress(Event{Event: EventSupervisorSpawned, PID: 777})
+	progress(Event{Event: EventSupervisorReady, PID: 777})
 	return Result{Result: ResultOK, Generation: 3, PID: 4343, SupervisorPID: 777}
 }
 

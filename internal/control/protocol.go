@@ -101,9 +101,8 @@ const (
 	EventFlipped  = "flipped"  // new generation is the working generation
 	EventDraining = "draining" // old generation told to drain: Generation, PID
 
-	// Supervisor upgrade: the new baton started (PID), took over (PID,
-	// with its first generation), and the old one began to drain.
-	EventSupervisorSpawned  = "supervisor_spawned"
+	// Supervisor upgrade: the new baton took over (PID, with its first
+	// generation), and the old one began to drain.
 	EventSupervisorReady    = "supervisor_ready"
 	EventSupervisorHandover = "supervisor_handover"
 )

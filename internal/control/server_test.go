@@ -73,7 +73,7 @@ func TestUpgradeRoundTrip(t *testing.T) {
 	if res.Result != ResultOK || res.SupervisorPID != 777 || res.Generation != 3 {
 		t.Errorf("result = %+v", res)
 	}
-	if len(events) != 1 || events[0].Event != EventSupervisorSpawned || events[0].PID != 777 {
+	if len(events) != 1 || events[0].Event != EventSupervisorReady || events[0].PID != 777 {
 		t.Errorf("events = %+v", events)
 	}
 	if h.upgradeCalls.Load() != 1 || h.restartCalls.Load() != 0 {

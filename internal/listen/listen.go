@@ -153,10 +153,6 @@ func openUnix(spec config.Listener) (*Socket, error) {
 	return &Socket{Spec: spec, File: f, unixID: id}, nil
 }
 
-// Probe reports whether something accepts connections on the Unix socket
-// at path.
-func Probe(path string) (bool, error) { return unixsock.Probe(path) }
-
 // Close closes the socket and, for a Unix socket baton created, removes
 // its file if the path still names that same socket.
 func (s *Socket) Close() error {

@@ -116,7 +116,7 @@ func CloseAll(socks []*Socket) {
 // UDP socket becomes the first member (the anchor) of the listener's
 // reuseport group, and baton adds the per-generation siblings. It need not
 // have been bound with SO_REUSEPORT (systemd-socket-activate cannot set
-// it, and ReusePort= defaults to no): udpdrain sets it on the bound socket,
+// it, and ReusePort= defaults to no): steer sets it on the bound socket,
 // which works as long as baton runs as the socket's owner; the error says
 // so otherwise.
 func adopt(spec config.Listener, a *Socket) (*Socket, error) {
@@ -136,7 +136,7 @@ func adopt(spec config.Listener, a *Socket) (*Socket, error) {
 		return a, nil
 	}
 	if spec.Steer != config.SteerOff {
-		// udpdrain refuses another user's socket only when it has to set
+		// steer refuses another user's socket only when it has to set
 		// SO_REUSEPORT itself; one bound with it (ReusePort=yes) would
 		// otherwise pass and fail at the first generation's bind, with
 		// a less helpful message. steer=off adds no sockets, so any

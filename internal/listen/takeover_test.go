@@ -262,7 +262,7 @@ func TestTakeOverRefuses(t *testing.T) {
 			p.state.Listeners[2].UDP.Workers = 2
 			p.writeState(t)
 			return p.specs
-		}, "listener q: udpdrain"},
+		}, "listener q: udp"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -2,7 +2,9 @@ package steer
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -23,7 +25,7 @@ import (
 // kernel's BPF run time statistics, for the main paths. It asserts
 // nothing about the figures: they depend on the machine. Rerun with
 //
-//	go test -run TestProgramCost -v ./udpdrain/
+//	go test -run TestProgramCost -v ./internal/steer/
 func TestProgramCost(t *testing.T) {
 	if testing.Short() {
 		t.Skip("measurement; skipped in -short mode")
@@ -154,7 +156,7 @@ func (r *rawUDP4) send(src, dst netip.AddrPort, payload []byte) error {
 }
 
 func costOf(g *Group, packets int) func(send func(int) error) (float64, error) {
-	return func(send func(int) error) (float64, error) { return MeasureProgramCost(g, packets, send) }
+	return func(send func(int) error) (float64, error) { return measureProgramCost(g, packets, send) }
 }
 
 // minimalSelector replaces g's program with one that selects socket idx
@@ -202,7 +204,7 @@ func sendTo(c *net.UDPConn, p []byte, g *Group) error {
 // senders on loopback. ns/op is per datagram sent; rx/s counts datagrams
 // read. Compare the two with
 //
-//	go test -run '^$' -bench Receive -benchtime 200000x -count 5 ./udpdrain/
+//	go test -run '^$' -bench Receive -benchtime 200000x -count 5 ./internal/steer/
 func BenchmarkReceive(b *testing.B) {
 	for _, mode := range []contract.Mode{contract.ModeOff, contract.ModeQUIC, contract.ModeFlow} {
 		name := "plain"
@@ -347,4 +349,66 @@ func benchReceive(b *testing.B, mode contract.Mode) {
 			b.Errorf("program dropped %d datagrams", c[0].Dropped)
 		}
 	}
+}
+
+// measureProgramCost calls send packets times (each call should send one
+// datagram to the group's address) with run statistics enabled, and
+// returns the program's mean run time per datagram in nanoseconds. It waits
+// up to a second for the last datagrams to be processed.
+func measureProgramCost(g *Group, packets int, send func(i int) error) (nsPerPacket float64, err error) {
+	g.mu.Lock()
+	var prog *ebpf.Program
+	if g.objs != nil && !g.closed {
+		prog = g.objs.Steer
+	}
+	g.mu.Unlock()
+	if prog == nil {
+		return 0, errors.New("steer: measure: no steering program (mode off, or closed)")
+	}
+	return measureProgram(prog, packets, send)
+}
+
+func measureProgram(prog *ebpf.Program, packets int, send func(i int) error) (float64, error) {
+	if packets < 1 {
+		return 0, errors.New("steer: measure: need at least one packet")
+	}
+	stop, err := enableRunStats()
+	if err != nil {
+		return 0, err
+	}
+	defer stop.Close()
+	s0, err := prog.Stats()
+	if err != nil {
+		return 0, fmt.Errorf("steer: measure: program stats: %w", err)
+	}
+	for i := 0; i < packets; i++ {
+		if err := send(i); err != nil {
+			return 0, fmt.Errorf("steer: measure: send %d: %w", i, err)
+		}
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		s1, err := prog.Stats()
+		if err != nil {
+			return 0, fmt.Errorf("steer: measure: program stats: %w", err)
+		}
+		if s1.RunCount-s0.RunCount >= uint64(packets) || time.Now().After(deadline) {
+			if s1.RunCount == s0.RunCount {
+				return 0, errors.New("steer: measure: the program did not run")
+			}
+			return float64(s1.Runtime-s0.Runtime) / float64(s1.RunCount-s0.RunCount), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// enableRunStats turns on the kernel's per-program run time accounting
+// (BPF_ENABLE_STATS) until the returned Closer is closed. It costs two
+// clock reads per program run, system-wide, so only the cost test does.
+func enableRunStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("steer: enable BPF run time statistics: %w", err)
+	}
+	return c, nil
 }

@@ -1,13 +1,10 @@
 package steer
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/contract"
 )
@@ -65,7 +62,7 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 	for kind, p := range dst {
 		key := uint32(slot*contract.CountersPerSlot + kind)
 		if err := g.objs.Counters.Lookup(key, &perCPU); err != nil {
-			return Counters{}, fmt.Errorf("udpdrain %s: read counters of slot %d: %w", g.addr, slot, err)
+			return Counters{}, fmt.Errorf("udp %s: read counters of slot %d: %w", g.addr, slot, err)
 		}
 		for _, v := range perCPU {
 			*p += v
@@ -77,13 +74,13 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 func (g *Group) resetCountersLocked(slot int) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
-		return fmt.Errorf("udpdrain: count CPUs: %w", err)
+		return fmt.Errorf("udp steering: count CPUs: %w", err)
 	}
 	zero := make([]uint64, ncpu)
 	for kind := 0; kind < contract.CountersPerSlot; kind++ {
 		key := uint32(slot*contract.CountersPerSlot + kind)
 		if err := g.objs.Counters.Update(key, zero, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("udpdrain: reset counters of slot %d: %w", slot, err)
+			return fmt.Errorf("udp steering: reset counters of slot %d: %w", slot, err)
 		}
 	}
 	return nil
@@ -102,7 +99,7 @@ func (g *Group) LastActivity(slot int) (time.Time, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return time.Time{}, fmt.Errorf("udpdrain %s: slot %d has no generation", g.addr, slot)
+		return time.Time{}, fmt.Errorf("udp %s: slot %d has no generation", g.addr, slot)
 	}
 	gen := g.gens[slot]
 	if g.objs == nil || g.closed {
@@ -133,81 +130,4 @@ func (g *Group) Idle(slot int, quiet time.Duration) (bool, error) {
 		return false, nil
 	}
 	return time.Since(last) >= quiet, nil
-}
-
-// EnableRunStats turns on the kernel's per-program run time accounting
-// (BPF_ENABLE_STATS) until the returned Closer is closed. It costs two
-// clock reads per program run, system-wide, so leave it off normally.
-func EnableRunStats() (io.Closer, error) {
-	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-	if err != nil {
-		return nil, fmt.Errorf("udpdrain: enable BPF run time statistics: %w", err)
-	}
-	return c, nil
-}
-
-// ProgramStats returns the program's cumulative run time and run count.
-// They only advance while run statistics are enabled.
-func (g *Group) ProgramStats() (runTime time.Duration, runs uint64, err error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.objs == nil || g.closed {
-		return 0, 0, errors.New("udpdrain: no steering program (mode off, or closed)")
-	}
-	st, err := g.objs.Steer.Stats()
-	if err != nil {
-		return 0, 0, fmt.Errorf("udpdrain: program stats: %w", err)
-	}
-	return st.Runtime, st.RunCount, nil
-}
-
-// MeasureProgramCost calls send packets times (each call should send one
-// datagram to the group's address) with run statistics enabled, and
-// returns the program's mean run time per datagram in nanoseconds. It waits
-// up to a second for the last datagrams to be processed.
-func MeasureProgramCost(g *Group, packets int, send func(i int) error) (nsPerPacket float64, err error) {
-	g.mu.Lock()
-	var prog *ebpf.Program
-	if g.objs != nil && !g.closed {
-		prog = g.objs.Steer
-	}
-	g.mu.Unlock()
-	if prog == nil {
-		return 0, errors.New("udpdrain: measure: no steering program (mode off, or closed)")
-	}
-	return measureProgram(prog, packets, send)
-}
-
-func measureProgram(prog *ebpf.Program, packets int, send func(i int) error) (float64, error) {
-	if packets < 1 {
-		return 0, errors.New("udpdrain: measure: need at least one packet")
-	}
-	stop, err := EnableRunStats()
-	if err != nil {
-		return 0, err
-	}
-	defer stop.Close()
-	s0, err := prog.Stats()
-	if err != nil {
-		return 0, fmt.Errorf("udpdrain: measure: program stats: %w", err)
-	}
-	for i := 0; i < packets; i++ {
-		if err := send(i); err != nil {
-			return 0, fmt.Errorf("udpdrain: measure: send %d: %w", i, err)
-		}
-	}
-	deadline := time.Now().Add(time.Second)
-	for {
-		s1, err := prog.Stats()
-		if err != nil {
-			return 0, fmt.Errorf("udpdrain: measure: program stats: %w", err)
-		}
-		if s1.RunCount-s0.RunCount >= uint64(packets) || time.Now().After(deadline) {
-			if s1.RunCount == s0.RunCount {
-				return 0, errors.New("udpdrain: measure: the program did not run")
-			}
-			return float64(s1.Runtime-s0.Runtime) / float64(s1.RunCount-s0.RunCount), nil
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }

@@ -1,4 +1,4 @@
-// Package udpdrain is the user-space side of baton's per-generation UDP and
+// Package steer is the user-space side of baton's per-generation UDP and
 // QUIC steering.
 //
 // UDP has no listening socket that an old generation can simply stop

@@ -18,11 +18,11 @@ import (
 
 // ErrNoSlot is returned by AddGeneration when all 31 slots belong to
 // generations that have not been released.
-var ErrNoSlot = errors.New("udpdrain: all generation slots are in use (release drained generations first)")
+var ErrNoSlot = errors.New("udp steering: all generation slots are in use (release drained generations first)")
 
 // ErrSteeringUnavailable wraps failures to set up the BPF program: missing
 // privileges or a kernel without sk_reuseport support.
-var ErrSteeringUnavailable = errors.New("udpdrain: UDP steering unavailable")
+var ErrSteeringUnavailable = errors.New("udp steering: UDP steering unavailable")
 
 const (
 	defaultFlowIdle    = 30 * time.Second
@@ -106,7 +106,7 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("map sizes %d and %d must be positive", c.FlowEntries, c.PinEntries))
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("udpdrain: config: %w", errors.Join(errs...))
+		return fmt.Errorf("udp steering: config: %w", errors.Join(errs...))
 	}
 	return nil
 }
@@ -140,7 +140,7 @@ type Group struct {
 	working int
 	// frozen: another supervisor may be writing the maps (a handover is
 	// under way, or done). This group then writes nothing to the kernel;
-	// see handover.go.
+	// see upgrade.go.
 	frozen bool
 }
 
@@ -159,13 +159,13 @@ func NewGroup(addr string, cfg Config) (*Group, error) {
 	}
 	anchor, err := bindReuseport(sa)
 	if err != nil {
-		return nil, fmt.Errorf("udpdrain: anchor socket: %w", err)
+		return nil, fmt.Errorf("udp steering: anchor socket: %w", err)
 	}
 	if sa.ap.Port() == 0 {
 		port, err := boundPort(anchor)
 		if err != nil {
 			anchor.Close()
-			return nil, fmt.Errorf("udpdrain: anchor socket: %w", err)
+			return nil, fmt.Errorf("udp steering: anchor socket: %w", err)
 		}
 		sa.ap = netip.AddrPortFrom(sa.ap.Addr(), port)
 	}
@@ -182,11 +182,11 @@ func NewGroupFromFile(f *os.File, cfg Config) (*Group, error) {
 	}
 	sa, err := inspectAnchor(f)
 	if err != nil {
-		return nil, fmt.Errorf("udpdrain: anchor %s: %w", f.Name(), err)
+		return nil, fmt.Errorf("udp steering: anchor %s: %w", f.Name(), err)
 	}
 	anchor, err := dupFile(f)
 	if err != nil {
-		return nil, fmt.Errorf("udpdrain: anchor %s: %w", f.Name(), err)
+		return nil, fmt.Errorf("udp steering: anchor %s: %w", f.Name(), err)
 	}
 	return newGroup(anchor, sa, cfg)
 }
@@ -251,12 +251,12 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
 func (g *Group) loadAndAttach() error {
 	spec, err := bpf.LoadSteer()
 	if err != nil {
-		return fmt.Errorf("udpdrain: parse embedded program: %w", err)
+		return fmt.Errorf("udp steering: parse embedded program: %w", err)
 	}
 	spec.Maps[bpf.SteerMapFlows].MaxEntries = uint32(g.cfg.FlowEntries)
 	spec.Maps[bpf.SteerMapInitials].MaxEntries = uint32(g.cfg.PinEntries)
 	if err := setShape(spec, g.cfg); err != nil {
-		return fmt.Errorf("udpdrain: %w", err)
+		return fmt.Errorf("udp steering: %w", err)
 	}
 	objs := new(bpf.SteerObjects)
 	if err := spec.LoadAndAssign(objs, nil); err != nil {
@@ -305,7 +305,7 @@ func (g *Group) AddGeneration() (slot int, files []*os.File, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return 0, nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
+		return 0, nil, fmt.Errorf("udp %s: group closed", g.addr)
 	}
 	for s := 1; s <= contract.MaxSlot; s++ {
 		if g.gens[s] == nil {
@@ -326,13 +326,13 @@ func (g *Group) AddGenerationAt(slot int) ([]*os.File, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return nil, fmt.Errorf("udpdrain %s: group closed", g.addr)
+		return nil, fmt.Errorf("udp %s: group closed", g.addr)
 	}
 	if slot < 1 || slot > contract.MaxSlot {
-		return nil, fmt.Errorf("udpdrain %s: slot %d outside 1..%d", g.addr, slot, contract.MaxSlot)
+		return nil, fmt.Errorf("udp %s: slot %d outside 1..%d", g.addr, slot, contract.MaxSlot)
 	}
 	if g.gens[slot] != nil {
-		return nil, fmt.Errorf("udpdrain %s: slot %d is in use", g.addr, slot)
+		return nil, fmt.Errorf("udp %s: slot %d is in use", g.addr, slot)
 	}
 	return g.addLocked(slot)
 }
@@ -358,7 +358,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 		}
 		if err != nil {
 			closeAll()
-			return nil, fmt.Errorf("udpdrain: slot %d worker %d socket: %w", slot, i, err)
+			return nil, fmt.Errorf("udp steering: slot %d worker %d socket: %w", slot, i, err)
 		}
 		gen.files = append(gen.files, f)
 	}
@@ -378,7 +378,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 			if err != nil {
 				g.deleteSocketsLocked(slot)
 				closeAll()
-				return nil, fmt.Errorf("udpdrain: slot %d: insert worker %d socket: %w", slot, i, err)
+				return nil, fmt.Errorf("udp steering: slot %d: insert worker %d socket: %w", slot, i, err)
 			}
 		}
 		next := g.kcfg
@@ -390,7 +390,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 		if err := g.writeConfigLocked(next); err != nil {
 			g.deleteSocketsLocked(slot)
 			closeAll()
-			return nil, fmt.Errorf("udpdrain: slot %d: %w", slot, err)
+			return nil, fmt.Errorf("udp steering: slot %d: %w", slot, err)
 		}
 	}
 	g.gens[slot] = gen
@@ -430,16 +430,16 @@ func (g *Group) SetWorking(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return fmt.Errorf("udpdrain %s: group closed", g.addr)
+		return fmt.Errorf("udp %s: group closed", g.addr)
 	}
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return fmt.Errorf("udpdrain %s: set working: slot %d has no generation", g.addr, slot)
+		return fmt.Errorf("udp %s: set working: slot %d has no generation", g.addr, slot)
 	}
 	if g.objs != nil {
 		next := g.kcfg
 		next.Working = uint32(slot)
 		if err := g.writeConfigLocked(next); err != nil {
-			return fmt.Errorf("udpdrain %s: set working slot %d: %w", g.addr, slot, err)
+			return fmt.Errorf("udp %s: set working slot %d: %w", g.addr, slot, err)
 		}
 	}
 	prev := g.working
@@ -455,19 +455,6 @@ func (g *Group) Working() int {
 	return g.working
 }
 
-// Slots returns the slots that have a generation, in ascending order.
-func (g *Group) Slots() []int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	var s []int
-	for i, gen := range g.gens {
-		if gen != nil {
-			s = append(s, i)
-		}
-	}
-	return s
-}
-
 // Release is for a generation that is gone (exited, or killed at its drain
 // deadline): the program stops choosing its slot, its sockets leave the
 // socket array and the group's copies are closed, and the slot becomes
@@ -478,7 +465,7 @@ func (g *Group) Release(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return fmt.Errorf("udpdrain %s: release: slot %d has no generation", g.addr, slot)
+		return fmt.Errorf("udp %s: release: slot %d has no generation", g.addr, slot)
 	}
 	gen := g.gens[slot]
 	var errs []error
@@ -514,7 +501,7 @@ func (g *Group) Release(slot int) error {
 		g.log.Info("udp generation released", "slot", slot)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udpdrain %s: release slot %d: %w", g.addr, slot, err)
+		return fmt.Errorf("udp %s: release slot %d: %w", g.addr, slot, err)
 	}
 	return nil
 }
@@ -551,7 +538,7 @@ func (g *Group) Close() error {
 	}
 	g.working = 0
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udpdrain %s: close: %w", g.addr, err)
+		return fmt.Errorf("udp %s: close: %w", g.addr, err)
 	}
 	return nil
 }

@@ -48,7 +48,7 @@ func newNS(t testing.TB) *testNS {
 		t.Fatal(err)
 	}
 	ns := &testNS{
-		name: "baton-udpdrain-" + hex.EncodeToString(b[:]),
+		name: "baton-steer-" + hex.EncodeToString(b[:]),
 		fd:   -1,
 		reqs: make(chan func()),
 		done: make(chan struct{}),

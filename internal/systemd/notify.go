@@ -131,11 +131,6 @@ func (n *Notifier) StatusChanged(summary string) {
 	n.send("STATUS=" + summary)
 }
 
-// MainPID tells systemd a new process is the service's main pid.
-func (n *Notifier) MainPID(pid int) error {
-	return n.Send("MAINPID=" + strconv.Itoa(pid))
-}
-
 // HandedOver tells systemd that pid, a new supervisor this one handed its
 // sockets to, is the main pid from now on, and silences this Notifier:
 // the new supervisor sends READY, STATUS and WATCHDOG from here on.
@@ -201,9 +196,4 @@ func (n *Notifier) Watchdog(ctx context.Context, interval time.Duration, healthy
 // survives a crash of the supervisor (needs FileDescriptorStoreMax=).
 func (n *Notifier) StoreFD(name string, fd int) error {
 	return n.Send("FDSTORE=1\nFDNAME="+name, fd)
-}
-
-// RemoveFD drops the stored descriptors named name.
-func (n *Notifier) RemoveFD(name string) error {
-	return n.Send("FDSTOREREMOVE=1\nFDNAME=" + name)
 }

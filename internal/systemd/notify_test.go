@@ -112,18 +112,6 @@ func TestNotifierMessages(t *testing.T) {
 	if a.Ino != b.Ino {
 		t.Fatal("stored fd is not the file that was sent")
 	}
-	if err := n.RemoveFD("http"); err != nil {
-		t.Fatal(err)
-	}
-	if msg, _ := r.next(t); msg != "FDSTOREREMOVE=1\nFDNAME=http" {
-		t.Fatalf("fdstore remove = %q", msg)
-	}
-	if err := n.MainPID(1234); err != nil {
-		t.Fatal(err)
-	}
-	if msg, _ := r.next(t); msg != "MAINPID=1234" {
-		t.Fatalf("mainpid = %q", msg)
-	}
 }
 
 func TestWatchdogStopsWhenUnhealthy(t *testing.T) {

@@ -60,10 +60,10 @@ type State struct {
 
 // Listener is one listening socket, in fd order.
 type Listener struct {
-	Name      string               `json:"name"`
-	URL       string               `json:"url"`
-	Activated bool                 `json:"activated,omitempty"`
-	UDP       *steer.HandoverState `json:"udp,omitempty"`
+	Name      string              `json:"name"`
+	URL       string              `json:"url"`
+	Activated bool                `json:"activated,omitempty"`
+	UDP       *steer.UpgradeState `json:"udp,omitempty"`
 }
 
 // Names lists the listeners' names, for messages.

@@ -34,7 +34,7 @@ func TestStateThenReply(t *testing.T) {
 		FromPID: 100, NextGen: 7, Restarts: 5, Crashes: 1,
 		Listeners: []Listener{
 			{Name: "http", URL: "tcp://127.0.0.1:8080"},
-			{Name: "quic", URL: "quic://127.0.0.1:8443", UDP: &steer.HandoverState{Addr: "127.0.0.1:8443", Mode: "quic", Workers: 2, Slots: []steer.SlotState{{Slot: 3, Epoch: 9}}}},
+			{Name: "quic", URL: "quic://127.0.0.1:8443", UDP: &steer.UpgradeState{Addr: "127.0.0.1:8443", Mode: "quic", Workers: 2, Slots: []steer.SlotState{{Slot: 3, Epoch: 9}}}},
 		},
 		Gens: []Gen{{Num: 7, PID: 1234, StartTicks: 5678, Slot: 3, StartedAt: at}},
 	}

@@ -110,7 +110,7 @@ func Main(args []string, env Env, stderr io.Writer) int {
 	overrides.Command = fs.Args()
 	overrides.EnvControl = env.Getenv(cli.EnvControl)
 	load := func(ctx context.Context) (*config.Config, error) {
-		return config.LoadContext(ctx, *configPath, overrides.Apply)
+		return config.Load(ctx, *configPath, overrides.Apply)
 	}
 
 	cfg, err := load(context.Background())

@@ -27,7 +27,7 @@ import (
 // If the new supervisor fails, Thaw(false) makes the old group the
 // writer again and clears whatever slot the failed one added.
 
-var errFrozen = errors.New("udpdrain: group handed over to another supervisor")
+var errFrozen = errors.New("udp steering: group handed over to another supervisor")
 
 // Names of the descriptors Files returns and Adopt takes.
 const (
@@ -36,8 +36,8 @@ const (
 	filePrefixM = "map."
 )
 
-// HandoverState is what a successor needs besides the descriptors.
-type HandoverState struct {
+// UpgradeState is what a successor needs besides the descriptors.
+type UpgradeState struct {
 	Addr        string             `json:"addr"`
 	V6Only      bool               `json:"v6only,omitempty"`
 	Mode        string             `json:"mode"`
@@ -80,7 +80,7 @@ func (g *Group) Files() (map[string]*os.File, error) {
 		for _, f := range out {
 			f.Close()
 		}
-		return nil, fmt.Errorf("udpdrain %s: handover files: %w", g.addr, err)
+		return nil, fmt.Errorf("udp %s: handover files: %w", g.addr, err)
 	}
 	a, err := dupFile(g.anchor)
 	if err != nil {
@@ -112,11 +112,11 @@ func (g *Group) Files() (map[string]*os.File, error) {
 // Freeze stops this group's writes to the kernel and returns its state
 // for a successor. Until Thaw, AddGeneration and SetWorking fail, and
 // Release only closes the group's copies of the sockets.
-func (g *Group) Freeze() HandoverState {
+func (g *Group) Freeze() UpgradeState {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.frozen = true
-	st := HandoverState{
+	st := UpgradeState{
 		Addr: g.addr.ap.String(), V6Only: g.addr.v6only, Mode: g.cfg.Mode.String(), Workers: g.cfg.Workers,
 		CID: g.cfg.CID, FlowIdle: g.cfg.FlowIdle, InitialPin: g.cfg.InitialPin,
 		FlowEntries: g.cfg.FlowEntries, PinEntries: g.cfg.PinEntries,
@@ -147,7 +147,7 @@ func (g *Group) Thaw(handedOver bool) error {
 	}
 	var cur bpf.SteerConfig
 	if err := g.objs.Config.Lookup(uint32(0), &cur); err != nil {
-		return fmt.Errorf("udpdrain %s: thaw: read config: %w", g.addr, err)
+		return fmt.Errorf("udp %s: thaw: read config: %w", g.addr, err)
 	}
 	next := g.kcfg
 	next.Working = uint32(g.working)
@@ -172,7 +172,7 @@ func (g *Group) Thaw(handedOver bool) error {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udpdrain %s: thaw: %w", g.addr, err)
+		return fmt.Errorf("udp %s: thaw: %w", g.addr, err)
 	}
 	g.log.Info("udp steering taken back after a failed handover", "working", g.working)
 	return nil
@@ -183,7 +183,7 @@ func (g *Group) Thaw(handedOver bool) error {
 // ownership of files. The old supervisor's generations keep their slots
 // (without files here) until Release. cfg supplies what is not kernel
 // state, such as the logger; its steering shape must match st.
-func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, error) {
+func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, error) {
 	closeAll := func() {
 		for _, f := range files {
 			f.Close()
@@ -196,14 +196,14 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 	}
 	if cfg.Mode.String() != st.Mode || cfg.Workers != st.Workers || (cfg.Mode == contract.ModeQUIC && cfg.CID != st.CID) {
 		closeAll()
-		return nil, fmt.Errorf("udpdrain %s: the configured steering (%s, %d workers, CID %+v) differs from the running group's (%s, %d workers, CID %+v); a steering change needs a full restart of baton",
+		return nil, fmt.Errorf("udp %s: the configured steering (%s, %d workers, CID %+v) differs from the running group's (%s, %d workers, CID %+v); a steering change needs a full restart of baton",
 			st.Addr, cfg.Mode, cfg.Workers, cfg.CID, st.Mode, st.Workers, st.CID)
 	}
 	cfg.FlowIdle, cfg.InitialPin, cfg.FlowEntries, cfg.PinEntries = st.FlowIdle, st.InitialPin, st.FlowEntries, st.PinEntries
 	ap, err := netip.ParseAddrPort(st.Addr)
 	if err != nil {
 		closeAll()
-		return nil, fmt.Errorf("udpdrain: handover address %q: %w", st.Addr, err)
+		return nil, fmt.Errorf("udp steering: handover address %q: %w", st.Addr, err)
 	}
 	sa := sockAddr{ap: ap, family: unix.AF_INET6, v6only: st.V6Only}
 	if ap.Addr().Is4() {
@@ -212,7 +212,7 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 	anchor := files[FileAnchor]
 	if anchor == nil {
 		closeAll()
-		return nil, fmt.Errorf("udpdrain %s: handover lacks the anchor socket", st.Addr)
+		return nil, fmt.Errorf("udp %s: handover lacks the anchor socket", st.Addr)
 	}
 	delete(files, FileAnchor)
 	g := &Group{
@@ -227,12 +227,12 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 		objs, err := adoptObjects(files)
 		if err != nil {
 			anchor.Close()
-			return nil, fmt.Errorf("udpdrain %s: %w", st.Addr, err)
+			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
 		}
 		g.objs = objs
 		if err := objs.Config.Lookup(uint32(0), &g.kcfg); err != nil {
 			g.Close()
-			return nil, fmt.Errorf("udpdrain %s: read steering config: %w", st.Addr, err)
+			return nil, fmt.Errorf("udp %s: read steering config: %w", st.Addr, err)
 		}
 	}
 	closeAll() // whatever adoptObjects did not take
@@ -240,7 +240,7 @@ func Adopt(files map[string]*os.File, st HandoverState, cfg Config) (*Group, err
 	for _, s := range st.Slots {
 		if s.Slot < 1 || s.Slot > contract.MaxSlot {
 			g.Close()
-			return nil, fmt.Errorf("udpdrain %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, contract.MaxSlot)
+			return nil, fmt.Errorf("udp %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, contract.MaxSlot)
 		}
 		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
 	}
@@ -290,7 +290,7 @@ func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 
 // FileNames lists the descriptor names Files returns for a group in the
 // state st describes, for a successor to ask for each one.
-func FileNames(st HandoverState) []string {
+func FileNames(st UpgradeState) []string {
 	names := []string{FileAnchor}
 	if st.Mode == contract.ModeOff.String() {
 		return names
@@ -310,7 +310,7 @@ func (g *Group) AnchorFile() (*os.File, error) {
 	defer g.mu.Unlock()
 	f, err := dupFile(g.anchor)
 	if err != nil {
-		return nil, fmt.Errorf("udpdrain %s: anchor: %w", g.addr, err)
+		return nil, fmt.Errorf("udp %s: anchor: %w", g.addr, err)
 	}
 	return f, nil
 }
