@@ -7,14 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/account"
 	"github.com/baton-run/baton/internal/unixsock"
 )
 
@@ -216,29 +215,11 @@ func (opts Options) resolve(path string) (int, *slog.Logger, error) {
 	if opts.Group == "" {
 		return -1, log, nil
 	}
-	gid, err := lookupGroup(opts.Group)
+	gid, err := account.GID(opts.Group)
 	if err != nil {
 		return 0, nil, fmt.Errorf("coordination socket %s: %w", path, err)
 	}
 	return gid, log, nil
-}
-
-func lookupGroup(group string) (int, error) {
-	if n, err := strconv.Atoi(group); err == nil {
-		if n < 0 {
-			return 0, fmt.Errorf("group %q: negative gid", group)
-		}
-		return n, nil
-	}
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return 0, fmt.Errorf("group %q: %w", group, err)
-	}
-	n, err := strconv.Atoi(g.Gid)
-	if err != nil {
-		return 0, fmt.Errorf("group %q: non-numeric gid %q", group, g.Gid)
-	}
-	return n, nil
 }
 
 // removeStale clears the way for bind: a socket nobody accepts on is left

@@ -9,10 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"strconv"
 
+	"github.com/baton-run/baton/internal/account"
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/steer"
@@ -137,12 +137,12 @@ func openUnix(spec config.Listener) (*Socket, error) {
 	o := unixsock.Options{Mode: spec.Mode, UID: -1, GID: -1, Backlog: spec.Backlog}
 	var err error
 	if spec.Owner != "" {
-		if o.UID, err = lookupUID(spec.Owner); err != nil {
+		if o.UID, err = account.UID(spec.Owner); err != nil {
 			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 		}
 	}
 	if spec.Group != "" {
-		if o.GID, err = LookupGID(spec.Group); err != nil {
+		if o.GID, err = account.GID(spec.Group); err != nil {
 			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
 		}
 	}
@@ -191,27 +191,4 @@ func (s *Socket) IsDatagram() bool {
 	}
 	typ, err := unix.GetsockoptInt(int(s.File.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
 	return err == nil && typ == unix.SOCK_DGRAM
-}
-
-func lookupUID(s string) (int, error) {
-	if n, err := strconv.Atoi(s); err == nil {
-		return n, nil
-	}
-	u, err := user.Lookup(s)
-	if err != nil {
-		return 0, fmt.Errorf("user %q: %w", s, err)
-	}
-	return strconv.Atoi(u.Uid)
-}
-
-// LookupGID resolves a group name or number.
-func LookupGID(s string) (int, error) {
-	if n, err := strconv.Atoi(s); err == nil {
-		return n, nil
-	}
-	g, err := user.LookupGroup(s)
-	if err != nil {
-		return 0, fmt.Errorf("group %q: %w", s, err)
-	}
-	return strconv.Atoi(g.Gid)
 }

@@ -4,13 +4,15 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/user"
+
 	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/account"
 )
 
 // ShimArg is the hidden first argument that makes the baton binary act as
@@ -79,58 +81,24 @@ func credential(userName, groupName string) (*syscall.Credential, error) {
 	if userName == "" {
 		return nil, nil
 	}
-	u, err := lookupUser(userName)
+	u, err := account.User(userName)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--user: %w", err)
 	}
-	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	uid, err := account.UID(u.Uid)
+	if err != nil {
+		return nil, fmt.Errorf("--user: %w", err)
+	}
+	gid, err := account.GID(u.Gid)
+	if err != nil {
+		return nil, fmt.Errorf("--user %s: primary %w", userName, err)
+	}
 	if groupName != "" {
-		g, err := lookupGroup(groupName)
-		if err != nil {
-			return nil, err
-		}
-		gid, _ = strconv.ParseUint(g.Gid, 10, 32)
-	}
-	cred := &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-	if ids, err := u.GroupIds(); err == nil {
-		for _, s := range ids {
-			if n, err := strconv.ParseUint(s, 10, 32); err == nil {
-				cred.Groups = append(cred.Groups, uint32(n))
-			}
+		if gid, err = account.GID(groupName); err != nil {
+			return nil, fmt.Errorf("--group: %w", err)
 		}
 	}
-	return cred, nil
-}
-
-func lookupUser(s string) (*user.User, error) {
-	if _, err := strconv.Atoi(s); err == nil {
-		u, err := user.LookupId(s)
-		if err != nil {
-			return nil, fmt.Errorf("--user %s: %w", s, err)
-		}
-		return u, nil
-	}
-	u, err := user.Lookup(s)
-	if err != nil {
-		return nil, fmt.Errorf("--user %s: %w", s, err)
-	}
-	return u, nil
-}
-
-func lookupGroup(s string) (*user.Group, error) {
-	if _, err := strconv.Atoi(s); err == nil {
-		g, err := user.LookupGroupId(s)
-		if err != nil {
-			return nil, fmt.Errorf("--group %s: %w", s, err)
-		}
-		return g, nil
-	}
-	g, err := user.LookupGroup(s)
-	if err != nil {
-		return nil, fmt.Errorf("--group %s: %w", s, err)
-	}
-	return g, nil
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: account.Groups(u)}, nil
 }
 
 // childEnv is baton's environment without the variables that belong to
