@@ -354,7 +354,7 @@ func TestEscapedDaemonDies(t *testing.T) {
 	}
 }
 
-// TestControlDirectoryOthersCanWrite: a coordination socket in a directory
+// TestControlDirectoryOthersCanWrite: a control socket in a directory
 // another user can write to could be swapped for a socket of theirs;
 // baton refuses to start there, says why and what to do, once.
 func TestControlDirectoryOthersCanWrite(t *testing.T) {
@@ -375,7 +375,7 @@ func TestControlDirectoryOthersCanWrite(t *testing.T) {
 	if !strings.Contains(out, "writable by every user") || !strings.Contains(out, "sticky") {
 		t.Errorf("the error does not say why and what to do:\n%s", out)
 	}
-	if strings.Contains(out, "coordination socket: coordination socket") {
+	if strings.Contains(out, "control socket: control socket") {
 		t.Errorf("doubled prefix in:\n%s", out)
 	}
 	if _, err := os.Lstat(filepath.Join(open, "baton.sock")); !os.IsNotExist(err) {

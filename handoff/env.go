@@ -28,7 +28,7 @@ const (
 	EnvReadyFD = contract.EnvReadyFD
 	// EnvDrainSignal names the signal that starts a drain, e.g. "SIGTERM".
 	EnvDrainSignal = contract.EnvDrainSignal
-	// EnvControl is the supervisor's coordination socket path, so that a
+	// EnvControl is the supervisor's control socket path, so that a
 	// child (or a script it runs) can ask for a restart or a status.
 	EnvControl = contract.EnvControl
 )

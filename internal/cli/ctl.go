@@ -1,4 +1,4 @@
-// Package ctl is the command-line side of the coordination socket: the
+// Package ctl is the command-line side of the control socket: the
 // `restart` and `status` commands. Each command is a function of its
 // arguments, environment and output streams returning an exit code, so the
 // binaries stay one line long and the behaviour is testable in-process.
@@ -16,7 +16,7 @@ import (
 	"github.com/baton-run/baton/internal/control"
 )
 
-// DefaultControl is the coordination socket used when neither --control nor
+// DefaultControl is the control socket used when neither --control nor
 // $BATON_CONTROL is given.
 const DefaultControl = "/run/baton/baton.sock"
 
@@ -27,7 +27,7 @@ const EnvControl = contract.EnvControl
 // now is replaced in tests to make ages deterministic.
 var now = time.Now
 
-// ControlPath is the coordination socket to use: the flag, then
+// ControlPath is the control socket to use: the flag, then
 // $BATON_CONTROL, then DefaultControl. baton run uses it too, so the
 // supervisor and its clients agree without configuration.
 func ControlPath(flagValue string, env func(string) string) string {

@@ -53,7 +53,7 @@ func TestMain(m *testing.M) {
 
 // runServer is the supervisor side run in a child process: "plant", a
 // socket someone else put at the control path that answers ok to
-// anything, or "dying", a real coordination socket whose supervisor dies
+// anything, or "dying", a real control socket whose supervisor dies
 // in the middle of a restart. It prints "ready" and runs until its
 // standard input closes.
 func runServer(mode, path string) error {
@@ -182,7 +182,7 @@ func (f *fakeHandler) Status(ctx context.Context) control.Status {
 	return f.status
 }
 
-// serve runs a coordination socket with h at a fresh path and returns it.
+// serve runs a control socket with h at a fresh path and returns it.
 func serve(t *testing.T, h control.Handler) string {
 	t.Helper()
 	return serveAt(t, filepath.Join(t.TempDir(), "baton.sock"), control.Options{}, h)

@@ -24,8 +24,8 @@ func noDoubling(t *testing.T, prog, path, stderr string) {
 	if path != "" && strings.Count(stderr, path+":") > 1 {
 		t.Errorf("path prefix repeated in %q", stderr)
 	}
-	if strings.Count(stderr, "coordination socket") > 1 {
-		t.Errorf("doubled %q in %q", "coordination socket", stderr)
+	if strings.Count(stderr, "control socket") > 1 {
+		t.Errorf("doubled %q in %q", "control socket", stderr)
 	}
 }
 

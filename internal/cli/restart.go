@@ -24,7 +24,7 @@ wait until it serves or the restart fails, and exit with a code that says
 what happened. Made for systemd's ExecReload= and for deploy scripts.
 
 Flags:
-  --control PATH      coordination socket (default $BATON_CONTROL, else
+  --control PATH      control socket (default $BATON_CONTROL, else
                       /run/baton/baton.sock)
   --timeout DURATION  stop waiting after this long (default 60s); the
                       restart may still complete, see 'baton status'
@@ -51,7 +51,7 @@ Exit codes:
                          supervisor's connection limit refused this user
                          (--wait retries until --timeout); nothing was
                          started
-  5  no supervisor       nothing is listening on the coordination socket,
+  5  no supervisor       nothing is listening on the control socket,
                          or the supervisor went away before answering
   6  denied              the supervisor or the socket's permissions refused
                          this user

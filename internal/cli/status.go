@@ -22,7 +22,7 @@ const statusUsage = `Usage: baton status [flags]
 Show the running baton supervisor and its generations.
 
 Flags:
-  --control PATH      coordination socket (default $BATON_CONTROL, else
+  --control PATH      control socket (default $BATON_CONTROL, else
                       /run/baton/baton.sock)
   --timeout DURATION  stop waiting after this long (default 10s)
   --json              print the status as one JSON object on stdout

@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DefaultControl is the coordination socket used when neither --control
+// DefaultControl is the control socket used when neither --control
 // nor BATON_CONTROL says otherwise; it equals ctl.DefaultControl (tested).
 const DefaultControl = "/run/baton/baton.sock"
 

@@ -19,7 +19,7 @@ type Overrides struct {
 	// Command, the arguments after --, replaces the file's command when
 	// not empty.
 	Command []string
-	// EnvControl is $BATON_CONTROL. It names the coordination socket
+	// EnvControl is $BATON_CONTROL. It names the control socket
 	// only when neither --control nor the file's control key does.
 	EnvControl string
 
@@ -50,11 +50,11 @@ var settings = []setting{
 		flag: "control", key: "control",
 		// Not the field's default: that depends on $BATON_CONTROL.
 		define: func(fs *flag.FlagSet, _ *Config) {
-			fs.String("control", "", "coordination socket path (default $BATON_CONTROL, then "+DefaultControl+")")
+			fs.String("control", "", "control socket path (default: the config file's control, else $BATON_CONTROL, else "+DefaultControl+")")
 		},
 		parse: assign(func(c *Config) *string { return &c.Control }, checked(absolutePath)),
 	},
-	stringSetting("control-group", "control_group", "group allowed to use the coordination socket (mode 0660)",
+	stringSetting("control-group", "control_group", "group allowed to use the control socket (mode 0660)",
 		func(c *Config) *string { return &c.ControlGroup }, nil),
 	{
 		flag: "ready", key: "ready",
@@ -233,7 +233,7 @@ func (o *Overrides) Given(name string) bool { return o.given[name] }
 // Apply applies the overrides to c, which holds the defaults and the
 // config file; pass it to Load.
 //
-// The coordination socket is, first to last: --control, the file's
+// The control socket is, first to last: --control, the file's
 // control key (whatever its value), $BATON_CONTROL, DefaultControl.
 func (o *Overrides) Apply(c *Config) error {
 	if len(o.Command) > 0 {

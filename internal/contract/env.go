@@ -23,7 +23,7 @@ const (
 	EnvReadyFD = "BATON_READY_FD"
 	// EnvDrainSignal names the signal that starts a drain, e.g. "SIGTERM".
 	EnvDrainSignal = "BATON_DRAIN_SIGNAL"
-	// EnvControl is the supervisor's coordination socket path, so that a
+	// EnvControl is the supervisor's control socket path, so that a
 	// generation (or a script it runs) can ask for a restart or a status;
 	// the command-line tools read it too.
 	EnvControl = "BATON_CONTROL"

@@ -358,7 +358,7 @@ func TestIdleHogDoesNotLockOutRoot(t *testing.T) {
 	}
 	t.Logf("hog: %d refusals, %d idle connections closed (slowest after %s)", refused, idleClosed, slowestIdle)
 
-	all := logs.lines("coordination socket")
+	all := logs.lines("control socket")
 	if len(logs.lines("connection rejected")) != 1 || len(logs.lines("idle connection closed")) != 1 {
 		t.Errorf("want one line for the first refusal and the first idle close:\n%s", strings.Join(all, "\n"))
 	}
@@ -397,8 +397,8 @@ func TestLogLimiter(t *testing.T) {
 	start := time.Now()
 	const n = 2000
 	for i := range n {
-		l.event(kindRejected, slog.LevelWarn, fmt.Sprintf("uid %d over its limit of 16", 1000+i%2), "coordination socket: connection rejected")
-		l.event(kindDenied, slog.LevelWarn, "uid 7 is not allowed", "coordination socket: request denied")
+		l.event(kindRejected, slog.LevelWarn, fmt.Sprintf("uid %d over its limit of 16", 1000+i%2), "control socket: connection rejected")
+		l.event(kindDenied, slog.LevelWarn, "uid 7 is not allowed", "control socket: request denied")
 	}
 	waitFor(t, "a summary", func() bool { return len(buf.lines("connections rejected in the last")) > 0 })
 	elapsed := time.Since(start)

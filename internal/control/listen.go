@@ -41,7 +41,7 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Server is the supervisor's end of the coordination socket.
+// Server is the supervisor's end of the control socket.
 type Server struct {
 	// ReadTimeout bounds how long a client may take to send its request.
 	ReadTimeout time.Duration
@@ -88,15 +88,15 @@ type Server struct {
 	logs      *logLimiter        // set by Serve
 }
 
-// Listen creates the coordination socket at path. A stale socket left by a
+// Listen creates the control socket at path. A stale socket left by a
 // dead supervisor is replaced; a live one, or anything that is not a
 // socket, is an error.
 func Listen(path string, opts Options) (*Server, error) {
 	if path == "" {
-		return nil, errors.New("coordination socket: empty path")
+		return nil, errors.New("control socket: empty path")
 	}
 	if len(path) > unixsock.MaxPath {
-		return nil, fmt.Errorf("coordination socket %s: path is %d bytes, the limit for a Unix socket is %d", path, len(path), unixsock.MaxPath)
+		return nil, fmt.Errorf("control socket %s: path is %d bytes, the limit for a Unix socket is %d", path, len(path), unixsock.MaxPath)
 	}
 	gid, log, err := opts.resolve(path)
 	if err != nil {
@@ -111,13 +111,13 @@ func Listen(path string, opts Options) (*Server, error) {
 	}
 
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("coordination socket %s: create parent directory: %w", path, err)
+		return nil, fmt.Errorf("control socket %s: create parent directory: %w", path, err)
 	}
 	// Whoever can replace the socket can answer restart requests (clients
 	// check SO_PEERCRED, but a denial is still an outage) and, while it
 	// is set up, race the supervisor's own operations on the path.
 	if err := unixsock.CheckDir(filepath.Dir(path)); err != nil {
-		return nil, fmt.Errorf("coordination socket %s: refusing a directory another user can write to: %w", path, err)
+		return nil, fmt.Errorf("control socket %s: refusing a directory another user can write to: %w", path, err)
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err
@@ -151,7 +151,7 @@ func newServer(path string, ln *net.UnixListener, st *unix.Stat_t, gid int, log 
 	}
 }
 
-// FromFile serves a coordination socket a previous supervisor handed over
+// FromFile serves a control socket a previous supervisor handed over
 // (an already listening Unix socket). path is where it is bound; Close
 // removes that file only if it still names this socket.
 func FromFile(path string, f *os.File, opts Options) (*Server, error) {
@@ -161,18 +161,18 @@ func FromFile(path string, f *os.File, opts Options) (*Server, error) {
 	}
 	l, err := net.FileListener(f)
 	if err != nil {
-		return nil, fmt.Errorf("coordination socket %s: inherited socket: %w", path, err)
+		return nil, fmt.Errorf("control socket %s: inherited socket: %w", path, err)
 	}
 	ul, ok := l.(*net.UnixListener)
 	if !ok {
 		l.Close()
-		return nil, fmt.Errorf("coordination socket %s: inherited socket is a %T, not a Unix listener", path, l)
+		return nil, fmt.Errorf("control socket %s: inherited socket is a %T, not a Unix listener", path, l)
 	}
 	ul.SetUnlinkOnClose(false)
 	var st unix.Stat_t
 	if err := unix.Lstat(path, &st); err != nil {
 		ul.Close()
-		return nil, fmt.Errorf("coordination socket %s: %w", path, err)
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	return newServer(path, ul, &st, gid, log), nil
 }
@@ -183,17 +183,17 @@ func FromFile(path string, f *os.File, opts Options) (*Server, error) {
 func (s *Server) File() (*os.File, error) {
 	rc, err := s.ln.SyscallConn()
 	if err != nil {
-		return nil, fmt.Errorf("coordination socket %s: %w", s.path, err)
+		return nil, fmt.Errorf("control socket %s: %w", s.path, err)
 	}
 	var fd int
 	var derr error
 	if err := rc.Control(func(raw uintptr) {
 		fd, derr = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0)
 	}); err != nil {
-		return nil, fmt.Errorf("coordination socket %s: %w", s.path, err)
+		return nil, fmt.Errorf("control socket %s: %w", s.path, err)
 	}
 	if derr != nil {
-		return nil, fmt.Errorf("coordination socket %s: dup: %w", s.path, derr)
+		return nil, fmt.Errorf("control socket %s: dup: %w", s.path, derr)
 	}
 	return os.NewFile(uintptr(fd), s.path), nil
 }
@@ -217,7 +217,7 @@ func (opts Options) resolve(path string) (int, *slog.Logger, error) {
 	}
 	gid, err := account.GID(opts.Group)
 	if err != nil {
-		return 0, nil, fmt.Errorf("coordination socket %s: %w", path, err)
+		return 0, nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	return gid, log, nil
 }
@@ -230,7 +230,7 @@ func removeStale(path string) error {
 		return fmt.Errorf("another supervisor is listening on %s", path)
 	}
 	if err != nil {
-		return fmt.Errorf("coordination socket: %w", err)
+		return fmt.Errorf("control socket: %w", err)
 	}
 	return nil
 }
@@ -242,19 +242,19 @@ func removeStale(path string) error {
 func bindListen(path string, mode os.FileMode, gid int) (*net.UnixListener, *unix.Stat_t, error) {
 	f, id, err := unixsock.Listen(path, unixsock.Options{Mode: mode, UID: -1, GID: gid})
 	if err != nil {
-		return nil, nil, fmt.Errorf("coordination socket: %w", err)
+		return nil, nil, fmt.Errorf("control socket: %w", err)
 	}
 	l, err := net.FileListener(f)
 	f.Close() // FileListener holds its own dup
 	if err != nil {
 		unixsock.Remove(path, id)
-		return nil, nil, fmt.Errorf("coordination socket %s: %w", path, err)
+		return nil, nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	ul, ok := l.(*net.UnixListener)
 	if !ok {
 		l.Close()
 		unixsock.Remove(path, id)
-		return nil, nil, fmt.Errorf("coordination socket %s: unexpected listener type %T", path, l)
+		return nil, nil, fmt.Errorf("control socket %s: unexpected listener type %T", path, l)
 	}
 	// Removal is done by Close, which checks the inode first.
 	ul.SetUnlinkOnClose(false)
@@ -290,12 +290,12 @@ func (s *Server) Close() error {
 		err = nil
 	}
 	if err != nil {
-		err = fmt.Errorf("coordination socket %s: close: %w", s.path, err)
+		err = fmt.Errorf("control socket %s: close: %w", s.path, err)
 	}
 	var st unix.Stat_t
 	if lerr := unix.Lstat(s.path, &st); !keep && lerr == nil && st.Dev == s.dev && st.Ino == s.ino {
 		if rerr := os.Remove(s.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
-			err = fmt.Errorf("coordination socket %s: remove: %w", s.path, rerr)
+			err = fmt.Errorf("control socket %s: remove: %w", s.path, rerr)
 		}
 	}
 	return err

@@ -197,7 +197,7 @@ func TestCloseRemovesOwnSocket(t *testing.T) {
 	}
 }
 
-// TestHandOverSocket: a supervisor hands its coordination socket to a
+// TestHandOverSocket: a supervisor hands its control socket to a
 // successor. The old one closes without removing the file, clients keep
 // connecting to the same path, and the successor's Close removes it.
 func TestHandOverSocket(t *testing.T) {

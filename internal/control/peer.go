@@ -135,7 +135,7 @@ func (s *Server) authorize(c *net.UnixConn, p peer) error {
 		groups, err := peerGroups(c, p.PID)
 		if err != nil {
 			s.logs.event(kindGroups, slog.LevelWarn, fmt.Sprintf("uid %d: %v", p.UID, err),
-				"coordination socket: cannot read peer groups", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
+				"control socket: cannot read peer groups", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
 		}
 		for _, g := range groups {
 			if g == s.gid {
@@ -148,7 +148,7 @@ func (s *Server) authorize(c *net.UnixConn, p peer) error {
 }
 
 // UntrustedError is the client's refusal of the process listening on the
-// coordination socket. Whoever can write to the socket's directory can put
+// control socket. Whoever can write to the socket's directory can put
 // a socket there, so only a listener running as root, as the owner of that
 // directory, or as the client's own uid is trusted with a request (and
 // with reporting its result). errors.Is(err, ErrUntrusted) holds.

@@ -52,16 +52,16 @@ const (
 // rest.
 func (s *Server) Serve(ctx context.Context, h Handler) error {
 	if h == nil {
-		return errors.New("coordination socket: nil handler")
+		return errors.New("control socket: nil handler")
 	}
 	s.mu.Lock()
 	if s.serving {
 		s.mu.Unlock()
-		return errors.New("coordination socket: Serve called twice")
+		return errors.New("control socket: Serve called twice")
 	}
 	if s.closed {
 		s.mu.Unlock()
-		return fmt.Errorf("coordination socket %s: server closed", s.path)
+		return fmt.Errorf("control socket %s: server closed", s.path)
 	}
 	s.serving = true
 	ctx, cancel := context.WithCancel(ctx)
@@ -99,7 +99,7 @@ func (s *Server) Serve(ctx context.Context, h Handler) error {
 			// the supervisor's control channel; wait and retry like
 			// net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Warn("coordination socket: accept failed; retrying", "err", err, "delay", backoff)
+			s.log.Warn("control socket: accept failed; retrying", "err", err, "delay", backoff)
 			select {
 			case <-time.After(backoff):
 			case <-ctx.Done():
@@ -109,7 +109,7 @@ func (s *Server) Serve(ctx context.Context, h Handler) error {
 		backoff = 0
 		p, err := peerCred(c)
 		if err != nil {
-			s.logs.event(kindNoCred, slog.LevelWarn, err.Error(), "coordination socket: dropping connection", "err", err)
+			s.logs.event(kindNoCred, slog.LevelWarn, err.Error(), "control socket: dropping connection", "err", err)
 			c.Close()
 			continue
 		}
@@ -118,14 +118,14 @@ func (s *Server) Serve(ctx context.Context, h Handler) error {
 		// does not wait on the client.
 		if aerr := s.authorize(c, p); aerr != nil {
 			s.logs.event(kindDenied, slog.LevelWarn, fmt.Sprintf("uid %d is not allowed", p.UID),
-				"coordination socket: request denied", "peer_pid", p.PID, "peer_uid", p.UID, "peer_gid", p.GID)
+				"control socket: request denied", "peer_pid", p.PID, "peer_uid", p.UID, "peer_gid", p.GID)
 			s.writeResult(c, Result{Result: ResultDenied, Message: aerr.Error()})
 			c.Close()
 			continue
 		}
 		if res, why := limits.acquire(p.UID); res != nil {
 			s.logs.event(kindRejected, slog.LevelWarn, why,
-				"coordination socket: connection rejected", "peer_pid", p.PID, "peer_uid", p.UID, "limit", res.Limit, "why", why)
+				"control socket: connection rejected", "peer_pid", p.PID, "peer_uid", p.UID, "limit", res.Limit, "why", why)
 			s.writeResult(c, *res)
 			c.Close()
 			continue
@@ -209,16 +209,16 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 	case errors.Is(err, errNoRequest):
 		// Listen probing for a live supervisor, or a health check: a
 		// connect with nothing sent is not worth a warning or a reply.
-		log.Debug("coordination socket: connection closed without a request")
+		log.Debug("control socket: connection closed without a request")
 		return
 	case errors.Is(err, errIdle):
 		s.logs.event(kindIdle, slog.LevelWarn, fmt.Sprintf("uid %d sent no request within %s", p.UID, min(rr.idle, rr.total)),
-			"coordination socket: idle connection closed", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
+			"control socket: idle connection closed", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
 		s.writeResult(c, Result{Result: ResultBadRequest, Message: err.Error()})
 		return
 	case err != nil:
 		s.logs.event(kindBadRequest, slog.LevelWarn, fmt.Sprintf("uid %d: %v", p.UID, err),
-			"coordination socket: bad request", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
+			"control socket: bad request", "peer_pid", p.PID, "peer_uid", p.UID, "err", err)
 		s.writeResult(c, Result{Result: ResultBadRequest, Message: err.Error()})
 		return
 	}
@@ -245,7 +245,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 			}
 		}
 	case OpRestart, OpUpgrade:
-		log.Info("coordination socket: "+req.Op+" requested", "wait", req.Wait)
+		log.Info("control socket: "+req.Op+" requested", "wait", req.Wait)
 		run := h.Restart
 		if req.Op == OpUpgrade {
 			run = h.Upgrade
@@ -255,7 +255,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 		if werr != nil {
 			// The client stopped reading; trying the result too would
 			// only wait out another write deadline.
-			log.Info("coordination socket: request done; client gone", "op", req.Op, "result", res.Result, "took", time.Since(start), "err", werr)
+			log.Info("control socket: request done; client gone", "op", req.Op, "result", res.Result, "took", time.Since(start), "err", werr)
 			return
 		}
 	}
@@ -266,13 +266,13 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 	}
 	switch {
 	case req.Op == OpStatus && res.Result == ResultOK:
-		log.Debug("coordination socket: request done", attrs...)
+		log.Debug("control socket: request done", attrs...)
 	case res.Result == ResultBusy:
 		// Any allowed peer can ask again and again while a restart runs.
 		s.logs.event(kindBusy, slog.LevelInfo, fmt.Sprintf("uid %d: %s", p.UID, res.Message),
-			"coordination socket: request done", append(attrs, "peer_pid", p.PID, "peer_uid", p.UID)...)
+			"control socket: request done", append(attrs, "peer_pid", p.PID, "peer_uid", p.UID)...)
 	default:
-		log.Info("coordination socket: request done", attrs...)
+		log.Info("control socket: request done", attrs...)
 	}
 }
 
@@ -399,7 +399,7 @@ func (s *Server) restart(ctx context.Context, c *net.UnixConn, run func(context.
 	mu.Unlock()
 	<-writerDone
 	if n > 0 {
-		log.Warn("coordination socket: client too slow; progress lines dropped", "dropped", n)
+		log.Warn("control socket: client too slow; progress lines dropped", "dropped", n)
 	}
 	return res, werr
 }
@@ -410,7 +410,7 @@ func (s *Server) writeResult(c *net.UnixConn, res Result) {
 	}
 	res.Type = TypeResult
 	if err := s.writeLine(c, res); err != nil {
-		s.log.Debug("coordination socket: result not delivered", "result", res.Result, "err", err)
+		s.log.Debug("control socket: result not delivered", "result", res.Result, "err", err)
 	}
 }
 
@@ -560,6 +560,6 @@ func (l *logLimiter) summary(k logKind, w logWindow, over time.Duration) {
 		why = "the last: " + why
 	}
 	l.log.Log(context.Background(), w.level,
-		fmt.Sprintf("coordination socket: %d %s in the last %s (%s)", w.suppressed, k.summary, over, why),
+		fmt.Sprintf("control socket: %d %s in the last %s (%s)", w.suppressed, k.summary, over, why),
 		"kind", k.name, "count", w.suppressed)
 }

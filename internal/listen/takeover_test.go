@@ -41,7 +41,7 @@ func (s *fakeSource) File(name string) (*os.File, error) {
 }
 
 // predecessor is what a running supervisor passes in an upgrade: its
-// sockets under their names, the state memfd and the coordination socket.
+// sockets under their names, the state memfd and the control socket.
 type predecessor struct {
 	specs []config.Listener
 	socks []*Socket

@@ -1,6 +1,6 @@
 package supervisor
 
-// The coordination socket's edge: the supervisor speaks in its own types,
+// The control socket's edge: the supervisor speaks in its own types,
 // and this file alone translates them to and from the wire (package
 // control).
 
@@ -12,7 +12,7 @@ import (
 	"github.com/baton-run/baton/internal/control"
 )
 
-// openControl binds the coordination socket, or takes it over from the
+// openControl binds the control socket, or takes it over from the
 // previous supervisor, still bound to its path.
 func (s *Supervisor) openControl(cfg *config.Config) (*control.Server, error) {
 	opts := control.Options{Group: cfg.ControlGroup, Logger: s.log}
@@ -22,7 +22,7 @@ func (s *Supervisor) openControl(cfg *config.Config) (*control.Server, error) {
 	return control.Listen(cfg.Control, opts)
 }
 
-// controlHandler serves coordination socket requests with the supervisor.
+// controlHandler serves control socket requests with the supervisor.
 type controlHandler struct{ s *Supervisor }
 
 var _ control.Handler = controlHandler{}

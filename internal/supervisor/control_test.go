@@ -50,7 +50,7 @@ func TestWireNames(t *testing.T) {
 	}
 }
 
-// TestWireStatus: the status the coordination socket sends is the one
+// TestWireStatus: the status the control socket sends is the one
 // older clients parse: milliseconds, an empty generation list as [], and
 // the UDP counters by slot.
 func TestWireStatus(t *testing.T) {
@@ -94,7 +94,7 @@ func TestWireStatus(t *testing.T) {
 }
 
 // TestControlSocketRestart: a restart and a status request over the
-// coordination socket, as `restart` and `baton status` see them.
+// control socket, as `restart` and `baton status` see them.
 func TestControlSocketRestart(t *testing.T) {
 	h := newHarness(t, "ready", nil)
 	h.waitWorking(1)

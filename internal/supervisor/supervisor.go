@@ -5,7 +5,7 @@
 //
 // Files by job: supervisor.go (this: types, Run, the loop, signals),
 // restart.go (the restart pipeline), lifecycle.go (drain, reap, crash
-// respawn, stop), status.go, control.go (the coordination socket's edge),
+// respawn, stop), status.go, control.go (the control socket's edge),
 // upgrade_old.go (handing over to a new supervisor), upgrade_new.go
 // (taking over from the previous one), generation.go and spawn.go (one
 // generation's process).
@@ -168,7 +168,7 @@ func (s *Supervisor) call(f func()) bool {
 	}
 }
 
-// Run starts the first generation, serves the coordination socket and
+// Run starts the first generation, serves the control socket and
 // handles signals until the supervisor is stopped. It returns nil after a
 // graceful or immediate stop, an error if the first generation fails.
 func (s *Supervisor) Run(ctx context.Context) error {
@@ -236,7 +236,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			go func() {
 				defer close(serveDone)
 				if err := ctl.Serve(sctx, controlHandler{s}); err != nil && sctx.Err() == nil {
-					s.log.Error("coordination socket stopped", "err", err)
+					s.log.Error("control socket stopped", "err", err)
 				}
 			}()
 		case sig := <-sigs:
@@ -280,7 +280,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				select {
 				case <-serveDone:
 				case <-time.After(5 * time.Second):
-					s.log.Warn("coordination socket requests still running 5s after the stop; exiting anyway")
+					s.log.Warn("control socket requests still running 5s after the stop; exiting anyway")
 				}
 			}
 			s.log.Info("supervisor stopped")

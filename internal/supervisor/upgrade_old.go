@@ -2,7 +2,7 @@ package supervisor
 
 // Self-upgrade, the side that hands over: the running supervisor starts
 // the baton binary now at its path (tableflip re-executes os.Args) and
-// hands it every listening socket, the coordination socket, the UDP
+// hands it every listening socket, the control socket, the UDP
 // groups' kernel objects and a description of its generations
 // (upgrade.State). Once the successor reports that it serves, this
 // supervisor drains its own generations (they stay its children, so

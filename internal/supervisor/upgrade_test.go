@@ -156,7 +156,7 @@ func dup(f *os.File) (*os.File, error) {
 }
 
 // inherit builds what a supervisor started by an upgrade gets from its
-// predecessor: the state in a memfd and the coordination socket, bound
+// predecessor: the state in a memfd and the control socket, bound
 // and listening at ctlPath.
 func inherit(t *testing.T, ctlPath string, st upgrade.State) *upgrade.Inherited {
 	t.Helper()

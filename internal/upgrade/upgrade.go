@@ -26,7 +26,7 @@ import (
 const (
 	// FileState is the memfd holding the State, later the Reply.
 	FileState = "baton/handover"
-	// FileControl is the coordination socket.
+	// FileControl is the control socket.
 	FileControl = "baton/control"
 )
 
@@ -103,7 +103,7 @@ type Inherited struct {
 	// StateFile is the shared memfd: the Reply goes there, and so does
 	// the State of this supervisor's own upgrade later.
 	StateFile *os.File
-	// Control is the coordination socket, still bound to its path.
+	// Control is the control socket, still bound to its path.
 	Control *os.File
 }
 

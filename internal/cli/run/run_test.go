@@ -199,7 +199,7 @@ func TestRunHelpListsFlags(t *testing.T) {
 	for _, d := range []string{
 		"  -ready-timeout duration\n", "(default 30s)", "  -max-draining int\n", "(default 4)",
 		`(default "SIGTERM")`, `(default "auto")`, `(default "text")`, `(default "info")`, "(default 1m0s)", "(default 5s)",
-		"  -control string\n    \tcoordination socket path (default $BATON_CONTROL, then /run/baton/baton.sock)\n",
+		"  -control string\n    \tcontrol socket path (default: the config file's control, else $BATON_CONTROL, else /run/baton/baton.sock)\n",
 	} {
 		if !strings.Contains(help, d) {
 			t.Errorf("baton run -h lacks %q", d)

@@ -24,7 +24,7 @@ type Run struct {
 	// Binary is the baton binary: the one built, or a copy a test
 	// replaces to exercise self-upgrade.
 	Binary string
-	// Control is the coordination socket (--control).
+	// Control is the control socket (--control).
 	Control string
 	// Args follow `run --control CONTROL`: flags, then usually "--" and
 	// the command.
@@ -57,7 +57,7 @@ func Start(r Run) (*testkit.Proc, error) {
 	return testkit.Start(r.Spec())
 }
 
-// Status asks the supervisor behind the coordination socket at path for
+// Status asks the supervisor behind the control socket at path for
 // its status, within bound.
 func Status(path string, bound time.Duration) (control.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
