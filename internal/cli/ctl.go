@@ -1,4 +1,4 @@
-// Package ctl is the command-line side of the control socket: the
+// Package cli is the command-line side of the control socket: the
 // `restart` and `status` commands. Each command is a function of its
 // arguments, environment and output streams returning an exit code, so the
 // binaries stay one line long and the behaviour is testable in-process.

@@ -1,4 +1,4 @@
-// Package restartsock is baton's control socket: a Unix stream socket
+// Package control is baton's control socket: a Unix stream socket
 // on which the supervisor takes restart and status requests. It owns the
 // wire format (newline-delimited JSON), the peer-credential check, the
 // server loop used by the supervisor and the client used by `restart` and
