@@ -11,20 +11,18 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
-
-	"github.com/baton-run/baton/internal/contract"
 )
 
 // Messages understood on the inheritance pipe (one per line) and on
 // NOTIFY_SOCKET. The pipe also takes ReadyLine alone.
 const (
-	NotifyReady    = contract.KeyReady + "=" + contract.FlagOn
-	NotifyStopping = contract.KeyStopping + "=" + contract.FlagOn
+	NotifyReady    = "READY=1"
+	NotifyStopping = "STOPPING=1"
 	// NotifyIdle is baton's own addition: a draining generation has no
 	// more work. With UDP listeners the supervisor then ends the drain
 	// once the generation's sockets are quiet (--udp-idle).
-	NotifyIdle   = contract.KeyIdle + "=" + contract.FlagOn
-	NotifyStatus = contract.KeyStatus + "="
+	NotifyIdle   = "IDLE=1"
+	NotifyStatus = "STATUS="
 )
 
 // pipeWriteTimeout bounds a write to the inheritance pipe: a supervisor that

@@ -19,23 +19,23 @@ import (
 // connection IDs a generation must issue.
 const (
 	// EnvCIDLen is L, the length of every server-chosen CID, 1..20.
-	EnvCIDLen = contract.EnvCIDLen
+	EnvCIDLen = "BATON_CID_LEN"
 	// EnvCIDSlotOffset is the index of the slot octet.
-	EnvCIDSlotOffset = contract.EnvCIDSlotOffset
+	EnvCIDSlotOffset = "BATON_CID_SLOT_OFFSET"
 	// EnvCIDWorkerOffset is the index of the worker octet, or -1 for none.
-	EnvCIDWorkerOffset = contract.EnvCIDWorkerOffset
+	EnvCIDWorkerOffset = "BATON_CID_WORKER_OFFSET"
 	// EnvCIDSlot is this generation's slot, 1..31.
-	EnvCIDSlot = contract.EnvCIDSlot
+	EnvCIDSlot = "BATON_CID_SLOT"
 )
 
 const (
 	// DefaultCIDLen is the CID length used when the environment names
 	// none: 8 bytes is the shortest CID a client may choose itself, and
 	// quic-go's own default of 4 invites collisions.
-	DefaultCIDLen = contract.DefaultCIDLen
+	DefaultCIDLen = 8
 	// NoWorkerOctet in CIDConfig.WorkerOffset means the CIDs carry no
 	// worker index.
-	NoWorkerOctet = contract.NoWorkerOctet
+	NoWorkerOctet = -1
 )
 
 // CIDConfig describes the connection IDs a generation issues. The zero

@@ -9,18 +9,16 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/baton-run/baton/internal/contract"
 )
 
 // Environment variables a generation receives for its UDP listeners.
 const (
 	// EnvUDPSteer is the steering mode of the UDP listeners: off, flow or
 	// quic.
-	EnvUDPSteer = contract.EnvUDPSteer
+	EnvUDPSteer = "BATON_UDP_STEER"
 	// EnvUDPWorkers is W, the number of sockets per UDP listener; worker i
 	// reads the i-th socket of each name.
-	EnvUDPWorkers = contract.EnvUDPWorkers
+	EnvUDPWorkers = "BATON_UDP_WORKERS"
 )
 
 // maxUDPWorkers bounds BATON_UDP_WORKERS: a worker octet cannot encode

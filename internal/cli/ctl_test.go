@@ -20,7 +20,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/testenv"
 	"github.com/baton-run/baton/internal/testkit"
@@ -504,9 +503,6 @@ func TestControlPath(t *testing.T) {
 	}
 	if got := ControlPath("", nil); got != DefaultControl {
 		t.Errorf("nil env: %q", got)
-	}
-	if EnvControl != handoff.EnvControl {
-		t.Errorf("EnvControl %q differs from handoff.EnvControl %q", EnvControl, handoff.EnvControl)
 	}
 
 	// End to end: the environment variable finds the socket.

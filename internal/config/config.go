@@ -15,8 +15,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DefaultControl is the control socket used when neither --control
-// nor BATON_CONTROL says otherwise; it equals ctl.DefaultControl (tested).
+// DefaultControl is the control socket used when neither --control, the
+// file's control key nor BATON_CONTROL says otherwise; it equals
+// cli.DefaultControl (tested).
 const DefaultControl = "/run/baton/baton.sock"
 
 // Defaults for the bounded waits.

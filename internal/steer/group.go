@@ -22,7 +22,7 @@ var ErrNoSlot = errors.New("udp steering: all generation slots are in use (relea
 
 // ErrSteeringUnavailable wraps failures to set up the BPF program: missing
 // privileges or a kernel without sk_reuseport support.
-var ErrSteeringUnavailable = errors.New("udp steering: UDP steering unavailable")
+var ErrSteeringUnavailable = errors.New("udp steering unavailable")
 
 const (
 	defaultFlowIdle    = 30 * time.Second

@@ -5,7 +5,8 @@
 //
 // Files by job: supervisor.go (this: types, Run, the loop, signals),
 // restart.go (the restart pipeline), lifecycle.go (drain, reap, crash
-// respawn, stop), status.go, control.go (the control socket's edge),
+// respawn, stop), status.go and outcome.go (the domain types: status,
+// results, progress), control.go (the control socket's edge),
 // upgrade_old.go (handing over to a new supervisor), upgrade_new.go
 // (taking over from the previous one), generation.go and spawn.go (one
 // generation's process).

@@ -144,7 +144,7 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(Progr
 	if rerr != nil || reply.PID <= 0 {
 		// The successor said it was ready but left no reply: it is
 		// serving, so hand over anyway, and say what is unknown.
-		s.log.Error("new supervisor left no handover reply", "err", rerr, "pid", reply.PID)
+		s.log.Error("new supervisor left no handover reply", "err", rerr)
 	}
 	progress(progressAt(StepSuccessorReady, reply.Gen, reply.PID, ""))
 	s.handedOver(reply.PID)

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/steer"
 )
 
@@ -88,7 +89,10 @@ func TestWireFormat(t *testing.T) {
 	}
 	// Written by the baton before this package existed.
 	old := `{"kind":"state","from_pid":100,"next_gen":7,"restarts":5,"crashes":1,` +
-		`"listeners":[{"name":"http","url":"unix:///run/x.sock","activated":true}],` +
+		`"listeners":[{"name":"http","url":"unix:///run/x.sock","activated":true},` +
+		`{"name":"h3","url":"quic://127.0.0.1:8443","udp":{"addr":"127.0.0.1:8443","mode":"quic","workers":2,` +
+		`"cid":{"Len":8,"SlotOffset":0,"WorkerOffset":1},"flow_idle":30000000000,"initial_pin":10000000000,` +
+		`"flow_entries":65536,"pin_entries":16384,"epoch":9,"working":3,"slots":[{"slot":3,"epoch":9}]}}],` +
 		`"generations":[{"num":7,"pid":1234,"start_ticks":5678,"slot":3,"started_at":"2025-01-02T03:04:05Z"}]}`
 	f := stateFile(t)
 	if _, err := f.WriteAt([]byte(old), 0); err != nil {
@@ -99,10 +103,17 @@ func TestWireFormat(t *testing.T) {
 		t.Fatal(err)
 	}
 	g := st.Gens[0]
-	if st.FromPID != 100 || st.NextGen != 7 || st.Restarts != 5 || st.Crashes != 1 || len(st.Listeners) != 1 ||
+	if st.FromPID != 100 || st.NextGen != 7 || st.Restarts != 5 || st.Crashes != 1 || len(st.Listeners) != 2 ||
 		!st.Listeners[0].Activated || st.Listeners[0].URL != "unix:///run/x.sock" ||
 		g.Num != 7 || g.PID != 1234 || g.StartTicks != 5678 || g.Slot != 3 || !g.StartedAt.Equal(time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)) {
 		t.Fatalf("decoded %+v", st)
+	}
+	u := st.Listeners[1].UDP
+	if u == nil || u.Addr != "127.0.0.1:8443" || u.Mode != "quic" || u.Workers != 2 ||
+		u.CID != (contract.CIDLayout{Len: 8, SlotOffset: 0, WorkerOffset: 1}) || u.FlowIdle != 30*time.Second ||
+		u.InitialPin != 10*time.Second || u.FlowEntries != 65536 || u.PinEntries != 16384 || u.Epoch != 9 ||
+		u.Working != 3 || len(u.Slots) != 1 || u.Slots[0] != (steer.SlotState{Slot: 3, Epoch: 9}) {
+		t.Fatalf("decoded UDP state %+v", u)
 	}
 	if err := WriteState(f, st); err != nil {
 		t.Fatal(err)

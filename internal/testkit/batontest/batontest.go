@@ -52,11 +52,6 @@ func (r Run) Spec() testkit.Spec {
 		Files: r.Files, Cred: r.Cred, LogFile: r.LogFile}
 }
 
-// Start starts the baton r describes (see testkit.Start).
-func Start(r Run) (*testkit.Proc, error) {
-	return testkit.Start(r.Spec())
-}
-
 // Status asks the supervisor behind the control socket at path for
 // its status, within bound.
 func Status(path string, bound time.Duration) (control.Status, error) {
