@@ -210,12 +210,13 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	// The first generation starts while signals are already handled: a
 	// stop during its start must not wait for its ready timeout.
+	// The restart lock is held until started has told systemd (READY=1)
+	// and the previous supervisor: a SIGHUP queued meanwhile must not
+	// send RELOADING=1 before READY=1.
 	first := make(chan Result, 1)
 	go func() {
 		s.sem <- struct{}{}
-		res := s.runRestart(false, reason, s.logProgress)
-		<-s.sem
-		first <- res
+		first <- s.runRestart(false, reason, s.logProgress)
 	}()
 
 	sctx, cancel := context.WithCancel(ctx)
@@ -225,7 +226,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	for {
 		select {
 		case res := <-first:
-			if err := s.started(ctx, ctl, res); err != nil {
+			err := s.started(ctx, ctl, res)
+			<-s.sem
+			if err != nil {
 				<-s.loopEnd
 				if errors.Is(err, errStopping) {
 					s.log.Info("supervisor stopped before the first generation was ready")
