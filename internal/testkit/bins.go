@@ -10,13 +10,16 @@ import (
 )
 
 // Bins holds the absolute paths of the project's binaries: those `make
-// build` puts in bin/.
+// build` puts in bin/, and Unmodified, the test server of
+// internal/testkit/unmodified (a server that knows nothing of baton and
+// drains as most servers do), which only Build builds.
 type Bins struct {
-	Dir, Baton, Restart, HTTPD, SDHTTPD, UDPEcho string
+	Dir, Baton, Restart, HTTPD, SDHTTPD, UDPEcho, Unmodified string
 }
 
-// mainPackages are what Build builds, the packages `make build` builds.
-var mainPackages = []string{"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho"}
+// mainPackages are what Build builds: the packages `make build` builds,
+// and the test server.
+var mainPackages = []string{"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho", "./internal/testkit/unmodified"}
 
 // BinsIn returns the paths the binaries have in dir.
 func BinsIn(dir string) (Bins, error) {
@@ -25,12 +28,13 @@ func BinsIn(dir string) (Bins, error) {
 		return Bins{}, fmt.Errorf("locate %s: %w", dir, err)
 	}
 	return Bins{
-		Dir:     abs,
-		Baton:   filepath.Join(abs, "baton"),
-		Restart: filepath.Join(abs, "restart"),
-		HTTPD:   filepath.Join(abs, "httpd"),
-		SDHTTPD: filepath.Join(abs, "sdhttpd"),
-		UDPEcho: filepath.Join(abs, "udpecho"),
+		Dir:        abs,
+		Baton:      filepath.Join(abs, "baton"),
+		Restart:    filepath.Join(abs, "restart"),
+		HTTPD:      filepath.Join(abs, "httpd"),
+		SDHTTPD:    filepath.Join(abs, "sdhttpd"),
+		UDPEcho:    filepath.Join(abs, "udpecho"),
+		Unmodified: filepath.Join(abs, "unmodified"),
 	}, nil
 }
 

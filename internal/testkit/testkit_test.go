@@ -378,7 +378,7 @@ func TestNotifyReceiver(t *testing.T) {
 func TestBins(t *testing.T) {
 	dir := t.TempDir()
 	b, err := BinsIn(dir)
-	if err != nil || b.Baton != filepath.Join(dir, "baton") || b.UDPEcho != filepath.Join(dir, "udpecho") {
+	if err != nil || b.Baton != filepath.Join(dir, "baton") || b.UDPEcho != filepath.Join(dir, "udpecho") || b.Unmodified != filepath.Join(dir, "unmodified") {
 		t.Fatalf("BinsIn(%s) = %+v, %v", dir, b, err)
 	}
 	if _, err := Locate(dir, "baton"); err == nil || !strings.Contains(err.Error(), "make build") {
