@@ -425,6 +425,44 @@ func (g *cgGroup) has(pid int) bool {
 	return err == nil && (rel == g.rel || strings.HasPrefix(rel, g.rel+"/"))
 }
 
+func (g *cgGroup) pids() ([]int, error) {
+	pids, err := procsTree(nil, g.dir)
+	if err != nil {
+		return nil, fmt.Errorf("procgroup: processes of %s: %w", g.dir, err)
+	}
+	return pids, nil
+}
+
+// procsTree appends the pids in dir's cgroup.procs and in those of the
+// cgroups below it (a process of the group may have made some).
+func procsTree(pids []int, dir string) ([]int, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return pids, err
+	}
+	for f := range strings.FieldsSeq(string(b)) {
+		pid, err := strconv.Atoi(f)
+		if err != nil {
+			return pids, fmt.Errorf("%s/cgroup.procs: %q: %w", dir, f, err)
+		}
+		pids = append(pids, pid)
+	}
+	subs, err := os.ReadDir(dir)
+	if err != nil {
+		return pids, err
+	}
+	for _, e := range subs {
+		if !e.IsDir() {
+			continue
+		}
+		pids, err = procsTree(pids, filepath.Join(dir, e.Name()))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) { // removed meanwhile
+			return pids, err
+		}
+	}
+	return pids, nil
+}
+
 func (g *cgGroup) close(ctx context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()

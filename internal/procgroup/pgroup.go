@@ -537,6 +537,21 @@ func (p *pgTracker) live(g *pgGroup) bool {
 	return false
 }
 
+func (p *pgTracker) pids(g *pgGroup) ([]int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.scanLocked() == nil {
+		return nil, fmt.Errorf("procgroup: processes of group %s: %w", g.name, p.scanErr)
+	}
+	var pids []int
+	for k, m := range p.members {
+		if m.g == g && !m.st.dead() {
+			pids = append(pids, k.pid)
+		}
+	}
+	return pids, nil
+}
+
 func (p *pgTracker) has(g *pgGroup, pid int) bool {
 	st, err := readStat(pid)
 	if err != nil {

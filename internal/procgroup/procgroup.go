@@ -377,6 +377,18 @@ func (g *Group) Has(pid int) bool {
 	return g.t.pg.has(g.pg, pid)
 }
 
+// Pids lists the group's running processes (not those that exited and
+// wait to be reaped: they hold no descriptors), in no particular order:
+// in cgroup mode those in its cgroup and the cgroups below, in
+// process-group mode those a scan of /proc, run now, attributes to it. A
+// process may exit, or a new one appear, as soon as the list is made.
+func (g *Group) Pids() ([]int, error) {
+	if g.cg != nil {
+		return g.cg.pids()
+	}
+	return g.t.pg.pids(g.pg)
+}
+
 // Close kills what is left of the group, waits for it to empty (bounded)
 // and removes it: its cgroup directory, or its records. Call it once the
 // group is done with, also when cmd.Start failed.

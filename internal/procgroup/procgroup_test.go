@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -610,6 +611,69 @@ func TestTrackerCloseKillsEverything(t *testing.T) {
 				if _, err := os.Stat(tr.cg.base); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("%s still there: %v", tr.cg.base, err)
 				}
+			}
+		})
+	}
+}
+
+// TestPids: a group lists its processes, those that left its process
+// group included (in cgroup mode also one moved to a cgroup below the
+// group's), and no process of another group or baton itself; once the
+// group is killed, none.
+func TestPids(t *testing.T) {
+	requireRoot(t)
+	for _, k := range allKinds {
+		mode := k.mode
+		t.Run(k.String(), func(t *testing.T) {
+			tr := newTrackerOf(t, k)
+			g := newGroup(t, tr, "gen-1")
+			other := newGroup(t, tr, "gen-2")
+			dir := t.TempDir()
+			t.Setenv("D", dir)
+			startIn(t, g, escapeScript)
+			o := startIn(t, other, "exec sleep 300")
+			want := map[int]bool{
+				readPID(t, filepath.Join(dir, "main")):   true,
+				readPID(t, filepath.Join(dir, "daemon")): true,
+				readPID(t, filepath.Join(dir, "orphan")): true,
+			}
+			if mode == Cgroup {
+				sub := filepath.Join(g.Path(), "sub")
+				if err := os.Mkdir(sub, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				daemon := readPID(t, filepath.Join(dir, "daemon"))
+				if err := os.WriteFile(filepath.Join(sub, "cgroup.procs"), []byte(strconv.Itoa(daemon)), 0o644); err != nil {
+					t.Fatalf("move the daemon below the group's cgroup: %v", err)
+				}
+			}
+			var got []int
+			eventually(t, "Pids to list the main, the daemon and the orphan", func() bool {
+				var err error
+				if got, err = g.Pids(); err != nil {
+					t.Fatalf("Pids: %v", err)
+				}
+				if len(got) != len(want) {
+					return false
+				}
+				for _, p := range got {
+					if !want[p] {
+						return false
+					}
+				}
+				return true
+			})
+			others, err := other.Pids()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(others) != 1 || others[0] != o.cmd.Process.Pid {
+				t.Errorf("the other group's Pids = %v, want [%d]", others, o.cmd.Process.Pid)
+			}
+
+			killAndWait(t, g)
+			if got, err := g.Pids(); err != nil || len(got) != 0 {
+				t.Errorf("Pids after Kill and Wait = %v, %v; want none", got, err)
 			}
 		})
 	}
