@@ -17,23 +17,27 @@ import (
 	"github.com/baton-run/baton/internal/testenv"
 )
 
-// TestEnumsMatchSource fails when the enums in the committed object's BTF
+// TestEnumsMatchSource fails when the enums in the committed objects' BTF
 // (where bpf2go's types and internal/contract's limits are generated from)
-// differ from steer.c: the C changed and the objects were not rebuilt.
+// differ from steer.h: the C changed and the objects were not rebuilt.
 // make check-generate proves the same with clang; this needs none.
 func TestEnumsMatchSource(t *testing.T) {
-	src, err := os.ReadFile("steer.c")
+	src, err := os.ReadFile("steer.h")
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec, err := LoadSteer()
+	udp, err := LoadSteer()
 	if err != nil {
-		t.Fatalf("parse embedded object: %v", err)
+		t.Fatalf("parse embedded UDP object: %v", err)
+	}
+	tcp, err := LoadTCP()
+	if err != nil {
+		t.Fatalf("parse embedded TCP object: %v", err)
 	}
 	for _, name := range []string{"steer_limits", "steer_modes", "steer_counters"} {
 		body := regexp.MustCompile(`(?s)\benum ` + name + ` \{(.*?)\};`).FindSubmatch(src)
 		if body == nil {
-			t.Errorf("enum %s not defined in steer.c", name)
+			t.Errorf("enum %s not defined in steer.h", name)
 			continue
 		}
 		inSource := map[string]uint64{}
@@ -44,17 +48,19 @@ func TestEnumsMatchSource(t *testing.T) {
 			}
 			inSource[string(m[1])] = v
 		}
-		var typ *btf.Enum
-		if err := spec.Types.TypeByName(name, &typ); err != nil {
-			t.Errorf("enum %s not in the object's BTF: %v", name, err)
-			continue
-		}
-		inObject := map[string]uint64{}
-		for _, v := range typ.Values {
-			inObject[v.Name] = v.Value
-		}
-		if !maps.Equal(inSource, inObject) {
-			t.Errorf("enum %s: steer.c has %v, the object %v (run make generate)", name, inSource, inObject)
+		for obj, spec := range map[string]*ebpf.CollectionSpec{"steer": udp, "tcp": tcp} {
+			var typ *btf.Enum
+			if err := spec.Types.TypeByName(name, &typ); err != nil {
+				t.Errorf("enum %s not in the %s object's BTF: %v", name, obj, err)
+				continue
+			}
+			inObject := map[string]uint64{}
+			for _, v := range typ.Values {
+				inObject[v.Name] = v.Value
+			}
+			if !maps.Equal(inSource, inObject) {
+				t.Errorf("enum %s: steer.h has %v, the %s object %v (run make generate)", name, inSource, obj, inObject)
+			}
 		}
 	}
 }
@@ -94,6 +100,74 @@ func TestSpec(t *testing.T) {
 			t.Errorf("map %q: %d entries, want %d", c.name, m.MaxEntries, c.entries)
 		}
 	}
+}
+
+// TestTCPSpec is TestSpec for the TCP program: attached as
+// BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, which is what makes the kernel migrate
+// a closed listener's connections through it instead of resetting them,
+// with one socket per slot and the UDP program's counter layout.
+func TestTCPSpec(t *testing.T) {
+	spec, err := LoadTCP()
+	if err != nil {
+		t.Fatalf("parse embedded object: %v", err)
+	}
+	prog := spec.Programs[TCPProgSteerTcp]
+	if prog == nil || prog.Type != ebpf.SkReuseport || prog.AttachType != ebpf.AttachSkReuseportSelectOrMigrate {
+		t.Fatalf("program %q missing or not sk_reuseport/migrate: %+v", TCPProgSteerTcp, prog)
+	}
+	checks := []struct {
+		name    string
+		typ     ebpf.MapType
+		entries uint32
+	}{
+		{TCPMapSockets, ebpf.ReusePortSockArray, uint32(SteerSteerLimitsSTEER_SLOTS)},
+		{TCPMapConfig, ebpf.Array, 1},
+		{TCPMapCounters, ebpf.PerCPUArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_N_COUNTERS)},
+	}
+	if len(spec.Maps) != len(checks) {
+		t.Errorf("TCP object has %d maps, want %d", len(spec.Maps), len(checks))
+	}
+	for _, c := range checks {
+		m := spec.Maps[c.name]
+		if m == nil {
+			t.Errorf("map %q missing", c.name)
+			continue
+		}
+		if m.Type != c.typ || m.MaxEntries != c.entries {
+			t.Errorf("map %q: %v with %d entries, want %v with %d", c.name, m.Type, m.MaxEntries, c.typ, c.entries)
+		}
+	}
+}
+
+// TestVerifierTCP loads the TCP program with only CAP_BPF and
+// CAP_NET_ADMIN, as a minimally privileged baton does.
+func TestVerifierTCP(t *testing.T) {
+	testenv.RequireRoot(t, "loads BPF programs")
+	load := func() (int, error) {
+		var objs TCPObjects
+		if err := LoadTCPObjects(&objs, nil); err != nil {
+			return 0, err
+		}
+		defer objs.Close()
+		info, err := objs.SteerTcp.Info()
+		if err != nil {
+			return 0, err
+		}
+		n, _ := info.VerifiedInstructions()
+		return int(n), nil
+	}
+	if _, err := load(); err != nil {
+		t.Fatalf("load with full privileges: %v", err)
+	}
+	n, err := withCaps([]uintptr{unix.CAP_BPF, unix.CAP_NET_ADMIN}, load)
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			t.Fatalf("verifier rejected steer_tcp: %+v", ve)
+		}
+		t.Fatalf("load: %v", err)
+	}
+	t.Logf("steer_tcp: %d instructions verified", n)
 }
 
 // TestVerifier loads the program into the kernel, which runs the verifier,

@@ -1,13 +1,17 @@
 // Package bpf holds baton's BPF programs and their generated Go bindings.
 //
 // steer.c is the SO_REUSEPORT selector that keeps UDP and QUIC datagrams
-// on the generation that owns their flow while generations overlap; the
-// steer package drives it. The compiled objects (little- and big-endian)
-// are committed, so building baton needs no clang; `go generate
-// ./internal/bpf/` rebuilds them and must reproduce the committed files
-// byte for byte.
+// on the generation that owns their flow while generations overlap. tcp.c
+// is the TCP listeners' selector: new connections go to the working
+// generation's listening socket (or a canary's share to a second one), and
+// connections queued on a listener that stops listening migrate to it.
+// The steer package drives both. What they share (limits, counter kinds,
+// the socket array and counters maps) is defined once, in steer.h. The
+// compiled objects (little- and big-endian) are committed, so building
+// baton needs no clang; `go generate ./internal/bpf/` rebuilds them and
+// must reproduce the committed files byte for byte.
 //
-// The enums of steer.c reach Go through the objects' BTF: bpf2go emits them
+// The enums of steer.h reach Go through the objects' BTF: bpf2go emits them
 // here (-type), and internal/contract generates its limits from the same
 // BTF.
 //
@@ -17,3 +21,4 @@
 package bpf
 
 //go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -mcpu=v3 -Wall -Werror -I./include" -type steer_limits -type steer_modes -type steer_counters Steer steer.c
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -mcpu=v3 -Wall -Werror -I./include" TCP tcp.c

@@ -10,10 +10,11 @@
  * generations included. On any failure it falls back to the working slot,
  * then drops.
  *
- * User space (udpdrain) owns all policy: it sets the group's shape at load
- * time, inserts sockets, and writes the config map (working slot, live
- * slots, timeouts). The structs and maps below reach it through the
- * generated Go bindings.
+ * User space (internal/steer's Group) owns all policy: it sets the group's
+ * shape at load time, inserts sockets, and writes the config map (working
+ * slot, live slots, timeouts). The structs and maps below reach it through
+ * the generated Go bindings; the limits, the socket array and the counters
+ * are steer.h's, shared with the TCP program (tcp.c).
  *
  * Cost: every call out of the program (a helper, or a map operation the
  * verifier does not inline) is the expensive part of a run, far more than
@@ -22,49 +23,10 @@
  * handshake is recorded or trusted, and the header is copied without a
  * helper whenever the kernel has it in the linear area. */
 
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
+/* W sockets per slot, slot*W + worker. */
+#define STEER_SOCKET_ENTRIES (STEER_SLOTS * STEER_MAX_WORKERS)
+#include "steer.h"
 #include <bpf/bpf_endian.h>
-
-/* Limits shared with user space (generated into Go from the BTF below). */
-enum steer_limits {
-	STEER_SLOTS = 32,      /* slot 0 means "none"; generations use 1..31 */
-	STEER_MAX_WORKERS = 16,
-	STEER_N_COUNTERS = 8,  /* counters per slot, indexed by steer_counters */
-	STEER_MAX_CID_LEN = 20,
-	STEER_PIN_CID_BYTES = 8,
-	STEER_NO_WORKER = 0xff,
-	/* Bytes of each datagram copied to the stack up front: the UDP
-	 * header, then enough QUIC for a short or long header's 20-byte DCID
-	 * (8 + 1 + 4 + 1 + 20 = 34). */
-	STEER_HDR_BYTES = 40,
-};
-
-enum steer_modes {
-	STEER_MODE_OFF = 0,
-	STEER_MODE_FLOW = 1,
-	STEER_MODE_QUIC = 2,
-};
-
-enum steer_counters {
-	STEER_CNT_CID = 0,      /* slot read from a server-chosen QUIC CID */
-	STEER_CNT_PIN = 1,      /* existing flow entry or Initial pin */
-	STEER_CNT_NEW = 2,      /* new flow / new handshake to the working slot */
-	STEER_CNT_FALLBACK = 3, /* unparseable, unknown or dead slot: working */
-	STEER_CNT_ERROR = 4,    /* select on this slot failed (no socket) */
-	STEER_CNT_DROP = 5,     /* slot 0 only: nothing could be selected */
-};
-
-/* The enums above are the program's contract with user space, whose Go
- * constants are generated from this object's BTF. BTF only describes the
- * types of globals and functions, and no map or function of the program
- * uses these enums, so these globals give them one. Their section is no
- * data section: the loader makes no map of it and ignores it, and the
- * program never reads it, so it costs nothing at run time. */
-#define STEER_BTF_ONLY __attribute__((section(".steer.types"), used))
-const enum steer_limits steer_limits_btf STEER_BTF_ONLY;
-const enum steer_modes steer_modes_btf STEER_BTF_ONLY;
-const enum steer_counters steer_counters_btf STEER_BTF_ONLY;
 
 #define UDP_HDR 8
 #define QUIC_V1 0x00000001
@@ -179,13 +141,6 @@ struct pin {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
-	__uint(max_entries, STEER_SLOTS * STEER_MAX_WORKERS);
-	__uint(key_size, sizeof(__u32));
-	__uint(value_size, sizeof(__u64));
-} sockets SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -213,22 +168,6 @@ struct {
 	__type(key, struct pin_key);
 	__type(value, struct pin);
 } initials SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STEER_SLOTS * STEER_N_COUNTERS);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
-
-static __always_inline void count(__u32 slot, __u32 kind)
-{
-	__u32 key = (slot & (STEER_SLOTS - 1)) * STEER_N_COUNTERS + kind;
-	__u64 *c = bpf_map_lookup_elem(&counters, &key);
-
-	if (c)
-		*c += 1;
-}
 
 static __always_inline int slot_live(const struct config *cfg, __u32 slot)
 {

@@ -64,6 +64,8 @@ const (
 	SteerSteerCountersSTEER_CNT_FALLBACK SteerSteerCounters = 3
 	SteerSteerCountersSTEER_CNT_ERROR    SteerSteerCounters = 4
 	SteerSteerCountersSTEER_CNT_DROP     SteerSteerCounters = 5
+	SteerSteerCountersSTEER_CNT_MIGRATE  SteerSteerCounters = 6
+	SteerSteerCountersSTEER_CNT_HASHED   SteerSteerCounters = 7
 )
 
 type SteerSteerLimits uint32
@@ -76,6 +78,7 @@ const (
 	SteerSteerLimitsSTEER_PIN_CID_BYTES SteerSteerLimits = 8
 	SteerSteerLimitsSTEER_NO_WORKER     SteerSteerLimits = 255
 	SteerSteerLimitsSTEER_HDR_BYTES     SteerSteerLimits = 40
+	SteerSteerLimitsSTEER_PERMILLE      SteerSteerLimits = 1000
 )
 
 type SteerSteerModes uint32

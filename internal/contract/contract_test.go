@@ -289,7 +289,9 @@ func TestLimitsAgree(t *testing.T) {
 	if DefaultCIDLen < 1 || DefaultCIDLen > MaxCIDLen || DefaultCIDLen < PinCIDBytes {
 		t.Errorf("DefaultCIDLen %d outside 1..%d or shorter than a pin key's %d bytes", DefaultCIDLen, MaxCIDLen, PinCIDBytes)
 	}
-	if CounterDrop >= CountersPerSlot {
-		t.Errorf("counter kind %d does not fit %d counters per slot", CounterDrop, CountersPerSlot)
+	for _, kind := range []int{CounterCID, CounterPin, CounterNew, CounterFallback, CounterError, CounterDrop, CounterMigrate, CounterHashed} {
+		if kind >= CountersPerSlot {
+			t.Errorf("counter kind %d does not fit %d counters per slot", kind, CountersPerSlot)
+		}
 	}
 }

@@ -18,6 +18,8 @@ const (
 	NoWorker = 255 // STEER_NO_WORKER
 	// HeaderBytes is how many bytes of each datagram, UDP header included, the program copies before parsing.
 	HeaderBytes = 40 // STEER_HDR_BYTES
+	// Permille is the whole of a TCP canary's share: the share is in thousandths of new connections.
+	Permille = 1000 // STEER_PERMILLE
 )
 
 // Modes, the values of the program's steer_mode constant.
@@ -44,4 +46,8 @@ const (
 	CounterError = 4 // STEER_CNT_ERROR
 	// CounterDrop, in slot 0 only, counts datagrams dropped because no socket could be selected.
 	CounterDrop = 5 // STEER_CNT_DROP
+	// CounterMigrate counts TCP connections moved to the slot from a listener that stopped listening (slot 0: to the parked first socket).
+	CounterMigrate = 6 // STEER_CNT_MIGRATE
+	// CounterHashed, in slot 0 only, counts TCP connections, new or migrated, that no slot could take, left to the kernel's hash over the listeners.
+	CounterHashed = 7 // STEER_CNT_HASHED
 )

@@ -1,14 +1,14 @@
 // Command genlimits writes internal/contract/limits_gen.go: the steering
-// program's limits, modes and counter kinds, read from the BTF of the
-// compiled program (internal/bpf/steer_bpfel.o) rather than copied from
-// steer.c by hand.
+// programs' limits, modes and counter kinds, read from the BTF of the
+// compiled UDP program (internal/bpf/steer_bpfel.o) rather than copied from
+// steer.h by hand.
 //
 //	go run ./internal/genlimits -obj ../bpf/steer_bpfel.o -out limits_gen.go
 //
 // It runs from internal/contract's go:generate line, after bpf2go has
 // rebuilt the object (make generate). Every member of the enums below
 // must have a Go name here, and every name must be in the object, so a
-// constant added to or removed from steer.c fails the generation instead
+// constant added to or removed from steer.h fails the generation instead
 // of going unnoticed.
 package main
 
@@ -30,7 +30,7 @@ type member struct {
 	c, goName, doc string
 }
 
-// enum is one C enum of steer.c and the Go constants it becomes.
+// enum is one C enum of steer.h and the Go constants it becomes.
 type enum struct {
 	c      string
 	goType string // "" for untyped constants
@@ -50,6 +50,7 @@ var enums = []enum{
 			{"STEER_PIN_CID_BYTES", "PinCIDBytes", "PinCIDBytes is how many DCID bytes an Initial pin key holds."},
 			{"STEER_NO_WORKER", "NoWorker", "NoWorker as steer_worker_offset means the CID has no worker octet."},
 			{"STEER_HDR_BYTES", "HeaderBytes", "HeaderBytes is how many bytes of each datagram, UDP header included, the program copies before parsing."},
+			{"STEER_PERMILLE", "Permille", "Permille is the whole of a TCP canary's share: the share is in thousandths of new connections."},
 		},
 	},
 	{
@@ -72,6 +73,8 @@ var enums = []enum{
 			{"STEER_CNT_FALLBACK", "CounterFallback", "CounterFallback counts datagrams sent to the working slot for want of a better one: unparseable, or naming an unknown or dead slot."},
 			{"STEER_CNT_ERROR", "CounterError", "CounterError counts failures to select a socket of the slot (none there)."},
 			{"STEER_CNT_DROP", "CounterDrop", "CounterDrop, in slot 0 only, counts datagrams dropped because no socket could be selected."},
+			{"STEER_CNT_MIGRATE", "CounterMigrate", "CounterMigrate counts TCP connections moved to the slot from a listener that stopped listening (slot 0: to the parked first socket)."},
+			{"STEER_CNT_HASHED", "CounterHashed", "CounterHashed, in slot 0 only, counts TCP connections, new or migrated, that no slot could take, left to the kernel's hash over the listeners."},
 		},
 	},
 }

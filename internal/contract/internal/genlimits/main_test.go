@@ -13,7 +13,7 @@ import (
 const committed = "../../limits_gen.go"
 
 // TestCommittedFileIsCurrent fails when limits_gen.go is not what the
-// committed objects' BTF generates: someone changed steer.c, rebuilt the
+// committed objects' BTF generates: someone changed steer.h, rebuilt the
 // objects and did not regenerate, or edited the generated file. Both
 // byte orders must give the same constants.
 func TestCommittedFileIsCurrent(t *testing.T) {
@@ -79,7 +79,7 @@ func TestGenerateRefusesUnmappedEnums(t *testing.T) {
 		{"as committed", func(map[string]*btf.Enum) {}, ""},
 		{"new member", func(m map[string]*btf.Enum) {
 			e := m["steer_counters"]
-			e.Values = append(e.Values, btf.EnumValue{Name: "STEER_CNT_NEWKIND", Value: 6})
+			e.Values = append(e.Values, btf.EnumValue{Name: "STEER_CNT_NEWKIND", Value: 8})
 		}, "STEER_CNT_NEWKIND has no Go name"},
 		{"member removed", func(m map[string]*btf.Enum) {
 			e := m["steer_limits"]
