@@ -58,29 +58,50 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 		contract.CounterError:    &c.Errors,
 		contract.CounterDrop:     &c.Dropped,
 	}
-	var perCPU []uint64
-	for kind, p := range dst {
-		key := uint32(slot*contract.CountersPerSlot + kind)
-		if err := g.objs.Counters.Lookup(key, &perCPU); err != nil {
-			return Counters{}, fmt.Errorf("udp %s: read counters of slot %d: %w", g.addr, slot, err)
-		}
-		for _, v := range perCPU {
-			*p += v
-		}
+	if err := readCounters(g.objs.Counters, slot, dst); err != nil {
+		return Counters{}, fmt.Errorf("udp %s: %w", g.addr, err)
 	}
 	return c, nil
 }
 
 func (g *Group) resetCountersLocked(slot int) error {
+	if err := resetCounters(g.objs.Counters, slot); err != nil {
+		return fmt.Errorf("udp steering: %w", err)
+	}
+	return nil
+}
+
+// readCounters adds, for each kind that dst has a destination for, the
+// slot's counter of that kind in m, summed over CPUs, to *dst[kind]. The
+// counters map of both programs has steer.h's layout.
+func readCounters(m *ebpf.Map, slot int, dst []*uint64) error {
+	var perCPU []uint64
+	for kind, p := range dst {
+		if p == nil {
+			continue
+		}
+		key := uint32(slot*contract.CountersPerSlot + kind)
+		if err := m.Lookup(key, &perCPU); err != nil {
+			return fmt.Errorf("read counters of slot %d: %w", slot, err)
+		}
+		for _, v := range perCPU {
+			*p += v
+		}
+	}
+	return nil
+}
+
+// resetCounters zeroes every counter of slot in m.
+func resetCounters(m *ebpf.Map, slot int) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
-		return fmt.Errorf("udp steering: count CPUs: %w", err)
+		return fmt.Errorf("count CPUs: %w", err)
 	}
 	zero := make([]uint64, ncpu)
 	for kind := 0; kind < contract.CountersPerSlot; kind++ {
 		key := uint32(slot*contract.CountersPerSlot + kind)
-		if err := g.objs.Counters.Update(key, zero, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("udp steering: reset counters of slot %d: %w", slot, err)
+		if err := m.Update(key, zero, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("reset counters of slot %d: %w", slot, err)
 		}
 	}
 	return nil

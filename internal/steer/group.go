@@ -155,7 +155,7 @@ func NewGroup(addr string, cfg Config) (*Group, error) {
 	}
 	sa, err := parseAddr(addr, cfg.V6Only)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("udp steering: %w", err)
 	}
 	anchor, err := bindReuseport(sa)
 	if err != nil {

@@ -26,20 +26,20 @@ func (a sockAddr) String() string { return a.ap.String() }
 func parseAddr(addr string, v6only bool) (sockAddr, error) {
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
-		return sockAddr{}, fmt.Errorf("udp steering: address %q: %w", addr, err)
+		return sockAddr{}, fmt.Errorf("address %q: %w", addr, err)
 	}
 	port, err := strconv.ParseUint(portStr, 10, 16)
 	if err != nil {
-		return sockAddr{}, fmt.Errorf("udp steering: address %q: bad port: %w", addr, err)
+		return sockAddr{}, fmt.Errorf("address %q: bad port: %w", addr, err)
 	}
 	ip := netip.IPv6Unspecified()
 	if host != "" {
 		ip, err = netip.ParseAddr(host)
 		if err != nil {
-			return sockAddr{}, fmt.Errorf("udp steering: address %q: want an IP literal: %w", addr, err)
+			return sockAddr{}, fmt.Errorf("address %q: want an IP literal: %w", addr, err)
 		}
 		if ip.Zone() != "" {
-			return sockAddr{}, fmt.Errorf("udp steering: address %q: zoned addresses are not supported", addr)
+			return sockAddr{}, fmt.Errorf("address %q: zoned addresses are not supported", addr)
 		}
 	}
 	sa := sockAddr{ap: netip.AddrPortFrom(ip, uint16(port)), family: unix.AF_INET6, v6only: v6only}

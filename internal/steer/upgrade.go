@@ -252,17 +252,7 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 // removed from files and owned by the returned objects.
 func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 	objs := new(bpf.SteerObjects)
-	take := func(name string) (int, error) {
-		f := files[name]
-		if f == nil {
-			return -1, fmt.Errorf("handover lacks %s", name)
-		}
-		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			return -1, fmt.Errorf("dup %s: %w", name, err)
-		}
-		return fd, nil
-	}
+	take := func(name string) (int, error) { return takeFD(files, name) }
 	fd, err := take(FileProgram)
 	if err != nil {
 		return nil, err
@@ -286,6 +276,20 @@ func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 		*p = m
 	}
 	return objs, nil
+}
+
+// takeFD returns a close-on-exec duplicate of files[name]'s descriptor,
+// which the caller owns.
+func takeFD(files map[string]*os.File, name string) (int, error) {
+	f := files[name]
+	if f == nil {
+		return -1, fmt.Errorf("handover lacks %s", name)
+	}
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("dup %s: %w", name, err)
+	}
+	return fd, nil
 }
 
 // FileNames lists the descriptor names Files returns for a group in the
