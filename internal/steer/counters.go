@@ -152,3 +152,48 @@ func (g *Group) Idle(slot int, quiet time.Duration) (bool, error) {
 	}
 	return time.Since(last) >= quiet, nil
 }
+
+// TCPCounters are the TCP program's decisions for one slot, summed over
+// CPUs.
+type TCPCounters struct {
+	// New counts new connections given to the slot (slot 0: to the
+	// parked first socket).
+	New uint64
+	// Migrated counts connections moved to the slot from a listener that
+	// stopped listening (slot 0: to the parked first socket).
+	Migrated uint64
+	// Errors counts choices of the slot whose socket could not be
+	// selected: it no longer listens.
+	Errors uint64
+	// Hashed, slot 0 only, counts connections, new or migrated, that no
+	// slot could take, left to the kernel's hash over the listeners.
+	Hashed uint64
+}
+
+// Counters returns the counters of every slot that has a generation, and
+// of slot 0 (the parked first socket, and what no slot took). A slot's
+// counters restart from zero when it is given to a new generation.
+func (g *TCPGroup) Counters() (map[int]TCPCounters, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return map[int]TCPCounters{}, nil
+	}
+	out := make(map[int]TCPCounters)
+	for slot, gen := range g.gens {
+		if gen == nil && slot != 0 {
+			continue
+		}
+		var c TCPCounters
+		dst := make([]*uint64, contract.CountersPerSlot)
+		dst[contract.CounterNew] = &c.New
+		dst[contract.CounterMigrate] = &c.Migrated
+		dst[contract.CounterError] = &c.Errors
+		dst[contract.CounterHashed] = &c.Hashed
+		if err := readCounters(g.objs.Counters, slot, dst); err != nil {
+			return nil, fmt.Errorf("tcp %s: %w", g.addr, err)
+		}
+		out[slot] = c
+	}
+	return out, nil
+}
