@@ -1,5 +1,6 @@
-// Package steer is the user-space side of baton's per-generation UDP and
-// QUIC steering.
+// Package steer is the user-space side of baton's per-generation steering:
+// UDP and QUIC datagrams (Group, below) and TCP connections (TCPGroup, see
+// "TCP" at the end).
 //
 // UDP has no listening socket that an old generation can simply stop
 // accepting on. Instead every generation gets its own sockets, bound with
@@ -115,4 +116,123 @@
 // given SO_REUSEPORT if it lacks it) so they share an owner, which the
 // kernel requires of a reuseport group. Close does not detach the program: generations still
 // running keep being steered by the last configuration.
+//
+// # TCP
+//
+// A TCPGroup is one TCP listener address. Every generation gets a listening
+// socket of its own, bound with SO_REUSEPORT to the address, at its slot
+// (1..31) in the socket array of a second program (bpf/tcp.c) attached to
+// the reuseport group. Each generation thus has its own socket and its own
+// open file description: what a server does to its listener (shutdown(2)
+// at drain, O_NONBLOCK, close) affects its generation only.
+//
+//	g, err := steer.NewTCPGroup("[::]:443", steer.TCPConfig{}, first) // first: systemd's socket, or nil
+//	slot, f, err := g.AddGeneration() // pass f to the child; the group owns it
+//	...                               // child ready
+//	err = g.SetWorking(slot)          // the flip
+//	err = g.Release(old)              // old's waiting connections move to slot
+//
+// The program runs for every SYN (and every ACK that completes a SYN-cookie
+// handshake) and sends it to the working slot's socket, never to another
+// generation's, so an old generation gets no new connection after the flip
+// whether or not it was told to stop accepting. With a canary
+// (SetCanary(slot, permille)), the canary's share of new connections goes
+// to its slot instead, chosen by the kernel's hash of the 4-tuple (within
+// about a percentage point over ten thousand clients). SetWorking(canary)
+// promotes it.
+//
+// The program is attached as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE. When a
+// socket stops listening (Release shuts it down; so does a server's own
+// shutdown(SHUT_RD or SHUT_RDWR); or its last descriptor is closed), the
+// kernel runs it for each connection waiting in that socket's accept queue
+// at once, and for each of its half-open ones when their handshake
+// completes, and moves them to the socket it selects instead of resetting
+// them: the working slot, else the canary, else the parked first socket
+// (below). When no socket can be selected (no slot is working, or the
+// working generation shut its own socket down), the program lets the
+// kernel hash the connection among whatever sockets still listen; it is
+// reset only if none does. A listener that queues it is better than a
+// reset, and if that one stops listening too, its queue moves again.
+//
+// Release(slot) is for a generation that is gone or going: the slot gets
+// no new connection, its socket is shut down for reading (whoever else
+// holds it: the generation if it still runs, systemd for the first
+// socket), its queue moves as above, a generation still blocked in
+// accept(2) on it gets EINVAL, the group's copy is closed and the slot is
+// free. Unlike a UDP slot it may be given to a new generation at once:
+// the old socket no longer listens and has left the array. Release the
+// crashed working generation only after its replacement is working, so
+// that connections that queued in its socket meanwhile move to the
+// replacement.
+//
+// Listening(slot) is false once a slot's socket no longer listens or has
+// left the program's array (a server that shut it down, perhaps to listen
+// again: a socket that listens again stays out of the array). While the
+// generation runs and is meant to serve, that is a broken generation;
+// NotListening lists them for status. TCPCounters counts, per slot, new
+// connections, migrations, and choices of a socket that could not be
+// selected; slot 0 counts the parked first socket's and those left to the
+// kernel's hash.
+//
+// # TCP: the first socket
+//
+// A listener's first socket is the one systemd holds: activated by a
+// .socket unit, or opened by baton and kept in systemd's fd store, in
+// which connections wait while baton starts, and across a restart of
+// baton. NewTCPGroup takes it (or opens one itself when given nil), sets
+// SO_REUSEPORT if systemd did not (ReusePort=no), makes it listen if it
+// does not, and parks it: at index 0 of the array, where the program
+// sends connections while no slot is working. The next AddGeneration gets
+// the parked first socket itself, with every connection waiting in it, so
+// the first generation serves what queued before baton started.
+//
+// When the generation that holds the first socket is released while
+// another one works, the first socket is shut down like any other: its
+// queue moves to the working generation, and systemd's copy no longer
+// listens. When instead the release leaves no generation working (the
+// first generation failed, or baton is stopping), the first socket is
+// parked again: the generation's own first socket keeps listening with its
+// queue, or a first socket released earlier listens again before the last
+// generation's socket is shut down, so that its queue moves to the first
+// socket. Close parks it too unless a generation still holds it.
+// Connections then wait in systemd's socket for the next generation or the
+// next baton, as they did when all generations shared that one socket.
+//
+// A baton that systemd starts again gets the first socket back, listening
+// or not. A socket that stopped listening has kept its address (it was
+// bound to an explicit port) and its place in the reuseport group; it
+// listens again and rejoins it. A socket that kept listening (parked at a
+// stop, or serving a generation when the supervisor died) is still in the
+// dead program's socket array, which holds a socket at most once:
+// attaching the new program frees the old one, and the insert succeeds
+// once the kernel has freed its array (tens of milliseconds here).
+// Meanwhile the new program has no working slot and leaves connections to
+// the kernel's hash, which finds the first socket.
+//
+// What baton cannot keep: if baton dies after the first socket was shut
+// down, its generations die with it and nothing listens until systemd
+// starts baton again; connections that waited in their sockets are reset.
+//
+// # TCP: requirements
+//
+// Linux 5.14 or later (migration) and CAP_BPF plus CAP_NET_ADMIN, or root;
+// otherwise NewTCPGroup's error wraps ErrTCPSteeringUnavailable, and a
+// supervisor can keep one listening socket shared by all generations.
+// The kernel groups only sockets of one owner uid, so a first socket of
+// another user is refused the same way. systemd sets SO_REUSEADDR on its
+// sockets, and the group's sockets have it too; a first socket that had
+// neither SO_REUSEADDR nor SO_REUSEPORT keeps every other socket off its
+// address (EADDRINUSE) for as long as a connection it took before
+// SO_REUSEPORT was set lives, TIME_WAIT included.
+//
+// # TCP: upgrade
+//
+// As for UDP (Files, Freeze, Thaw, Adopt): Files passes the program, its
+// maps, the first socket and every generation's socket; Freeze stops the
+// old group's writes to the maps. The old group still shuts down the
+// sockets of the generations it releases afterwards, which needs no map
+// write, so their queues move to the successor's working generation.
+// AdoptTCP builds the successor's group, which sees whether the old
+// sockets listen and releases their slots when the old generations are
+// gone. Thaw(false) after a failed handover takes the maps back.
 package steer
