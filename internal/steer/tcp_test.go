@@ -7,6 +7,7 @@ import (
 	"maps"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -763,5 +764,28 @@ func TestTCPReleaseEndsAccept(t *testing.T) {
 		}
 	case <-time.After(tcpWait):
 		t.Fatal("accept on the released socket still blocks")
+	}
+}
+
+// TestTCPDualStack: on the IPv6 wildcard, IPv4 and IPv6 clients both reach
+// the working generation.
+func TestTCPDualStack(t *testing.T) {
+	ns := newNS(t)
+	g := ns.tcpGroup(t, "[::]:0", TCPConfig{}, nil)
+	_, f1 := ns.addTCP(t, g)
+	serveTCP(t, f1, "gen1")
+	s2, f2 := ns.addTCP(t, g)
+	serveTCP(t, f2, "gen2")
+	if err := g.SetWorking(s2); err != nil {
+		t.Fatal(err)
+	}
+	port := g.Addr().Port()
+	for _, dst := range []netip.AddrPort{
+		netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port),
+		netip.AddrPortFrom(netip.IPv6Loopback(), port),
+	} {
+		if got := ns.connectAll(t, dst, 50); !maps.Equal(got, map[string]int{"gen2": 50}) {
+			t.Errorf("clients of %v: %v, want all on gen2", dst, got)
+		}
 	}
 }
