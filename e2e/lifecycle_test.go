@@ -115,6 +115,13 @@ func TestGracefulStop(t *testing.T) {
 		body   string
 		err    error
 	}
+	// Connections the working generation already holds (keep-alives of
+	// earlier requests) do not count as the one below.
+	pid := batontest.WorkingPID(st)
+	before, err := testkit.AcceptedTCP(pid, 8080)
+	if err != nil {
+		t.Fatalf("connections of generation pid %d: %v", pid, err)
+	}
 	inflight := make(chan result, 1)
 	go func() {
 		resp, body, err := h.get("/sleep?ms=500", 20*time.Second)
@@ -124,8 +131,23 @@ func TestGracefulStop(t *testing.T) {
 		}
 		inflight <- result{status: resp.StatusCode, body: body}
 	}()
-	// Give the request time to reach the server; it sleeps 500ms there.
-	time.Sleep(150 * time.Millisecond)
+	// The stop must come while the request is in the server's hands (it
+	// sleeps 500 ms there): wait until the working generation has
+	// accepted its connection, not merely until the kernel queued it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n, err := testkit.AcceptedTCP(pid, 8080)
+		if err != nil {
+			t.Fatalf("connections of generation pid %d: %v", pid, err)
+		}
+		if n > before {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("generation pid %d accepted no new connection on :8080 within 10s", pid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	start := time.Now()
 	if err := b.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

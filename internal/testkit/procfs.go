@@ -199,3 +199,37 @@ func NSInode(path string) uint64 {
 	}
 	return st.Ino
 }
+
+// AcceptedTCP counts the established TCP connections on local port that
+// some process in pid's network namespace has accepted: lines of
+// /proc/PID/net/tcp and tcp6 in state ESTABLISHED whose socket has a file
+// (inode not 0). A connection still in a listener's accept queue has
+// none, so a request counted here has reached a server, not just the
+// kernel. Compare with a count taken before, to tell a new connection
+// from ones already held.
+func AcceptedTCP(pid, port int) (int, error) {
+	n := 0
+	for _, name := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, name))
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] != "01" {
+				continue
+			}
+			_, lport, ok := strings.Cut(f[1], ":")
+			if !ok {
+				continue
+			}
+			if p, err := strconv.ParseUint(lport, 16, 16); err != nil || int(p) != port {
+				continue
+			}
+			if f[9] != "0" {
+				n++
+			}
+		}
+	}
+	return n, nil
+}
