@@ -60,20 +60,40 @@ func (a sockAddr) sockaddr() unix.Sockaddr {
 // bindReuseport opens a UDP socket with SO_REUSEPORT bound to a. All
 // sockets of a group must be made this way, by the same user, so that the
 // kernel puts them in one reuseport group.
-func bindReuseport(a sockAddr) (*os.File, error) {
-	fd, err := unix.Socket(a.family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
+func bindReuseport(a sockAddr) (*os.File, error) { return bindGroupSocket(a, false) }
+
+// bindTCP opens a TCP socket with SO_REUSEPORT and SO_REUSEADDR, bound to
+// a: the same, for a TCP group.
+func bindTCP(a sockAddr) (*os.File, error) { return bindGroupSocket(a, true) }
+
+func bindGroupSocket(a sockAddr, stream bool) (*os.File, error) {
+	typ, proto, name := unix.SOCK_DGRAM, unix.IPPROTO_UDP, "udp:"
+	inUse := "a socket without SO_REUSEPORT, or another user's, holds it"
+	if stream {
+		typ, proto, name = unix.SOCK_STREAM, unix.IPPROTO_TCP, "tcp:"
+		inUse += "; or the first socket had neither SO_REUSEPORT nor SO_REUSEADDR, and connections it took " +
+			"before baton set SO_REUSEPORT are still open or in TIME_WAIT"
+	}
+	fd, err := unix.Socket(a.family, typ|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return nil, fmt.Errorf("socket: %w", err)
 	}
 	fail := func(what string, err error) (*os.File, error) {
 		unix.Close(fd)
 		if errors.Is(err, unix.EADDRINUSE) {
-			return nil, fmt.Errorf("%s %s: %w (a socket without SO_REUSEPORT, or another user's, holds it)", what, a, err)
+			return nil, fmt.Errorf("%s %s: %w (%s)", what, a, err, inUse)
 		}
 		if errors.Is(err, unix.EACCES) {
 			return nil, fmt.Errorf("%s %s: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", what, a, err)
 		}
 		return nil, fmt.Errorf("%s %s: %w", what, a, err)
+	}
+	// SO_REUSEADDR lets a restarted supervisor bind a TCP address while
+	// old connections sit in TIME_WAIT, as for baton's other listeners.
+	if stream {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fail("SO_REUSEADDR", err)
+		}
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
 		return fail("SO_REUSEPORT", err)
@@ -90,7 +110,7 @@ func bindReuseport(a sockAddr) (*os.File, error) {
 	if err := unix.Bind(fd, a.sockaddr()); err != nil {
 		return fail("bind", err)
 	}
-	return os.NewFile(uintptr(fd), "udp:"+a.String()), nil
+	return os.NewFile(uintptr(fd), name+a.String()), nil
 }
 
 // withFD runs fn on f's descriptor without (*os.File).Fd, which would

@@ -296,47 +296,6 @@ func listenReuseport(a sockAddr, backlog int) (*os.File, error) {
 	return f, nil
 }
 
-// bindTCP opens a TCP socket with SO_REUSEPORT and SO_REUSEADDR, bound to
-// a.
-func bindTCP(a sockAddr) (*os.File, error) {
-	fd, err := unix.Socket(a.family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return nil, fmt.Errorf("socket: %w", err)
-	}
-	fail := func(what string, err error) (*os.File, error) {
-		unix.Close(fd)
-		if errors.Is(err, unix.EADDRINUSE) {
-			return nil, fmt.Errorf("%s %s: %w (a socket without SO_REUSEPORT, or another user's, holds it; "+
-				"or the first socket had neither SO_REUSEPORT nor SO_REUSEADDR, and connections it took before baton set SO_REUSEPORT are still open or in TIME_WAIT)", what, a, err)
-		}
-		if errors.Is(err, unix.EACCES) {
-			return nil, fmt.Errorf("%s %s: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", what, a, err)
-		}
-		return nil, fmt.Errorf("%s %s: %w", what, a, err)
-	}
-	// SO_REUSEADDR lets a restarted supervisor bind while old
-	// connections sit in TIME_WAIT, as for baton's other listeners.
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return fail("SO_REUSEADDR", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
-		return fail("SO_REUSEPORT", err)
-	}
-	if a.family == unix.AF_INET6 {
-		v := 0
-		if a.v6only {
-			v = 1
-		}
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v); err != nil {
-			return fail("IPV6_V6ONLY", err)
-		}
-	}
-	if err := unix.Bind(fd, a.sockaddr()); err != nil {
-		return fail("bind", err)
-	}
-	return os.NewFile(uintptr(fd), "tcp:"+a.String()), nil
-}
-
 // openFirst opens the first socket of a group that was given none. Asked
 // for port 0, it binds the port the kernel picks explicitly: a socket
 // bound to port 0 gives its port up when it stops listening, and the

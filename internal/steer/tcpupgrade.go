@@ -284,27 +284,8 @@ func AdoptTCP(files map[string]*os.File, st TCPUpgradeState, cfg TCPConfig) (*TC
 // returned objects own duplicates of them.
 func adoptTCPObjects(files map[string]*os.File) (*bpf.TCPObjects, error) {
 	objs := new(bpf.TCPObjects)
-	fd, err := takeFD(files, FileProgram)
-	if err != nil {
+	if err := adoptKernelObjects(files, &objs.SteerTcp, tcpMaps(objs), objs.Close); err != nil {
 		return nil, err
-	}
-	if objs.SteerTcp, err = ebpf.NewProgramFromFD(fd); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("program: %w", err)
-	}
-	for name, p := range tcpMaps(objs) {
-		fd, err := takeFD(files, filePrefixM+name)
-		if err != nil {
-			objs.Close()
-			return nil, err
-		}
-		m, err := ebpf.NewMapFromFD(fd)
-		if err != nil {
-			unix.Close(fd)
-			objs.Close()
-			return nil, fmt.Errorf("map %s: %w", name, err)
-		}
-		*p = m
 	}
 	return objs, nil
 }

@@ -252,30 +252,40 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 // removed from files and owned by the returned objects.
 func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
 	objs := new(bpf.SteerObjects)
-	take := func(name string) (int, error) { return takeFD(files, name) }
-	fd, err := take(FileProgram)
-	if err != nil {
+	if err := adoptKernelObjects(files, &objs.Steer, steerMaps(objs), objs.Close); err != nil {
 		return nil, err
 	}
-	if objs.Steer, err = ebpf.NewProgramFromFD(fd); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("program: %w", err)
+	return objs, nil
+}
+
+// adoptKernelObjects sets *prog and every map in maps from the
+// descriptors a previous supervisor passed (FileProgram and
+// filePrefixM+name), for either kind of group. On failure closeAll
+// releases whatever was set.
+func adoptKernelObjects(files map[string]*os.File, prog **ebpf.Program, maps map[string]**ebpf.Map, closeAll func() error) error {
+	fd, err := takeFD(files, FileProgram)
+	if err != nil {
+		return err
 	}
-	for name, p := range steerMaps(objs) {
-		fd, err := take(filePrefixM + name)
+	if *prog, err = ebpf.NewProgramFromFD(fd); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("program: %w", err)
+	}
+	for name, p := range maps {
+		fd, err := takeFD(files, filePrefixM+name)
 		if err != nil {
-			objs.Close()
-			return nil, err
+			closeAll()
+			return err
 		}
 		m, err := ebpf.NewMapFromFD(fd)
 		if err != nil {
 			unix.Close(fd)
-			objs.Close()
-			return nil, fmt.Errorf("map %s: %w", name, err)
+			closeAll()
+			return fmt.Errorf("map %s: %w", name, err)
 		}
 		*p = m
 	}
-	return objs, nil
+	return nil
 }
 
 // takeFD returns a close-on-exec duplicate of files[name]'s descriptor,
