@@ -26,6 +26,9 @@ func TestParseListener(t *testing.T) {
 		{arg: "h3=quic://127.0.0.1:443?workers=4&cid_len=12&cid_worker_offset=1", want: Listener{Name: "h3", Scheme: "udp", Addr: "127.0.0.1:443", Steer: SteerQUIC, Workers: 4, CIDLen: 12, CIDWorkerOffset: 1}},
 		{arg: "d=udp://127.0.0.1:53?steer=off&flow_idle=5s", want: Listener{Name: "d", Scheme: "udp", Addr: "127.0.0.1:53", Steer: SteerOff, FlowIdle: 5 * time.Second}},
 		{arg: "x=udp://:53?steer=maybe", wantErr: "want flow, quic or off"},
+		{arg: "http=tcp://:80?steer=off", want: Listener{Name: "http", Scheme: "tcp", Addr: ":80", Steer: SteerOff}},
+		{arg: "http=tcp://:80?steer=on", want: Listener{Name: "http", Scheme: "tcp", Addr: ":80"}},
+		{arg: "x=tcp://:80?steer=flow", wantErr: "want on or off"},
 		{arg: "x=quic://:443?workers=99", wantErr: "1..16"},
 		{arg: "x=quic://:443?cid_len=21", wantErr: "RFC 9000"},
 		// The bounds are the steering program's: every value a listener

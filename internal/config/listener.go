@@ -38,7 +38,7 @@ type Listener struct {
 	Group   string      // unix: group name or gid
 
 	// UDP steering across generations (see internal/steer).
-	Steer           string        // udp: flow (default), quic or off
+	Steer           string        // udp: flow (default), quic or off; tcp: "" (on, the default) or off
 	Workers         int           // udp: sockets per generation; 0 = 1
 	CIDLen          int           // quic: server CID length; 0 = default
 	CIDSlotOffset   int           // quic: octet holding the slot
@@ -52,6 +52,10 @@ const (
 	SteerQUIC = contract.SteerQUIC
 	SteerOff  = contract.SteerOff
 )
+
+// SteerOn gives a TCP listener a listening socket per generation (the
+// default); SteerOff keeps one socket shared by all generations.
+const SteerOn = "on"
 
 // ParseListen parses "NAME=URL" as given to --listen.
 func ParseListen(arg string) (Listener, error) {
@@ -141,6 +145,17 @@ func ParseListener(name, raw string) (Listener, error) {
 			default:
 				return l, fmt.Errorf("listener %s: steer=%q: want flow, quic or off", name, v)
 			}
+		case key == "steer" && l.Scheme == SchemeTCP:
+			switch v {
+			case SteerOn:
+				// The default: "" and "on" are one listener, so that
+				// spelling it out is no listener change.
+				l.Steer = ""
+			case SteerOff:
+				l.Steer = v
+			default:
+				return l, fmt.Errorf("listener %s: steer=%q: want on or off", name, v)
+			}
 		case key == "workers" && l.Scheme == SchemeUDP:
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > contract.MaxWorkers {
@@ -185,7 +200,7 @@ func ParseListener(name, raw string) (Listener, error) {
 func knownOptions(scheme string) string {
 	switch scheme {
 	case SchemeTCP:
-		return "backlog, v6only"
+		return "backlog, v6only, steer"
 	case SchemeUDP:
 		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
 	default:

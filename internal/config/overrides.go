@@ -112,7 +112,7 @@ const (
 
 const listenUsage = "NAME=URL listener, repeatable: tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\n" +
 	"options as a query: ?backlog=N (tcp, unix), ?v6only=true (tcp, udp), ?mode=0660&owner=U&group=G (unix),\n" +
-	"?steer=flow|quic|off&workers=W&flow_idle=D (udp, quic), ?cid_len=L&cid_slot_offset=N&cid_worker_offset=N (quic)"
+	"?steer=on|off (tcp), ?steer=flow|quic|off&workers=W&flow_idle=D (udp, quic), ?cid_len=L&cid_slot_offset=N&cid_worker_offset=N (quic)"
 
 func settingFor(name string) *setting {
 	for i := range settings {

@@ -179,6 +179,9 @@ type GenStatus struct {
 	ReadyAfterMS float64   `json:"ready_after_ms,omitempty"` // spawn to ready
 	Status       string    `json:"status,omitempty"`         // last STATUS= text
 	DrainingFor  float64   `json:"draining_for_ms,omitempty"`
+	// BrokenListeners are the TCP listeners this generation stopped
+	// listening on while meant to serve.
+	BrokenListeners []string `json:"broken_listeners,omitempty"`
 }
 
 // ListenerStatus is one listening socket the supervisor holds.

@@ -4,6 +4,7 @@
 package listen
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,12 +26,16 @@ import (
 // backlog while no generation accepts.
 type Socket struct {
 	Spec      config.Listener
-	File      *os.File // shared by every generation; nil for UDP groups
+	File      *os.File // shared by every generation; nil for UDP and TCP groups
 	Activated bool     // received from systemd rather than opened here
 	// UDP, for a UDP listener, gives every generation its own sockets in
 	// one reuseport group steered by BPF (or plain duplicates with
 	// steer=off).
 	UDP *steer.Group
+	// TCP, for a TCP listener, gives every generation its own listening
+	// socket in one reuseport group steered by BPF; nil with steer=off,
+	// or when steering is unavailable (File is then shared).
+	TCP *steer.TCPGroup
 
 	unixID unixsock.FileID // the Unix socket file we created, for cleanup
 }
@@ -159,6 +164,9 @@ func (s *Socket) Close() error {
 	if s.UDP != nil {
 		return s.UDP.Close()
 	}
+	if s.TCP != nil {
+		return s.TCP.Close()
+	}
 	err := s.File.Close()
 	if rerr := unixsock.Remove(s.Spec.Addr, s.unixID); rerr != nil && err == nil {
 		err = rerr
@@ -189,6 +197,52 @@ func (s *Socket) IsDatagram() bool {
 	if s.UDP != nil {
 		return true
 	}
+	if s.TCP != nil {
+		return false
+	}
 	typ, err := unix.GetsockoptInt(int(s.File.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
 	return err == nil && typ == unix.SOCK_DGRAM
+}
+
+// TCPConfig is the steering configuration of a TCP listener.
+func TCPConfig(spec config.Listener) steer.TCPConfig {
+	return steer.TCPConfig{Backlog: backlog(spec.Backlog), V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
+}
+
+// steerTCP gives a TCP listener's socket (opened here or from systemd)
+// a listening socket per generation, unless its listener says steer=off.
+// The socket becomes the group's first socket. Where steering cannot
+// work (privileges, kernel, a socket of another user) the socket stays
+// one shared by all generations, as with steer=off, and a warning says
+// why: a restart then still works, only old generations may take new
+// connections until they stop accepting.
+func steerTCP(s *Socket) *Socket {
+	if s.Spec.Steer == config.SteerOff || s.File == nil || !isTCPStream(s.File) {
+		return s
+	}
+	g, err := steer.NewTCPGroup("", TCPConfig(s.Spec), s.File)
+	if err != nil {
+		level := slog.LevelWarn
+		if !errors.Is(err, steer.ErrTCPSteeringUnavailable) {
+			level = slog.LevelError
+		}
+		slog.Log(context.Background(), level, "TCP listener keeps one socket shared by all generations: old generations may take new connections until they stop accepting", "listener", s.Spec.Name, "err", err)
+		return s
+	}
+	// The group holds its own duplicate; systemd keeps the original of
+	// an activated socket.
+	s.File.Close()
+	s.File, s.TCP = nil, g
+	return s
+}
+
+// isTCPStream reports whether f is a TCP (not Unix) stream socket.
+func isTCPStream(f *os.File) bool {
+	fd := int(f.Fd())
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil || typ != unix.SOCK_STREAM {
+		return false
+	}
+	dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	return err == nil && (dom == unix.AF_INET || dom == unix.AF_INET6)
 }

@@ -55,10 +55,15 @@ func describe(f *os.File) string {
 // Resolve pairs the configured listeners with activated sockets: a
 // configured listener whose name matches an activated socket uses that
 // socket; the others are opened here. With no configured listeners every
-// activated socket is passed on under its own name. On error every socket
-// opened so far is closed.
+// activated socket is passed on under its own name. Every TCP socket,
+// activated or opened, becomes the first socket of a steer.TCPGroup
+// unless its listener says steer=off (or steering is unavailable: see
+// steerTCP). On error every socket opened so far is closed.
 func Resolve(specs []config.Listener, activated []*Socket) ([]*Socket, error) {
 	if len(specs) == 0 {
+		for _, a := range activated {
+			steerTCP(a)
+		}
 		return activated, nil
 	}
 	byName := map[string]*Socket{}
@@ -93,13 +98,13 @@ func Resolve(specs []config.Listener, activated []*Socket) ([]*Socket, error) {
 			CloseAll(out)
 			return nil, err
 		}
-		out = append(out, s)
+		out = append(out, steerTCP(s))
 	}
 	// Activated sockets with no configured listener are still passed on:
 	// dropping them silently would hide a unit-file mistake.
 	for _, a := range activated {
 		if _, unused := byName[a.Spec.Name]; unused {
-			out = append(out, a)
+			out = append(out, steerTCP(a))
 		}
 	}
 	return out, nil
@@ -133,6 +138,9 @@ func adopt(spec config.Listener, a *Socket) (*Socket, error) {
 	}
 	if spec.Scheme != config.SchemeUDP {
 		a.Spec = spec
+		if spec.Scheme == config.SchemeTCP {
+			return steerTCP(a), nil
+		}
 		return a, nil
 	}
 	if spec.Steer != config.SteerOff {

@@ -65,7 +65,28 @@ func TakeOver(src FileSource, specs []config.Listener) (*upgrade.Inherited, []*S
 			return fail(fmt.Errorf("listener %s (%s) is not what the running supervisor has (%s); a listener change needs a full restart of baton", spec.Name, spec.URL, hl.URL))
 		}
 		spec.URL = hl.URL
+		if hl.TCP != nil {
+			files := map[string]*os.File{}
+			for _, part := range steer.TCPFileNames(*hl.TCP) {
+				f, err := need(src, upgrade.TCPFile(spec.Name, part))
+				if err != nil {
+					for _, f := range files {
+						f.Close()
+					}
+					return fail(err)
+				}
+				files[part] = f
+			}
+			g, err := steer.AdoptTCP(files, *hl.TCP, TCPConfig(spec))
+			if err != nil {
+				return fail(fmt.Errorf("listener %s: %w", spec.Name, err))
+			}
+			socks = append(socks, InheritedTCP(spec, g, hl.Activated))
+			continue
+		}
 		if hl.UDP == nil {
+			// A predecessor's shared TCP socket stays shared: its
+			// generations accept on it.
 			f, err := need(src, upgrade.ListenerFile(spec.Name))
 			if err != nil {
 				return fail(err)
@@ -129,6 +150,11 @@ func Inherited(spec config.Listener, f *os.File, activated bool) *Socket {
 // InheritedUDP wraps a UDP group adopted from a previous supervisor.
 func InheritedUDP(spec config.Listener, g *steer.Group, activated bool) *Socket {
 	return &Socket{Spec: spec, UDP: g, Activated: activated}
+}
+
+// InheritedTCP wraps a TCP group adopted from a previous supervisor.
+func InheritedTCP(spec config.Listener, g *steer.TCPGroup, activated bool) *Socket {
+	return &Socket{Spec: spec, TCP: g, Activated: activated}
 }
 
 // KeepPath makes Close leave a Unix socket's file in place: after a

@@ -114,6 +114,7 @@ func wireStatus(st Status) control.Status {
 		out.Gens = append(out.Gens, control.GenStatus{
 			Generation: g.Num, PID: g.PID, State: state, StartedAt: g.StartedAt, Status: g.Status,
 			ReadyAfterMS: ms(g.ReadyAfter), DrainingFor: float64(g.DrainingFor.Milliseconds()),
+			BrokenListeners: g.BrokenListeners,
 		})
 	}
 	for _, l := range st.Listeners {

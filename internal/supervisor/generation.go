@@ -56,8 +56,20 @@ type generation struct {
 	exited     bool
 	idle       bool // reported IDLE=1 while draining
 	idleTimer  *time.Timer
-	slot       int            // UDP steering slot, 0 if no UDP listener
+	slot       int            // steering slot, 0 if no UDP or TCP group
 	groups     []*steer.Group // UDP groups holding sockets in slot
+	// tcp are the TCP groups holding a listening socket in slot, until
+	// releaseTCP.
+	tcp []tcpHold
+	// broken: the listeners whose socket this generation stopped
+	// listening on while meant to serve, already logged.
+	broken map[string]bool
+}
+
+// tcpHold is a generation's listening socket in one TCP group.
+type tcpHold struct {
+	name string
+	grp  *steer.TCPGroup
 }
 
 // udpIdle reports whether every UDP socket of the generation got no

@@ -38,6 +38,9 @@ func (s *Supervisor) drain(g *generation, timeout time.Duration) {
 			if !g.exited {
 				g.log.Warn("generation still running at its drain deadline; sending SIGKILL", "drain_timeout", timeout)
 				g.kill()
+				// What waits in its TCP sockets moves to the working
+				// generation now, not when the kill has been reaped.
+				s.releaseTCP(g)
 			}
 		})
 	})
@@ -64,6 +67,13 @@ func (s *Supervisor) reaped(g *generation) {
 	go s.awaitEmpty(g)
 	close(g.done)
 
+	if g == s.working && !s.stopping && len(g.tcp) > 0 {
+		// A crash: new connections queue in its TCP sockets until the
+		// respawn works, then move to it (flip).
+		s.crashed = append(s.crashed, g)
+	} else {
+		s.releaseTCP(g)
+	}
 	switch {
 	case g == s.working:
 		s.working = nil
@@ -117,7 +127,44 @@ func (s *Supervisor) awaitEmpty(g *generation) {
 				g.log.Warn("UDP slot release failed", "err", err)
 			}
 		}
+		if len(g.groups) > 0 {
+			s.unholdSlot(g.slot)
+		}
 	})
+}
+
+// releaseTCP runs on the loop: g's TCP sockets stop listening and what
+// waits in them moves to the working generation. Unlike a UDP slot, a TCP
+// one needs no wait for the generation's processes: the socket leaves the
+// group at once, whoever still holds it.
+func (s *Supervisor) releaseTCP(g *generation) {
+	if len(g.tcp) == 0 {
+		return
+	}
+	for _, h := range g.tcp {
+		if err := h.grp.Release(g.slot); err != nil {
+			g.log.Warn("TCP slot release failed", "listener", h.name, "err", err)
+		}
+	}
+	g.tcp = nil
+	s.unholdSlot(g.slot)
+}
+
+// freeSlot runs on the loop: the lowest steering slot no generation
+// holds in any group, 0 if there is none.
+func (s *Supervisor) freeSlot() int {
+	for slot := 1; slot < len(s.slotHolds); slot++ {
+		if s.slotHolds[slot] == 0 {
+			return slot
+		}
+	}
+	return 0
+}
+
+func (s *Supervisor) unholdSlot(slot int) {
+	if slot > 0 && slot < len(s.slotHolds) && s.slotHolds[slot] > 0 {
+		s.slotHolds[slot]--
+	}
 }
 
 // watchUDPIdle ends a draining generation's drain early once it has
@@ -197,6 +244,10 @@ func (s *Supervisor) stop(immediate bool) {
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}
+		for _, c := range s.crashed {
+			s.releaseTCP(c)
+		}
+		s.crashed = nil
 		if first && s.opts.Events != nil {
 			s.opts.Events.Stopping()
 		}

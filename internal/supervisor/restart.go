@@ -317,8 +317,8 @@ func listenerNames(ls []config.Listener) string {
 	return "[" + strings.Join(names, " ") + "]"
 }
 
-// errNoSlot: every UDP steering slot is held by a live generation.
-var errNoSlot = errors.New("all 31 UDP steering slots belong to live generations; wait for draining generations to exit")
+// errNoSlot: every steering slot is held by a live generation.
+var errNoSlot = errors.New("all 31 steering slots (UDP and TCP listeners) belong to live generations; wait for draining generations to exit")
 
 // spawn runs on the loop: start the next generation and register it.
 func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
@@ -327,39 +327,53 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 	}
 	var files []*os.File
 	var names, env []string
+	// One slot in every UDP and TCP group: a generation's CIDs carry
+	// one, and one number per generation is what status and a
+	// successor see.
 	slot := 0
+	for _, sk := range s.opts.Sockets {
+		if sk.UDP != nil || sk.TCP != nil {
+			if slot = s.freeSlot(); slot == 0 {
+				return nil, errNoSlot
+			}
+			break
+		}
+	}
 	var groups []*steer.Group
+	var tcp []tcpHold
 	release := func() {
 		for _, grp := range groups {
 			grp.Release(slot)
 		}
+		for _, h := range tcp {
+			h.grp.Release(slot)
+		}
 	}
 	for _, sk := range s.opts.Sockets {
-		if sk.UDP == nil {
-			files, names = append(files, sk.File), append(names, sk.Spec.Name)
-			continue
-		}
-		// One slot for all UDP listeners: the generation's CIDs carry one.
-		var fs []*os.File
-		var err error
-		if slot == 0 {
-			slot, fs, err = sk.UDP.AddGeneration()
-			if err == nil {
+		switch {
+		case sk.UDP != nil:
+			fs, err := sk.UDP.AddGenerationAt(slot)
+			if err == nil && env == nil {
 				env, err = sk.UDP.Env(slot)
 			}
-		} else {
-			fs, err = sk.UDP.AddGenerationAt(slot)
-		}
-		if err != nil {
-			release()
-			if errors.Is(err, steer.ErrNoSlot) {
-				return nil, errNoSlot
+			if err != nil {
+				release()
+				return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
 			}
-			return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
-		}
-		groups = append(groups, sk.UDP)
-		for _, f := range fs {
+			groups = append(groups, sk.UDP)
+			for _, f := range fs {
+				files, names = append(files, f), append(names, sk.Spec.Name)
+			}
+		case sk.TCP != nil:
+			f, err := sk.TCP.AddGenerationAt(slot)
+			if err != nil {
+				release()
+				return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
+			}
+			tcp = append(tcp, tcpHold{name: sk.Spec.Name, grp: sk.TCP})
 			files, names = append(files, f), append(names, sk.Spec.Name)
+		default:
+			files, names = append(files, sk.File), append(names, sk.Spec.Name)
 		}
 	}
 	s.nextGen++
@@ -375,7 +389,13 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 		s.nextGen--
 		return nil, fmt.Errorf("generation %d could not be started: %w", s.nextGen+1, err)
 	}
-	g.slot, g.groups = slot, groups
+	g.slot, g.groups, g.tcp = slot, groups, tcp
+	if len(groups) > 0 {
+		s.slotHolds[slot]++
+	}
+	if len(tcp) > 0 {
+		s.slotHolds[slot]++
+	}
 	if slot != 0 {
 		g.log = g.log.With("slot", slot)
 	}
@@ -399,6 +419,17 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
 		}
 	}
+	for _, h := range g.tcp {
+		if err := h.grp.SetWorking(g.slot); err != nil {
+			g.log.Error("TCP flip failed; new connections may still reach the old generation", "listener", h.name, "err", err)
+		}
+	}
+	// A crashed working generation's sockets were kept so that new
+	// connections queued in them; now they move to g.
+	for _, c := range s.crashed {
+		s.releaseTCP(c)
+	}
+	s.crashed = nil
 	// Restarts are what someone asked for; crash respawns are counted
 	// as crashes, and an upgrade's first generation as the upgrade.
 	if reason == reasonRequest {

@@ -61,6 +61,11 @@ type GenStatus struct {
 	ReadyAfter  time.Duration // spawn to ready, 0 before
 	Status      string        // the last STATUS= it sent
 	DrainingFor time.Duration
+	// BrokenListeners are the TCP listeners whose socket this
+	// generation stopped listening on (shutdown(2), or listen(2) again)
+	// while starting or serving: the kernel can no longer give it
+	// connections there.
+	BrokenListeners []string
 }
 
 // ListenerStatus is one listening socket.
@@ -141,6 +146,8 @@ func (s *Supervisor) status() Status {
 		}
 		if g.state == Draining {
 			gs.DrainingFor = time.Since(g.drainStart)
+		} else {
+			gs.BrokenListeners = s.brokenListeners(g)
 		}
 		st.Gens = append(st.Gens, gs)
 	}
@@ -163,6 +170,27 @@ func (s *Supervisor) status() Status {
 		st.Listeners = append(st.Listeners, ls)
 	}
 	return st
+}
+
+// brokenListeners runs on the loop: the TCP listeners whose socket g no
+// longer listens on, each logged the first time it is seen. A draining
+// generation may shut its listener down; one meant to serve may not.
+func (s *Supervisor) brokenListeners(g *generation) []string {
+	var out []string
+	for _, h := range g.tcp {
+		if h.grp.Listening(g.slot) {
+			continue
+		}
+		out = append(out, h.name)
+		if !g.broken[h.name] {
+			if g.broken == nil {
+				g.broken = map[string]bool{}
+			}
+			g.broken[h.name] = true
+			g.log.Error("generation no longer listens on its TCP socket (it shut it down or listened again); new connections go to no socket of it", "listener", h.name, "state", g.state.String())
+		}
+	}
+	return out
 }
 
 func (s *Supervisor) udpStatus(grp *steer.Group) []SlotStatus {

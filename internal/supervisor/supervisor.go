@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/listen"
 	"github.com/baton-run/baton/internal/procgroup"
@@ -116,6 +117,13 @@ type Supervisor struct {
 	successor     int           // pid of the supervisor we handed over to
 	leftovers     int           // reaped generations whose process group is not empty yet
 	adopted       []*adoptedGen // the previous supervisor's generations
+	// crashed are working generations that crashed and whose TCP
+	// sockets are kept, so that new connections queue in them, until a
+	// generation is flipped.
+	crashed []*generation
+	// slotHolds counts, per steering slot, the kinds of group (UDP,
+	// TCP) and the adopted generations that hold it.
+	slotHolds [contract.Slots]int
 }
 
 // New prepares a supervisor with an already loaded configuration.

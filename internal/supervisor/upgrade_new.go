@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -38,6 +39,9 @@ func (s *Supervisor) startAsSuccessor() {
 		for _, g := range st.Gens {
 			a := &adoptedGen{Gen: g}
 			s.adopted = append(s.adopted, a)
+			if a.Slot != 0 {
+				s.slotHolds[a.Slot]++
+			}
 			s.watchAdopted(a)
 		}
 	})
@@ -93,7 +97,7 @@ func waitPidfd(fd int) {
 }
 
 // adoptedExited runs on the loop: the generation's sockets are gone with
-// it, so its UDP slot is free.
+// it, so its UDP slot is free, and its TCP socket is released.
 func (s *Supervisor) adoptedExited(a *adoptedGen) {
 	if a.exited {
 		return
@@ -107,18 +111,37 @@ func (s *Supervisor) adoptedExited(a *adoptedGen) {
 	}
 	if a.Slot != 0 {
 		for _, sk := range s.opts.Sockets {
-			if sk.UDP == nil {
-				continue
-			}
-			if err := sk.UDP.Release(a.Slot); err != nil {
-				s.log.Warn("UDP slot release failed", "gen", a.Num, "slot", a.Slot, "err", err)
+			switch {
+			case sk.UDP != nil:
+				if err := sk.UDP.Release(a.Slot); err != nil {
+					s.log.Warn("UDP slot release failed", "gen", a.Num, "slot", a.Slot, "err", err)
+				}
+			case sk.TCP != nil && s.adoptedTCPSlot(sk.Spec.Name, a.Slot):
+				// What waits in its socket moves to the working
+				// generation.
+				if err := sk.TCP.Release(a.Slot); err != nil {
+					s.log.Warn("TCP slot release failed", "gen", a.Num, "slot", a.Slot, "err", err)
+				}
 			}
 		}
+		s.unholdSlot(a.Slot)
 	}
 	s.log.Info("generation of the previous supervisor exited", "gen", a.Num, "pid", a.PID)
 	if s.opts.Events != nil && !s.stopping {
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}
+}
+
+// adoptedTCPSlot reports whether the previous supervisor handed over the
+// TCP listener name with a socket in slot: one it had released already
+// (its generation's drain deadline passed) is not in the group.
+func (s *Supervisor) adoptedTCPSlot(name string, slot int) bool {
+	for _, l := range s.opts.Successor.State.Listeners {
+		if l.Name == name && l.TCP != nil {
+			return slices.Contains(l.TCP.Slots, slot)
+		}
+	}
+	return false
 }
 
 // finishTakeOver tells the previous supervisor how the first generation

@@ -53,6 +53,11 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 		return err
 	}
 	for _, sk := range s.opts.Sockets {
+		if sk.TCP != nil {
+			// Its sockets change with every generation: freeze
+			// registers them.
+			continue
+		}
 		if sk.UDP == nil {
 			if err := add(upgrade.ListenerFile(sk.Spec.Name), sk.File, false); err != nil {
 				return err
@@ -179,11 +184,18 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 		return upgrade.State{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
 	}
 	st := upgrade.State{FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
+	if err := s.registerTCP(); err != nil {
+		return upgrade.State{}, false, err.Error()
+	}
 	for _, sk := range s.opts.Sockets {
 		l := upgrade.Listener{Name: sk.Spec.Name, URL: sk.Spec.URL, Activated: sk.Activated}
 		if sk.UDP != nil {
 			us := sk.UDP.Freeze()
 			l.UDP = &us
+		}
+		if sk.TCP != nil {
+			ts := sk.TCP.Freeze()
+			l.TCP = &ts
 		}
 		st.Listeners = append(st.Listeners, l)
 	}
@@ -205,6 +217,33 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 	return st, true, ""
 }
 
+// registerTCP runs on the loop: it registers the current descriptors of
+// every TCP group (program, maps, first socket, each generation's socket)
+// for the upgrade about to start. A name registered by an earlier
+// upgrade is replaced; one no longer in use is passed but not asked for.
+func (s *Supervisor) registerTCP() error {
+	for _, sk := range s.opts.Sockets {
+		if sk.TCP == nil {
+			continue
+		}
+		files, err := sk.TCP.Files()
+		if err != nil {
+			return fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
+		}
+		var errs []error
+		for part, f := range files {
+			if err := s.opts.Upgrader.AddFile(upgrade.TCPFile(sk.Spec.Name, part), f); err != nil {
+				errs = append(errs, fmt.Errorf("register %s for the upgrade: %w", upgrade.TCPFile(sk.Spec.Name, part), err))
+			}
+			f.Close()
+		}
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
+		}
+	}
+	return nil
+}
+
 // thaw runs on the loop after a failed upgrade: take the UDP maps back
 // from the successor that did not make it.
 func (s *Supervisor) thaw() {
@@ -212,6 +251,11 @@ func (s *Supervisor) thaw() {
 		if sk.UDP != nil {
 			if err := sk.UDP.Thaw(false); err != nil {
 				s.log.Error("taking the UDP maps back failed", "listener", sk.Spec.Name, "err", err)
+			}
+		}
+		if sk.TCP != nil {
+			if err := sk.TCP.Thaw(false); err != nil {
+				s.log.Error("taking the TCP maps back failed", "listener", sk.Spec.Name, "err", err)
 			}
 		}
 	}
@@ -236,6 +280,9 @@ func (s *Supervisor) handedOver(pid int) {
 			sk.KeepPath()
 			if sk.UDP != nil {
 				sk.UDP.Thaw(true)
+			}
+			if sk.TCP != nil {
+				sk.TCP.Thaw(true)
 			}
 		}
 		for _, g := range s.gens {

@@ -36,6 +36,10 @@ func ListenerFile(name string) string { return "listen/" + name }
 // UDPFile names one kernel object (steer.FileNames) of a UDP listener.
 func UDPFile(listener, part string) string { return "udp/" + listener + "/" + part }
 
+// TCPFile names one kernel object or socket (steer.TCPFileNames) of a
+// TCP listener with a listening socket per generation.
+func TCPFile(listener, part string) string { return "tcp/" + listener + "/" + part }
+
 // What the memfd holds.
 const (
 	KindState = "state"
@@ -64,6 +68,11 @@ type Listener struct {
 	URL       string              `json:"url"`
 	Activated bool                `json:"activated,omitempty"`
 	UDP       *steer.UpgradeState `json:"udp,omitempty"`
+	// TCP is set for a TCP listener with a listening socket per
+	// generation. Without it (a predecessor with steer=off, without
+	// steering, or from before TCP steering) a TCP listener is one
+	// socket shared by all generations, passed as ListenerFile.
+	TCP *steer.TCPUpgradeState `json:"tcp,omitempty"`
 }
 
 // Names lists the listeners' names, for messages.

@@ -48,6 +48,17 @@ func storeFD(n *systemd.Notifier, sk *listen.Socket) error {
 		defer anchor.Close()
 		f = anchor
 	}
+	if sk.TCP != nil {
+		// The first socket: connections wait in it while no baton
+		// runs, and the restarted baton builds its group around it,
+		// listening or not.
+		first, err := sk.TCP.FirstFile()
+		if err != nil {
+			return err
+		}
+		defer first.Close()
+		f = first
+	}
 	return n.StoreFD(sk.Spec.Name, int(f.Fd()))
 }
 
