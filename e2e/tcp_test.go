@@ -17,6 +17,7 @@ import (
 
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/loadgen"
+	"github.com/baton-run/baton/internal/testkit"
 	"github.com/baton-run/baton/internal/testkit/batontest"
 )
 
@@ -102,10 +103,6 @@ func TestTCPQueuedConnectionsMigrate(t *testing.T) {
 	// Connections queue in generation 1's socket: it is working but
 	// accepts nothing.
 	const n = 20
-	type answer struct {
-		gen string
-		err error
-	}
 	answers := make(chan answer, n)
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
@@ -143,6 +140,11 @@ func TestTCPQueuedConnectionsMigrate(t *testing.T) {
 			t.Errorf("queued connection: generation %q, %v; want generation 2", a.gen, a.err)
 		}
 	}
+}
+
+type answer struct {
+	gen string
+	err error
 }
 
 // waitThreadsStopped waits until every thread of pid is stopped: kill(2)
@@ -295,4 +297,49 @@ func TestTCPSteerOffSharesTheSocket(t *testing.T) {
 		t.Fatalf("new connections after the flip: %v; with one shared socket both generations accept", seen)
 	}
 	t.Logf("new connections per generation: %s", fmt.Sprint(seen))
+}
+
+// TestTCPClosedListenerReleased: a draining generation that closed its
+// listener without accepting what queued in it, and goes on running, does
+// not keep those connections: they move to the working generation at
+// once, not when it exits.
+func TestTCPClosedListenerReleased(t *testing.T) {
+	h := newHarness(t)
+	cfg := filepath.Join(h.dir, "baton.toml")
+	listen := []string{"http", "tcp://" + httpAddr}
+	// Never accepts; on the drain signal closes its listener (fd 3) and
+	// lives on for 20s more.
+	idle := []string{"/bin/sh", "-c", `trap 'exec 3<&-; sleep 20; exit 0' TERM; while :; do sleep 0.05; done`}
+	writeFile(t, cfg, tomlConfig(idle, listen, `ready = "delay:200ms"`))
+	b := h.startBaton(batontest.Run{Args: []string{"--config", cfg, "--drain-timeout", "60s", "--stop-timeout", "2s"}})
+	st := h.waitServing(b, 1)
+	pid := batontest.WorkingPID(st)
+	const n = 10
+	answered := make(chan answer, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			c := &http.Client{Transport: h.ns.Transport(), Timeout: 40 * time.Second}
+			c.Transport.(*http.Transport).DisableKeepAlives = true
+			g, err := getGen(c)
+			answered <- answer{g, err}
+		}()
+	}
+	// Let them reach generation 1's accept queue.
+	time.Sleep(300 * time.Millisecond)
+	writeFile(t, cfg, tomlConfig([]string{bin.HTTPD}, listen, `ready = "delay:200ms"`))
+	r := h.restart()
+	if r.Code != 0 || r.Result.Generation != 2 {
+		t.Fatalf("restart: want generation 2; got %s", r)
+	}
+	for i := 0; i < n; i++ {
+		a := <-answered
+		if a.err != nil || a.gen != "2" {
+			t.Errorf("queued connection: generation %q, %v; want generation 2", a.gen, a.err)
+		}
+	}
+	// Generation 1 still runs: the queued connections did not wait for
+	// its exit.
+	if !testkit.LookupProc(pid).Alive() {
+		t.Errorf("generation 1 exited before the queued connections were answered")
+	}
 }

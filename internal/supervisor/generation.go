@@ -56,6 +56,7 @@ type generation struct {
 	exited     bool
 	idle       bool // reported IDLE=1 while draining
 	idleTimer  *time.Timer
+	tcpTimer   *time.Timer    // watchTCPClosed
 	slot       int            // steering slot, 0 if no UDP or TCP group
 	groups     []*steer.Group // UDP groups holding sockets in slot
 	// tcp are the TCP groups holding a listening socket in slot, until
@@ -70,6 +71,7 @@ type generation struct {
 type tcpHold struct {
 	name string
 	grp  *steer.TCPGroup
+	ino  uint64 // the socket's inode, to see whether the generation still holds it
 }
 
 // udpIdle reports whether every UDP socket of the generation got no

@@ -5,10 +5,17 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/procgroup"
 )
 
 // Crash respawn backoff: doubling from the first to the cap; a generation
@@ -33,6 +40,7 @@ func (s *Supervisor) drain(g *generation, timeout time.Duration) {
 	if len(g.groups) > 0 {
 		s.watchUDPIdle(g)
 	}
+	s.watchTCPClosed(g)
 	g.drainTimer = time.AfterFunc(timeout, func() {
 		s.post(func() {
 			if !g.exited {
@@ -62,6 +70,9 @@ func (s *Supervisor) reaped(g *generation) {
 	g.kill()
 	if g.idleTimer != nil {
 		g.idleTimer.Stop()
+	}
+	if g.tcpTimer != nil {
+		g.tcpTimer.Stop()
 	}
 	s.leftovers++
 	go s.awaitEmpty(g)
@@ -148,6 +159,103 @@ func (s *Supervisor) releaseTCP(g *generation) {
 	}
 	g.tcp = nil
 	s.unholdSlot(g.slot)
+}
+
+// tcpClosedEvery is how often a draining generation's descriptors are
+// looked at for its TCP sockets.
+const tcpClosedEvery = 100 * time.Millisecond
+
+// watchTCPClosed releases a draining generation's TCP socket as soon as
+// none of its processes holds it any more: a server that closes its
+// listener when it drains (rather than shutting it down) but goes on
+// finishing requests would otherwise keep the connections that queued in
+// its socket before the flip waiting there, unaccepted, until it exits;
+// released, they move to the working generation.
+func (s *Supervisor) watchTCPClosed(g *generation) {
+	if len(g.tcp) == 0 {
+		return
+	}
+	var check func()
+	check = func() {
+		// Off the loop: a look at every descriptor of the generation.
+		s.post(func() {
+			if g.exited || len(g.tcp) == 0 {
+				return
+			}
+			inos := map[uint64]bool{}
+			for _, h := range g.tcp {
+				inos[h.ino] = true
+			}
+			procs := g.procs
+			go func() {
+				held, err := heldSockets(procs, inos)
+				s.post(func() {
+					if g.exited || len(g.tcp) == 0 {
+						return
+					}
+					if err == nil {
+						s.releaseClosedTCP(g, held)
+					}
+					if len(g.tcp) > 0 {
+						g.tcpTimer = time.AfterFunc(tcpClosedEvery, check)
+					}
+				})
+			}()
+		})
+	}
+	g.tcpTimer = time.AfterFunc(tcpClosedEvery, check)
+}
+
+// releaseClosedTCP runs on the loop: release g's TCP sockets whose inode
+// is not in held.
+func (s *Supervisor) releaseClosedTCP(g *generation, held map[uint64]bool) {
+	kept := g.tcp[:0]
+	for _, h := range g.tcp {
+		if h.ino == 0 || held[h.ino] {
+			kept = append(kept, h)
+			continue
+		}
+		g.log.Info("draining generation closed its TCP listener; what queued in it moves to the working generation", "listener", h.name)
+		if err := h.grp.Release(g.slot); err != nil {
+			g.log.Warn("TCP slot release failed", "listener", h.name, "err", err)
+		}
+	}
+	g.tcp = kept
+	if len(g.tcp) == 0 {
+		g.tcp = nil
+		s.unholdSlot(g.slot)
+	}
+}
+
+// heldSockets returns which of the socket inodes inos a process of the
+// group still has a descriptor for.
+func heldSockets(procs *procgroup.Group, inos map[uint64]bool) (map[uint64]bool, error) {
+	pids, err := procs.Pids()
+	if err != nil {
+		return nil, err
+	}
+	held := map[uint64]bool{}
+	for _, pid := range pids {
+		dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+				continue // exited meanwhile
+			}
+			return nil, err
+		}
+		for _, e := range ents {
+			link, err := os.Readlink(dir + "/" + e.Name())
+			if err != nil || !strings.HasPrefix(link, "socket:[") {
+				continue
+			}
+			ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 64)
+			if err == nil && inos[ino] {
+				held[ino] = true
+			}
+		}
+	}
+	return held, nil
 }
 
 // freeSlot runs on the loop: the lowest steering slot no generation

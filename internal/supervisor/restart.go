@@ -370,7 +370,13 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 				release()
 				return nil, fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
 			}
-			tcp = append(tcp, tcpHold{name: sk.Spec.Name, grp: sk.TCP})
+			var ino uint64
+			if fi, err := f.Stat(); err == nil {
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+					ino = st.Ino
+				}
+			}
+			tcp = append(tcp, tcpHold{name: sk.Spec.Name, grp: sk.TCP, ino: ino})
 			files, names = append(files, f), append(names, sk.Spec.Name)
 		default:
 			files, names = append(files, sk.File), append(names, sk.Spec.Name)
