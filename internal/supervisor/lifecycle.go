@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -75,6 +76,9 @@ func (s *Supervisor) reaped(g *generation) {
 		g.tcpTimer.Stop()
 	}
 	s.leftovers++
+	if len(g.groups) > 0 {
+		s.releasing = append(s.releasing, g)
+	}
 	go s.awaitEmpty(g)
 	close(g.done)
 
@@ -140,6 +144,7 @@ func (s *Supervisor) awaitEmpty(g *generation) {
 		}
 		if len(g.groups) > 0 {
 			s.unholdSlot(g.slot)
+			s.releasing = slices.DeleteFunc(s.releasing, func(x *generation) bool { return x == g })
 		}
 	})
 }

@@ -117,6 +117,10 @@ type Supervisor struct {
 	successor     int           // pid of the supervisor we handed over to
 	leftovers     int           // reaped generations whose process group is not empty yet
 	adopted       []*adoptedGen // the previous supervisor's generations
+	// releasing are reaped generations whose UDP slot waits for their
+	// process group to empty (awaitEmpty); an upgrade in that window
+	// hands their slot over.
+	releasing []*generation
 	// crashed are working generations that crashed and whose TCP
 	// sockets are kept, so that new connections queue in them, until a
 	// generation is flipped.

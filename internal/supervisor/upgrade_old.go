@@ -209,6 +209,11 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 		}
 		st.Gens = append(st.Gens, ug)
 	}
+	for _, g := range s.releasing {
+		// Its UDP slot is still in the groups handed over: without an
+		// entry the successor would take the slot for free.
+		st.Gens = append(st.Gens, upgrade.Gen{Num: g.num, PID: g.pid, Slot: g.slot, StartedAt: g.startedAt, Exited: true})
+	}
 	for _, a := range s.adopted {
 		if !a.exited {
 			st.Gens = append(st.Gens, a.Gen)

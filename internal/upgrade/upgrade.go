@@ -93,6 +93,13 @@ type Gen struct {
 	StartTicks uint64    `json:"start_ticks"`
 	Slot       int       `json:"slot,omitempty"`
 	StartedAt  time.Time `json:"started_at"`
+	// Exited: the process is gone but its steering slot is not free
+	// yet (the predecessor still waits for the rest of its process
+	// group). The successor holds the slot until it has adopted the
+	// group state, then frees it. StartTicks is 0 then, which no live
+	// process matches, so a binary that does not know the field takes
+	// it for gone too.
+	Exited bool `json:"exited,omitempty"`
 }
 
 // Reply is the successor's answer: its pid and its first generation, or
@@ -215,6 +222,9 @@ var ErrGone = errors.New("the process has exited")
 // process, so the start time read after opening it tells for sure
 // whether it is still the same one; if not, the error wraps ErrGone.
 func (g Gen) Pidfd() (int, error) {
+	if g.Exited {
+		return -1, fmt.Errorf("generation %d (pid %d): %w", g.Num, g.PID, ErrGone)
+	}
 	fd, err := unix.PidfdOpen(g.PID, 0)
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) {

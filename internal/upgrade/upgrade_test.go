@@ -188,6 +188,15 @@ func TestGenIdentity(t *testing.T) {
 		t.Fatalf("another process's pid: %v, want ErrGone", err)
 	}
 
+	// A generation handed over as exited (its slot still held) is gone
+	// even though its pid runs: the pid may have been reused.
+	gone := g
+	gone.Exited = true
+	if fd, err := gone.Pidfd(); !errors.Is(err, ErrGone) {
+		unix.Close(fd)
+		t.Fatalf("generation marked exited: %v, want ErrGone", err)
+	}
+
 	fd, err := g.Pidfd()
 	if err != nil {
 		t.Fatal(err)
