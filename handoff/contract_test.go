@@ -18,6 +18,7 @@ func TestContract(t *testing.T) {
 		{"EnvGeneration", EnvGeneration, contract.EnvGeneration},
 		{"EnvReadyFD", EnvReadyFD, contract.EnvReadyFD},
 		{"EnvDrainSignal", EnvDrainSignal, contract.EnvDrainSignal},
+		{"EnvDrainFD", EnvDrainFD, contract.EnvDrainFD},
 		{"EnvControl", EnvControl, contract.EnvControl},
 		{"EnvUDPSteer", EnvUDPSteer, contract.EnvUDPSteer},
 		{"EnvUDPWorkers", EnvUDPWorkers, contract.EnvUDPWorkers},

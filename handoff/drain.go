@@ -56,20 +56,68 @@ var drain struct {
 	ch   chan struct{}
 }
 
-// Draining returns a channel that is closed when the drain signal arrives:
-// a newer generation took over, so stop accepting, finish in-flight work and
-// exit. The handler stays installed afterwards, so a repeated signal does
-// not kill the process in the middle of its drain; the supervisor's
-// SIGKILL at the drain deadline is the backstop.
+// Draining returns a channel that is closed when the generation starts to
+// drain: a newer generation took over, so stop accepting, finish in-flight
+// work (close idle keep-alives, send GOAWAY, at your own pace) and exit.
+//
+// It learns that from whichever comes first: the drain notice, which the
+// supervisor gives at the flip whatever its drain policy (EOF on the pipe
+// named by BATON_DRAIN_FD), or the drain signal. Under --drain signal
+// both come at the flip. Under --drain idle the signal only comes once
+// the generation holds no traffic (or near the drain deadline), because
+// servers that know nothing of baton close every connection on it; a
+// handoff server still learns of the drain at the flip, from the notice,
+// and may exit as soon as its own connections are done.
+//
+// The signal handler stays installed afterwards, so a repeated or late
+// signal does not kill the process in the middle of its drain; the
+// supervisor's SIGKILL at the drain deadline is the backstop.
 func Draining() <-chan struct{} {
 	drain.once.Do(func() {
 		drain.ch = make(chan struct{})
+		var closeOnce sync.Once
+		done := func() { closeOnce.Do(func() { close(drain.ch) }) }
 		sigc := make(chan os.Signal, 1)
 		signal.Notify(sigc, DrainSignal())
 		go func() {
 			<-sigc
-			close(drain.ch)
+			done()
 		}()
+		if f := drainNotice(); f != nil {
+			go func() {
+				// Nothing is ever written: any return is EOF (the
+				// supervisor closed its end) or the pipe's end.
+				var b [1]byte
+				for {
+					if _, err := f.Read(b[:]); err != nil {
+						break
+					}
+				}
+				f.Close()
+				done()
+			}()
+		}
 	})
 	return drain.ch
+}
+
+// drainNotice opens the drain notice pipe named by BATON_DRAIN_FD: nil if
+// there is none, or the descriptor is not a pipe (a process that does
+// not run under a supervisor that gives one).
+func drainNotice() *os.File {
+	fd, err := strconv.Atoi(os.Getenv(EnvDrainFD))
+	if err != nil || fd < 3 || !Supervised() {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		return nil
+	}
+	// Not for the processes this one starts; and through the poller, so
+	// that the read does not hold a thread.
+	unix.CloseOnExec(fd)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), "baton-drain-notice")
 }

@@ -657,3 +657,44 @@ func TestDraining(t *testing.T) {
 		})
 	}
 }
+
+// TestDrainingNotice: the drain notice (EOF on BATON_DRAIN_FD) alone, as
+// under the idle drain policy, closes Draining's channel; no signal.
+func TestDrainingNotice(t *testing.T) {
+	pr, pw := readyPipe(t)
+	nr, nw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nw.Close()
+	env := []string{"BATON_READY_FD=3", "BATON_DRAIN_FD=4", "BATON_GENERATION=2"}
+	cmd := child{mode: "drain", files: []*os.File{pw, nr}, env: env}.command(t)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	_ = pw.Close()
+	_ = nr.Close()
+	line, err := bufio.NewReader(pr).ReadString('\n')
+	if err != nil || line != "READY\n" {
+		_ = cmd.Process.Kill()
+		t.Fatalf("ready line = %q, %v", line, err)
+	}
+	got := make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(out); got <- b }()
+	// Still serving while the notice is open.
+	select {
+	case b := <-got:
+		t.Fatalf("child drained before the notice: %q", b)
+	case <-time.After(200 * time.Millisecond):
+	}
+	nw.Close()
+	rest := <-got
+	waitExit(t, cmd)
+	if string(rest) != "drained\n" {
+		t.Errorf("child output = %q, want drained", rest)
+	}
+}

@@ -126,7 +126,7 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 		fmt.Fprintln(w, "no generations")
 		return nil
 	}
-	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY\tSTATUS")
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY\tHOLDS\tSTATUS")
 	for _, g := range st.Gens {
 		state := cell(g.State)
 		if g.State == control.StateDraining && g.DrainingFor > 0 {
@@ -140,12 +140,50 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 		if g.ReadyAfterMS > 0 {
 			ready = fmtMS(g.ReadyAfterMS)
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\n", g.Generation, g.PID, state, age, ready, cell(g.Status))
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\n", g.Generation, g.PID, state, age, ready, holds(g.Traffic), cell(g.Status))
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)
 	}
 	return nil
+}
+
+// holds says what a generation holds, e.g. "http 3 conns; h3 2 flows,
+// 40 datagrams, last 1.2s ago".
+func holds(tr *control.Traffic) string {
+	if tr == nil {
+		return "-"
+	}
+	var parts []string
+	for _, t := range tr.TCP {
+		p := fmt.Sprintf("%s %d conns", t.Listener, t.Live)
+		if t.Closing > 0 {
+			p += fmt.Sprintf(" (+%d closing)", t.Closing)
+		}
+		parts = append(parts, p)
+	}
+	for _, u := range tr.UDP {
+		p := cell(u.Listener)
+		if u.Flows != nil {
+			p += fmt.Sprintf(" %d flows,", *u.Flows)
+		}
+		if u.Datagrams == 0 {
+			p += " no datagrams"
+		} else {
+			p += fmt.Sprintf(" %d datagrams, last %s ago", u.Datagrams, fmtMS(u.LastDatagramAgoMS))
+		}
+		parts = append(parts, p)
+	}
+	for _, n := range tr.Unknown {
+		parts = append(parts, cell(n)+" ?")
+	}
+	if tr.Error != "" {
+		parts = append(parts, "(counts incomplete: "+cell(tr.Error)+")")
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, "; ")
 }
 
 // cell makes a supervisor-provided string safe for one table cell: a tab

@@ -10,6 +10,7 @@ import (
 )
 
 func sampleStatus(at time.Time) control.Status {
+	two := 2
 	return control.Status{
 		PID:       1100,
 		StartedAt: at.Add(-3*time.Hour - 5*time.Minute),
@@ -20,7 +21,11 @@ func sampleStatus(at time.Time) control.Status {
 		LastCrash: "generation 1 exited with status 1",
 		Gens: []control.GenStatus{
 			{Generation: 3, PID: 1234, State: control.StateServing, StartedAt: at.Add(-2 * time.Minute), ReadyAfterMS: 12.34, Status: "accepting\tconnections"},
-			{Generation: 2, PID: 1200, State: control.StateDraining, StartedAt: at.Add(-time.Hour), ReadyAfterMS: 950, DrainingFor: 1500},
+			{Generation: 2, PID: 1200, State: control.StateDraining, StartedAt: at.Add(-time.Hour), ReadyAfterMS: 950, DrainingFor: 1500,
+				Traffic: &control.Traffic{
+					TCP: []control.TCPTraffic{{Listener: "http", Live: 3, Closing: 1}},
+					UDP: []control.UDPTraffic{{Listener: "quic", Datagrams: 123, Flows: &two, LastDatagramAgoMS: 1200}},
+				}},
 		},
 		Listeners: []control.ListenerStatus{
 			{Name: "http", URL: "tcp://127.0.0.1:8080", FD: 3},
@@ -54,9 +59,9 @@ UDP   SLOT  GEN  BY CID  BY PIN  NEW  FALLBACK  ERRORS  DROPPED
 quic  2     2    120     3       0    0         0       0
 quic  3     3    40      0       9    1         0       0
 
-GEN  PID   STATE            AGE   READY   STATUS
-3    1234  serving          2m0s  12.3ms  accepting connections
-2    1200  draining (1.5s)  1h0m  950ms   -
+GEN  PID   STATE            AGE   READY   HOLDS                                                                  STATUS
+3    1234  serving          2m0s  12.3ms  -                                                                      accepting connections
+2    1200  draining (1.5s)  1h0m  950ms   http 3 conns (+1 closing); quic 2 flows, 123 datagrams, last 1.2s ago  -
 `
 	if stdout != want {
 		t.Errorf("got:\n%s\nwant:\n%s", stdout, want)

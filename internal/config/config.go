@@ -28,7 +28,35 @@ const (
 	DefaultCheckTimeout = 60 * time.Second
 	DefaultMaxDraining  = 4
 	DefaultUDPIdle      = 5 * time.Second
+	// Under the idle policy an old generation lives as long as its
+	// clients keep their connections (up to the drain timeout), so
+	// restarts overlap more: the limit is the steering slots' with room
+	// to spare rather than a handful.
+	DefaultMaxDrainingIdle = 16
+	DefaultDrainIdle       = 5 * time.Second
+	DefaultDrainGrace      = 10 * time.Second
 )
+
+// DrainPolicy says when a draining generation gets the drain signal.
+type DrainPolicy string
+
+const (
+	// DrainSignal: at the flip; SIGKILL at the drain deadline.
+	DrainSignal DrainPolicy = "signal"
+	// DrainIdle: once it holds no TCP connection and its UDP traffic
+	// has been silent for DrainIdle, or at the drain deadline minus
+	// DrainGrace, whichever comes first; SIGKILL at the deadline.
+	DrainIdle DrainPolicy = "idle"
+)
+
+// ParseDrainPolicy accepts "signal" or "idle".
+func ParseDrainPolicy(s string) (DrainPolicy, error) {
+	switch p := DrainPolicy(s); p {
+	case DrainSignal, DrainIdle:
+		return p, nil
+	}
+	return "", fmt.Errorf("want signal or idle, got %q", s)
+}
 
 // Config is the validated configuration of one supervisor.
 type Config struct {
@@ -42,6 +70,13 @@ type Config struct {
 	ReadyTimeout time.Duration
 	DrainSignal  syscall.Signal
 	DrainTimeout time.Duration
+	DrainPolicy  DrainPolicy
+	// DrainIdle and DrainGrace apply to DrainIdle only: how long UDP
+	// traffic must have been silent, and how long before the deadline
+	// the signal goes regardless.
+	DrainIdle  time.Duration
+	DrainGrace time.Duration
+	// MaxDraining: 0 means the policy's default (MaxDrainingLimit).
 	MaxDraining  int
 	StopTimeout  time.Duration
 	CheckCmd     string
@@ -64,6 +99,29 @@ type Config struct {
 	inFile map[string]bool
 }
 
+// MaxDrainingLimit is the number of draining generations at which a
+// restart is refused: MaxDraining if set, else the drain policy's
+// default.
+func (c *Config) MaxDrainingLimit() int {
+	switch {
+	case c.MaxDraining > 0:
+		return c.MaxDraining
+	case c.DrainPolicy == DrainIdle:
+		return DefaultMaxDrainingIdle
+	}
+	return DefaultMaxDraining
+}
+
+// DrainSignalAfter is how long after the flip a draining generation gets
+// the drain signal at the latest: at once under DrainSignal, at the
+// deadline minus the grace under DrainIdle.
+func (c *Config) DrainSignalAfter() time.Duration {
+	if c.DrainPolicy != DrainIdle {
+		return 0
+	}
+	return c.DrainTimeout - c.DrainGrace
+}
+
 // InFile reports whether the config file set key (e.g. "control"), to
 // any value, the default's included.
 func (c *Config) InFile(key string) bool { return c.inFile[key] }
@@ -76,7 +134,9 @@ func Defaults() *Config {
 		ReadyTimeout:    DefaultReadyTimeout,
 		DrainSignal:     syscall.SIGTERM,
 		DrainTimeout:    DefaultDrainTimeout,
-		MaxDraining:     DefaultMaxDraining,
+		DrainPolicy:     DrainSignal,
+		DrainIdle:       DefaultDrainIdle,
+		DrainGrace:      DefaultDrainGrace,
 		StopTimeout:     DefaultStopTimeout,
 		CheckTimeout:    DefaultCheckTimeout,
 		UDPIdle:         DefaultUDPIdle,
@@ -129,13 +189,20 @@ func (c *Config) Validate() error {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"stop timeout", c.StopTimeout}, {"check timeout", c.CheckTimeout}, {"udp idle", c.UDPIdle}} {
+	}{{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"stop timeout", c.StopTimeout}, {"check timeout", c.CheckTimeout}, {"udp idle", c.UDPIdle},
+		{"drain idle", c.DrainIdle}, {"drain grace", c.DrainGrace}} {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %v", d.name, d.v))
 		}
 	}
-	if c.MaxDraining < 1 {
+	if c.MaxDraining < 0 {
 		errs = append(errs, fmt.Errorf("max draining must be at least 1, got %d", c.MaxDraining))
+	}
+	if _, err := ParseDrainPolicy(string(c.DrainPolicy)); err != nil {
+		errs = append(errs, fmt.Errorf("drain policy: %w", err))
+	}
+	if c.DrainPolicy == DrainIdle && c.DrainGrace > 0 && c.DrainGrace >= c.DrainTimeout {
+		errs = append(errs, fmt.Errorf("drain grace %v must be shorter than the drain timeout %v: under the idle policy the drain signal goes at the latest at the deadline minus the grace (lower --drain-grace or raise --drain-timeout)", c.DrainGrace, c.DrainTimeout))
 	}
 	if c.Control == "" || !strings.HasPrefix(c.Control, "/") {
 		errs = append(errs, fmt.Errorf("control socket path %q must be absolute", c.Control))

@@ -135,11 +135,13 @@ func TestLoadErrors(t *testing.T) {
 		return p
 	}
 	cases := map[string]string{
-		`command = ["x"]` + "\nbogus = 1":                     "unknown key: bogus (known: command, ",
-		`command = ["x"]` + "\nready_timeout = \"soon\"":      "ready_timeout",
-		`command = ["x"]` + "\nmax_draining = -1":             "max_draining: must be at least 1, got -1",
-		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":    "unknown signal",
-		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"": "unknown scheme",
+		`command = ["x"]` + "\nbogus = 1":                                "unknown key: bogus (known: command, ",
+		`command = ["x"]` + "\nready_timeout = \"soon\"":                 "ready_timeout",
+		`command = ["x"]` + "\nmax_draining = -1":                        "max_draining: must be at least 1, got -1",
+		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":               "unknown signal",
+		`command = ["x"]` + "\ndrain = \"later\"":                        `drain: want signal or idle, got "later"`,
+		`command = ["x"]` + "\ndrain = \"idle\"\ndrain_timeout = \"5s\"": "drain grace 10s must be shorter than the drain timeout 5s",
+		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"":            "unknown scheme",
 		`command = []`: "command: is empty",
 		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log_format: want \"text\" or \"json\", got \"xml\"",
 		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                 "absolute",
@@ -152,6 +154,24 @@ func TestLoadErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("config %q: err = %v, want containing %q", body, err, want)
 		}
+	}
+}
+
+// TestDrainPolicyDefaults: under the idle policy old generations live as
+// long as their clients, so the draining limit is higher unless set, and
+// the signal goes at the deadline minus the grace.
+func TestDrainPolicyDefaults(t *testing.T) {
+	c := Defaults()
+	if c.DrainPolicy != DrainSignal || c.MaxDrainingLimit() != DefaultMaxDraining || c.DrainSignalAfter() != 0 {
+		t.Errorf("signal policy: %q, limit %d, signal after %v", c.DrainPolicy, c.MaxDrainingLimit(), c.DrainSignalAfter())
+	}
+	c.DrainPolicy = DrainIdle
+	if c.MaxDrainingLimit() != DefaultMaxDrainingIdle || c.DrainSignalAfter() != DefaultDrainTimeout-DefaultDrainGrace {
+		t.Errorf("idle policy: limit %d, signal after %v", c.MaxDrainingLimit(), c.DrainSignalAfter())
+	}
+	c.MaxDraining = 3
+	if c.MaxDrainingLimit() != 3 {
+		t.Errorf("explicit max draining: limit %d", c.MaxDrainingLimit())
 	}
 }
 

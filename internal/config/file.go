@@ -21,7 +21,7 @@ import (
 // refuses any other.
 var fileKeys = []string{
 	"command", "dir", "env", "listen", "control", "control_group", "ready", "ready_timeout",
-	"drain_signal", "drain_timeout", "max_draining", "stop_timeout", "check_cmd", "check_timeout",
+	"drain_signal", "drain_timeout", "drain", "drain_idle", "drain_grace", "max_draining", "stop_timeout", "check_cmd", "check_timeout",
 	"udp_idle", "user", "group", "log_format", "log_level", "process_tracking",
 }
 
@@ -98,6 +98,17 @@ func (c *Config) applyFile(path string, data []byte) error {
 			err = setDuration(key, v, &c.ReadyTimeout)
 		case "drain_timeout":
 			err = setDuration(key, v, &c.DrainTimeout)
+		case "drain":
+			var p string
+			if err = setString(key, v, &p, nil); err == nil {
+				if c.DrainPolicy, err = ParseDrainPolicy(p); err != nil {
+					err = fmt.Errorf("drain: %w", err)
+				}
+			}
+		case "drain_idle":
+			err = setDuration(key, v, &c.DrainIdle)
+		case "drain_grace":
+			err = setDuration(key, v, &c.DrainGrace)
 		case "stop_timeout":
 			err = setDuration(key, v, &c.StopTimeout)
 		case "check_timeout":

@@ -75,9 +75,21 @@ var settings = []setting{
 	durationSetting("drain-timeout", "drain_timeout", "SIGKILL a draining generation after this long",
 		func(c *Config) *time.Duration { return &c.DrainTimeout }),
 	{
+		flag: "drain", key: "drain",
+		define: func(fs *flag.FlagSet, d *Config) {
+			fs.String("drain", string(d.DrainPolicy), "drain policy: signal (drain signal at the flip) or idle (drain signal once the generation holds no TCP connection and its UDP traffic was silent for --drain-idle, at the latest --drain-grace before the deadline)")
+		},
+		parse: assign(func(c *Config) *DrainPolicy { return &c.DrainPolicy }, ParseDrainPolicy),
+	},
+	durationSetting("drain-idle", "drain_idle", "with --drain idle: how long a draining generation's UDP traffic must have been silent",
+		func(c *Config) *time.Duration { return &c.DrainIdle }),
+	durationSetting("drain-grace", "drain_grace", "with --drain idle: send the drain signal this long before the drain deadline even if traffic remains",
+		func(c *Config) *time.Duration { return &c.DrainGrace }),
+	{
 		flag: "max-draining", key: "max_draining",
 		define: func(fs *flag.FlagSet, d *Config) {
-			fs.Int("max-draining", d.MaxDraining, "refuse a restart while this many generations drain")
+			// No default shown: it depends on --drain.
+			fs.String("max-draining", "", fmt.Sprintf("refuse a restart while `N` generations drain (default %d with --drain signal, %d with --drain idle)", DefaultMaxDraining, DefaultMaxDrainingIdle))
 		},
 		parse: assign(func(c *Config) *int { return &c.MaxDraining }, parseMaxDraining),
 	},

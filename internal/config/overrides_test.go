@@ -77,6 +77,12 @@ func TestOverridesEachFlag(t *testing.T) {
 			func(c *Config) any { return c.DrainSignal }, syscall.SIGQUIT, syscall.SIGTERM},
 		{"drain-timeout", `drain_timeout = "7s"`, "1m",
 			func(c *Config) any { return c.DrainTimeout }, 7 * time.Second, time.Minute},
+		{"drain", `drain = "idle"`, "signal",
+			func(c *Config) any { return c.DrainPolicy }, DrainIdle, DrainSignal},
+		{"drain-idle", `drain_idle = "3s"`, "4s",
+			func(c *Config) any { return c.DrainIdle }, 3 * time.Second, 4 * time.Second},
+		{"drain-grace", `drain_grace = "6s"`, "7s",
+			func(c *Config) any { return c.DrainGrace }, 6 * time.Second, 7 * time.Second},
 		{"max-draining", `max_draining = 2`, "4",
 			func(c *Config) any { return c.MaxDraining }, 2, 4},
 		{"stop-timeout", `stop_timeout = "8s"`, "9s",
@@ -298,7 +304,8 @@ func TestOverridesErrorsNameTheFlag(t *testing.T) {
 
 // TestFlagDefaultsAreTheDefaults: the default -h shows for each flag,
 // given as the flag's value, changes nothing, so -h tells the truth.
-// --control shows none: its default depends on $BATON_CONTROL.
+// --control shows none: its default depends on $BATON_CONTROL; nor does
+// --max-draining, whose default depends on --drain.
 func TestFlagDefaultsAreTheDefaults(t *testing.T) {
 	fs := flag.NewFlagSet("baton run", flag.ContinueOnError)
 	DefineFlags(fs)
@@ -308,9 +315,9 @@ func TestFlagDefaultsAreTheDefaults(t *testing.T) {
 			t.Errorf("--%s not defined", s.flag)
 			continue
 		}
-		if s.flag == "control" {
+		if s.flag == "control" || s.flag == "max-draining" {
 			if f.DefValue != "" {
-				t.Errorf("--control shows default %q", f.DefValue)
+				t.Errorf("--%s shows default %q", s.flag, f.DefValue)
 			}
 			continue
 		}

@@ -23,6 +23,11 @@ const (
 	EnvReadyFD = "BATON_READY_FD"
 	// EnvDrainSignal names the signal that starts a drain, e.g. "SIGTERM".
 	EnvDrainSignal = "BATON_DRAIN_SIGNAL"
+	// EnvDrainFD is the fd number of the read end of the drain notice
+	// pipe: the supervisor closes the write end when the generation
+	// starts to drain (at the flip, whatever the drain policy), so a
+	// read returns EOF; the drain signal may come later.
+	EnvDrainFD = "BATON_DRAIN_FD"
 	// EnvControl is the supervisor's control socket path, so that a
 	// generation (or a script it runs) can ask for a restart or a status;
 	// the command-line tools read it too.

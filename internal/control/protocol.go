@@ -182,6 +182,41 @@ type GenStatus struct {
 	// BrokenListeners are the TCP listeners this generation stopped
 	// listening on while meant to serve.
 	BrokenListeners []string `json:"broken_listeners,omitempty"`
+	// Traffic is what the generation holds, counted when the status was
+	// asked for; absent if it could not be.
+	Traffic *Traffic `json:"traffic,omitempty"`
+}
+
+// Traffic is what one generation holds.
+type Traffic struct {
+	TCP []TCPTraffic `json:"tcp,omitempty"`
+	UDP []UDPTraffic `json:"udp,omitempty"`
+	// Unknown names listeners whose traffic cannot be told apart per
+	// generation (an unsteered UDP socket, a Unix socket).
+	Unknown []string `json:"unknown,omitempty"`
+	// Error says why counting failed; the counts are then a lower bound.
+	Error string `json:"error,omitempty"`
+}
+
+// TCPTraffic is a generation's connections on one TCP listener: live
+// (established, or closed by the peer only) and closing (any other
+// state).
+type TCPTraffic struct {
+	Listener string `json:"listener"`
+	Live     int    `json:"live"`
+	Closing  int    `json:"closing"`
+}
+
+// UDPTraffic is a generation's slot on one steered UDP listener.
+type UDPTraffic struct {
+	Listener  string `json:"listener"`
+	Datagrams uint64 `json:"datagrams"`
+	// Flows the steering program still sends to the generation; absent
+	// when it cannot tell.
+	Flows *int `json:"flows,omitempty"`
+	// LastDatagramAgoMS: since its slot's counters last moved (or it
+	// got the slot), as of the status.
+	LastDatagramAgoMS float64 `json:"last_datagram_ago_ms"`
 }
 
 // ListenerStatus is one listening socket the supervisor holds.

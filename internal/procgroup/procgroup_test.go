@@ -145,7 +145,10 @@ func TestCheckTimeout(t *testing.T) {
 			tr := newTrackerOf(t, k)
 			g := newGroup(t, tr, "check-1")
 			dir := t.TempDir()
-			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			// The timeout fires once both grandchildren exist: a fixed
+			// 300ms could end the shell before it started them on a
+			// loaded machine.
+			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			cmd := exec.CommandContext(ctx, "/bin/sh", "-c", `
 sleep 300 & echo $! > "$D/grandchild"
@@ -169,6 +172,7 @@ sleep 300`)
 			}
 			grandchild := keyOf(t, readPID(t, filepath.Join(dir, "grandchild")))
 			escaped := keyOf(t, readPID(t, filepath.Join(dir, "escaped")))
+			cancel()
 			err := cmd.Wait()
 			if ctx.Err() == nil {
 				t.Fatalf("check ended before its timeout: %v: %s", err, out.String())

@@ -97,7 +97,26 @@ func wireProgress(progress func(control.Event)) func(Progress) {
 	}
 }
 
+func wireTraffic(tr *Traffic, now time.Time) *control.Traffic {
+	if tr == nil {
+		return nil
+	}
+	out := &control.Traffic{Unknown: tr.Unknown, Error: tr.Err}
+	for _, t := range tr.TCP {
+		out.TCP = append(out.TCP, control.TCPTraffic{Listener: t.Listener, Live: t.Live, Closing: t.Closing})
+	}
+	for _, u := range tr.UDP {
+		wu := control.UDPTraffic{Listener: u.Listener, Datagrams: u.Datagrams, LastDatagramAgoMS: ms(now.Sub(u.Last))}
+		if u.Flows >= 0 {
+			wu.Flows = &u.Flows
+		}
+		out.UDP = append(out.UDP, wu)
+	}
+	return out
+}
+
 func wireStatus(st Status) control.Status {
+	now := time.Now()
 	out := control.Status{
 		PID: st.PID, StartedAt: st.StartedAt, Working: st.Working, Restarts: st.Restarts, Crashes: st.Crashes,
 		CrashLoop: st.CrashLoop, LastCrash: st.LastCrash, Stopping: st.Stopping,
@@ -114,7 +133,7 @@ func wireStatus(st Status) control.Status {
 		out.Gens = append(out.Gens, control.GenStatus{
 			Generation: g.Num, PID: g.PID, State: state, StartedAt: g.StartedAt, Status: g.Status,
 			ReadyAfterMS: ms(g.ReadyAfter), DrainingFor: float64(g.DrainingFor.Milliseconds()),
-			BrokenListeners: g.BrokenListeners,
+			BrokenListeners: g.BrokenListeners, Traffic: wireTraffic(g.Traffic, now),
 		})
 	}
 	for _, l := range st.Listeners {

@@ -56,9 +56,21 @@ type generation struct {
 	exited     bool
 	idle       bool // reported IDLE=1 while draining
 	idleTimer  *time.Timer
-	tcpTimer   *time.Timer    // watchTCPClosed
-	slot       int            // steering slot, 0 if no UDP or TCP group
-	groups     []*steer.Group // UDP groups holding sockets in slot
+	tcpTimer   *time.Timer // watchTCPClosed
+	// drainNotice is the write end of the drain notice pipe; closing it
+	// tells a generation that reads the other end that it drains.
+	drainNotice *os.File
+	// plan decides, under the idle drain policy, when the generation
+	// gets the drain signal; nil before its drain.
+	plan *drainPlan
+	// signalled: it got the drain signal.
+	signalled bool
+	// graceTimer gives it the drain signal at the plan's latest time.
+	graceTimer *time.Timer
+	// trafficErrLogged: why its traffic cannot be counted was logged.
+	trafficErrLogged bool
+	slot             int            // steering slot, 0 if no UDP or TCP group
+	groups           []*steer.Group // UDP groups holding sockets in slot
 	// tcp are the TCP groups holding a listening socket in slot, until
 	// releaseTCP.
 	tcp []tcpHold
@@ -156,23 +168,33 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
 	defer errW.Close()
+	drainR, drainW, err := os.Pipe()
+	if err != nil {
+		readyR.Close()
+		errR.Close()
+		grp.Close()
+		return nil, fmt.Errorf("drain notice pipe: %w", err)
+	}
+	defer drainR.Close()
 	notifyName := fmt.Sprintf("@baton/%d/%d/%d", o.supPID, o.num, time.Now().UnixNano())
 	notify, err := listenNotify(notifyName)
 	if err != nil {
 		readyR.Close()
 		errR.Close()
+		drainW.Close()
 		grp.Close()
 		return nil, err
 	}
 	fail := func(err error) (*generation, error) {
 		readyR.Close()
 		errR.Close()
+		drainW.Close()
 		notify.Close()
 		grp.Close()
 		return nil, err
 	}
 
-	extra := append(append([]*os.File{}, o.files...), readyW)
+	extra := append(append([]*os.File{}, o.files...), readyW, drainR)
 	env := childEnv(os.Environ(), cfg.Env)
 	env = append(env, o.env...)
 	env = append(env,
@@ -180,6 +202,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		contract.EnvListenFDNames+"="+strings.Join(o.names, contract.FDNameSep),
 		contract.EnvGeneration+"="+strconv.Itoa(o.num),
 		contract.EnvReadyFD+"="+strconv.Itoa(contract.FirstFD+len(o.files)),
+		contract.EnvDrainFD+"="+strconv.Itoa(contract.FirstFD+len(o.files)+1),
 		contract.EnvNotifySocket+"="+notifyName,
 		contract.EnvDrainSignal+"="+config.SignalName(cfg.DrainSignal),
 		contract.EnvControl+"="+cfg.Control,
@@ -202,6 +225,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	g.cmd = cmd
 	g.pid = cmd.Process.Pid
 	g.notify = notify
+	g.drainNotice = drainW
 	g.procs = grp
 	g.log = o.log.With("gen", g.num, "pid", g.pid)
 	// Before anything waits for the process: the tracker must know it is
@@ -254,6 +278,15 @@ func (g *generation) markReady(via string) {
 	g.readyAt = time.Now()
 	close(g.ready)
 	g.log.Info("generation ready", "via", via, "after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
+}
+
+// noticeDrain closes the drain notice pipe: a reader of its other end
+// sees EOF.
+func (g *generation) noticeDrain() {
+	if g.drainNotice != nil {
+		g.drainNotice.Close()
+		g.drainNotice = nil
+	}
 }
 
 func (g *generation) signal(sig syscall.Signal) {

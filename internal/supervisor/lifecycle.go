@@ -29,15 +29,44 @@ const (
 )
 
 // drain tells g to finish its work and SIGKILLs it at the deadline.
-func (s *Supervisor) drain(g *generation, timeout time.Duration) {
+func (s *Supervisor) drain(g *generation, cfg *config.Config) {
+	s.startDrain(g, cfg.DrainTimeout, newDrainPlan(cfg, time.Now()))
+}
+
+// drainForStop runs on the loop when the supervisor stops: every
+// generation gets the drain signal now, whatever the policy.
+func (s *Supervisor) drainForStop(g *generation) {
+	if g.state == Draining {
+		if !g.exited && !g.signalled {
+			g.signalled = true
+			g.log.Info("supervisor stopping: drain signal", "signal", config.SignalName(s.cfg.DrainSignal))
+			g.signal(s.cfg.DrainSignal)
+		}
+		return
+	}
+	s.startDrain(g, s.cfg.StopTimeout, nil)
+}
+
+// startDrain runs on the loop. A nil plan signals at once.
+func (s *Supervisor) startDrain(g *generation, timeout time.Duration, plan *drainPlan) {
 	if g.state == Draining || g.exited {
 		return
 	}
 	g.state = Draining
 	g.drainStart = time.Now()
-	sig := s.cfg.DrainSignal
-	g.log.Info("draining generation", "signal", config.SignalName(sig), "deadline", timeout)
-	g.signal(sig)
+	g.noticeDrain()
+	g.plan = plan
+	if plan == nil || plan.policy != config.DrainIdle {
+		g.plan = nil
+		g.signalled = true
+		g.log.Info("draining generation", "signal", config.SignalName(s.cfg.DrainSignal), "deadline", timeout)
+		g.signal(s.cfg.DrainSignal)
+	} else {
+		g.log.Info("draining generation; drain signal once it holds no traffic", "policy", string(plan.policy),
+			"signal_at_latest", plan.signalAt.Sub(g.drainStart).Round(time.Millisecond), "deadline", timeout)
+		g.graceTimer = time.AfterFunc(time.Until(plan.signalAt), func() { s.post(func() { s.drainStep(g, nil) }) })
+		s.schedulePollDrains()
+	}
 	if len(g.groups) > 0 {
 		s.watchUDPIdle(g)
 	}
@@ -53,6 +82,26 @@ func (s *Supervisor) drain(g *generation, timeout time.Duration) {
 			}
 		})
 	})
+}
+
+// drainStep runs on the loop: the plan of a draining generation decides
+// on the time and o (nil: no new observation) whether it gets the drain
+// signal now.
+func (s *Supervisor) drainStep(g *generation, o *observation) {
+	if g.exited || g.signalled || g.plan == nil {
+		return
+	}
+	why := g.plan.next(time.Now(), o)
+	if why == signalNone {
+		return
+	}
+	g.signalled = true
+	attrs := []any{"signal", config.SignalName(s.cfg.DrainSignal), "reason", string(why), "draining_for", time.Since(g.drainStart).Round(time.Millisecond)}
+	if o != nil {
+		attrs = append(attrs, "tcp_live", o.tcpLive)
+	}
+	g.log.Info("drain signal", attrs...)
+	g.signal(s.cfg.DrainSignal)
 }
 
 // reaped runs on the loop after a generation's process was waited for.
@@ -75,6 +124,10 @@ func (s *Supervisor) reaped(g *generation) {
 	if g.tcpTimer != nil {
 		g.tcpTimer.Stop()
 	}
+	if g.graceTimer != nil {
+		g.graceTimer.Stop()
+	}
+	g.noticeDrain()
 	s.leftovers++
 	if len(g.groups) > 0 {
 		s.releasing = append(s.releasing, g)
@@ -369,7 +422,7 @@ func (s *Supervisor) stop(immediate bool) {
 			case immediate, g.state == Starting:
 				g.kill()
 			default:
-				s.drain(g, s.cfg.StopTimeout)
+				s.drainForStop(g)
 			}
 		}
 		if first && !immediate {

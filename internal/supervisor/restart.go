@@ -106,8 +106,8 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progre
 			s.log.Warn(warn)
 		}
 		cfg = next
-		if hasWorking && draining >= cfg.MaxDraining {
-			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDraining), start)
+		if hasWorking && draining >= cfg.MaxDrainingLimit() {
+			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDrainingLimit()), start)
 		}
 		if cfg.CheckCmd != "" {
 			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1), s.log)
@@ -443,7 +443,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	}
 	g.log.Info("generation is now the working generation", "reason", reason, "ready_after", g.readyAt.Sub(g.startedAt).Round(time.Microsecond))
 	if old != nil {
-		s.drain(old, cfg.DrainTimeout)
+		s.drain(old, cfg)
 	}
 	if s.opts.Events != nil {
 		s.opts.Events.StatusChanged(s.status().Summary())

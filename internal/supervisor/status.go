@@ -66,6 +66,8 @@ type GenStatus struct {
 	// while starting or serving: the kernel can no longer give it
 	// connections there.
 	BrokenListeners []string
+	// Traffic is what it holds: nil if not counted.
+	Traffic *Traffic
 }
 
 // ListenerStatus is one listening socket.
@@ -116,9 +118,27 @@ func (st Status) Summary() string {
 // it stopped.
 func (s *Supervisor) Status(ctx context.Context) Status {
 	var st Status
-	if !s.call(func() { st = s.status() }) {
+	var src *trafficSources
+	var targets []trafficTarget
+	if !s.call(func() {
+		st = s.status()
+		src = s.trafficSources()
+		for _, g := range s.gens {
+			if !g.exited {
+				targets = append(targets, targetOf(g))
+			}
+		}
+		for _, a := range s.adopted {
+			if !a.exited {
+				targets = append(targets, trafficTarget{num: a.Num, pid: a.PID, slot: a.Slot})
+			}
+		}
+	}) {
 		st = Status{PID: os.Getpid(), Stopping: true}
 	}
+	// Off the loop: a socket dump and a look at every descriptor of
+	// every generation.
+	s.statusTraffic(ctx, &st, src, targets)
 	st.Goroutines = runtime.NumGoroutine()
 	st.OpenFDs = countFDs()
 	return st

@@ -121,6 +121,11 @@ type Supervisor struct {
 	// process group to empty (awaitEmpty); an upgrade in that window
 	// hands their slot over.
 	releasing []*generation
+	// traffic: the listeners as traffic is counted on them (made on
+	// first use); drainPolling: pollDrains runs, next at drainPollTimer.
+	traffic        *trafficSources
+	drainPolling   bool
+	drainPollTimer *time.Timer
 	// crashed are working generations that crashed and whose TCP
 	// sockets are kept, so that new connections queue in them, until a
 	// generation is flipped.

@@ -295,7 +295,7 @@ func (s *Supervisor) handedOver(pid int) {
 				g.kill()
 				continue
 			}
-			s.drain(g, s.cfg.DrainTimeout)
+			s.drain(g, s.cfg)
 		}
 		s.log.Info("handed over to the new supervisor; draining this supervisor's generations", "successor_pid", pid, "generations", len(s.gens))
 	})

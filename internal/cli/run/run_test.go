@@ -190,14 +190,14 @@ func TestRunHelpListsFlags(t *testing.T) {
 	for _, m := range regexp.MustCompile(`(?m)^  -([a-z-]+)`).FindAllStringSubmatch(help, -1) {
 		got = append(got, m[1])
 	}
-	want := []string{"check-cmd", "check-timeout", "config", "control", "control-group", "dir", "drain-signal",
+	want := []string{"check-cmd", "check-timeout", "config", "control", "control-group", "dir", "drain", "drain-grace", "drain-idle", "drain-signal",
 		"drain-timeout", "env", "group", "listen", "log-format", "log-level", "max-draining",
 		"process-tracking", "ready", "ready-timeout", "stop-timeout", "udp-idle", "user"}
 	if !slices.Equal(got, want) {
 		t.Errorf("baton run -h lists flags\n%q\nwant\n%q", got, want)
 	}
 	for _, d := range []string{
-		"  -ready-timeout duration\n", "(default 30s)", "  -max-draining int\n", "(default 4)",
+		"  -ready-timeout duration\n", "(default 30s)", "  -max-draining N\n", "(default 4 with --drain signal, 16 with --drain idle)", `(default "signal")`, "(default 10s)",
 		`(default "SIGTERM")`, `(default "auto")`, `(default "text")`, `(default "info")`, "(default 1m0s)", "(default 5s)",
 		"  -control string\n    \tcontrol socket path (default: the config file's control, else $BATON_CONTROL, else /run/baton/baton.sock)\n",
 	} {

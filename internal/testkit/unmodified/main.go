@@ -28,6 +28,9 @@
 //	                    stays blocked after SIGTERM, and a connection it takes
 //	                    then is closed unanswered
 //
+// -header-env HEADER=VAR sets a response header from the environment, as
+// server configurations allow (X-Generation=BATON_GENERATION).
+//
 // Endpoints: GET / (a line naming the pid and protocol), GET /sleep?d=DUR
 // (the same after DUR), POST /hold (sends the headers at once, then reads
 // the request body to its end before finishing: a request in flight for
@@ -53,6 +56,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -70,6 +74,23 @@ type options struct {
 	shutdownListener bool
 	blockingAccept   bool
 	drainTimeout     time.Duration
+	// headers are response headers whose values come from environment
+	// variables, as servers' configurations allow.
+	headers envHeaders
+}
+
+// envHeaders is -header-env NAME=VAR, repeatable.
+type envHeaders [][2]string
+
+func (h *envHeaders) String() string { return fmt.Sprint(*h) }
+
+func (h *envHeaders) Set(v string) error {
+	name, env, ok := strings.Cut(v, "=")
+	if !ok || name == "" || env == "" {
+		return fmt.Errorf("want HEADER=ENVVAR, got %q", v)
+	}
+	*h = append(*h, [2]string{name, env})
+	return nil
 }
 
 func main() {
@@ -85,6 +106,7 @@ func parseFlags(args []string) (options, error) {
 	fs.BoolVar(&o.shutdownListener, "shutdown-listener", false, "at drain, shutdown(SHUT_RDWR) the inherited TCP listener")
 	fs.BoolVar(&o.blockingAccept, "blocking-accept", false, "accept TCP connections with blocking accept4(2) calls on a blocking socket")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "longest wait for in-flight requests after SIGTERM")
+	fs.Var(&o.headers, "header-env", "HEADER=ENVVAR: set response header HEADER to $ENVVAR, repeatable (e.g. X-Generation=BATON_GENERATION)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -108,7 +130,7 @@ func run(args []string, log *slog.Logger) int {
 		log.Error("sockets", "err", err)
 		return 1
 	}
-	handler := newHandler()
+	handler := newHandler(o.headers)
 	tcp, err := startTCP(o, socks.tcp, handler, log)
 	if err != nil {
 		log.Error("http", "err", err)
@@ -224,7 +246,7 @@ func takeSockets(httpName, h3Name string) (sockets, error) {
 }
 
 // newHandler serves the endpoints, every response marked with the pid.
-func newHandler() http.Handler {
+func newHandler(headers envHeaders) http.Handler {
 	pid := strconv.Itoa(os.Getpid())
 	hello := func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "unmodified pid=%s proto=%s\n", pid, r.Proto)
@@ -259,8 +281,15 @@ func newHandler() http.Handler {
 		}
 		fmt.Fprintf(w, "held %d bytes pid=%s proto=%s\n", n, pid, r.Proto)
 	})
+	fixed := map[string]string{}
+	for _, h := range headers {
+		fixed[h[0]] = os.Getenv(h[1])
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-PID", pid)
+		for k, v := range fixed {
+			w.Header().Set(k, v)
+		}
 		mux.ServeHTTP(w, r)
 	})
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"syscall"
@@ -473,9 +474,14 @@ func TestBadSockets(t *testing.T) {
 }
 
 func TestFlags(t *testing.T) {
-	o, err := parseFlags([]string{"-http=web", "-h3=none", "-shutdown-listener", "-blocking-accept", "-drain-timeout=5s"})
-	if err != nil || o != (options{httpName: "web", h3Name: "none", shutdownListener: true, blockingAccept: true, drainTimeout: 5 * time.Second}) {
+	o, err := parseFlags([]string{"-http=web", "-h3=none", "-shutdown-listener", "-blocking-accept", "-drain-timeout=5s", "-header-env", "X-Generation=BATON_GENERATION"})
+	want := options{httpName: "web", h3Name: "none", shutdownListener: true, blockingAccept: true, drainTimeout: 5 * time.Second,
+		headers: envHeaders{{"X-Generation", "BATON_GENERATION"}}}
+	if err != nil || !reflect.DeepEqual(o, want) {
 		t.Errorf("parseFlags = %+v, %v", o, err)
+	}
+	if _, err := parseFlags([]string{"-header-env", "X-Generation"}); err == nil {
+		t.Error("parseFlags took -header-env without =VAR")
 	}
 	if _, err := parseFlags([]string{"extra"}); err == nil {
 		t.Error("parseFlags took a stray argument")

@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/loadgen"
+	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit/batontest"
+)
+
+// Drain policies with a server that knows nothing of baton and, like most
+// servers, closes every QUIC connection and idle keep-alive the moment
+// it is signalled.
+
+// drainOutcome is what the clients of one run saw.
+type drainOutcome struct {
+	policy     string
+	restarts   int
+	http       loadgen.Results
+	h3         quicload.Result
+	endedAfter time.Duration // from the end of the load until only the working generation ran
+}
+
+func (o drainOutcome) String() string {
+	return fmt.Sprintf("--drain %-6s %d restarts: HTTP/1.1 %d sent, %d failed; HTTP/3 %d connections, %d replaced, %d requests failed; old generations gone %v after the load",
+		o.policy, o.restarts, o.http.Sent, o.http.Failed, o.h3.Conns, o.h3.Broken, o.h3.Failed, o.endedAfter.Round(100*time.Millisecond))
+}
+
+// runDrainPolicy runs the unmodified server under baton with policy,
+// mixed HTTP/1.1 load (keep-alive and new-connection clients) and
+// long-lived HTTP/3 connections that are replaced when they break, over
+// restarts restarts. After each flip every new TCP connection must reach
+// the new generation.
+func runDrainPolicy(t *testing.T, policy string, restarts, h3Conns int) drainOutcome {
+	h := newHarness(t)
+	b := h.startBaton(batontest.Run{Args: []string{
+		"--listen", "http=tcp://" + httpAddr, "--listen", "h3=udp://" + h3Addr + "?steer=flow",
+		"--drain", policy, "--drain-timeout", "120s", "--drain-idle", "1s", "--drain-grace", "5s", "--stop-timeout", "3s",
+		"--", bin.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION", "-drain-timeout", "5s"}})
+	h.waitServing(b, 1)
+	lg := h.load(loadgen.Config{KeepAlive: 4, NewConn: 2, Pause: 5 * time.Millisecond, Duration: 3 * time.Minute})
+	ql, err := quicload.Start(quicload.Config{
+		Addr: h3Addr, Options: quicload.Options{ListenUDP: h.listenUDP},
+		Every: 250 * time.Millisecond, RequestTimeout: 5 * time.Second, Reconnect: true,
+		Duration: 3 * time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ql.Close()
+	ql.SetWorking(1)
+	ql.Ramp(h3Conns, 20, 100*time.Millisecond)
+	waitQUICResponses(t, ql, int64(h3Conns))
+	waitFirst(t, lg, func(ctx context.Context) error { return lg.WaitGenSince(ctx, 1, time.Time{}) })
+
+	gen := 1
+	for i := range restarts {
+		r := h.restart()
+		if r.Code != 0 || r.Result.Result != control.ResultOK || r.Result.Generation != gen+1 {
+			t.Fatalf("--drain %s: restart %d/%d: want exit 0 ok, generation %d; got %s", policy, i+1, restarts, gen+1, r)
+		}
+		gen = r.Result.Generation
+		ql.SetWorking(gen)
+		for range 5 {
+			if g := h.genOf(t); g != strconv.Itoa(gen) {
+				t.Fatalf("--drain %s: a new connection after flip %d reached generation %s, want %d", policy, i+1, g, gen)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
+	out := drainOutcome{policy: policy, restarts: restarts, http: lg.Stop(), h3: ql.Stop()}
+	ql.Close()
+	// Without clients every old generation is idle: under the idle
+	// policy it gets the signal then and exits, long before its
+	// deadline.
+	end := time.Now()
+	deadline := end.Add(30 * time.Second)
+	for {
+		st, _ := h.status()
+		if len(st.Gens) == 1 && st.Working == gen {
+			out.endedAfter = time.Since(end)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--drain %s: old generations still running 30s after the load ended: %+v", policy, st.Gens)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return out
+}
+
+// TestDrainIdleKeepsConnections: under --drain idle an unmodified server
+// loses nothing across 20 restarts, where --drain signal makes it close
+// its HTTP/3 connections (and idle keep-alives) at every flip.
+func TestDrainIdleKeepsConnections(t *testing.T) {
+	const restarts, h3Conns = 20, 100
+	var idle, signal drainOutcome
+	// Side by side, each in its own namespace; compared once both ran.
+	t.Run("idle", func(t *testing.T) { idle = runDrainPolicy(t, "idle", restarts, h3Conns) })
+	t.Run("signal", func(t *testing.T) { signal = runDrainPolicy(t, "signal", restarts, h3Conns) })
+	t.Cleanup(func() {
+		if idle.policy == "" || signal.policy == "" {
+			return // a run failed, and said why
+		}
+		t.Logf("\n  %s\n  %s", idle, signal)
+		if idle.http.Failed != 0 || idle.h3.Failed != 0 || idle.h3.Broken != 0 || idle.h3.Conns != h3Conns {
+			t.Errorf("--drain idle: want 0 failed requests and 0 replaced connections; got %s\n  HTTP/1.1 errors: %s\n  HTTP/3 errors: %s",
+				idle, strings.Join(idle.http.Errors, "; "), strings.Join(idle.h3.Errors, "; "))
+		}
+		if idle.h3.WrongGen != 0 {
+			t.Errorf("--drain idle: %d HTTP/3 responses came from another generation than their connection's first", idle.h3.WrongGen)
+		}
+		// The signal policy must show the losses the idle one avoids:
+		// the server closes every HTTP/3 connection of the generation
+		// it drains.
+		if signal.h3.Broken <= idle.h3.Broken || signal.h3.Broken < h3Conns {
+			t.Errorf("--drain signal: want at least the %d HTTP/3 connections of generation 1 replaced; got %s", h3Conns, signal)
+		}
+	})
+}
