@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -124,4 +125,118 @@ func TestDrainIdleKeepsConnections(t *testing.T) {
 			t.Errorf("--drain signal: want at least the %d HTTP/3 connections of generation 1 replaced; got %s", h3Conns, signal)
 		}
 	})
+}
+
+// TestStatusShowsTraffic: status --json shows, per generation, exactly
+// the TCP connections the test holds open on it, and the datagrams its
+// UDP slot got; an idle-policy drain waits while they are held and ends
+// once they are closed.
+func TestStatusShowsTraffic(t *testing.T) {
+	h := newHarness(t)
+	b := h.startBaton(batontest.Run{Args: []string{
+		"--listen", "http=tcp://" + httpAddr, "--listen", "h3=udp://" + h3Addr + "?steer=flow",
+		"--drain", "idle", "--drain-timeout", "120s", "--drain-idle", "500ms", "--drain-grace", "5s", "--stop-timeout", "3s",
+		"--", bin.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION", "-drain-timeout", "5s"}})
+	h.waitServing(b, 1)
+
+	hold := func(n int, gen string) []*http.Client {
+		var cs []*http.Client
+		for range n {
+			c := h.heldClient()
+			if g, err := getGen(c); err != nil || g != gen {
+				t.Fatalf("held connection: generation %q, %v; want %s", g, err, gen)
+			}
+			cs = append(cs, c)
+		}
+		return cs
+	}
+	gen1 := hold(3, "1")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	h3, err := h.dialH3(ctx, h3Addr, h3Opts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h3.close()
+	expectGen(t, h3, 1, 3, "HTTP/3 before the restart")
+
+	h.expectRestart(0, control.ResultOK)
+	gen2 := hold(2, "2")
+
+	// Counts settle once the probes' own connections are closed.
+	want := map[int]int{1: 3, 2: 2}
+	var last control.Status
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, _ := h.status()
+		last = st
+		if ok, _ := tcpLiveMatches(st, want); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			_, msg := tcpLiveMatches(st, want)
+			t.Fatalf("status never showed the held TCP connections (want %v): %s", want, msg)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	g1 := batontest.FindGen(last, 1)
+	if g1 == nil || g1.State != control.StateDraining || g1.Traffic == nil || len(g1.Traffic.UDP) != 1 || g1.Traffic.UDP[0].Datagrams == 0 {
+		t.Errorf("generation 1: want draining with datagrams on h3; got %+v", g1)
+	}
+	if g2 := batontest.FindGen(last, 2); g2 == nil || g2.Traffic == nil || len(g2.Traffic.UDP) != 1 || g2.Traffic.UDP[0].Datagrams != 0 {
+		t.Errorf("generation 2: want no datagrams on h3 yet; got %+v", g2)
+	}
+
+	// Still held: generation 1 keeps draining, unsignalled.
+	time.Sleep(time.Second)
+	if st, _ := h.status(); batontest.FindGen(st, 1) == nil {
+		t.Fatal("generation 1 ended its drain while the test held its connections")
+	}
+	for _, c := range gen1 {
+		c.CloseIdleConnections()
+	}
+	h3.close()
+	deadline = time.Now().Add(15 * time.Second)
+	for {
+		st, _ := h.status()
+		if batontest.FindGen(st, 1) == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("generation 1 still drains 15s after its connections closed: %+v", batontest.FindGen(st, 1))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, c := range gen2 {
+		if g, err := getGen(c); err != nil || g != "2" {
+			t.Errorf("held connection to generation 2 after generation 1 left: %q, %v", g, err)
+		}
+	}
+}
+
+// tcpLiveMatches reports whether every generation in want shows exactly
+// that many live connections on the http listener, and if not, what it
+// shows.
+func tcpLiveMatches(st control.Status, want map[int]int) (bool, string) {
+	var b strings.Builder
+	ok := true
+	for gen, n := range want {
+		g := batontest.FindGen(st, gen)
+		got := -1
+		if g != nil && g.Traffic != nil {
+			for _, l := range g.Traffic.TCP {
+				if l.Listener == "http" {
+					got = l.Live
+				}
+			}
+			if g.Traffic.Error != "" {
+				fmt.Fprintf(&b, "generation %d: error %s; ", gen, g.Traffic.Error)
+			}
+		}
+		if got != n {
+			ok = false
+		}
+		fmt.Fprintf(&b, "generation %d: %d live; ", gen, got)
+	}
+	return ok, b.String()
 }
