@@ -219,6 +219,13 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer signal.Stop(sigs)
 
 	go s.loop()
+	// While every socket is there to be described: after a hand-over
+	// the groups no longer are, and the old generations still drain.
+	s.call(func() {
+		if ts := s.trafficSources(); ts.err != nil {
+			s.log.Warn("connections cannot be counted per generation; the idle drain policy will wait for the grace period", "err", ts.err)
+		}
+	})
 
 	reason := reasonStart
 	if succ != nil {

@@ -236,7 +236,9 @@ func (s *Supervisor) pollDrains() {
 			targets = append(targets, targetOf(g))
 		}
 	}
-	if len(gens) == 0 || s.stopping {
+	// Also once stopping: a supervisor that handed over still drains
+	// its generations by the policy (a stop signals them all).
+	if len(gens) == 0 {
 		s.drainPolling = false
 		return
 	}
