@@ -9,7 +9,7 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd ./examples/udpecho
+	$(GO) build -o $(BIN)/ ./cmd/baton ./cmd/restart ./examples/httpd ./examples/sdhttpd ./examples/udpecho ./internal/testkit/unmodified
 
 # Runs the bundled example server under baton, drives HTTP load (and, as
 # root, long-lived HTTP/3 connections) at it, restarts it several times

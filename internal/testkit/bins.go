@@ -9,16 +9,15 @@ import (
 	"path/filepath"
 )
 
-// Bins holds the absolute paths of the project's binaries: those `make
-// build` puts in bin/, and Unmodified, the test server of
+// Bins holds the absolute paths of the project's binaries, those `make
+// build` puts in bin/: Unmodified is the test server of
 // internal/testkit/unmodified (a server that knows nothing of baton and
-// drains as most servers do), which only Build builds.
+// drains as most servers do), for the demo, the bench and the tests.
 type Bins struct {
 	Dir, Baton, Restart, HTTPD, SDHTTPD, UDPEcho, Unmodified string
 }
 
-// mainPackages are what Build builds: the packages `make build` builds,
-// and the test server.
+// mainPackages are what Build builds: the packages `make build` builds.
 var mainPackages = []string{"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho", "./internal/testkit/unmodified"}
 
 // BinsIn returns the paths the binaries have in dir.
