@@ -1,12 +1,15 @@
 // Command demo shows baton doing its job: it runs examples/httpd under
 // `baton run` on a loopback port, sends HTTP load at it, keeps long-lived
 // HTTP/3 connections busy, restarts it several times with the `restart`
-// binary and reports what the clients saw. It exits non-zero if any
-// request or restart failed or any HTTP/3 connection broke.
+// binary and reports what the clients saw. Then it does the same with a
+// server that knows nothing of baton (internal/testkit/unmodified: socket
+// activation and sd_notify only) and, like most servers, closes every
+// connection when signalled, under `--drain idle`. It exits non-zero if
+// any request or restart failed or any HTTP/3 connection broke.
 //
-// The HTTP/3 part needs root: steering QUIC datagrams to their generation
-// loads a BPF program (CAP_BPF and CAP_NET_ADMIN). Without root the demo
-// says so and runs HTTP only.
+// The HTTP/3 part and the second server need root: steering connections
+// to their generation loads BPF programs (CAP_BPF and CAP_NET_ADMIN).
+// Without root the demo says so and runs HTTP with httpd only.
 //
 // Usage (after `make build`): go run ./demo -bin bin
 package main
@@ -45,6 +48,50 @@ type options struct {
 	quic           bool
 	quicConns      int
 	quicPerRestart int
+	servers        string
+}
+
+// scenario is one server under baton.
+type scenario struct {
+	name string
+	// bin is the server's binary in -bin; args build its command line and
+	// baton's extra flags from the listener names' addresses.
+	bin  string
+	args func(bins testkit.Bins, tcpAddr, h3Addr string, o options) (batonArgs, command []string)
+	// needsRoot: without BPF its generations could not keep their
+	// connections.
+	needsRoot bool
+	about     string
+}
+
+var scenarios = map[string]scenario{
+	"httpd": {
+		name: "httpd", bin: "httpd",
+		about: "examples/httpd, which uses handoff: it drains gracefully when told, so the default --drain signal fits",
+		args: func(bins testkit.Bins, tcpAddr, h3Addr string, o options) ([]string, []string) {
+			args := []string{"--listen", "http=tcp://" + tcpAddr}
+			if h3Addr != "" {
+				// A generation drains for as long as its HTTP/3
+				// connections last, which is the rest of the demo; all
+				// of them may be draining at once.
+				args = append(args, "--listen", "h3=quic://"+h3Addr, "--drain-timeout", "60s",
+					"--max-draining", strconv.Itoa(o.restarts+2))
+			} else {
+				args = append(args, "--drain-timeout", "10s")
+			}
+			return args, []string{bins.HTTPD}
+		},
+	},
+	"unmodified": {
+		name: "unmodified", bin: "unmodified", needsRoot: true,
+		about: "internal/testkit/unmodified, a server that knows nothing of baton (socket activation and sd_notify only) and closes every QUIC connection and idle keep-alive when signalled, like most servers: --drain idle sends the signal only once an old generation holds nothing",
+		args: func(bins testkit.Bins, tcpAddr, h3Addr string, o options) ([]string, []string) {
+			return []string{"--listen", "http=tcp://" + tcpAddr, "--listen", "h3=udp://" + h3Addr + "?steer=flow",
+					"--drain", "idle", "--drain-timeout", "120s", "--drain-idle", "1s", "--drain-grace", "10s",
+					"--max-draining", strconv.Itoa(o.restarts + 2)},
+				[]string{bins.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION"}
+		},
+	},
 }
 
 func main() {
@@ -57,17 +104,39 @@ func main() {
 	flag.BoolVar(&o.quic, "quic", true, "also keep HTTP/3 connections open across the restarts (needs root)")
 	flag.IntVar(&o.quicConns, "quic-conns", 16, "HTTP/3 connections opened on the first generation")
 	flag.IntVar(&o.quicPerRestart, "quic-per-restart", 2, "HTTP/3 connections opened after each restart, on the new generation")
+	flag.StringVar(&o.servers, "servers", "httpd,unmodified", "servers to run, in order: httpd (examples/httpd, uses handoff), unmodified (knows nothing of baton, run under --drain idle)")
 	flag.Parse()
 	if o.restarts < 1 || o.keepAlive < 0 || o.newConn < 0 || o.keepAlive+o.newConn == 0 || o.quicConns < 0 || o.quicPerRestart < 0 {
 		fmt.Fprintln(os.Stderr, "demo: need -restarts >= 1, at least one load worker, and no negative connection counts")
 		os.Exit(2)
 	}
-	ok, err := run(o)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "demo:", err)
-		os.Exit(1)
+	var run []scenario
+	for _, name := range strings.Split(o.servers, ",") {
+		sc, ok := scenarios[strings.TrimSpace(name)]
+		if !ok {
+			fmt.Fprintf(os.Stderr, "demo: -servers: unknown server %q (httpd, unmodified)\n", name)
+			os.Exit(2)
+		}
+		run = append(run, sc)
 	}
-	if !ok {
+	allOK := true
+	for i, sc := range run {
+		if sc.needsRoot && os.Geteuid() != 0 {
+			step("%s: skipped: its generations keep their connections through BPF steering programs, which need root; run `sudo make demo`", sc.name)
+			continue
+		}
+		if i > 0 {
+			fmt.Println()
+		}
+		step("==== %s: %s", sc.name, sc.about)
+		ok, err := runScenario(o, sc)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "demo: %s: %v\n", sc.name, err)
+			os.Exit(1)
+		}
+		allOK = allOK && ok
+	}
+	if !allOK {
 		os.Exit(1)
 	}
 }
@@ -81,8 +150,8 @@ type restartRecord struct {
 	stderr string
 }
 
-func run(o options) (bool, error) {
-	bins, err := testkit.Locate(o.bin, "baton", "restart", "httpd")
+func runScenario(o options, sc scenario) (bool, error) {
+	bins, err := testkit.Locate(o.bin, "baton", "restart", sc.bin)
 	if err != nil {
 		return false, err
 	}
@@ -108,7 +177,7 @@ func run(o options) (bool, error) {
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	url := "http://" + addr + "/"
-	quic := o.quic && o.quicConns+o.quicPerRestart > 0
+	quic := (o.quic || sc.needsRoot) && o.quicConns+o.quicPerRestart > 0
 	if quic && os.Geteuid() != 0 {
 		quic = false
 		step("HTTP/3: skipped: steering QUIC connections to their generation loads a BPF program, which needs root (CAP_BPF and CAP_NET_ADMIN); run `sudo make demo` to see HTTP/3 connections survive the restarts")
@@ -122,17 +191,8 @@ func run(o options) (bool, error) {
 		h3Addr = fmt.Sprintf("127.0.0.1:%d", udpPort)
 	}
 
-	args := []string{"--listen", "http=tcp://" + addr}
-	if quic {
-		// A generation drains for as long as its HTTP/3 connections last,
-		// which is the rest of the demo; all of them may be draining at
-		// once.
-		args = append(args, "--listen", "h3=quic://"+h3Addr, "--drain-timeout", "60s",
-			"--max-draining", strconv.Itoa(o.restarts+2))
-	} else {
-		args = append(args, "--drain-timeout", "10s")
-	}
-	args = append(args, "--stop-timeout", "15s", "--", bins.HTTPD)
+	args, command := sc.args(bins, addr, h3Addr, o)
+	args = append(append(args, "--stop-timeout", "15s", "--"), command...)
 	// In its own process group (see testkit.Start): a Ctrl-C in the
 	// terminal reaches the demo, which then stops baton gracefully itself.
 	spec := batontest.Run{Binary: bins.Baton, Control: ctlPath, Args: args, LogFile: logPath}.Spec()
@@ -161,7 +221,7 @@ func run(o options) (bool, error) {
 	if err != nil {
 		return fail(err)
 	}
-	step("baton pid %d serving generation %d (httpd pid %d) on %s; log: %s", st.PID, st.Working, batontest.WorkingPID(st), url, logPath)
+	step("baton pid %d serving generation %d (%s pid %d) on %s; log: %s", st.PID, st.Working, sc.name, batontest.WorkingPID(st), url, logPath)
 
 	step("load: %d keep-alive + %d new-connection-per-request clients, no retries", o.keepAlive, o.newConn)
 	lg, err := loadgen.Start(context.Background(), loadgen.Config{
@@ -249,21 +309,21 @@ loop:
 	step("load stopped; stopping baton with SIGTERM")
 	exitDesc, exitOK := stopBaton()
 
-	report(os.Stdout, records, res, qres, exitDesc)
+	report(os.Stdout, sc.name, records, res, qres, exitDesc)
 	fmt.Printf("\nbaton's log: %s\n", logPath)
 	if restartFailed || !exitOK {
 		fmt.Fprintf(os.Stderr, "---- baton log (last 40 lines) ----\n%s\n", tail(logPath, 40))
 	}
 	quicBad := qres != nil && (qres.Broken > 0 || qres.Failed > 0 || qres.NewOnOldGen > 0)
 	if restartFailed || !exitOK || res.Failed > 0 || quicBad {
-		fmt.Println("\nRESULT: FAIL")
+		fmt.Printf("\nRESULT (%s): FAIL\n", sc.name)
 		return false, nil
 	}
 	if qres != nil {
-		fmt.Println("\nRESULT: PASS: every restart succeeded, no request failed and no HTTP/3 connection broke")
+		fmt.Printf("\nRESULT (%s): PASS: every restart succeeded, no request failed and no HTTP/3 connection broke\n", sc.name)
 		return true, nil
 	}
-	fmt.Println("\nRESULT: PASS: every restart succeeded and no request failed (HTTP/3 not run: needs root)")
+	fmt.Printf("\nRESULT (%s): PASS: every restart succeeded and no request failed (HTTP/3 not run: needs root)\n", sc.name)
 	return true, nil
 }
 
@@ -277,8 +337,8 @@ func quicCounts(l *quicload.Load) (sent, failed int64) {
 	return sent, failed
 }
 
-func report(w io.Writer, recs []restartRecord, res loadgen.Results, q *quicload.Result, exitDesc string) {
-	fmt.Fprintln(w, "\n== Restarts ==")
+func report(w io.Writer, name string, recs []restartRecord, res loadgen.Results, q *quicload.Result, exitDesc string) {
+	fmt.Fprintf(w, "\n== %s: restarts ==\n", name)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "#\texit\tresult\tgeneration\tpid\tround trip\tsupervisor")
 	var durs []time.Duration
@@ -316,7 +376,7 @@ func report(w io.Writer, recs []restartRecord, res loadgen.Results, q *quicload.
 }
 
 func reportQUIC(w io.Writer, q quicload.Result) {
-	fmt.Fprintln(w, "\n== HTTP/3 connections (quic://, steered by connection ID) ==")
+	fmt.Fprintln(w, "\n== HTTP/3 connections (steered to the generation that holds them) ==")
 	fmt.Fprintf(w, "connections %d, requests sent %d, ok %d, failed %d over %s\n", q.Conns, q.Sent, q.OK, q.Failed, q.Elapsed.Round(time.Millisecond))
 	fmt.Fprintf(w, "broken %d (handshake failed %d, ended under the client %d); responses from another generation than the connection's first: %d; new connections not served by the working generation: %d\n",
 		q.Broken, q.DialFailed, q.Closed, q.WrongGen, q.NewOnOldGen)
