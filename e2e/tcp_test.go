@@ -343,3 +343,42 @@ func TestTCPClosedListenerReleased(t *testing.T) {
 		t.Errorf("generation 1 exited before the queued connections were answered")
 	}
 }
+
+// TestTCPSteerOffRelistens: with one shared socket (?steer=off) a
+// draining generation that shuts its listener down stops it for every
+// generation; baton notices, makes it listen again and says so in
+// status, instead of refusing connections until it restarts. (The
+// working generation's accept fails too and this server exits on that:
+// those crashes are respawned onto the repaired socket. Only a socket
+// per generation, the default, avoids them.)
+func TestTCPSteerOffRelistens(t *testing.T) {
+	h := newHarness(t)
+	b := h.startBaton(batontest.Run{Args: []string{"--listen", "http=tcp://" + httpAddr + "?steer=off", "--drain-timeout", "3s", "--stop-timeout", "2s",
+		"--", bin.Unmodified, "-h3", "none", "-drain-timeout", "2s", "-shutdown-listener", "-header-env", "X-Generation=BATON_GENERATION"}})
+	h.waitServing(b, 1)
+	for range 3 {
+		h.expectRestart(0, control.ResultOK)
+		// The drained generation shuts the shared socket down shortly
+		// after the flip; within a bound it listens again.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			st, _ := h.status()
+			if len(st.Gens) == 1 && st.Working != 0 {
+				if _, _, err := h.get("/", serveBound); err == nil {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no generation serves 10s after a restart: %+v", st)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	st, _ := h.status()
+	if len(st.Listeners) != 1 || st.Listeners[0].Relistened < 1 {
+		t.Errorf("status: want the shared listener made to listen again at least once; got %+v", st.Listeners)
+	}
+	if !strings.Contains(b.Out.String(), "listens again") {
+		t.Error("baton did not log that the shared listener listens again")
+	}
+}

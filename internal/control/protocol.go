@@ -230,6 +230,10 @@ type ListenerStatus struct {
 	Workers int         `json:"workers,omitempty"`
 	Working int         `json:"working_slot,omitempty"`
 	UDP     []UDPStatus `json:"udp,omitempty"`
+	// Relistened counts how often a TCP listener shared by every
+	// generation had stopped listening (a generation shut it down) and
+	// was made to listen again.
+	Relistened int `json:"relistened,omitempty"`
 }
 
 // UDPStatus is one generation's slot in a UDP listener and the steering

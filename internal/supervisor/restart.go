@@ -325,6 +325,7 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 	if s.stopping {
 		return nil, errors.New("the supervisor is stopping")
 	}
+	s.relistenShared(s.opts.Sockets)
 	var files []*os.File
 	var names, env []string
 	// One slot in every UDP and TCP group: a generation's CIDs carry

@@ -81,6 +81,9 @@ type ListenerStatus struct {
 	Workers     int
 	WorkingSlot int
 	UDP         []SlotStatus
+	// Relistened: how often a shared TCP listener had stopped listening
+	// (a generation shut it down) and was made to listen again.
+	Relistened int
 }
 
 // SlotStatus is one slot of a UDP listener: the generation that holds it
@@ -179,7 +182,7 @@ func (s *Supervisor) status() Status {
 	}
 	fd := 3
 	for _, sk := range s.opts.Sockets {
-		ls := ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd}
+		ls := ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd, Relistened: s.relistened[sk.Spec.Name]}
 		fd++
 		if sk.UDP != nil {
 			cfg := sk.UDP.Config()

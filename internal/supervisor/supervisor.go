@@ -126,6 +126,10 @@ type Supervisor struct {
 	traffic        *trafficSources
 	drainPolling   bool
 	drainPollTimer *time.Timer
+	// relistened counts, per shared TCP listener, how often it had to
+	// be made to listen again; relistenFailed: the failure was logged.
+	relistened     map[string]int
+	relistenFailed map[string]bool
 	// crashed are working generations that crashed and whose TCP
 	// sockets are kept, so that new connections queue in them, until a
 	// generation is flipped.
@@ -222,6 +226,8 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	// While every socket is there to be described: after a hand-over
 	// the groups no longer are, and the old generations still drain.
 	s.call(func() {
+		s.relistened, s.relistenFailed = map[string]int{}, map[string]bool{}
+		s.watchSharedListeners()
 		if ts := s.trafficSources(); ts.err != nil {
 			s.log.Warn("connections cannot be counted per generation; the idle drain policy will wait for the grace period", "err", ts.err)
 		}
