@@ -574,6 +574,7 @@ func TestAdoptPreCanaryProgram(t *testing.T) {
 	}
 	h.expect(c, oldConn, "old", "old connection after the handover")
 	h.expect(ns.client(t, "udp4", "127.0.0.1:0"), longHeader(quicV1, "initial", clientDCID(8, s1, s2)), "new", "new handshake after the handover")
+	expectFlows(t, next, "adopted program", map[int]int{s1: 1, s2: 1})
 	if err := next.Release(s1); err != nil {
 		t.Fatal(err)
 	}

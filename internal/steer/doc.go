@@ -128,6 +128,14 @@
 // program keeps no timestamp per slot: the precision is the polling
 // interval.
 //
+// Flows counts, per live slot, the flow table entries the program would
+// still honour, for status: in ModeFlow the flows that stay with the
+// generation (not idle past FlowIdle), in ModeQUIC the client 4-tuples
+// whose latest new handshake the generation took within InitialPin. It
+// reads the whole table (65536 entries by default) in batches, and
+// compares the entries' stamps with the program's clock as user space
+// reads it (bpf.NowNs).
+//
 // # Requirements
 //
 // ModeFlow and ModeQUIC need Linux 5.11 or later and CAP_BPF plus
