@@ -3,7 +3,8 @@
 /* steer: the SO_REUSEPORT socket selector baton attaches to each UDP
  * listener's reuseport group. Every generation owns a slot (1..31) and
  * W sockets in the group; this program picks, per datagram, the generation
- * that knows the flow, or the working generation for new flows.
+ * that knows the flow, or for new flows the working generation (or, for
+ * its share of them, a canary generation).
  *
  * It must never return SK_PASS without having selected a socket: that makes
  * the kernel hash the datagram across every socket in the group, old
@@ -12,9 +13,9 @@
  *
  * User space (internal/steer's Group) owns all policy: it sets the group's
  * shape at load time, inserts sockets, and writes the config map (working
- * slot, live slots, timeouts). The structs and maps below reach it through
- * the generated Go bindings; the limits, the socket array and the counters
- * are steer.h's, shared with the TCP program (tcp.c).
+ * and canary slots, live slots, timeouts). The structs and maps below
+ * reach it through the generated Go bindings; the limits, the socket array
+ * and the counters are steer.h's, shared with the TCP program (tcp.c).
  *
  * Cost: every call out of the program (a helper, or a map operation the
  * verifier does not inline) is the expensive part of a run, far more than
@@ -71,6 +72,13 @@ struct config {
 	 * flow entries and pins left by a released generation never match
 	 * the next generation that reuses the slot. */
 	__u32 epoch[STEER_SLOTS];
+	/* A second slot that takes canary_permille thousandths of new flows
+	 * and new handshakes, chosen by the 4-tuple's hash (see new_slot);
+	 * 0 = none. Last, so that the config of a program built before them
+	 * is a prefix of this one: user space adopting such a program from an
+	 * older supervisor writes only that prefix. */
+	__u32 canary;
+	__u32 canary_permille; /* 1..STEER_PERMILLE */
 };
 
 /* A 4-tuple as the kernel's own reuseport hash sees it. ctx->hash is the
@@ -190,10 +198,40 @@ static __always_inline __u64 now_ns(void)
 	return bpf_ktime_get_coarse_ns();
 }
 
+/* Where a new flow or handshake goes: to the canary for its share of
+ * 4-tuples, else to the working slot; to the canary too when no slot is
+ * working, as the TCP program does. The share is taken from ctx->hash,
+ * the kernel's keyed hash of the 4-tuple (see struct flow_key), as in
+ * tcp.c: uniform over 32 bits, so its top part scaled to 0..999, and the
+ * same for every datagram of a 4-tuple, so a client's retransmitted
+ * first datagram makes the same choice. Flows, handshakes and
+ * connections already placed never move: only what would otherwise go to
+ * the working slot as new asks.
+ *
+ * No branch: the caller computes it for every datagram (a dozen
+ * instructions), and a branch here would double the paths the verifier
+ * walks through everything after it. */
+static __always_inline __u32 new_slot(const struct sk_reuseport_md *ctx, const struct config *cfg,
+				      __u32 working)
+{
+	__u32 canary = cfg->canary & (STEER_SLOTS - 1);
+	__u32 live = cfg->live & ~1u; /* slot 0 is "none" */
+	__u64 share = ((__u64)ctx->hash * STEER_PERMILLE) >> 32;
+	/* share < canary_permille, without a branch: both are below 2^32. */
+	__u32 in_share = (share - (__u64)cfg->canary_permille) >> 63;
+	__u32 take = (live >> canary) & ((~live >> working) | in_share) & 1;
+
+	return working ^ ((working ^ canary) & -take);
+}
+
+/* 64-bit fields although the values are small: clang may spill one of
+ * them to a stack slot that held a pointer on another path, and without
+ * CAP_PERFMON the verifier refuses a narrower write over a spilled
+ * pointer. */
 struct choice {
-	__u32 slot;
-	__u32 kind;
-	__u32 worker; /* taken modulo W at the end */
+	__u64 slot;
+	__u64 kind;
+	__u64 worker; /* taken modulo W at the end */
 };
 
 /* The live slot named by a server-chosen DCID at payload offset start (1
@@ -283,8 +321,9 @@ static __always_inline int pinned(const struct config *cfg, const struct pin_key
 
 /* Long-header packets not routed by CID. A pin from an earlier Initial of
  * the same handshake (4-tuple + first DCID bytes) wins; else the working
- * slot. Only Initial and 0-RTT create pins: they are what a client
- * retransmits with the same DCID across a flip.
+ * slot, or the canary (see new_slot). Only Initial and 0-RTT create pins:
+ * they are what a client retransmits with the same DCID across a flip or
+ * a change of the canary.
  *
  * A new client's first Initial makes one map entry, not two: the 4-tuple's
  * record in flows (which the Retry case needs anyway) carries the DCID
@@ -295,7 +334,7 @@ static __always_inline int pinned(const struct config *cfg, const struct pin_key
  * it was replaced. */
 static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struct config *cfg,
 					const __u8 *h, __u32 len, __u32 dlen, int type,
-					__u32 working, struct choice *c)
+					__u32 to, struct choice *c)
 {
 	struct pin_key key = {
 		.flow = {
@@ -346,27 +385,29 @@ static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struc
 	int same_tuple = rec_live && addrs_equal(&rec->addrs, &a);
 
 	/* An Initial or 0-RTT whose DCID has the server CID shape and names
-	 * a live older slot continues a handshake that generation started
-	 * (after its Retry, or once its first Initial arrived) if, and only
-	 * if, that generation took this 4-tuple's new handshake recently. A
-	 * random client DCID names a given slot about 1 time in 37, and must
-	 * not be sent to a draining generation that ignores new
-	 * connections. */
-	if (same_tuple && cs && cs != working && rec->slot == cs) {
+	 * a live slot other than the one a new handshake would go to
+	 * continues a handshake that generation started (after its Retry,
+	 * or once its first Initial arrived) if, and only if, that
+	 * generation took this 4-tuple's new handshake recently: an older
+	 * generation, or the working one or the canary when the canary
+	 * changed since. A random client DCID names a given slot about 1
+	 * time in 37, and must not be sent to a draining generation that
+	 * ignores new connections. */
+	if (same_tuple && cs && cs != to && rec->slot == cs) {
 		route_cid(h, 6, cs, c);
 		return;
 	}
 
-	if (!slot_live(cfg, working))
+	if (!slot_live(cfg, to))
 		return;
-	__u32 epoch = cfg->epoch[working & (STEER_SLOTS - 1)];
+	__u32 epoch = cfg->epoch[to & (STEER_SLOTS - 1)];
 
-	if (same_tuple && rec->slot == working) {
+	if (same_tuple && rec->slot == to) {
 		/* Another handshake of a 4-tuple whose latest one went to the
-		 * working generation too: its own pin, and the record's time
-		 * moves in place. */
+		 * same generation: its own pin, and the record's time moves
+		 * in place. */
 		struct pin pin = {
-			.slot = working,
+			.slot = to,
 			.epoch = epoch,
 			.expires = now + pin_ns,
 		};
@@ -390,7 +431,7 @@ static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struc
 			bpf_map_update_elem(&initials, &old, &op, BPF_ANY);
 		}
 		struct flow nr = {
-			.slot = working,
+			.slot = to,
 			.epoch = epoch,
 			.last_seen = now,
 			.addrs = a,
@@ -399,11 +440,12 @@ static __always_inline void quic_pinned(struct sk_reuseport_md *ctx, const struc
 		__builtin_memcpy(nr.dcid, key.dcid, sizeof(nr.dcid));
 		bpf_map_update_elem(&flows, &key.flow, &nr, BPF_ANY);
 	}
+	c->slot = to;
 	c->kind = STEER_CNT_NEW;
 }
 
 static __always_inline void steer_quic(struct sk_reuseport_md *ctx, const struct config *cfg,
-				       const __u8 *h, __u32 len, __u32 working, struct choice *c)
+				       const __u8 *h, __u32 len, __u32 to, struct choice *c)
 {
 	if (len < UDP_HDR + 1)
 		return;
@@ -447,14 +489,14 @@ static __always_inline void steer_quic(struct sk_reuseport_md *ctx, const struct
 			return;
 		}
 	}
-	quic_pinned(ctx, cfg, h, len, dlen, type, working, c);
+	quic_pinned(ctx, cfg, h, len, dlen, type, to, c);
 }
 
 /* Flow mode reads nothing but the source port, straight from the packet:
  * the UDP header is always in the linear area by the time the socket
  * lookup runs (udp_rcv pulls it), so no copy and no helper. */
 static __always_inline void steer_flow(struct sk_reuseport_md *ctx, const struct config *cfg,
-				       __u32 working, struct choice *c)
+				       __u32 to, struct choice *c)
 {
 	__u8 *data = (void *)(long)ctx->data;
 	__u8 *data_end = (void *)(long)ctx->data_end;
@@ -478,14 +520,15 @@ static __always_inline void steer_flow(struct sk_reuseport_md *ctx, const struct
 			f->last_seen = now;
 		return;
 	}
-	if (!slot_live(cfg, working))
+	if (!slot_live(cfg, to))
 		return;
 	struct flow nf = {
-		.slot = working,
-		.epoch = cfg->epoch[working & (STEER_SLOTS - 1)],
+		.slot = to,
+		.epoch = cfg->epoch[to & (STEER_SLOTS - 1)],
 		.last_seen = now,
 	};
 	bpf_map_update_elem(&flows, &k, &nf, BPF_ANY);
+	c->slot = to;
 	c->kind = STEER_CNT_NEW;
 }
 
@@ -560,6 +603,9 @@ int steer(struct sk_reuseport_md *ctx)
 	if (w == 0 || w > STEER_MAX_WORKERS)
 		w = 1;
 	__u32 working = cfg->working & (STEER_SLOTS - 1);
+	/* Where a new flow or handshake would go; see new_slot for why it is
+	 * computed here, for every datagram. */
+	__u32 to = new_slot(ctx, cfg, working);
 	struct choice c = {
 		.slot = working,
 		.kind = STEER_CNT_FALLBACK,
@@ -571,9 +617,9 @@ int steer(struct sk_reuseport_md *ctx)
 		__u32 len = ctx->len; /* UDP length: ctx->data is the UDP header */
 
 		if (load_head(ctx, hw, len) == 0)
-			steer_quic(ctx, cfg, (__u8 *)hw, len, working, &c);
+			steer_quic(ctx, cfg, (__u8 *)hw, len, to, &c);
 	} else if (steer_mode == STEER_MODE_FLOW) {
-		steer_flow(ctx, cfg, working, &c);
+		steer_flow(ctx, cfg, to, &c);
 	}
 
 	/* W is a load-time constant: with one worker the verifier drops

@@ -30,7 +30,8 @@ enum steer_limits {
 	 * header, then enough QUIC for a short or long header's 20-byte DCID
 	 * (8 + 1 + 4 + 1 + 20 = 34). */
 	STEER_HDR_BYTES = 40,
-	/* TCP: the canary's share of new connections is in thousandths. */
+	/* A canary's share of new connections (TCP), flows or handshakes
+	 * (UDP) is in thousandths. */
 	STEER_PERMILLE = 1000,
 };
 

@@ -14,12 +14,14 @@ import (
 )
 
 type SteerConfig struct {
-	_            structs.HostLayout
-	Working      uint32
-	Live         uint32
-	FlowIdleNs   uint64
-	InitialPinNs uint64
-	Epoch        [32]uint32
+	_              structs.HostLayout
+	Working        uint32
+	Live           uint32
+	FlowIdleNs     uint64
+	InitialPinNs   uint64
+	Epoch          [32]uint32
+	Canary         uint32
+	CanaryPermille uint32
 }
 
 type SteerFlow struct {

@@ -30,7 +30,8 @@
 // The first generation of a group becomes the working one when it is
 // added, so datagrams queue in its sockets while it starts. Release of the
 // working slot leaves none: datagrams are then dropped (and counted) until
-// the next AddGeneration.
+// the next AddGeneration, except new flows and handshakes while there is a
+// canary (below): the canary then takes them all.
 //
 // A generation serving several UDP listeners must have the same slot in
 // each, since its CIDs carry one slot number: allocate it with
@@ -59,6 +60,27 @@
 //   - ModeOff: no program; every generation receives a duplicate of the
 //     anchor socket and the kernel delivers each datagram to whichever
 //     generation reads first. Needs no privileges.
+//
+// # Canary
+//
+// SetCanary(slot, permille) gives a second live generation permille
+// thousandths of new flows (ModeFlow) or new QUIC handshakes (ModeQUIC);
+// the working generation gets the rest. The share is chosen by the
+// kernel's hash of the client's 4-tuple, as for TCP, so it is stable per
+// 4-tuple: within about a percentage point of permille/10 % over five
+// thousand clients. In ModeQUIC a new handshake is an Initial or 0-RTT
+// packet that no pin or 4-tuple record of an earlier Initial sends
+// elsewhere; a client's Initial after a Retry still reaches the
+// generation that sent the Retry. Nothing already placed moves when the
+// canary is set, changed or ended: flows keep their entry, handshakes
+// their pins, connections their CIDs. Datagrams that nothing routes (junk,
+// CIDs of no live slot) go to the working generation, never the canary.
+// slot 0 or permille 0 ends the canary; SetWorking(canary) promotes it
+// and ends it; Release(canary) ends it, and its flows go to the working
+// generation like any released generation's. The canary is part of the
+// program's config, so it survives a handover (UpgradeState carries it
+// too). A program adopted from a baton that predates the canary, and
+// ModeOff, have none: SetCanary fails with ErrCanaryUnsupported.
 //
 // With Workers > 1, a generation gets one socket per worker; worker i
 // reads files[i]. The worker is taken from the CID's worker octet when the
@@ -99,11 +121,20 @@
 //
 // # Drain
 //
-// Counters gives per-slot counts of the program's decisions. A draining
-// generation's counters move only while clients still send to it (by CID
-// or by pin), so LastActivity and Idle, polled by the supervisor, tell when
-// it has gone quiet. The program keeps no timestamp per slot: the
-// precision is the polling interval.
+// Counters gives per-slot counts of the program's decisions (a canary's
+// new flows count in its New). A draining generation's counters move only
+// while clients still send to it (by CID or by pin), so LastActivity and
+// Idle, polled by the supervisor, tell when it has gone quiet. The
+// program keeps no timestamp per slot: the precision is the polling
+// interval.
+//
+// Flows counts, per live slot, the flow table entries the program would
+// still honour, for status: in ModeFlow the flows that stay with the
+// generation (not idle past FlowIdle), in ModeQUIC the client 4-tuples
+// whose latest new handshake the generation took within InitialPin. It
+// reads the whole table (65536 entries by default) in batches, and
+// compares the entries' stamps with the program's clock as user space
+// reads it (bpf.NowNs).
 //
 // # Requirements
 //

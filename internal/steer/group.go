@@ -1,6 +1,7 @@
 package steer
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -130,10 +132,16 @@ type Group struct {
 	cfg  Config
 	addr sockAddr
 
-	mu      sync.Mutex
-	anchor  *os.File
-	objs    *bpf.SteerObjects // nil in contract.ModeOff
-	kcfg    bpf.SteerConfig   // last config written to the kernel
+	mu     sync.Mutex
+	anchor *os.File
+	objs   *bpf.SteerObjects // nil in contract.ModeOff
+	kcfg   bpf.SteerConfig   // last config written to the kernel
+	// cfgSize is the size of the program's config: configSize, or
+	// preCanaryConfigSize for a program adopted from an older supervisor.
+	cfgSize int
+	// tick is the program's steer_tick_ns, which sets its clock (see
+	// bpf.NowNs).
+	tick    uint32
 	gens    [contract.Slots]*generation
 	epoch   uint32
 	closed  bool
@@ -149,6 +157,10 @@ type Group struct {
 // attaches the steering program. Without CAP_BPF and CAP_NET_ADMIN the error wraps
 // ErrSteeringUnavailable and says how to fix it.
 func NewGroup(addr string, cfg Config) (*Group, error) {
+	return newGroupAt(addr, cfg, embeddedProgram())
+}
+
+func newGroupAt(addr string, cfg Config, prog program) (*Group, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -169,7 +181,7 @@ func NewGroup(addr string, cfg Config) (*Group, error) {
 		}
 		sa.ap = netip.AddrPortFrom(sa.ap.Addr(), port)
 	}
-	return newGroup(anchor, sa, cfg)
+	return newGroup(anchor, sa, cfg, prog)
 }
 
 // NewGroupFromFile makes a group around an already bound UDP socket, such
@@ -188,10 +200,19 @@ func NewGroupFromFile(f *os.File, cfg Config) (*Group, error) {
 	if err != nil {
 		return nil, fmt.Errorf("udp steering: anchor %s: %w", f.Name(), err)
 	}
-	return newGroup(anchor, sa, cfg)
+	return newGroup(anchor, sa, cfg, embeddedProgram())
 }
 
-func newGroup(anchor *os.File, sa sockAddr, cfg Config) (*Group, error) {
+// program is what a group loads and attaches: the embedded object, with
+// the kernel's tick as its clock. Tests load others.
+type program struct {
+	spec func() (*ebpf.CollectionSpec, error)
+	tick uint32
+}
+
+func embeddedProgram() program { return program{spec: bpf.LoadSteer, tick: bpf.TickNs()} }
+
+func newGroup(anchor *os.File, sa sockAddr, cfg Config, prog program) (*Group, error) {
 	g := &Group{
 		log:    cfg.Logger.With("udp", sa.String(), "steer", cfg.Mode.String()),
 		cfg:    cfg,
@@ -202,7 +223,7 @@ func newGroup(anchor *os.File, sa sockAddr, cfg Config) (*Group, error) {
 		g.log.Info("udp steering off: generations share one socket")
 		return g, nil
 	}
-	if err := g.loadAndAttach(); err != nil {
+	if err := g.loadAndAttach(prog); err != nil {
 		anchor.Close()
 		return nil, err
 	}
@@ -219,9 +240,9 @@ func steeringError(op string, err error) error {
 	return fmt.Errorf("%w: %s: %w (%s)", ErrSteeringUnavailable, op, err, hint)
 }
 
-// setShape fixes the group's mode, worker count and CID layout in the
-// program's read-only constants before it is loaded.
-func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
+// setShape fixes the group's mode, worker count, CID layout and clock in
+// the program's read-only constants before it is loaded.
+func setShape(spec *ebpf.CollectionSpec, cfg Config, tick uint32) error {
 	wo := uint32(contract.NoWorker)
 	if cfg.CID.WorkerOffset != contract.NoWorkerOctet {
 		wo = uint32(cfg.CID.WorkerOffset)
@@ -234,7 +255,7 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
 		bpf.SteerVarSteerSlotShift:    0,
 		bpf.SteerVarSteerSlotMask:     contract.Slots - 1,
 		bpf.SteerVarSteerWorkerOffset: wo,
-		bpf.SteerVarSteerTickNs:       bpf.TickNs(),
+		bpf.SteerVarSteerTickNs:       tick,
 	}
 	for name, v := range vals {
 		vs := spec.Variables[name]
@@ -248,14 +269,14 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config) error {
 	return nil
 }
 
-func (g *Group) loadAndAttach() error {
-	spec, err := bpf.LoadSteer()
+func (g *Group) loadAndAttach(prog program) error {
+	spec, err := prog.spec()
 	if err != nil {
 		return fmt.Errorf("udp steering: parse embedded program: %w", err)
 	}
 	spec.Maps[bpf.SteerMapFlows].MaxEntries = uint32(g.cfg.FlowEntries)
 	spec.Maps[bpf.SteerMapInitials].MaxEntries = uint32(g.cfg.PinEntries)
-	if err := setShape(spec, g.cfg); err != nil {
+	if err := setShape(spec, g.cfg, prog.tick); err != nil {
 		return fmt.Errorf("udp steering: %w", err)
 	}
 	objs := new(bpf.SteerObjects)
@@ -268,11 +289,16 @@ func (g *Group) loadAndAttach() error {
 		}
 		return steeringError("load program", err)
 	}
+	size, err := checkConfigSize(objs.Config)
+	if err != nil {
+		objs.Close()
+		return fmt.Errorf("udp steering: %w", err)
+	}
 	g.kcfg = bpf.SteerConfig{
 		FlowIdleNs:   uint64(g.cfg.FlowIdle),
 		InitialPinNs: uint64(g.cfg.InitialPin),
 	}
-	if err := objs.Config.Update(uint32(0), &g.kcfg, ebpf.UpdateAny); err != nil {
+	if err := writeConfig(objs.Config, size, g.kcfg); err != nil {
 		objs.Close()
 		return steeringError("write config", err)
 	}
@@ -286,7 +312,52 @@ func (g *Group) loadAndAttach() error {
 		return steeringError("attach program (SO_ATTACH_REUSEPORT_EBPF)", err)
 	}
 	g.objs = objs
+	g.cfgSize = size
+	g.tick = prog.tick
 	return nil
+}
+
+// Sizes of the program's config: this version's, and the prefix of it
+// that programs built before the canary fields have. A successor adopts
+// the program of the supervisor it replaces, which may be an older baton.
+var (
+	configSize          = binary.Size(bpf.SteerConfig{})
+	preCanaryConfigSize = int(unsafe.Offsetof(bpf.SteerConfig{}.Canary))
+)
+
+// checkConfigSize returns the size of the config in m, if it is one this
+// version can write.
+func checkConfigSize(m *ebpf.Map) (int, error) {
+	size := int(m.ValueSize())
+	if size != configSize && size != preCanaryConfigSize {
+		return 0, fmt.Errorf("the program's config has %d bytes, not %d or %d: an unknown version of the program; a steering change needs a full restart of baton",
+			size, configSize, preCanaryConfigSize)
+	}
+	return size, nil
+}
+
+// writeConfig writes cfg to m, whose config has size bytes: all of it, or
+// for a program that predates the canary the prefix it knows.
+func writeConfig(m *ebpf.Map, size int, cfg bpf.SteerConfig) error {
+	b, err := binary.Append(nil, binary.NativeEndian, &cfg)
+	if err != nil {
+		return fmt.Errorf("encode steering config: %w", err)
+	}
+	return m.Update(uint32(0), b[:size], ebpf.UpdateAny)
+}
+
+// readConfig reads the config from m, whose config has size bytes; what a
+// program that predates the canary lacks reads as zero (no canary).
+func readConfig(m *ebpf.Map, size int) (bpf.SteerConfig, error) {
+	var cfg bpf.SteerConfig
+	b := make([]byte, configSize)
+	if err := m.Lookup(uint32(0), b[:size]); err != nil {
+		return cfg, err
+	}
+	if _, err := binary.Decode(b, binary.NativeEndian, &cfg); err != nil {
+		return cfg, fmt.Errorf("decode steering config: %w", err)
+	}
+	return cfg, nil
 }
 
 // Addr is the address the group's sockets are bound to (with the real
@@ -405,7 +476,7 @@ func (g *Group) writeConfigLocked(next bpf.SteerConfig) error {
 	if g.frozen {
 		return errFrozen
 	}
-	if err := g.objs.Config.Update(uint32(0), &next, ebpf.UpdateAny); err != nil {
+	if err := writeConfig(g.objs.Config, g.cfgSize, next); err != nil {
 		return fmt.Errorf("write steering config: %w", err)
 	}
 	g.kcfg = next
@@ -425,7 +496,8 @@ func (g *Group) deleteSocketsLocked(slot int) error {
 
 // SetWorking makes slot the generation that receives new flows and new
 // QUIC handshakes. Flows and connections already on other live slots stay
-// where they are.
+// where they are. If slot was the canary, there is no canary any more: it
+// has been promoted.
 func (g *Group) SetWorking(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -438,6 +510,9 @@ func (g *Group) SetWorking(slot int) error {
 	if g.objs != nil {
 		next := g.kcfg
 		next.Working = uint32(slot)
+		if int(next.Canary) == slot {
+			next.Canary, next.CanaryPermille = 0, 0
+		}
 		if err := g.writeConfigLocked(next); err != nil {
 			return fmt.Errorf("udp %s: set working slot %d: %w", g.addr, slot, err)
 		}
@@ -459,8 +534,10 @@ func (g *Group) Working() int {
 // deadline): the program stops choosing its slot, its sockets leave the
 // socket array and the group's copies are closed, and the slot becomes
 // free. Datagrams for its CIDs or flows go to the working generation from
-// then on. Releasing the working slot leaves the group with none, which
-// drops datagrams until the next AddGeneration.
+// then on. Releasing the working slot leaves the group with none: new
+// flows and handshakes go to the canary if there is one, and datagrams
+// are otherwise dropped until the next AddGeneration. Releasing the
+// canary ends the canary.
 func (g *Group) Release(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -477,6 +554,9 @@ func (g *Group) Release(slot int) error {
 		next.Epoch[slot] = 0
 		if g.working == slot {
 			next.Working = 0
+		}
+		if int(next.Canary) == slot {
+			next.Canary, next.CanaryPermille = 0, 0
 		}
 		if err := g.writeConfigLocked(next); err != nil {
 			errs = append(errs, err)
@@ -496,7 +576,11 @@ func (g *Group) Release(slot int) error {
 		g.log.Info("udp generation's sockets closed", "slot", slot)
 	} else if g.working == slot {
 		g.working = 0
-		g.log.Warn("udp working generation released; datagrams are dropped until the next generation", "slot", slot)
+		if c := int(g.kcfg.Canary); c != 0 {
+			g.log.Warn("udp working generation released; new flows go to the canary, other datagrams are dropped until the next generation", "slot", slot, "canary", c)
+		} else {
+			g.log.Warn("udp working generation released; datagrams are dropped until the next generation", "slot", slot)
+		}
 	} else {
 		g.log.Info("udp generation released", "slot", slot)
 	}

@@ -49,7 +49,12 @@ type UpgradeState struct {
 	PinEntries  int                `json:"pin_entries"`
 	Epoch       uint32             `json:"epoch"`
 	Working     int                `json:"working"`
-	Slots       []SlotState        `json:"slots"`
+	// Canary and CanaryPermille are the canary (SetCanary), absent when
+	// there is none. The successor reads them from the program's config;
+	// they are here for whoever reads the state.
+	Canary         int         `json:"canary,omitempty"`
+	CanaryPermille int         `json:"canary_permille,omitempty"`
+	Slots          []SlotState `json:"slots"`
 }
 
 // SlotState is one slot held by a generation of the old supervisor.
@@ -110,8 +115,8 @@ func (g *Group) Files() (map[string]*os.File, error) {
 }
 
 // Freeze stops this group's writes to the kernel and returns its state
-// for a successor. Until Thaw, AddGeneration and SetWorking fail, and
-// Release only closes the group's copies of the sockets.
+// for a successor. Until Thaw, AddGeneration, SetWorking and SetCanary
+// fail, and Release only closes the group's copies of the sockets.
 func (g *Group) Freeze() UpgradeState {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -121,6 +126,7 @@ func (g *Group) Freeze() UpgradeState {
 		CID: g.cfg.CID, FlowIdle: g.cfg.FlowIdle, InitialPin: g.cfg.InitialPin,
 		FlowEntries: g.cfg.FlowEntries, PinEntries: g.cfg.PinEntries,
 		Epoch: g.epoch, Working: g.working, Slots: []SlotState{},
+		Canary: int(g.kcfg.Canary), CanaryPermille: int(g.kcfg.CanaryPermille),
 	}
 	for slot, gen := range g.gens {
 		if gen != nil {
@@ -134,7 +140,8 @@ func (g *Group) Freeze() UpgradeState {
 // stays read-only for good: the successor owns the maps. After a failed
 // one, the group takes the maps back: slots the failed successor made
 // live are cleared, slots this group released meanwhile are cleared too,
-// and the working slot is this group's again.
+// and the working slot and the canary are this group's again (none, if
+// this group released them meanwhile).
 func (g *Group) Thaw(handedOver bool) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -145,12 +152,20 @@ func (g *Group) Thaw(handedOver bool) error {
 	if g.objs == nil || g.closed {
 		return nil
 	}
-	var cur bpf.SteerConfig
-	if err := g.objs.Config.Lookup(uint32(0), &cur); err != nil {
+	cur, err := readConfig(g.objs.Config, g.cfgSize)
+	if err != nil {
 		return fmt.Errorf("udp %s: thaw: read config: %w", g.addr, err)
+	}
+	// A generation released while frozen only lost its sockets here.
+	if g.working != 0 && g.gens[g.working] == nil {
+		g.log.Warn("udp working generation was released during the failed handover; datagrams are dropped until the next generation", "slot", g.working)
+		g.working = 0
 	}
 	next := g.kcfg
 	next.Working = uint32(g.working)
+	if c := int(next.Canary); c != 0 && (g.gens[c] == nil || c == g.working) {
+		next.Canary, next.CanaryPermille = 0, 0
+	}
 	var errs []error
 	for slot := 1; slot <= contract.MaxSlot; slot++ {
 		if g.gens[slot] != nil || cur.Live&(1<<slot) == 0 {
@@ -230,9 +245,21 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
 		}
 		g.objs = objs
-		if err := objs.Config.Lookup(uint32(0), &g.kcfg); err != nil {
+		// The program is the old supervisor's: it stamps flow entries
+		// with the tick that supervisor found, which is this kernel's.
+		g.tick = bpf.TickNs()
+		if g.cfgSize, err = checkConfigSize(objs.Config); err != nil {
+			g.Close()
+			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
+		}
+		if g.kcfg, err = readConfig(objs.Config, g.cfgSize); err != nil {
 			g.Close()
 			return nil, fmt.Errorf("udp %s: read steering config: %w", st.Addr, err)
+		}
+		if int(g.kcfg.Canary) != st.Canary || int(g.kcfg.CanaryPermille) != st.CanaryPermille {
+			g.log.Warn("udp canary in the handover state differs from the program's; keeping the program's",
+				"state_canary", st.Canary, "state_permille", st.CanaryPermille,
+				"canary", g.kcfg.Canary, "permille", g.kcfg.CanaryPermille)
 		}
 	}
 	closeAll() // whatever adoptObjects did not take
@@ -244,7 +271,8 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 		}
 		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
 	}
-	g.log.Info("udp steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working)
+	g.log.Info("udp steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working,
+		"canary", g.kcfg.Canary, "canary_permille", g.kcfg.CanaryPermille, "canary_support", g.cfgSize == configSize)
 	return g, nil
 }
 

@@ -1,0 +1,121 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/baton-run/baton/internal/bpf"
+	"github.com/baton-run/baton/internal/contract"
+)
+
+// flowBatch is how many flow table entries one system call reads.
+const flowBatch = 4096
+
+// Flows counts, for every live slot, the entries of the program's flow
+// table that the program would still honour: made for the generation that
+// holds the slot now (the slot's current epoch, so not left by a released
+// generation whose slot was reused) and used within the timeout, by the
+// program's own clock (bpf.NowNs), which user space reads to within 10
+// ms; an entry that expired less than that ago may still count.
+//
+// In contract.ModeFlow an entry is a flow (a client 4-tuple), and the
+// timeout is Config.FlowIdle: the count is the flows that stay with the
+// slot's generation, new ones included; a draining generation's falls as
+// its clients go quiet. Expired entries stay in the table until they are
+// reused or evicted, and do not count.
+//
+// In contract.ModeQUIC the table holds, per client 4-tuple, a record of
+// its latest new handshake only, and the timeout is Config.InitialPin:
+// the count is the client 4-tuples that started a handshake with the
+// slot's generation within the last InitialPin (further handshakes of
+// one 4-tuple count once, and a 4-tuple that has started one elsewhere
+// since counts there). It measures where new connections went recently,
+// not how many a generation holds: established connections are routed
+// by their CIDs and have no entry.
+//
+// A slot with no such entry counts 0; in contract.ModeOff there are no
+// slots. The table is read in batches of 4096 entries, without holding
+// the group's lock or stopping the program: the kernel copies a bucket at
+// a time, about half a microsecond per entry (some 35 ms of system time
+// for a full table of 65536). At most twice the table's size is read, even
+// while the program rewrites it. An entry that the program adds or
+// refreshes during the read may or may not count.
+func (g *Group) Flows() (map[int]int, error) {
+	g.mu.Lock()
+	if g.objs == nil || g.closed {
+		g.mu.Unlock()
+		return map[int]int{}, nil
+	}
+	// The program's config, not this group's view of it: a frozen
+	// group's successor writes it.
+	kcfg, err := readConfig(g.objs.Config, g.cfgSize)
+	if err != nil {
+		g.mu.Unlock()
+		return nil, fmt.Errorf("udp %s: flows: read config: %w", g.addr, err)
+	}
+	// A descriptor of its own, which Close cannot pull from under the
+	// read.
+	table, err := g.objs.Flows.Clone()
+	g.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+	}
+	defer table.Close()
+	timeout := g.cfg.FlowIdle
+	if g.cfg.Mode == contract.ModeQUIC {
+		timeout = g.cfg.InitialPin
+	}
+	now, err := bpf.NowNs(g.tick)
+	if err != nil {
+		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+	}
+	counts, err := countFlows(table, kcfg, now, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+	}
+	return counts, nil
+}
+
+// countFlows counts the entries of table that the program would honour
+// at now under kcfg, per live slot.
+func countFlows(table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration) (map[int]int, error) {
+	counts := make(map[int]int)
+	for slot := 1; slot <= contract.MaxSlot; slot++ {
+		if kcfg.Live&(1<<slot) != 0 {
+			counts[slot] = 0
+		}
+	}
+	// A batch read walks the hash table's buckets once, so it ends even
+	// while entries come and go; the bound is for whatever else could make
+	// it run long.
+	limit := 2*int(table.MaxEntries()) + flowBatch
+	keys := make([]bpf.SteerFlowKey, flowBatch)
+	vals := make([]bpf.SteerFlow, flowBatch)
+	var cursor ebpf.MapBatchCursor
+	for read := 0; ; {
+		n, err := table.BatchLookup(&cursor, keys, vals, nil)
+		for _, v := range vals[:n] {
+			slot := int(v.Slot)
+			if _, live := counts[slot]; !live || v.Epoch != kcfg.Epoch[slot] {
+				continue
+			}
+			// The entry's stamp may be up to one USER_HZ tick ahead of
+			// now as user space reads the clock: it is fresh.
+			if v.LastSeen >= now || now-v.LastSeen < uint64(timeout) {
+				counts[slot]++
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return counts, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read flow table: %w", err)
+		}
+		if read += n; read > limit {
+			return nil, fmt.Errorf("read flow table: more than %d entries read from a table of %d", limit, table.MaxEntries())
+		}
+	}
+}
