@@ -48,7 +48,8 @@ type UDPTraffic struct {
 	// generation if they never did.
 	Last time.Time
 	// Flows is the number of flow-table entries the program would still
-	// honour for the slot, -1 if not known.
+	// honour for the slot (steer.Group.Flows: in QUIC mode, client
+	// 4-tuples whose latest handshake it took recently), -1 if not known.
 	Flows int
 }
 
@@ -123,8 +124,10 @@ func (s *Supervisor) trafficSources() *trafficSources {
 	return ts
 }
 
-// countTraffic runs off the loop: one socket dump for all targets.
-func countTraffic(ctx context.Context, src *trafficSources, targets []trafficTarget) map[int]Traffic {
+// countTraffic runs off the loop: one socket dump for all targets, and
+// one read of each UDP group's counters (and, withFlows, of its flow
+// table: a full one takes some 35ms, so only status asks for it).
+func countTraffic(ctx context.Context, src *trafficSources, targets []trafficTarget, withFlows bool) map[int]Traffic {
 	out := make(map[int]Traffic, len(targets))
 	var snap *conns.Snapshot
 	scanErr := src.err
@@ -132,6 +135,19 @@ func countTraffic(ctx context.Context, src *trafficSources, targets []trafficTar
 		var err error
 		if snap, err = conns.Scan(ctx, src.tcp, conns.Options{}); err != nil {
 			scanErr = err
+		}
+	}
+	type udpRead struct {
+		counters map[int]steer.Counters
+		flows    map[int]int
+		err      error
+	}
+	reads := make([]udpRead, len(src.udp))
+	for i, u := range src.udp {
+		r := &reads[i]
+		r.counters, r.err = u.grp.Counters()
+		if r.err == nil && withFlows {
+			r.flows, r.err = u.grp.Flows()
 		}
 	}
 	for _, t := range targets {
@@ -159,11 +175,20 @@ func countTraffic(ctx context.Context, src *trafficSources, targets []trafficTar
 			}
 		}
 		if t.slot != 0 {
-			for _, u := range src.udp {
-				ut, err := udpTraffic(u, t.slot)
+			for i, u := range src.udp {
+				r := reads[i]
+				if r.err != nil {
+					errs = append(errs, r.err)
+					continue
+				}
+				last, err := u.grp.LastActivity(t.slot)
 				if err != nil {
 					errs = append(errs, err)
 					continue
+				}
+				ut := UDPTraffic{Listener: u.name, Datagrams: r.counters[t.slot].Delivered(), Last: last, Flows: -1}
+				if r.flows != nil {
+					ut.Flows = r.flows[t.slot]
 				}
 				tr.UDP = append(tr.UDP, ut)
 			}
@@ -174,18 +199,6 @@ func countTraffic(ctx context.Context, src *trafficSources, targets []trafficTar
 		out[t.num] = tr
 	}
 	return out
-}
-
-func udpTraffic(u udpSource, slot int) (UDPTraffic, error) {
-	last, err := u.grp.LastActivity(slot)
-	if err != nil {
-		return UDPTraffic{}, err
-	}
-	counters, err := u.grp.Counters()
-	if err != nil {
-		return UDPTraffic{}, err
-	}
-	return UDPTraffic{Listener: u.name, Datagrams: counters[slot].Delivered(), Last: last, Flows: -1}, nil
 }
 
 // observe turns what a draining generation holds into what the drain
@@ -246,7 +259,7 @@ func (s *Supervisor) pollDrains() {
 	every := drainPollEvery(s.cfg.DrainIdle)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		traffic := countTraffic(ctx, src, targets)
+		traffic := countTraffic(ctx, src, targets, false)
 		cancel()
 		s.post(func() {
 			for _, g := range gens {
@@ -267,7 +280,7 @@ func (s *Supervisor) statusTraffic(ctx context.Context, st *Status, src *traffic
 	if src == nil || len(targets) == 0 {
 		return
 	}
-	traffic := countTraffic(ctx, src, targets)
+	traffic := countTraffic(ctx, src, targets, true)
 	for i := range st.Gens {
 		if tr, ok := traffic[st.Gens[i].Num]; ok {
 			st.Gens[i].Traffic = &tr
