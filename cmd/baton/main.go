@@ -17,10 +17,13 @@ const usage = `baton: graceful-restart supervisor for network servers
 Usage:
   baton run [flags] -- COMMAND [ARGS...]   supervise COMMAND
   baton restart [flags]                    ask a running supervisor to restart
+                                           (--canary PERCENT: as a canary)
+  baton promote [flags]                    make the canary the working generation
+  baton rollback [flags]                   drain the canary
   baton status [flags]                     show a running supervisor's generations
   baton help                               this text
 
-Run 'baton run -h', 'baton restart -h' or 'baton status -h' for flags.
+Run 'baton COMMAND -h' for a command's flags.
 `
 
 func main() {
@@ -39,6 +42,10 @@ func main() {
 		os.Exit(cli.RestartMain(args, os.Getenv, os.Stdout, os.Stderr))
 	case "status":
 		os.Exit(cli.StatusMain(args, os.Getenv, os.Stdout, os.Stderr))
+	case "promote":
+		os.Exit(cli.PromoteMain(args, os.Getenv, os.Stdout, os.Stderr))
+	case "rollback":
+		os.Exit(cli.RollbackMain(args, os.Getenv, os.Stdout, os.Stderr))
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 	default:

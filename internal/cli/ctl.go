@@ -150,7 +150,8 @@ func (r *request) describeFailure(res control.Result) string {
 		}
 	case control.ResultDenied:
 		s += " (" + permissionHint + ")"
-	case control.ResultChildExited, control.ResultReadyTimeout, control.ResultCheckFailed, control.ResultUpgradeFailed, control.ResultSpawnFailed:
+	case control.ResultChildExited, control.ResultReadyTimeout, control.ResultCheckFailed, control.ResultUpgradeFailed, control.ResultSpawnFailed,
+		control.ResultCanaryUnavailable, control.ResultNoCanary:
 		if res.Generation > 0 {
 			s += fmt.Sprintf("; generation %d keeps serving", res.Generation)
 		}

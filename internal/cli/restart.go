@@ -34,12 +34,18 @@ Flags:
                       the supervisor's path, hand it every socket, let it
                       start a new generation, then drain the old supervisor
                       and its generations (same as SIGUSR2)
+  --canary PERCENT    start the new generation as a canary: once ready it
+                      gets PERCENT (0.1 to 99.9) of new connections, new
+                      UDP flows and new QUIC handshakes, chosen by client
+                      address and port; the working generation keeps the
+                      rest. Then 'baton promote' or 'baton rollback'
   --json              print progress and the result as JSON lines on stdout
   -q                  print no progress and no success line; errors still
                       go to stderr
 
 Exit codes:
-  0  ok                  the new generation is serving
+  0  ok                  the new generation is serving (with --canary: it
+                         takes its share of new connections as the canary)
   1  child_exited,       the new generation (or, with --supervisor, the new
      ready_timeout,      supervisor) failed or could not be started; the
      spawn_failed,       old one keeps serving (also: unknown result,
@@ -57,12 +63,15 @@ Exit codes:
                          this user
   7  timed out           no result within --timeout; a restart already
                          started carries on (see 'baton status')
-  8  too_many_draining,  the supervisor cannot take a restart now
-     no_slot,
-     shutting_down
+  8  too_many_draining,  the supervisor cannot take a restart now (or,
+     no_slot,            with --canary, a canary: no generation serves,
+     shutting_down,      or no listener has a socket per generation)
+     canary_unavailable
   9  untrusted           the process listening on the socket runs as
                          neither root, the owner of the socket's directory,
                          nor this user; nothing was sent to it
+ 10  canary_running      a canary generation runs: 'baton promote' or
+                         'baton rollback' it first; nothing was started
 `
 
 // RestartMain runs the `restart` command and returns its exit code.
@@ -73,6 +82,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	timeout := fs.Duration("timeout", DefaultRestartTimeout, "")
 	wait := fs.Bool("wait", false, "")
 	super := fs.Bool("supervisor", false, "")
+	canaryFlag := fs.String("canary", "", "")
 	asJSON := fs.Bool("json", false, "")
 	quiet := fs.Bool("q", false, "")
 	if ok, code := parseFlags(fs, args, prog, restartUsage, stdout, stderr); !ok {
@@ -80,6 +90,16 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	}
 	if *timeout <= 0 {
 		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
+	}
+	var canary int
+	if set := flagSet(fs, "canary"); set {
+		var err error
+		if canary, err = ParseCanaryPercent(*canaryFlag); err != nil {
+			return usageError(stderr, prog, err.Error())
+		}
+		if *super {
+			return usageError(stderr, prog, "--canary and --supervisor do not go together: upgrade the supervisor with a plain --supervisor once no canary runs")
+		}
 	}
 	path := ControlPath(*controlFlag, env)
 
@@ -101,8 +121,13 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 		}
 	}
 	send := control.Restart
-	if *super {
+	switch {
+	case *super:
 		send = control.Upgrade
+	case canary > 0:
+		send = func(ctx context.Context, path string, wait bool, progress func(control.Event)) (control.Result, error) {
+			return control.RestartCanary(ctx, path, wait, canary, progress)
+		}
 	}
 	res, err := send(ctx, path, *wait, progress)
 	if err != nil {
@@ -155,6 +180,8 @@ func describeEvent(ev control.Event) string {
 		s = fmt.Sprintf("new supervisor (pid %d) took over; %s serving", ev.PID, gen)
 	case control.EventSupervisorHandover:
 		s = fmt.Sprintf("old supervisor (pid %d) draining its generations", ev.PID)
+	case control.EventCanary:
+		s = gen + " is the canary"
 	default:
 		s = ev.Event
 		if ev.Generation > 0 {
@@ -168,6 +195,9 @@ func describeEvent(ev control.Event) string {
 }
 
 func describeSuccess(res control.Result) string {
+	if res.CanaryGeneration > 0 {
+		return describeCanary(res)
+	}
 	var b strings.Builder
 	b.WriteString("ok")
 	if res.Generation > 0 {

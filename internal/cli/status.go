@@ -90,6 +90,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 	} else {
 		head.WriteString(", no working generation")
 	}
+	if c := st.Canary; c != nil {
+		fmt.Fprintf(&head, ", canary generation %d (%s)", c.Generation, percentText(c.Permille))
+	}
 	fmt.Fprintf(&head, ", restarts %d, crashes %d", st.Restarts, st.Crashes)
 	if st.CrashLoop {
 		head.WriteString(", CRASH LOOP")
@@ -100,6 +103,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 	fmt.Fprintln(w, head.String())
 	if st.LastCrash != "" {
 		fmt.Fprintf(w, "last crash: %s\n", st.LastCrash)
+	}
+	if st.LastCanaryFailure != "" {
+		fmt.Fprintf(w, "last canary failure: %s\n", cell(st.LastCanaryFailure))
 	}
 
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -121,6 +127,10 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 		}
 	}
 
+	if err := writeCanary(w, tw, st, at); err != nil {
+		return err
+	}
+
 	fmt.Fprintln(w)
 	if len(st.Gens) == 0 {
 		fmt.Fprintln(w, "no generations")
@@ -131,6 +141,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 		state := cell(g.State)
 		if g.State == control.StateDraining && g.DrainingFor > 0 {
 			state = fmt.Sprintf("%s (%s)", g.State, fmtMS(g.DrainingFor))
+		}
+		if c := st.Canary; c != nil && g.State == control.StateCanary && g.Generation == c.Generation {
+			state = fmt.Sprintf("%s (%s)", g.State, percentText(c.Permille))
 		}
 		age := "-"
 		if !g.StartedAt.IsZero() {
@@ -216,6 +229,40 @@ func writeUDP(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
 			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", cell(l.Name), u.Slot, gen, u.CID, u.Pinned, u.New, u.Fallback, u.Errors, u.Dropped)
 		}
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// writeCanary prints the canary and, per listener, the new connections
+// each side got since it started.
+func writeCanary(w io.Writer, tw *tabwriter.Writer, st *control.Status, at time.Time) error {
+	c := st.Canary
+	if c == nil {
+		return nil
+	}
+	fmt.Fprintln(w)
+	line := fmt.Sprintf("canary: generation %d (pid %d) with %s of new connections", c.Generation, c.PID, percentText(c.Permille))
+	if !c.Since.IsZero() {
+		line += " for " + fmtAge(at.Sub(c.Since))
+	}
+	if st.Working > 0 {
+		line += fmt.Sprintf(", next to working generation %d", st.Working)
+	}
+	fmt.Fprintln(w, line+"; `baton promote` or `baton rollback`")
+	if len(c.Listeners) == 0 {
+		return nil
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "SPLIT\tWORKING NEW\tCANARY NEW\tCANARY SHARE")
+	for _, l := range c.Listeners {
+		share := "-"
+		if total := l.WorkingNew + l.CanaryNew; total > 0 {
+			share = fmt.Sprintf("%.1f%%", 100*float64(l.CanaryNew)/float64(total))
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", cell(l.Name), l.WorkingNew, l.CanaryNew, share)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)

@@ -70,6 +70,25 @@ func Upgrade(ctx context.Context, path string, wait bool, progress func(Event)) 
 	return retryLimit(ctx, path, Request{V: ProtocolVersion, Op: OpUpgrade, Wait: wait}, progress, retryWindow(wait))
 }
 
+// RestartCanary asks for a restart whose new generation becomes a canary
+// with permille thousandths of new connections (MinCanaryPermille..
+// MaxCanaryPermille). wait and progress are as for Restart.
+func RestartCanary(ctx context.Context, path string, wait bool, permille int, progress func(Event)) (Result, error) {
+	return retryLimit(ctx, path, Request{V: ProtocolVersion, Op: OpRestart, Wait: wait, CanaryPermille: permille}, progress, retryWindow(wait))
+}
+
+// Promote asks the supervisor at path to make its canary generation the
+// working one. wait and progress are as for Restart.
+func Promote(ctx context.Context, path string, wait bool, progress func(Event)) (Result, error) {
+	return retryLimit(ctx, path, Request{V: ProtocolVersion, Op: OpPromote, Wait: wait}, progress, retryWindow(wait))
+}
+
+// Rollback asks the supervisor at path to drain its canary generation.
+// wait and progress are as for Restart.
+func Rollback(ctx context.Context, path string, wait bool, progress func(Event)) (Result, error) {
+	return retryLimit(ctx, path, Request{V: ProtocolVersion, Op: OpRollback, Wait: wait}, progress, retryWindow(wait))
+}
+
 // GetStatus asks the supervisor at path for its status; on success
 // Result.Status is set. A connection limit is retried for a few seconds
 // (within ctx) before its busy result is returned.

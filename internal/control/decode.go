@@ -50,15 +50,32 @@ func DecodeRequest(line []byte) (Request, error) {
 		return Request{}, fmt.Errorf("unsupported protocol version %d (this supervisor speaks v%d)", req.V, ProtocolVersion)
 	}
 	switch req.Op {
-	case OpRestart, OpUpgrade:
+	case OpRestart, OpUpgrade, OpPromote, OpRollback:
 	case OpStatus:
 		if req.Wait {
-			return Request{}, errors.New("\"wait\" only applies to ops \"restart\" and \"upgrade\"")
+			return Request{}, errors.New("\"wait\" only applies to ops \"restart\", \"upgrade\", \"promote\" and \"rollback\"")
 		}
 	case "":
 		return Request{}, errors.New("missing \"op\"")
 	default:
-		return Request{}, fmt.Errorf("unknown op %q (want %q, %q or %q)", req.Op, OpRestart, OpStatus, OpUpgrade)
+		return Request{}, fmt.Errorf("unknown op %q (want %q, %q, %q, %q or %q)", req.Op, OpRestart, OpStatus, OpUpgrade, OpPromote, OpRollback)
+	}
+	if err := checkCanaryPermille(req); err != nil {
+		return Request{}, err
 	}
 	return req, nil
+}
+
+// checkCanaryPermille: a share only on a restart, and a share that leaves
+// both the canary and the working generation something.
+func checkCanaryPermille(req Request) error {
+	switch {
+	case req.CanaryPermille == 0:
+		return nil
+	case req.Op != OpRestart:
+		return fmt.Errorf("\"canary_permille\" only applies to op %q", OpRestart)
+	case req.CanaryPermille < MinCanaryPermille || req.CanaryPermille > MaxCanaryPermille:
+		return fmt.Errorf("\"canary_permille\" %d outside %d..%d (thousandths of new connections)", req.CanaryPermille, MinCanaryPermille, MaxCanaryPermille)
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package control
 
-// Exit codes of `restart` (and `baton restart`) and `baton status`.
+// Exit codes of `restart` (and `baton restart`), `baton promote`,
+// `baton rollback` and `baton status`.
 // Scripts and ExecReload= depend on them, so they never change meaning.
 const (
 	ExitOK          = 0 // ok
@@ -13,10 +14,15 @@ const (
 	ExitNoSupervisor = 5
 	ExitDenied       = 6 // denied, or the socket's permissions refused us
 	ExitTimeout      = 7 // no result within --timeout
-	ExitUnavailable  = 8 // too_many_draining, no_slot, shutting_down
+	ExitUnavailable  = 8 // too_many_draining, no_slot, shutting_down, canary_unavailable
 	// ExitUntrusted: the process listening on the control socket is not
 	// one the client trusts (ErrUntrusted); the request was not sent.
 	ExitUntrusted = 9
+	// ExitCanaryRunning: a canary generation runs; promote or roll it
+	// back before a restart or a supervisor upgrade.
+	ExitCanaryRunning = 10
+	// ExitNoCanary: promote or rollback, but no canary generation runs.
+	ExitNoCanary = 11
 )
 
 // ExitCode maps a result code to the exit code of `restart`.
@@ -34,8 +40,12 @@ func ExitCode(c Code) int {
 		return ExitBusy
 	case ResultDenied:
 		return ExitDenied
-	case ResultTooManyDraining, ResultNoSlot, ResultShuttingDown:
+	case ResultTooManyDraining, ResultNoSlot, ResultShuttingDown, ResultCanaryUnavailable:
 		return ExitUnavailable
+	case ResultCanaryRunning:
+		return ExitCanaryRunning
+	case ResultNoCanary:
+		return ExitNoCanary
 	}
 	return ExitFailed
 }

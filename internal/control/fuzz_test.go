@@ -30,6 +30,12 @@ func FuzzDecodeRequest(f *testing.F) {
 		"{\"v\":1,\"op\":\"restart\xff\"}",
 		`{"v":1,"op":"restart","wait":null}`,
 		strings.Repeat(" ", MaxRequestSize+1),
+		`{"v":1,"op":"upgrade","wait":true}`,
+		`{"v":1,"op":"promote"}`,
+		`{"v":1,"op":"rollback","wait":true}`,
+		`{"v":1,"op":"restart","canary_permille":100}`,
+		`{"v":1,"op":"restart","canary_permille":1000}`,
+		`{"v":1,"op":"promote","canary_permille":5}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -47,8 +53,13 @@ func FuzzDecodeRequest(f *testing.F) {
 		if req.V != ProtocolVersion {
 			t.Fatalf("accepted version %d", req.V)
 		}
-		if req.Op != OpRestart && req.Op != OpStatus {
+		switch req.Op {
+		case OpRestart, OpStatus, OpUpgrade, OpPromote, OpRollback:
+		default:
 			t.Fatalf("accepted op %q", req.Op)
+		}
+		if req.CanaryPermille != 0 && (req.Op != OpRestart || req.CanaryPermille < MinCanaryPermille || req.CanaryPermille > MaxCanaryPermille) {
+			t.Fatalf("accepted canary_permille %d on op %q", req.CanaryPermille, req.Op)
 		}
 		if req.Op == OpStatus && req.Wait {
 			t.Fatal("accepted wait on a status request")

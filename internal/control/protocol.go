@@ -47,6 +47,19 @@ const (
 	// OpUpgrade replaces the supervisor itself with the baton binary now
 	// at its path (`restart --supervisor`), handing over every socket.
 	OpUpgrade = "upgrade"
+	// OpPromote makes the canary generation (a restart with
+	// CanaryPermille) the working one; the old working one drains.
+	OpPromote = "promote"
+	// OpRollback stops giving the canary generation new connections and
+	// drains it; the working generation serves everything again.
+	OpRollback = "rollback"
+)
+
+// A canary's share of new connections, in thousandths: at least one, and
+// never all of them (that is a plain restart).
+const (
+	MinCanaryPermille = 1
+	MaxCanaryPermille = 999
 )
 
 // Request is the single line a client sends.
@@ -56,6 +69,11 @@ type Request struct {
 	// Wait makes a restart queue behind one already running instead of
 	// getting ResultBusy.
 	Wait bool `json:"wait,omitempty"`
+	// CanaryPermille, on a restart, makes the new generation a canary:
+	// it gets this many thousandths (1..999) of new connections and
+	// flows, the working generation the rest, until OpPromote or
+	// OpRollback. 0 is a plain restart.
+	CanaryPermille int `json:"canary_permille,omitempty"`
 }
 
 // Code is the typed outcome of a request.
@@ -84,6 +102,17 @@ const (
 	// (its working directory is gone, no descriptors left, ...); the
 	// old one keeps serving.
 	ResultSpawnFailed Code = "spawn_failed"
+
+	// ResultCanaryRunning: a canary generation runs, so a restart (with
+	// or without a canary) or a supervisor upgrade is refused until it
+	// is promoted or rolled back.
+	ResultCanaryRunning Code = "canary_running"
+	// ResultNoCanary: promote or rollback with no canary generation.
+	ResultNoCanary Code = "no_canary"
+	// ResultCanaryUnavailable: a canary cannot be started: no generation
+	// serves to share with, or no listener gives each generation its own
+	// sockets (tcp:// with ?steer=off, unix://).
+	ResultCanaryUnavailable Code = "canary_unavailable"
 )
 
 // Message types on the wire.
@@ -100,6 +129,9 @@ const (
 	EventReady    = "ready"    // new generation reported ready
 	EventFlipped  = "flipped"  // new generation is the working generation
 	EventDraining = "draining" // old generation told to drain: Generation, PID
+	// EventCanary: the new generation takes its share of new connections
+	// as a canary (Generation, PID); the working one keeps the rest.
+	EventCanary = "canary"
 
 	// Supervisor upgrade: the new baton took over (PID, with its first
 	// generation), and the old one began to drain.
@@ -137,6 +169,14 @@ type Result struct {
 	// what made the request busy. Supervisors before this field never set
 	// it.
 	Limit string `json:"limit,omitempty"`
+
+	// The canary generation, its pid and its share in thousandths of new
+	// connections: on the result of a restart that started it, and of a
+	// rollback that drained it. Generation and PID above stay the working
+	// generation's.
+	CanaryGeneration int `json:"canary_generation,omitempty"`
+	CanaryPID        int `json:"canary_pid,omitempty"`
+	CanaryPermille   int `json:"canary_permille,omitempty"`
 }
 
 // Connection limits a busy result may name in Result.Limit.
@@ -161,6 +201,37 @@ type Status struct {
 	OpenFDs    int              `json:"open_fds"`
 	Gens       []GenStatus      `json:"generations"`
 	Listeners  []ListenerStatus `json:"listeners"`
+
+	// Canary is set while a canary generation runs (restart --canary).
+	Canary *CanaryStatus `json:"canary,omitempty"`
+	// LastCanaryFailure says how the last canary that exited on its own
+	// ended; the working generation was not touched.
+	LastCanaryFailure string `json:"last_canary_failure,omitempty"`
+}
+
+// CanaryStatus is the canary generation and how new connections split
+// between it and the working generation.
+type CanaryStatus struct {
+	Generation int       `json:"generation"`
+	PID        int       `json:"pid"`
+	Permille   int       `json:"permille"` // its share of new connections, in thousandths
+	Since      time.Time `json:"since"`    // when it became the canary
+	// Listeners: what each listener that steers per generation gave each
+	// side since the canary started.
+	Listeners []CanarySplit `json:"listeners,omitempty"`
+}
+
+// CanarySplit is one listener's new connections (TCP) or new flows and
+// QUIC handshakes (UDP), as the steering program counted them, for the
+// working generation and the canary since the canary started. The
+// working side counts from its generation's start if it was respawned
+// meanwhile.
+type CanarySplit struct {
+	Name        string `json:"name"`
+	WorkingSlot int    `json:"working_slot"`
+	CanarySlot  int    `json:"canary_slot"`
+	WorkingNew  uint64 `json:"working_new"`
+	CanaryNew   uint64 `json:"canary_new"`
 }
 
 // Generation states.
@@ -168,6 +239,9 @@ const (
 	StateStarting = "starting"
 	StateServing  = "serving"
 	StateDraining = "draining"
+	// StateCanary: ready and given a share of new connections next to
+	// the working generation, until promoted or rolled back.
+	StateCanary = "canary"
 )
 
 // GenStatus is one generation.

@@ -28,6 +28,18 @@ type Handler interface {
 	Status(ctx context.Context) Status
 }
 
+// CanaryHandler is a Handler that also runs canary generations: a
+// restart with Request.CanaryPermille, OpPromote and OpRollback. A
+// handler without it answers those requests with ResultBadRequest.
+type CanaryHandler interface {
+	Handler
+	// RestartCanary starts a new generation as a canary with permille
+	// thousandths of new connections.
+	RestartCanary(ctx context.Context, wait bool, permille int, progress func(Event)) Result
+	Promote(ctx context.Context, wait bool, progress func(Event)) Result
+	Rollback(ctx context.Context, wait bool, progress func(Event)) Result
+}
+
 // Defaults for the Server's connection limits and log rate, next to
 // DefaultMaxConns. Root and the supervisor's uid each have a budget of
 // DefaultMaxConnsPerUID; every other allowed uid has one too, but all of
@@ -244,11 +256,12 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 				res.PID = g.PID
 			}
 		}
-	case OpRestart, OpUpgrade:
-		log.Info("control socket: "+req.Op+" requested", "wait", req.Wait)
-		run := h.Restart
-		if req.Op == OpUpgrade {
-			run = h.Upgrade
+	case OpRestart, OpUpgrade, OpPromote, OpRollback:
+		log.Info("control socket: "+req.Op+" requested", "wait", req.Wait, "canary_permille", req.CanaryPermille)
+		run, ok := operation(h, req)
+		if !ok {
+			res = Result{Result: ResultBadRequest, Message: fmt.Sprintf("this supervisor does not run canary generations (op %q, canary_permille %d)", req.Op, req.CanaryPermille)}
+			break
 		}
 		var werr error
 		res, werr = s.restart(ctx, c, run, req.Wait, log)
@@ -274,6 +287,27 @@ func (s *Server) handleConn(ctx context.Context, c *net.UnixConn, p peer, h Hand
 	default:
 		log.Info("control socket: request done", attrs...)
 	}
+}
+
+// operation is the handler method that carries out req, an op that
+// changes generations; false if h cannot (no CanaryHandler).
+func operation(h Handler, req Request) (func(context.Context, bool, func(Event)) Result, bool) {
+	ch, canary := h.(CanaryHandler)
+	switch {
+	case req.Op == OpUpgrade:
+		return h.Upgrade, true
+	case req.Op == OpRestart && req.CanaryPermille == 0:
+		return h.Restart, true
+	case !canary:
+		return nil, false
+	case req.Op == OpPromote:
+		return ch.Promote, true
+	case req.Op == OpRollback:
+		return ch.Rollback, true
+	}
+	return func(ctx context.Context, wait bool, progress func(Event)) Result {
+		return ch.RestartCanary(ctx, wait, req.CanaryPermille, progress)
+	}, true
 }
 
 var (

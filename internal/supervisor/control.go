@@ -25,7 +25,7 @@ func (s *Supervisor) openControl(cfg *config.Config) (*control.Server, error) {
 // controlHandler serves control socket requests with the supervisor.
 type controlHandler struct{ s *Supervisor }
 
-var _ control.Handler = controlHandler{}
+var _ control.CanaryHandler = controlHandler{}
 
 func (h controlHandler) Restart(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
 	return wireResult(h.s.Restart(ctx, wait, wireProgress(progress)))
@@ -50,6 +50,10 @@ var wireCodes = map[Code]control.Code{
 	NoSlot:          control.ResultNoSlot,
 	UpgradeFailed:   control.ResultUpgradeFailed,
 	SpawnFailed:     control.ResultSpawnFailed,
+
+	CanaryRunning:     control.ResultCanaryRunning,
+	NoCanary:          control.ResultNoCanary,
+	CanaryUnavailable: control.ResultCanaryUnavailable,
 }
 
 var wireSteps = map[Step]string{
@@ -61,12 +65,14 @@ var wireSteps = map[Step]string{
 	StepDraining:       control.EventDraining,
 	StepSuccessorReady: control.EventSupervisorReady,
 	StepHandedOver:     control.EventSupervisorHandover,
+	StepCanary:         control.EventCanary,
 }
 
 var wireStates = map[GenState]string{
 	Starting: control.StateStarting,
 	Serving:  control.StateServing,
 	Draining: control.StateDraining,
+	Canary:   control.StateCanary,
 }
 
 func wireCode(c Code) control.Code {
@@ -80,6 +86,7 @@ func wireResult(r Result) control.Result {
 	return control.Result{
 		V: control.ProtocolVersion, Type: control.TypeResult, Result: wireCode(r.Code), Message: r.Message,
 		Generation: r.Generation, PID: r.PID, SupervisorPID: r.SupervisorPID,
+		CanaryGeneration: r.CanaryGeneration, CanaryPID: r.CanaryPID, CanaryPermille: r.CanaryPermille,
 		DurationMS: ms(r.Duration),
 	}
 }
@@ -121,6 +128,7 @@ func wireStatus(st Status) control.Status {
 		PID: st.PID, StartedAt: st.StartedAt, Working: st.Working, Restarts: st.Restarts, Crashes: st.Crashes,
 		CrashLoop: st.CrashLoop, LastCrash: st.LastCrash, Stopping: st.Stopping,
 		Goroutines: st.Goroutines, OpenFDs: st.OpenFDs,
+		Canary: wireCanary(st.Canary), LastCanaryFailure: st.LastCanaryFailure,
 	}
 	if st.Gens != nil {
 		out.Gens = make([]control.GenStatus, 0, len(st.Gens))
@@ -155,3 +163,30 @@ func wireStatus(st Status) control.Status {
 // ms is a duration in milliseconds with microsecond precision, as the
 // wire has it.
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// Canary generations (canary.go) on the wire.
+
+func (h controlHandler) RestartCanary(ctx context.Context, wait bool, permille int, progress func(control.Event)) control.Result {
+	return wireResult(h.s.RestartCanary(ctx, wait, permille, wireProgress(progress)))
+}
+
+func (h controlHandler) Promote(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+	return wireResult(h.s.Promote(ctx, wait, wireProgress(progress)))
+}
+
+func (h controlHandler) Rollback(ctx context.Context, wait bool, progress func(control.Event)) control.Result {
+	return wireResult(h.s.Rollback(ctx, wait, wireProgress(progress)))
+}
+
+func wireCanary(c *CanaryStatus) *control.CanaryStatus {
+	if c == nil {
+		return nil
+	}
+	out := &control.CanaryStatus{Generation: c.Num, PID: c.PID, Permille: c.Permille, Since: c.Since}
+	for _, l := range c.Listeners {
+		out.Listeners = append(out.Listeners, control.CanarySplit{
+			Name: l.Name, WorkingSlot: l.WorkingSlot, CanarySlot: l.CanarySlot, WorkingNew: l.WorkingNew, CanaryNew: l.CanaryNew,
+		})
+	}
+	return out
+}

@@ -19,6 +19,7 @@ func TestWireNames(t *testing.T) {
 		OK: "ok", CheckFailed: "check_failed", ChildExited: "child_exited", ReadyTimeout: "ready_timeout",
 		Busy: "busy", TooManyDraining: "too_many_draining", ShuttingDown: "shutting_down", NoSlot: "no_slot",
 		UpgradeFailed: "upgrade_failed", SpawnFailed: "spawn_failed",
+		CanaryRunning: "canary_running", NoCanary: "no_canary", CanaryUnavailable: "canary_unavailable",
 	}
 	if len(codes) != len(codeNames) || len(wireCodes) != len(codeNames) {
 		t.Fatalf("%d codes, %d names, %d wire codes", len(codes), len(codeNames), len(wireCodes))
@@ -32,6 +33,7 @@ func TestWireNames(t *testing.T) {
 		StepQueued: "queued", StepChecked: "checked", StepSpawned: "spawned", StepReady: "ready",
 		StepFlipped: "flipped", StepDraining: "draining",
 		StepSuccessorReady: "supervisor_ready", StepHandedOver: "supervisor_handover",
+		StepCanary: "canary",
 	}
 	if len(steps) != len(stepNames) || len(wireSteps) != len(stepNames) {
 		t.Fatalf("%d steps, %d names, %d wire steps", len(steps), len(stepNames), len(wireSteps))
@@ -43,7 +45,7 @@ func TestWireNames(t *testing.T) {
 			t.Errorf("step %d: wire %q, name %q; want %q", int(s), got, s, want)
 		}
 	}
-	for s, want := range map[GenState]string{Starting: "starting", Serving: "serving", Draining: "draining"} {
+	for s, want := range map[GenState]string{Starting: "starting", Serving: "serving", Draining: "draining", Canary: "canary"} {
 		if wireStates[s] != want || s.String() != want {
 			t.Errorf("state %d: wire %q, name %q; want %q", int(s), wireStates[s], s, want)
 		}

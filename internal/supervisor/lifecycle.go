@@ -161,6 +161,8 @@ func (s *Supervisor) reaped(g *generation) {
 		s.scheduleRespawn(delay)
 	case g.state == Draining:
 		g.log.Info("generation drained", "status", g.exitDesc, "drain", time.Since(g.drainStart).Round(time.Millisecond))
+	case g.state == Canary:
+		s.canaryExited(g)
 	default:
 		g.log.Warn("generation exited before serving", "status", g.exitDesc)
 	}

@@ -35,6 +35,15 @@ const (
 	UpgradeFailed
 	// SpawnFailed: the new generation could not be started at all.
 	SpawnFailed
+
+	// CanaryRunning: a canary generation runs; a restart or an upgrade
+	// waits for its promotion or rollback.
+	CanaryRunning
+	// NoCanary: promote or rollback, but no canary runs.
+	NoCanary
+	// CanaryUnavailable: a canary cannot start: nothing serves to share
+	// with, or no listener steers per generation.
+	CanaryUnavailable
 )
 
 var codeNames = map[Code]string{
@@ -48,6 +57,10 @@ var codeNames = map[Code]string{
 	NoSlot:          "no_slot",
 	UpgradeFailed:   "upgrade_failed",
 	SpawnFailed:     "spawn_failed",
+
+	CanaryRunning:     "canary_running",
+	NoCanary:          "no_canary",
+	CanaryUnavailable: "canary_unavailable",
 }
 
 func (c Code) String() string {
@@ -70,6 +83,10 @@ type Result struct {
 	// SupervisorPID, for an upgrade: the supervisor serving after it.
 	SupervisorPID int
 	Duration      time.Duration
+
+	// The canary generation, its pid and share in thousandths: after the
+	// restart that started it, and the rollback that drained it.
+	CanaryGeneration, CanaryPID, CanaryPermille int
 }
 
 func result(code Code, msg string, start time.Time) Result {
@@ -91,6 +108,9 @@ const (
 	// this one began to drain.
 	StepSuccessorReady
 	StepHandedOver
+	// StepCanary: a canary restart's new generation takes its share of
+	// new connections, instead of StepFlipped.
+	StepCanary
 )
 
 var stepNames = map[Step]string{
@@ -102,6 +122,7 @@ var stepNames = map[Step]string{
 	StepDraining:       "draining",
 	StepSuccessorReady: "supervisor_ready",
 	StepHandedOver:     "supervisor_handover",
+	StepCanary:         "canary",
 }
 
 func (s Step) String() string {

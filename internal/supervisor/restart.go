@@ -32,15 +32,21 @@ const (
 // config re-read: single-flight, or queued behind the running restart or
 // upgrade with wait. progress hears each step.
 func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(Progress)) Result {
+	return s.restart(ctx, wait, 0, progress)
+}
+
+// restart is Restart, or with canary (thousandths of new connections)
+// RestartCanary.
+func (s *Supervisor) restart(ctx context.Context, wait bool, canary int, progress func(Progress)) Result {
 	if res, ok := s.acquire(ctx, wait, progress); !ok {
 		return res
 	}
 	defer func() { <-s.sem }()
 	if s.opts.Events == nil {
-		return s.runRestart(true, reasonRequest, progress)
+		return s.replace(true, reasonRequest, canary, progress)
 	}
 	s.opts.Events.Reloading()
-	res := s.runRestart(true, reasonRequest, progress)
+	res := s.replace(true, reasonRequest, canary, progress)
 	var failed, message string
 	if res.Code != OK {
 		failed, message = res.Code.String(), res.Message
@@ -75,6 +81,12 @@ func (s *Supervisor) acquire(ctx context.Context, wait bool, progress func(Progr
 // reload re-reads the config and runs the check command; a crash respawn
 // and the first start use the current config as it is.
 func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progress)) Result {
+	return s.replace(reload, reason, 0, progress)
+}
+
+// replace is runRestart; with canary (thousandths of new connections) the
+// new generation, once ready, becomes a canary instead of working.
+func (s *Supervisor) replace(reload bool, reason string, canary int, progress func(Progress)) Result {
 	start := time.Now()
 	var cfg *config.Config
 	var stopping bool
@@ -90,6 +102,11 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progre
 		draining += len(s.adopted)
 	}) || stopping {
 		return result(ShuttingDown, s.stoppingMessage(), start)
+	}
+	// While a canary runs, only a crash respawn replaces the working
+	// generation (canary.go).
+	if res, refused := s.canaryGate(reason, canary, start); refused {
+		return res
 	}
 	if reload {
 		next, err := s.loadConfig()
@@ -162,6 +179,9 @@ func (s *Supervisor) runRestart(reload bool, reason string, progress func(Progre
 		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
 	progress(progressAt(StepReady, g.num, g.pid, ""))
+	if canary > 0 {
+		return s.startCanary(g, cfg, canary, start, progress)
+	}
 
 	var old *generation
 	var ok bool

@@ -16,11 +16,14 @@ import (
 type GenState int
 
 // A generation is Starting until it is flipped, then Serving, then
-// Draining; it leaves the status when it is reaped.
+// Draining; it leaves the status when it is reaped. A canary restart's
+// generation is Canary instead of Serving until it is promoted (Serving)
+// or rolled back (Draining).
 const (
 	Starting GenState = iota
 	Serving
 	Draining
+	Canary
 )
 
 func (g GenState) String() string {
@@ -31,6 +34,8 @@ func (g GenState) String() string {
 		return "serving"
 	case Draining:
 		return "draining"
+	case Canary:
+		return "canary"
 	}
 	return "state(" + strconv.Itoa(int(g)) + ")"
 }
@@ -50,6 +55,11 @@ type Status struct {
 	OpenFDs    int
 	Gens       []GenStatus
 	Listeners  []ListenerStatus
+
+	// Canary is set while a canary generation runs; LastCanaryFailure
+	// says how the last one that exited on its own ended.
+	Canary            *CanaryStatus
+	LastCanaryFailure string
 }
 
 // GenStatus is one generation, the previous supervisor's included.
@@ -114,6 +124,9 @@ func (st Status) Summary() string {
 			serving += " (crash loop)"
 		}
 	}
+	if c := st.Canary; c != nil {
+		serving += fmt.Sprintf(", canary generation %d (pid %d) with %s", c.Num, c.PID, permilleText(c.Permille))
+	}
 	return fmt.Sprintf("%s, %d draining", serving, draining)
 }
 
@@ -174,6 +187,7 @@ func (s *Supervisor) status() Status {
 		}
 		st.Gens = append(st.Gens, gs)
 	}
+	st.Canary, st.LastCanaryFailure = s.canaryStatus(), s.lastCanaryFailure
 	for _, a := range s.adopted {
 		st.Gens = append(st.Gens, GenStatus{
 			Num: a.Num, PID: a.PID, State: Draining, StartedAt: a.StartedAt,

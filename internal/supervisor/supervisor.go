@@ -137,6 +137,12 @@ type Supervisor struct {
 	// slotHolds counts, per steering slot, the kinds of group (UDP,
 	// TCP) and the adopted generations that hold it.
 	slotHolds [contract.Slots]int
+
+	// canary is the canary generation while one runs (canary.go);
+	// lastCanaryFailure says how the last one that exited on its own
+	// ended.
+	canary            *canaryRun
+	lastCanaryFailure string
 }
 
 // New prepares a supervisor with an already loaded configuration.

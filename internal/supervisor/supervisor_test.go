@@ -96,6 +96,7 @@ type harness struct {
 // harnessOpts adds to what newHarness sets up.
 type harnessOpts struct {
 	udp      bool // a UDP listener (steer=off) besides the Unix one
+	tcp      bool // a TCP listener with a socket per generation (canary_test.go)
 	upgrader Upgrader
 	events   EventSink
 	// successor makes the supervisor one that took over from a
@@ -137,6 +138,9 @@ func newHarnessWith(t *testing.T, mode string, tweak func(*config.Config), ho ha
 		}
 		t.Cleanup(func() { sock.Close() })
 		h.socks = append(h.socks, sock)
+	}
+	if ho.tcp {
+		h.socks = append(h.socks, openSteeredTCP(t))
 	}
 	cfg, err := h.load(context.Background())
 	if err != nil {

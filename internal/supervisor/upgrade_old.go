@@ -112,6 +112,10 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(Progr
 		return res
 	}
 	defer func() { <-s.sem }()
+	// The successor would not know the canary (canary.go).
+	if res, refused := s.refuseWhileCanary("upgrade the supervisor", start); refused {
+		return res
+	}
 
 	var st upgrade.State
 	var ok bool
