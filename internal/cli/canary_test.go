@@ -284,9 +284,9 @@ canary: generation 3 (pid 1300) with 2.5% of new connections for 1m0s, next to w
 SPLIT  WORKING NEW  CANARY NEW  CANARY SHARE
 http   975          25          2.5%
 
-GEN  PID   STATE          AGE   READY  STATUS
-2    1200  serving        1h0m  10ms   -
-3    1300  canary (2.5%)  2m0s  20ms   -
+GEN  PID   STATE          AGE   READY  HOLDS  STATUS
+2    1200  serving        1h0m  10ms   -      -
+3    1300  canary (2.5%)  2m0s  20ms   -      -
 `
 	if stdout != want {
 		t.Errorf("got:\n%s\nwant:\n%s", stdout, want)

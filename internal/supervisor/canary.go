@@ -151,8 +151,6 @@ func (s *Supervisor) activeCanary() *canaryRun {
 // generation its own sockets, which a canary's share needs.
 func (s *Supervisor) steersPerGeneration() bool {
 	for _, sk := range s.opts.Sockets {
-		// UDP: until Group.SetCanary is wired in setCanaryUDP, a UDP
-		// listener takes a canary but gives it no share.
 		if sk.TCP != nil || (sk.UDP != nil && sk.UDP.Config().Mode != contract.ModeOff) {
 			return true
 		}
@@ -293,7 +291,7 @@ func (s *Supervisor) rollback(start time.Time) (Result, *generation) {
 	// once it stops accepting.
 	s.setCanarySteering(0, 0)
 	c.g.log.Info("canary rolled back")
-	s.drain(c.g, s.cfg.DrainTimeout)
+	s.drain(c.g, s.cfg)
 	if s.opts.Events != nil {
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}
@@ -347,8 +345,8 @@ func (s *Supervisor) setCanarySteering(slot, permille int) {
 		switch {
 		case sk.TCP != nil:
 			err = sk.TCP.SetCanary(slot, permille)
-		case sk.UDP != nil:
-			err = setCanaryUDP(sk.UDP, slot, permille)
+		case sk.UDP != nil && sk.UDP.Config().Mode != contract.ModeOff:
+			err = sk.UDP.SetCanary(slot, permille)
 		default:
 			continue
 		}
@@ -356,13 +354,6 @@ func (s *Supervisor) setCanarySteering(slot, permille int) {
 			s.log.Error("canary steering failed; the listener's new connections may not split as asked", "listener", sk.Spec.Name, "slot", slot, "permille", permille, "err", err)
 		}
 	}
-}
-
-// setCanaryUDP gives slot permille thousandths of grp's new flows and
-// QUIC handshakes; slot 0 ends the canary.
-func setCanaryUDP(grp *steer.Group, slot, permille int) error {
-	// UDP: Group.SetCanary
-	return nil
 }
 
 // workingCounts runs on the loop: each steered listener's working slot

@@ -204,6 +204,10 @@ func (s *Supervisor) status() Status {
 			ls.Steer, ls.Workers, ls.WorkingSlot = cfg.Mode.String(), cfg.Workers, sk.UDP.Working()
 			ls.UDP = s.udpStatus(sk.UDP)
 		}
+		if sk.TCP != nil {
+			// A socket per generation, the program picks the working one.
+			ls.Steer, ls.Workers, ls.WorkingSlot = "tcp", 1, sk.TCP.Working()
+		}
 		st.Listeners = append(st.Listeners, ls)
 	}
 	return st
