@@ -15,6 +15,7 @@ import (
 var onlySections = map[string]func(*env) error{
 	"tcp-accept":  (*env).tcpAcceptSection,
 	"tcp-migrate": (*env).tcpMigrateSection,
+	"drain":       (*env).drainSection,
 	"tcp": func(e *env) error {
 		if err := e.tcpAcceptSection(); err != nil {
 			return err
