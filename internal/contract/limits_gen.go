@@ -18,7 +18,7 @@ const (
 	NoWorker = 255 // STEER_NO_WORKER
 	// HeaderBytes is how many bytes of each datagram, UDP header included, the program copies before parsing.
 	HeaderBytes = 40 // STEER_HDR_BYTES
-	// Permille is the whole of a TCP canary's share: the share is in thousandths of new connections.
+	// Permille is the whole of a canary's share: shares are in thousandths of new TCP connections, UDP flows or QUIC handshakes.
 	Permille = 1000 // STEER_PERMILLE
 )
 

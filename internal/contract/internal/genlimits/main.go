@@ -50,7 +50,7 @@ var enums = []enum{
 			{"STEER_PIN_CID_BYTES", "PinCIDBytes", "PinCIDBytes is how many DCID bytes an Initial pin key holds."},
 			{"STEER_NO_WORKER", "NoWorker", "NoWorker as steer_worker_offset means the CID has no worker octet."},
 			{"STEER_HDR_BYTES", "HeaderBytes", "HeaderBytes is how many bytes of each datagram, UDP header included, the program copies before parsing."},
-			{"STEER_PERMILLE", "Permille", "Permille is the whole of a TCP canary's share: the share is in thousandths of new connections."},
+			{"STEER_PERMILLE", "Permille", "Permille is the whole of a canary's share: shares are in thousandths of new TCP connections, UDP flows or QUIC handshakes."},
 		},
 	},
 	{
