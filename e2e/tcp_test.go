@@ -223,20 +223,28 @@ func TestTCPCrashRespawnRefusesNothing(t *testing.T) {
 // with blocking calls after a Go one, lose no request across restarts
 // and cause no crash loop: each generation has its own socket.
 func TestTCPServersThatBreakSharing(t *testing.T) {
+	unmodified := func(flags ...string) []string {
+		return append([]string{bin.Unmodified, "-h3", "none", "-drain-timeout", "5s"}, flags...)
+	}
+	python, err := filepath.Abs("testdata/blocking_accept.py")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		name        string
 		first, next []string
 	}{
-		{"shutdown-listener", []string{"-shutdown-listener"}, []string{"-shutdown-listener"}},
-		{"blocking-accept", nil, []string{"-blocking-accept"}},
+		{"shutdown-listener", unmodified("-shutdown-listener"), unmodified("-shutdown-listener")},
+		{"blocking-accept", unmodified(), unmodified("-blocking-accept")},
+		// A Python server that accepts the way C servers do, after a Go
+		// one, which sets O_NONBLOCK on the socket it was given.
+		{"python-blocking-accept", unmodified(), []string{"python3", python}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			h := newHarness(t)
 			cfg := filepath.Join(h.dir, "baton.toml")
 			listen := []string{"http", "tcp://" + httpAddr}
-			command := func(flags []string) []string {
-				return append([]string{bin.Unmodified, "-h3", "none", "-drain-timeout", "5s"}, flags...)
-			}
+			command := func(argv []string) []string { return argv }
 			writeFile(t, cfg, tomlConfig(command(c.first), listen, `drain_timeout = "3s"`))
 			b := h.startBaton(batontest.Run{Args: []string{"--config", cfg}})
 			st := h.waitServing(b, 1)
