@@ -65,6 +65,8 @@ type generation struct {
 	plan *drainPlan
 	// signalled: it got the drain signal.
 	signalled bool
+	// drainDeadline: when it gets SIGKILL.
+	drainDeadline time.Time
 	// graceTimer gives it the drain signal at the plan's latest time.
 	graceTimer *time.Timer
 	// trafficErrLogged: why its traffic cannot be counted was logged.

@@ -54,6 +54,7 @@ func (s *Supervisor) startDrain(g *generation, timeout time.Duration, plan *drai
 	}
 	g.state = Draining
 	g.drainStart = time.Now()
+	g.drainDeadline = g.drainStart.Add(timeout)
 	g.noticeDrain()
 	g.plan = plan
 	if plan == nil || plan.policy != config.DrainIdle {
@@ -451,4 +452,29 @@ func (s *Supervisor) stoppingMessage() string {
 		return fmt.Sprintf("this supervisor handed over to a new one (pid %d); send the request again", pid)
 	}
 	return "the supervisor is stopping"
+}
+
+// drainingSummary runs on the loop: each draining generation, how long
+// until its deadline and whether it still waits for its traffic to end,
+// for a refusal that says what keeps the generations.
+func (s *Supervisor) drainingSummary() string {
+	var parts []string
+	for _, g := range s.gens {
+		if g.state != Draining {
+			continue
+		}
+		p := fmt.Sprintf("generation %d", g.num)
+		if !g.drainDeadline.IsZero() {
+			p += fmt.Sprintf(" (SIGKILL in %s", time.Until(g.drainDeadline).Round(time.Second))
+			if !g.signalled {
+				p += ", not signalled: it still holds connections or datagrams"
+			}
+			p += ")"
+		}
+		parts = append(parts, p)
+	}
+	for _, a := range s.adopted {
+		parts = append(parts, fmt.Sprintf("generation %d of the previous supervisor", a.Num))
+	}
+	return strings.Join(parts, ", ")
 }

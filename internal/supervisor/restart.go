@@ -91,6 +91,7 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 	var cfg *config.Config
 	var stopping bool
 	var draining int
+	var drainingWhy string
 	var hasWorking bool
 	if !s.call(func() {
 		cfg, stopping, hasWorking = s.cfg, s.stopping, s.working != nil
@@ -100,6 +101,7 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 			}
 		}
 		draining += len(s.adopted)
+		drainingWhy = s.drainingSummary()
 	}) || stopping {
 		return result(ShuttingDown, s.stoppingMessage(), start)
 	}
@@ -124,7 +126,11 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 		}
 		cfg = next
 		if hasWorking && draining >= cfg.MaxDrainingLimit() {
-			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d); wait for them to finish or raise the limit", draining, cfg.MaxDrainingLimit()), start)
+			hint := "wait for them to finish or raise --max-draining"
+			if cfg.DrainPolicy == config.DrainIdle {
+				hint = "under --drain idle a generation drains while its clients keep their connections: wait, raise --max-draining, or lower --drain-timeout"
+			}
+			return result(TooManyDraining, fmt.Sprintf("%d generations are still draining (--max-draining %d): %s; %s", draining, cfg.MaxDrainingLimit(), drainingWhy, hint), start)
 		}
 		if cfg.CheckCmd != "" {
 			out, err := runCheck(s.stopCtx, cfg, s.opts.Procs, s.checks.Add(1), s.log)

@@ -368,6 +368,8 @@ func TestMaxDrainingAndDeadlineKill(t *testing.T) {
 	}
 	if res := h.restart(); res.Code != TooManyDraining {
 		t.Fatalf("restart 2 = %+v, want too_many_draining", res)
+	} else if !strings.Contains(res.Message, "generation 1 (SIGKILL in ") {
+		t.Errorf("too_many_draining should say which generation drains and until when: %q", res.Message)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for pidAlive(first) && time.Now().Before(deadline) {
