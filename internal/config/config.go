@@ -34,7 +34,9 @@ const (
 	// to spare rather than a handful.
 	DefaultMaxDrainingIdle = 16
 	DefaultDrainIdle       = 5 * time.Second
-	DefaultDrainGrace      = 10 * time.Second
+	// DefaultDrainGrace, or a third of the drain timeout if that is
+	// less: the time a server gets to drain after a late signal.
+	DefaultDrainGrace = 10 * time.Second
 )
 
 // DrainPolicy says when a draining generation gets the drain signal.
@@ -73,7 +75,7 @@ type Config struct {
 	DrainPolicy  DrainPolicy
 	// DrainIdle and DrainGrace apply to DrainIdle only: how long UDP
 	// traffic must have been silent, and how long before the deadline
-	// the signal goes regardless.
+	// the signal goes regardless (0: DrainGraceOrDefault).
 	DrainIdle  time.Duration
 	DrainGrace time.Duration
 	// MaxDraining: 0 means the policy's default (MaxDrainingLimit).
@@ -119,7 +121,16 @@ func (c *Config) DrainSignalAfter() time.Duration {
 	if c.DrainPolicy != DrainIdle {
 		return 0
 	}
-	return c.DrainTimeout - c.DrainGrace
+	return c.DrainTimeout - c.DrainGraceOrDefault()
+}
+
+// DrainGraceOrDefault is DrainGrace if set, else DefaultDrainGrace or a
+// third of the drain timeout, whichever is less.
+func (c *Config) DrainGraceOrDefault() time.Duration {
+	if c.DrainGrace > 0 {
+		return c.DrainGrace
+	}
+	return min(DefaultDrainGrace, c.DrainTimeout/3)
 }
 
 // InFile reports whether the config file set key (e.g. "control"), to
@@ -136,7 +147,6 @@ func Defaults() *Config {
 		DrainTimeout:    DefaultDrainTimeout,
 		DrainPolicy:     DrainSignal,
 		DrainIdle:       DefaultDrainIdle,
-		DrainGrace:      DefaultDrainGrace,
 		StopTimeout:     DefaultStopTimeout,
 		CheckTimeout:    DefaultCheckTimeout,
 		UDPIdle:         DefaultUDPIdle,
@@ -190,7 +200,7 @@ func (c *Config) Validate() error {
 		name string
 		v    time.Duration
 	}{{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"stop timeout", c.StopTimeout}, {"check timeout", c.CheckTimeout}, {"udp idle", c.UDPIdle},
-		{"drain idle", c.DrainIdle}, {"drain grace", c.DrainGrace}} {
+		{"drain idle", c.DrainIdle}} {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %v", d.name, d.v))
 		}
@@ -200,6 +210,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := ParseDrainPolicy(string(c.DrainPolicy)); err != nil {
 		errs = append(errs, fmt.Errorf("drain policy: %w", err))
+	}
+	if c.DrainGrace < 0 {
+		errs = append(errs, fmt.Errorf("drain grace must be positive, got %v", c.DrainGrace))
 	}
 	if c.DrainPolicy == DrainIdle && c.DrainGrace > 0 && c.DrainGrace >= c.DrainTimeout {
 		errs = append(errs, fmt.Errorf("drain grace %v must be shorter than the drain timeout %v: under the idle policy the drain signal goes at the latest at the deadline minus the grace (lower --drain-grace or raise --drain-timeout)", c.DrainGrace, c.DrainTimeout))

@@ -135,13 +135,13 @@ func TestLoadErrors(t *testing.T) {
 		return p
 	}
 	cases := map[string]string{
-		`command = ["x"]` + "\nbogus = 1":                                "unknown key: bogus (known: command, ",
-		`command = ["x"]` + "\nready_timeout = \"soon\"":                 "ready_timeout",
-		`command = ["x"]` + "\nmax_draining = -1":                        "max_draining: must be at least 1, got -1",
-		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":               "unknown signal",
-		`command = ["x"]` + "\ndrain = \"later\"":                        `drain: want signal or idle, got "later"`,
-		`command = ["x"]` + "\ndrain = \"idle\"\ndrain_timeout = \"5s\"": "drain grace 10s must be shorter than the drain timeout 5s",
-		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"":            "unknown scheme",
+		`command = ["x"]` + "\nbogus = 1":                                                      "unknown key: bogus (known: command, ",
+		`command = ["x"]` + "\nready_timeout = \"soon\"":                                       "ready_timeout",
+		`command = ["x"]` + "\nmax_draining = -1":                                              "max_draining: must be at least 1, got -1",
+		`command = ["x"]` + "\ndrain_signal = \"SIGNOPE\"":                                     "unknown signal",
+		`command = ["x"]` + "\ndrain = \"later\"":                                              `drain: want signal or idle, got "later"`,
+		`command = ["x"]` + "\ndrain = \"idle\"\ndrain_timeout = \"5s\"\ndrain_grace = \"5s\"": "drain grace 5s must be shorter than the drain timeout 5s",
+		`command = ["x"]` + "\n[listen]\nweb = \"ftp://:21\"":                                  "unknown scheme",
 		`command = []`: "command: is empty",
 		`command = ["x"]` + "\nlog_format = \"xml\"":                        "log_format: want \"text\" or \"json\", got \"xml\"",
 		`command = ["x"]` + "\ncontrol = \"relative.sock\"":                 "absolute",
@@ -169,6 +169,12 @@ func TestDrainPolicyDefaults(t *testing.T) {
 	if c.MaxDrainingLimit() != DefaultMaxDrainingIdle || c.DrainSignalAfter() != DefaultDrainTimeout-DefaultDrainGrace {
 		t.Errorf("idle policy: limit %d, signal after %v", c.MaxDrainingLimit(), c.DrainSignalAfter())
 	}
+	// A short deadline keeps two thirds of it for the traffic to end.
+	c.DrainTimeout = 3 * time.Second
+	if c.DrainSignalAfter() != 2*time.Second {
+		t.Errorf("idle policy, 3s drain timeout: signal after %v, want 2s", c.DrainSignalAfter())
+	}
+	c.DrainTimeout = DefaultDrainTimeout
 	c.MaxDraining = 3
 	if c.MaxDrainingLimit() != 3 {
 		t.Errorf("explicit max draining: limit %d", c.MaxDrainingLimit())

@@ -83,8 +83,14 @@ var settings = []setting{
 	},
 	durationSetting("drain-idle", "drain_idle", "with --drain idle: how long a draining generation's UDP traffic must have been silent",
 		func(c *Config) *time.Duration { return &c.DrainIdle }),
-	durationSetting("drain-grace", "drain_grace", "with --drain idle: send the drain signal this long before the drain deadline even if traffic remains",
-		func(c *Config) *time.Duration { return &c.DrainGrace }),
+	{
+		flag: "drain-grace", key: "drain_grace",
+		// No default shown: it depends on --drain-timeout.
+		define: func(fs *flag.FlagSet, d *Config) {
+			fs.String("drain-grace", "", fmt.Sprintf("with --drain idle: send the drain signal this `long` before the drain deadline even if traffic remains (default %v, or a third of --drain-timeout if less)", DefaultDrainGrace))
+		},
+		parse: assign(func(c *Config) *time.Duration { return &c.DrainGrace }, parsePositiveDuration),
+	},
 	{
 		flag: "max-draining", key: "max_draining",
 		define: func(fs *flag.FlagSet, d *Config) {

@@ -305,7 +305,8 @@ func TestOverridesErrorsNameTheFlag(t *testing.T) {
 // TestFlagDefaultsAreTheDefaults: the default -h shows for each flag,
 // given as the flag's value, changes nothing, so -h tells the truth.
 // --control shows none: its default depends on $BATON_CONTROL; nor does
-// --max-draining, whose default depends on --drain.
+// --max-draining, whose default depends on --drain, nor --drain-grace,
+// whose default depends on --drain-timeout.
 func TestFlagDefaultsAreTheDefaults(t *testing.T) {
 	fs := flag.NewFlagSet("baton run", flag.ContinueOnError)
 	DefineFlags(fs)
@@ -315,7 +316,7 @@ func TestFlagDefaultsAreTheDefaults(t *testing.T) {
 			t.Errorf("--%s not defined", s.flag)
 			continue
 		}
-		if s.flag == "control" || s.flag == "max-draining" {
+		if s.flag == "control" || s.flag == "max-draining" || s.flag == "drain-grace" {
 			if f.DefValue != "" {
 				t.Errorf("--%s shows default %q", s.flag, f.DefValue)
 			}
