@@ -67,7 +67,7 @@ type scenario struct {
 var scenarios = map[string]scenario{
 	"httpd": {
 		name: "httpd", bin: "httpd",
-		about: "examples/httpd, which uses handoff: it drains gracefully when told, so the default --drain signal fits",
+		about: "examples/httpd, which uses handoff: it learns of the drain at the flip and finishes its connections at its own pace",
 		args: func(bins testkit.Bins, tcpAddr, h3Addr string, o options) ([]string, []string) {
 			args := []string{"--listen", "http=tcp://" + tcpAddr}
 			if h3Addr != "" {
@@ -84,7 +84,7 @@ var scenarios = map[string]scenario{
 	},
 	"unmodified": {
 		name: "unmodified", bin: "unmodified", needsRoot: true,
-		about: "internal/testkit/unmodified, a server that knows nothing of baton (socket activation and sd_notify only) and closes every QUIC connection and idle keep-alive when signalled, like most servers: --drain idle sends the signal only once an old generation holds nothing",
+		about: "internal/testkit/unmodified, a server that knows nothing of baton (socket activation and sd_notify only) and closes every QUIC connection and idle keep-alive when signalled, like most servers: --drain idle (the default) sends the signal only once an old generation holds nothing",
 		args: func(bins testkit.Bins, tcpAddr, h3Addr string, o options) ([]string, []string) {
 			return []string{"--listen", "http=tcp://" + tcpAddr, "--listen", "h3=udp://" + h3Addr + "?steer=flow",
 					"--drain", "idle", "--drain-timeout", "120s", "--drain-idle", "1s", "--drain-grace", "10s",

@@ -45,9 +45,11 @@ type DrainPolicy string
 const (
 	// DrainSignal: at the flip; SIGKILL at the drain deadline.
 	DrainSignal DrainPolicy = "signal"
-	// DrainIdle: once it holds no TCP connection and its UDP traffic
-	// has been silent for DrainIdle, or at the drain deadline minus
-	// DrainGrace, whichever comes first; SIGKILL at the deadline.
+	// DrainIdle, the default: once it holds no TCP connection and its
+	// UDP traffic has been silent for DrainIdle, or at the drain
+	// deadline minus DrainGrace, whichever comes first; SIGKILL at the
+	// deadline. Most servers close every connection they hold when
+	// signalled, and one that does not handle the signal dies of it.
 	DrainIdle DrainPolicy = "idle"
 )
 
@@ -145,7 +147,7 @@ func Defaults() *Config {
 		ReadyTimeout:    DefaultReadyTimeout,
 		DrainSignal:     syscall.SIGTERM,
 		DrainTimeout:    DefaultDrainTimeout,
-		DrainPolicy:     DrainSignal,
+		DrainPolicy:     DrainIdle,
 		DrainIdle:       DefaultDrainIdle,
 		StopTimeout:     DefaultStopTimeout,
 		CheckTimeout:    DefaultCheckTimeout,

@@ -162,8 +162,12 @@ func TestLoadErrors(t *testing.T) {
 // the signal goes at the deadline minus the grace.
 func TestDrainPolicyDefaults(t *testing.T) {
 	c := Defaults()
-	if c.DrainPolicy != DrainSignal || c.MaxDrainingLimit() != DefaultMaxDraining || c.DrainSignalAfter() != 0 {
-		t.Errorf("signal policy: %q, limit %d, signal after %v", c.DrainPolicy, c.MaxDrainingLimit(), c.DrainSignalAfter())
+	if c.DrainPolicy != DrainIdle {
+		t.Errorf("default drain policy %q, want idle", c.DrainPolicy)
+	}
+	c.DrainPolicy = DrainSignal
+	if c.MaxDrainingLimit() != DefaultMaxDraining || c.DrainSignalAfter() != 0 {
+		t.Errorf("signal policy: limit %d, signal after %v", c.MaxDrainingLimit(), c.DrainSignalAfter())
 	}
 	c.DrainPolicy = DrainIdle
 	if c.MaxDrainingLimit() != DefaultMaxDrainingIdle || c.DrainSignalAfter() != DefaultDrainTimeout-DefaultDrainGrace {

@@ -77,7 +77,7 @@ var settings = []setting{
 	{
 		flag: "drain", key: "drain",
 		define: func(fs *flag.FlagSet, d *Config) {
-			fs.String("drain", string(d.DrainPolicy), "drain policy: signal (drain signal at the flip) or idle (drain signal once the generation holds no TCP connection and its UDP traffic was silent for --drain-idle, at the latest --drain-grace before the deadline)")
+			fs.String("drain", string(d.DrainPolicy), "drain policy: idle (drain signal once the old generation holds no TCP connection and its UDP traffic was silent for --drain-idle, at the latest --drain-grace before the deadline) or signal (drain signal at the flip)")
 		},
 		parse: assign(func(c *Config) *DrainPolicy { return &c.DrainPolicy }, ParseDrainPolicy),
 	},

@@ -80,6 +80,7 @@ func TestDrainPlan(t *testing.T) {
 	}
 
 	sig := config.Defaults()
+	sig.DrainPolicy = config.DrainSignal
 	p := newDrainPlan(sig, start)
 	if got := p.next(start, nil); got != signalFlip {
 		t.Errorf("signal policy: %q at the flip, want %q", got, signalFlip)
