@@ -537,3 +537,17 @@ func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
+
+// statusText is baton status --json as text, or why there is none: for
+// failure messages.
+func (h *harness) statusText() string {
+	_, raw, err := h.statusErr()
+	if err != nil {
+		return err.Error()
+	}
+	b, err := json.Marshal(raw)
+	if err != nil {
+		return err.Error()
+	}
+	return string(b)
+}

@@ -143,8 +143,17 @@ func TestGracefulStop(t *testing.T) {
 		if n > before {
 			break
 		}
+		select {
+		case r := <-inflight:
+			// Ended before it was seen in the server's hands: say how,
+			// rather than wait for a count that will not come.
+			t.Fatalf("the request ended before generation pid %d was seen holding its connection (%d established before, %d now): status %d %q, err %v",
+				pid, before, n, r.status, r.body, r.err)
+		default:
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("generation pid %d accepted no new connection on :8080 within 10s", pid)
+			t.Fatalf("generation pid %d accepted no new connection on :8080 within 10s (%d established before, %d now); status: %s",
+				pid, before, n, h.statusText())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
