@@ -39,11 +39,10 @@ type soakRun struct {
 
 // soak restarts httpd under baton o.soakRestarts times, o.soakInterval
 // apart, while clients open a new connection for every request. Each
-// restart sends the old generation its drain signal while connections
-// keep arriving on the listening socket it shares with the new one, so
-// every restart is another chance for a connection accepted as the drain
-// begins to go unanswered: the loss is rare per restart and shows only
-// over many of them.
+// restart drains the old generation while connections keep arriving, so
+// every restart is another chance for a connection queued in its socket,
+// or accepted as the drain begins, to go unanswered: the loss is rare per
+// restart and shows only over many of them.
 func (e *env) soak() (soakRun, error) {
 	o := e.o
 	sr := soakRun{started: time.Now(), nonZero: map[int]int{}, wanted: o.soakRestarts}
@@ -118,7 +117,7 @@ func (s soakRun) write(w io.Writer, o options) {
 	}
 	fmt.Fprintf(w, "%d restarts of examples/httpd under baton, back to back: `restart --wait`, then %s pause; at most %s in all. "+
 		"Load throughout: %d clients, each opening a new connection for every request (%s between requests; internal/loadgen: no retries, anything but a complete 200 counts as failed). "+
-		"Each restart drains the old generation while connections keep arriving on the listening socket it shares with the new one, so each is a chance for a connection accepted as the drain begins to go unanswered. "+
+		"Each restart drains the old generation while connections keep arriving: each is a chance for a connection queued in the old generation's listening socket, or accepted as its drain begins, to go unanswered (with a socket per generation, what queued moves to the new one when the old one closes its socket). "+
 		"The bar is 0 failed. Private network namespace on loopback.\n\n",
 		o.soakRestarts, o.soakInterval, o.soakTimeout, o.soakNewConn, pause)
 	fmt.Fprintf(w, "| restarts done | restarts not exiting 0 | generations that answered | requests sent | requests failed | drains incomplete (httpd log) | took |\n|---|---|---|---|---|---|---|\n")
