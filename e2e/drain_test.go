@@ -33,17 +33,35 @@ func (o drainOutcome) String() string {
 		o.policy, o.restarts, o.http.Sent, o.http.Failed, o.h3.Conns, o.h3.Broken, o.h3.Failed, o.endedAfter.Round(100*time.Millisecond))
 }
 
-// runDrainPolicy runs the unmodified server under baton with policy,
-// mixed HTTP/1.1 load (keep-alive and new-connection clients) and
-// long-lived HTTP/3 connections that are replaced when they break, over
-// restarts restarts. After each flip every new TCP connection must reach
-// the new generation.
-func runDrainPolicy(t *testing.T, policy string, restarts, h3Conns int) drainOutcome {
+// drainServer is a server that knows nothing of baton, as the drain
+// tests run it: sockets "http" (TCP, fd 3) and "h3" (UDP, fd 4), and
+// X-Generation on every response.
+type drainServer struct {
+	// args are baton's flags besides the listeners and the policy (for
+	// --env); command is the server's command line, made in the test's
+	// directory.
+	args    []string
+	command func(dir string) []string
+}
+
+// unmodifiedServer is internal/testkit/unmodified.
+var unmodifiedServer = drainServer{command: func(string) []string {
+	return []string{bin.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION", "-drain-timeout", "5s"}
+}}
+
+// runDrainPolicy runs srv under baton with policy, mixed HTTP/1.1 load
+// (keep-alive and new-connection clients) and long-lived HTTP/3
+// connections that are replaced when they break, over restarts restarts.
+// After each flip every new TCP connection must reach the new
+// generation.
+func runDrainPolicy(t *testing.T, srv drainServer, policy string, restarts, h3Conns int) drainOutcome {
 	h := newHarness(t)
-	b := h.startBaton(batontest.Run{Args: []string{
+	args := append([]string{
 		"--listen", "http=tcp://" + httpAddr, "--listen", "h3=udp://" + h3Addr + "?steer=flow",
-		"--drain", policy, "--drain-timeout", "120s", "--drain-idle", "1s", "--drain-grace", "5s", "--stop-timeout", "3s",
-		"--", bin.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION", "-drain-timeout", "5s"}})
+		"--drain", policy, "--drain-timeout", "120s", "--drain-idle", "1s", "--drain-grace", "5s", "--stop-timeout", "5s",
+		"--max-draining", strconv.Itoa(restarts + 2)}, srv.args...)
+	args = append(append(args, "--"), srv.command(h.dir)...)
+	b := h.startBaton(batontest.Run{Args: args})
 	h.waitServing(b, 1)
 	lg := h.load(loadgen.Config{KeepAlive: 4, NewConn: 2, Pause: 5 * time.Millisecond, Duration: 3 * time.Minute})
 	ql, err := quicload.Start(quicload.Config{
@@ -104,8 +122,8 @@ func TestDrainIdleKeepsConnections(t *testing.T) {
 	const restarts, h3Conns = 20, 100
 	var idle, signal drainOutcome
 	// Side by side, each in its own namespace; compared once both ran.
-	t.Run("idle", func(t *testing.T) { idle = runDrainPolicy(t, "idle", restarts, h3Conns) })
-	t.Run("signal", func(t *testing.T) { signal = runDrainPolicy(t, "signal", restarts, h3Conns) })
+	t.Run("idle", func(t *testing.T) { idle = runDrainPolicy(t, unmodifiedServer, "idle", restarts, h3Conns) })
+	t.Run("signal", func(t *testing.T) { signal = runDrainPolicy(t, unmodifiedServer, "signal", restarts, h3Conns) })
 	t.Cleanup(func() {
 		if idle.policy == "" || signal.policy == "" {
 			return // a run failed, and said why
