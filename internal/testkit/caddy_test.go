@@ -5,11 +5,17 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"go/format"
+	"go/parser"
+	"go/token"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -49,6 +55,67 @@ func TestWriteCaddyfile(t *testing.T) {
 	}
 	if _, err := WriteCaddyfile(t.TempDir(), CaddyConfig{HTTPFD: 2}); err == nil {
 		t.Error("fd 2 taken for a listener")
+	}
+}
+
+// TestCaddyMain checks the main package caddy is built from: gofmt'd
+// Go that imports Caddy's command line and exactly caddyModules, and a
+// recipe that changes with it.
+func TestCaddyMain(t *testing.T) {
+	src := caddyMain(caddyModules)
+	if formatted, err := format.Source(src); err != nil || string(formatted) != string(src) {
+		t.Fatalf("not gofmt'd Go (%v):\n%s", err, src)
+	}
+	f, err := parser.ParseFile(token.NewFileSet(), "main.go", src, parser.ImportsOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, imp := range f.Imports {
+		path, _ := strconv.Unquote(imp.Path.Value)
+		got = append(got, path)
+	}
+	want := []string{"time/tzdata", caddyModule + "/cmd"}
+	for _, m := range caddyModules {
+		want = append(want, caddyModule+"/"+m)
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("main.go imports %q, want %q", got, want)
+	}
+	recipe := caddyRecipe(src, caddyBuildFlags)
+	more := append(slices.Clone(caddyModules), "modules/caddyhttp/fileserver")
+	if caddyRecipe(caddyMain(more), caddyBuildFlags) == recipe {
+		t.Errorf("recipe %s names a build with another module too", recipe)
+	}
+	if caddyRecipe(src, append(slices.Clone(caddyBuildFlags), "-race")) == recipe {
+		t.Errorf("recipe %s names a build with another flag too", recipe)
+	}
+}
+
+// TestCaddyDeps checks the check that the binary's dependencies are
+// those Caddy's go.mod requires: build-info text with a dependency at
+// another version, one Caddy does not require, or a replacement, fails.
+func TestCaddyDeps(t *testing.T) {
+	goMod := "module " + caddyModule + "\n\ngo 1.26.0\n\nrequire (\n\tgithub.com/a/b v1.2.3\n\tgolang.org/x/net v0.60.0 // indirect\n)\n\nrequire example.com/c v0.1.0\n"
+	req := requires(goMod)
+	if want := map[string]string{"github.com/a/b": "v1.2.3", "golang.org/x/net": "v0.60.0", "example.com/c": "v0.1.0"}; !maps.Equal(req, want) {
+		t.Fatalf("requires: %v, want %v", req, want)
+	}
+	head := "go\tgo1.26.8\npath\tbaton-test/caddy\nmod\tbaton-test/caddy\t(devel)\t\ndep\t" + caddyModule + "\t" + CaddyVersion + "\th1:x=\n"
+	good := head + "dep\tgithub.com/a/b\tv1.2.3\th1:y=\ndep\tgolang.org/x/net\tv0.60.0\th1:z=\nbuild\tCGO_ENABLED=0\n"
+	if err := sameDeps(good, req); err != nil {
+		t.Errorf("the same dependencies: %v", err)
+	}
+	for name, info := range map[string]string{
+		"newer":       head + "dep\tgithub.com/a/b\tv1.2.4\th1:y=\n",
+		"unrequired":  head + "dep\tgithub.com/a/b\tv1.2.3\th1:y=\ndep\texample.com/d\tv1.0.0\th1:w=\n",
+		"replaced":    head + "dep\tgithub.com/a/b\tv1.2.3\n=>\t../b\t(devel)\t\n",
+		"other caddy": strings.Replace(good, CaddyVersion, "v2.10.0", 1),
+		"no deps":     head,
+	} {
+		if err := sameDeps(info, req); err == nil {
+			t.Errorf("%s: passed", name)
+		}
 	}
 }
 

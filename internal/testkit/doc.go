@@ -4,8 +4,9 @@
 // environment, descriptors and credentials, its output kept), /proc
 // helpers, a stand-in for systemd's notify socket, the test binary run as a
 // helper under another uid, the project's binaries built once (with the
-// test server in unmodified/, which knows nothing of baton), and a pinned
-// Caddy, installed once, with a Caddyfile for baton's sockets.
+// test server in unmodified/, which knows nothing of baton), and Caddy at
+// a pinned release, built once (cmd/installcaddy builds it ahead), with a
+// Caddyfile for baton's sockets.
 //
 // It imports nothing of baton's own but internal/netns and
 // internal/testenv, so that the in-package tests of any package,
