@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -103,6 +104,30 @@ var drainServers = []drainServer{
 				return nil, fmt.Errorf("unmodified test server: %w (run make build)", err)
 			}
 			return []string{e.b.Unmodified, "-http", "http", "-h3", "h3", "-header-env", "X-Generation=BATON_GENERATION", "-drain-timeout", "5s"}, nil
+		},
+	},
+	{
+		name: "Caddy " + testkit.CaddyVersion,
+		about: "Caddy " + testkit.CaddyVersion + ", unmodified, built from the Go module proxy with the modules its Caddyfile uses (internal/testkit: `InstallCaddy`), " +
+			"HTTP/1.1 on `bind fd/3`, HTTP/3 on `bind fdgram/4`, X-Generation from `{env.BATON_GENERATION}`. " +
+			"On SIGTERM it closes idle keep-alives and sends GOAWAY on every HTTP/3 connection, then waits for their requests. " +
+			"Command: `env XDG_DATA_HOME=… XDG_CONFIG_HOME=… caddy run --config Caddyfile --adapter caddyfile`.",
+		command: func(e *env) ([]string, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), testkit.CaddyInstallTimeout)
+			defer cancel()
+			caddy, err := testkit.InstallCaddy(ctx, func(format string, args ...any) { progress(format, args...) })
+			if err != nil {
+				return nil, fmt.Errorf("caddy: %w", err)
+			}
+			dir := filepath.Join(e.dir, "caddy")
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return nil, err
+			}
+			conf, err := testkit.WriteCaddyfile(dir, testkit.CaddyConfig{HTTPFD: 3, H3FD: 4})
+			if err != nil {
+				return nil, err
+			}
+			return append(append([]string{"env"}, testkit.CaddyEnv(dir)...), caddy, "run", "--config", conf, "--adapter", "caddyfile"), nil
 		},
 	},
 }
