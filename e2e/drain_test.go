@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -197,12 +198,16 @@ func TestStatusShowsTraffic(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// The HTTP/3 connection is one flow (one client 4-tuple), on
+	// generation 1.
 	g1 := batontest.FindGen(last, 1)
-	if g1 == nil || g1.State != control.StateDraining || g1.Traffic == nil || len(g1.Traffic.UDP) != 1 || g1.Traffic.UDP[0].Datagrams == 0 {
-		t.Errorf("generation 1: want draining with datagrams on h3; got %+v", g1)
+	if g1 == nil || g1.State != control.StateDraining || g1.Traffic == nil || len(g1.Traffic.UDP) != 1 ||
+		g1.Traffic.UDP[0].Datagrams == 0 || g1.Traffic.UDP[0].Flows == nil || *g1.Traffic.UDP[0].Flows != 1 {
+		t.Errorf("generation 1: want draining with datagrams and exactly 1 flow on h3; got %s", trafficText(g1))
 	}
-	if g2 := batontest.FindGen(last, 2); g2 == nil || g2.Traffic == nil || len(g2.Traffic.UDP) != 1 || g2.Traffic.UDP[0].Datagrams != 0 {
-		t.Errorf("generation 2: want no datagrams on h3 yet; got %+v", g2)
+	if g2 := batontest.FindGen(last, 2); g2 == nil || g2.Traffic == nil || len(g2.Traffic.UDP) != 1 ||
+		g2.Traffic.UDP[0].Datagrams != 0 || g2.Traffic.UDP[0].Flows == nil || *g2.Traffic.UDP[0].Flows != 0 {
+		t.Errorf("generation 2: want no datagrams and no flow on h3 yet; got %s", trafficText(g2))
 	}
 
 	// Still held: generation 1 keeps draining, unsignalled.
@@ -257,4 +262,13 @@ func tcpLiveMatches(st control.Status, want map[int]int) (bool, string) {
 		fmt.Fprintf(&b, "generation %d: %d live; ", gen, got)
 	}
 	return ok, b.String()
+}
+
+// trafficText is a generation's traffic as JSON, for failure messages.
+func trafficText(g *control.GenStatus) string {
+	if g == nil {
+		return "no such generation"
+	}
+	b, _ := json.Marshal(g)
+	return string(b)
 }
