@@ -389,4 +389,9 @@ func TestTCPSteerOffRelistens(t *testing.T) {
 	if !strings.Contains(b.Out.String(), "listens again") {
 		t.Error("baton did not log that the shared listener listens again")
 	}
+	// The first line says what runs and where its control socket is.
+	first, _, _ := strings.Cut(b.Out.String(), "\n")
+	if !strings.Contains(first, "baton starting") || !strings.Contains(first, "control="+h.control) || !strings.Contains(first, "version=") {
+		t.Errorf("first log line should name the version and the control socket %s: %q", h.control, first)
+	}
 }

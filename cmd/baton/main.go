@@ -21,6 +21,7 @@ Usage:
   baton promote [flags]                    make the canary the working generation
   baton rollback [flags]                   drain the canary
   baton status [flags]                     show a running supervisor's generations
+  baton version                            the version (also --version)
   baton help                               this text
 
 Run 'baton COMMAND -h' for a command's flags.
@@ -46,6 +47,8 @@ func main() {
 		os.Exit(cli.PromoteMain(args, os.Getenv, os.Stdout, os.Stderr))
 	case "rollback":
 		os.Exit(cli.RollbackMain(args, os.Getenv, os.Stdout, os.Stderr))
+	case "version", "--version", "-version":
+		fmt.Println(cli.Version("baton"))
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 	default:

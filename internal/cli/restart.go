@@ -42,6 +42,7 @@ Flags:
   --json              print progress and the result as JSON lines on stdout
   -q                  print no progress and no success line; errors still
                       go to stderr
+  --version           print the version and exit
 
 Exit codes:
   0  ok                  the new generation is serving (with --canary: it
@@ -85,8 +86,13 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	canaryFlag := fs.String("canary", "", "")
 	asJSON := fs.Bool("json", false, "")
 	quiet := fs.Bool("q", false, "")
+	version := fs.Bool("version", false, "")
 	if ok, code := parseFlags(fs, args, prog, restartUsage, stdout, stderr); !ok {
 		return code
+	}
+	if *version {
+		fmt.Fprintln(stdout, Version(prog))
+		return 0
 	}
 	if *timeout <= 0 {
 		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))

@@ -120,6 +120,9 @@ func Main(args []string, env Env, stderr io.Writer) int {
 	}
 	log := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
 	slog.SetDefault(log)
+	// First, so that whoever reads the log knows where to send restart
+	// and status, and what runs.
+	log.Info("baton starting", "version", cli.Version("baton"), "pid", os.Getpid(), "control", cfg.Control)
 
 	// Every supervisor can be replaced by the binary at its path. One
 	// started by an upgrade takes its sockets from its predecessor.
