@@ -100,7 +100,10 @@ SIGKILL at --drain-timeout).
 
 Flags:
   --control PATH      control socket (default $BATON_CONTROL, else
+                      /run/baton/$BATON_INSTANCE.sock, else
                       /run/baton/baton.sock)
+  --instance NAME     control socket /run/baton/NAME.sock (as the shipped
+                      units name it), instead of --control
   --timeout DURATION  stop waiting after this long (default 60s)
   --wait              queue behind a restart already running (a crash
                       respawn, say) instead of failing with busy
@@ -136,7 +139,10 @@ progress.
 
 Flags:
   --control PATH      control socket (default $BATON_CONTROL, else
+                      /run/baton/$BATON_INSTANCE.sock, else
                       /run/baton/baton.sock)
+  --instance NAME     control socket /run/baton/NAME.sock (as the shipped
+                      units name it), instead of --control
   --timeout DURATION  stop waiting after this long (default 60s)
   --json              print progress and the result as JSON lines on stdout
   -q                  print no progress and no success line; errors still
@@ -184,6 +190,7 @@ type canaryCmd struct {
 func canaryMain(c canaryCmd, args []string, env func(string) string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet(c.prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")
+	instanceFlag := fs.String("instance", "", "")
 	timeout := fs.Duration("timeout", DefaultRestartTimeout, "")
 	wait := new(bool)
 	if c.wait {
@@ -197,7 +204,10 @@ func canaryMain(c canaryCmd, args []string, env func(string) string, stdout, std
 	if *timeout <= 0 {
 		return usageError(stderr, c.prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
 	}
-	path := ControlPath(*controlFlag, env)
+	path, err := ControlPath(*controlFlag, *instanceFlag, env)
+	if err != nil {
+		return usageError(stderr, c.prog, err.Error())
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()

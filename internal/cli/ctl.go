@@ -27,19 +27,40 @@ const EnvControl = contract.EnvControl
 // now is replaced in tests to make ages deterministic.
 var now = time.Now
 
-// ControlPath is the control socket to use: the flag, then
-// $BATON_CONTROL, then DefaultControl. baton run uses it too, so the
-// supervisor and its clients agree without configuration.
-func ControlPath(flagValue string, env func(string) string) string {
-	if flagValue != "" {
-		return flagValue
+// EnvInstance names the socket by instance for commands run without
+// --control, --instance or $BATON_CONTROL.
+const EnvInstance = contract.EnvInstance
+
+// ControlPath is the control socket to use: --control or --instance (not
+// both), then $BATON_CONTROL, then $BATON_INSTANCE, then DefaultControl.
+// baton run follows the same order, so the supervisor and its clients
+// agree without configuration.
+func ControlPath(flagValue, instance string, env func(string) string) (string, error) {
+	switch {
+	case flagValue != "" && instance != "":
+		return "", errors.New("--control and --instance both name the control socket: give one")
+	case flagValue != "":
+		return flagValue, nil
+	case instance != "":
+		p, err := contract.InstanceControl(instance)
+		if err != nil {
+			return "", fmt.Errorf("--instance: %w", err)
+		}
+		return p, nil
 	}
 	if env != nil {
 		if p := env(EnvControl); p != "" {
-			return p
+			return p, nil
+		}
+		if name := env(EnvInstance); name != "" {
+			p, err := contract.InstanceControl(name)
+			if err != nil {
+				return "", fmt.Errorf("$%s: %w", EnvInstance, err)
+			}
+			return p, nil
 		}
 	}
-	return DefaultControl
+	return DefaultControl, nil
 }
 
 // parseFlags parses args and reports whether the command should go on; if

@@ -484,31 +484,51 @@ func TestStatusTimeout(t *testing.T) {
 }
 
 func TestControlPath(t *testing.T) {
-	env := func(v string) func(string) string {
+	env := func(control, instance string) func(string) string {
 		return func(k string) string {
-			if k == EnvControl {
-				return v
+			switch k {
+			case EnvControl:
+				return control
+			case EnvInstance:
+				return instance
 			}
 			return ""
 		}
 	}
-	if got := ControlPath("", env("")); got != DefaultControl {
-		t.Errorf("default: %q", got)
+	for _, c := range []struct {
+		name, flag, instance string
+		env                  func(string) string
+		want, err            string
+	}{
+		{"default", "", "", env("", ""), DefaultControl, ""},
+		{"nil env", "", "", nil, DefaultControl, ""},
+		{"env", "", "", env("/env.sock", "app"), "/env.sock", ""},
+		{"env instance", "", "", env("", "app"), "/run/baton/app.sock", ""},
+		{"flag", "/flag.sock", "", env("/env.sock", "app"), "/flag.sock", ""},
+		{"instance flag", "", "web@2", env("/env.sock", "app"), "/run/baton/web@2.sock", ""},
+		{"both flags", "/flag.sock", "app", nil, "", "give one"},
+		{"bad instance", "", "../etc", nil, "", `instance name "../etc"`},
+		{"bad env instance", "", "", env("", "a/b"), "", "$BATON_INSTANCE"},
+	} {
+		got, err := ControlPath(c.flag, c.instance, c.env)
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("%s: %q, %v; want an error containing %q", c.name, got, err, c.err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("%s: %q, %v; want %q", c.name, got, err, c.want)
+		}
 	}
-	if got := ControlPath("", env("/env.sock")); got != "/env.sock" {
-		t.Errorf("env: %q", got)
-	}
-	if got := ControlPath("/flag.sock", env("/env.sock")); got != "/flag.sock" {
-		t.Errorf("flag: %q", got)
-	}
-	if got := ControlPath("", nil); got != DefaultControl {
-		t.Errorf("nil env: %q", got)
+	if code, _, stderr := run(RestartMain, "--instance", "no/slash"); code != 2 || !strings.Contains(stderr, "--instance") {
+		t.Errorf("restart --instance no/slash: exit %d, stderr %q; want 2 naming --instance", code, stderr)
 	}
 
 	// End to end: the environment variable finds the socket.
 	path := serve(t, &fakeHandler{})
 	var stdout, stderr bytes.Buffer
-	if code := RestartMain([]string{"-q"}, env(path), &stdout, &stderr); code != 0 {
+	if code := RestartMain([]string{"-q"}, env(path, ""), &stdout, &stderr); code != 0 {
 		t.Errorf("via $%s: exit %d %s", EnvControl, code, stderr.String())
 	}
 }

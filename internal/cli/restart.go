@@ -25,7 +25,10 @@ what happened. Made for systemd's ExecReload= and for deploy scripts.
 
 Flags:
   --control PATH      control socket (default $BATON_CONTROL, else
+                      /run/baton/$BATON_INSTANCE.sock, else
                       /run/baton/baton.sock)
+  --instance NAME     control socket /run/baton/NAME.sock (as the shipped
+                      units name it), instead of --control
   --timeout DURATION  stop waiting after this long (default 60s); the
                       restart may still complete, see 'baton status'
   --wait              queue behind a restart already running instead of
@@ -80,6 +83,7 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 	const prog = "restart"
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")
+	instanceFlag := fs.String("instance", "", "")
 	timeout := fs.Duration("timeout", DefaultRestartTimeout, "")
 	wait := fs.Bool("wait", false, "")
 	super := fs.Bool("supervisor", false, "")
@@ -107,7 +111,10 @@ func RestartMain(args []string, env func(string) string, stdout, stderr io.Write
 			return usageError(stderr, prog, "--canary and --supervisor do not go together: upgrade the supervisor with a plain --supervisor once no canary runs")
 		}
 	}
-	path := ControlPath(*controlFlag, env)
+	path, err := ControlPath(*controlFlag, *instanceFlag, env)
+	if err != nil {
+		return usageError(stderr, prog, err.Error())
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()

@@ -23,7 +23,10 @@ Show the running baton supervisor and its generations.
 
 Flags:
   --control PATH      control socket (default $BATON_CONTROL, else
+                      /run/baton/$BATON_INSTANCE.sock, else
                       /run/baton/baton.sock)
+  --instance NAME     control socket /run/baton/NAME.sock (as the shipped
+                      units name it), instead of --control
   --timeout DURATION  stop waiting after this long (default 10s)
   --json              print the status as one JSON object on stdout
 
@@ -39,6 +42,7 @@ func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer
 	const prog = "baton status"
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")
+	instanceFlag := fs.String("instance", "", "")
 	timeout := fs.Duration("timeout", DefaultStatusTimeout, "")
 	asJSON := fs.Bool("json", false, "")
 	if ok, code := parseFlags(fs, args, prog, statusUsage, stdout, stderr); !ok {
@@ -47,7 +51,10 @@ func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer
 	if *timeout <= 0 {
 		return usageError(stderr, prog, fmt.Sprintf("--timeout must be positive, got %s", *timeout))
 	}
-	path := ControlPath(*controlFlag, env)
+	path, err := ControlPath(*controlFlag, *instanceFlag, env)
+	if err != nil {
+		return usageError(stderr, prog, err.Error())
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // Overrides are the settings given on baton run's command line and in its
@@ -20,8 +22,12 @@ type Overrides struct {
 	// not empty.
 	Command []string
 	// EnvControl is $BATON_CONTROL. It names the control socket
-	// only when neither --control nor the file's control key does.
-	EnvControl string
+	// only when neither --control, --instance nor the file's control
+	// key does; EnvInstance ($BATON_INSTANCE) only when $BATON_CONTROL
+	// does not either.
+	EnvControl, EnvInstance string
+	// instance is --instance.
+	instance string
 
 	listeners []Listener // --listen, in order; replace the file's
 	env       []string   // --env, in order; added to the file's
@@ -124,8 +130,9 @@ var settings = []setting{
 
 // The repeatable flags, which do not fit the one-field pattern.
 const (
-	flagListen = "listen"
-	flagEnv    = "env"
+	flagListen   = "listen"
+	flagEnv      = "env"
+	flagInstance = "instance"
 )
 
 const listenUsage = "NAME=URL listener, repeatable: tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path;\n" +
@@ -219,6 +226,11 @@ func (o *Overrides) Set(name, value string) error {
 			return fmt.Errorf("--listen %q: %w", value, err)
 		}
 		o.listeners = append(o.listeners, l)
+	case flagInstance:
+		if _, err := contract.InstanceControl(value); err != nil {
+			return fmt.Errorf("--instance: %w", err)
+		}
+		o.instance = value
 	case flagEnv:
 		if k, _, ok := strings.Cut(value, "="); !ok || k == "" {
 			return fmt.Errorf("--env %q: want KEY=VALUE", value)
@@ -251,8 +263,9 @@ func (o *Overrides) Given(name string) bool { return o.given[name] }
 // Apply applies the overrides to c, which holds the defaults and the
 // config file; pass it to Load.
 //
-// The control socket is, first to last: --control, the file's
-// control key (whatever its value), $BATON_CONTROL, DefaultControl.
+// The control socket is, first to last: --control or --instance (not
+// both), the file's control key (whatever its value), $BATON_CONTROL,
+// $BATON_INSTANCE, DefaultControl.
 func (o *Overrides) Apply(c *Config) error {
 	if len(o.Command) > 0 {
 		c.Command = slices.Clone(o.Command)
@@ -264,11 +277,32 @@ func (o *Overrides) Apply(c *Config) error {
 	for _, apply := range o.settings {
 		apply(c)
 	}
-	if o.EnvControl != "" && !o.Given("control") && !c.InFile("control") {
+	if o.instance != "" {
+		if o.Given("control") {
+			return errors.New("--control and --instance both name the control socket: give one")
+		}
+		path, err := contract.InstanceControl(o.instance)
+		if err != nil {
+			return fmt.Errorf("--instance: %w", err)
+		}
+		c.Control = path
+		return nil
+	}
+	if o.Given("control") || c.InFile("control") {
+		return nil
+	}
+	switch {
+	case o.EnvControl != "":
 		if err := absolutePath(o.EnvControl); err != nil {
 			return fmt.Errorf("$BATON_CONTROL: %w", err)
 		}
 		c.Control = o.EnvControl
+	case o.EnvInstance != "":
+		path, err := contract.InstanceControl(o.EnvInstance)
+		if err != nil {
+			return fmt.Errorf("$BATON_INSTANCE: %w", err)
+		}
+		c.Control = path
 	}
 	return nil
 }
@@ -281,6 +315,7 @@ func DefineFlags(fs *flag.FlagSet) (collect func() (*Overrides, error)) {
 	var listens, envs multiFlag
 	fs.Var(&listens, flagListen, listenUsage)
 	fs.Var(&envs, flagEnv, "KEY=VALUE added to the generations' environment, repeatable")
+	instance := fs.String(flagInstance, "", "control socket /run/baton/`NAME`.sock (as the shipped units use; instead of --control)")
 	defaults := Defaults()
 	for _, s := range settings {
 		s.define(fs, defaults)
@@ -293,6 +328,9 @@ func DefineFlags(fs *flag.FlagSet) (collect func() (*Overrides, error)) {
 		}
 		for _, v := range envs {
 			errs = append(errs, o.Set(flagEnv, v))
+		}
+		if *instance != "" {
+			errs = append(errs, o.Set(flagInstance, *instance))
 		}
 		fs.Visit(func(f *flag.Flag) {
 			if settingFor(f.Name) != nil {

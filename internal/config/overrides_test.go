@@ -226,13 +226,19 @@ func TestOverridesCommandReplacesFile(t *testing.T) {
 	}
 }
 
-// TestControlPrecedence: --control, then the file's control key whatever
-// its value, then $BATON_CONTROL, then the default. A file that names the
-// default socket explicitly keeps it.
+// TestControlPrecedence: --control or --instance, then the file's
+// control key whatever its value, then $BATON_CONTROL, then
+// $BATON_INSTANCE, then the default. A file that names the default socket
+// explicitly keeps it.
 func TestControlPrecedence(t *testing.T) {
 	cases := []struct {
 		name, file, flag, env, want string
+		instance, envInstance       string
 	}{
+		{name: "instance flag over file and env", file: "/file.sock", instance: "app", env: "/env.sock", want: "/run/baton/app.sock"},
+		{name: "env instance", envInstance: "app", want: "/run/baton/app.sock"},
+		{name: "env over env instance", env: "/env.sock", envInstance: "app", want: "/env.sock"},
+		{name: "file over env instance", file: "/file.sock", envInstance: "app", want: "/file.sock"},
 		{name: "nothing", want: DefaultControl},
 		{name: "env only", env: "/env.sock", want: "/env.sock"},
 		{name: "file over env", file: "/file.sock", env: "/env.sock", want: "/file.sock"},
@@ -250,8 +256,11 @@ func TestControlPrecedence(t *testing.T) {
 			if tc.flag != "" {
 				args = append(args, "--control", tc.flag)
 			}
+			if tc.instance != "" {
+				args = append(args, "--instance", tc.instance)
+			}
 			o := mustParseFlags(t, args...)
-			o.EnvControl = tc.env
+			o.EnvControl, o.EnvInstance = tc.env, tc.envInstance
 			if got := loadWith(t, body, o).Control; got != tc.want {
 				t.Errorf("control = %q, want %q", got, tc.want)
 			}
@@ -261,6 +270,18 @@ func TestControlPrecedence(t *testing.T) {
 	o.EnvControl = "relative.sock"
 	if _, err := Load(context.Background(), "", o.Apply); err == nil || !strings.Contains(err.Error(), "$BATON_CONTROL") {
 		t.Errorf("BATON_CONTROL=relative.sock: err = %v, want one naming $BATON_CONTROL", err)
+	}
+	o = mustParseFlags(t, "--control", "/c.sock", "--instance", "app", "--", "x")
+	if _, err := Load(context.Background(), "", o.Apply); err == nil || !strings.Contains(err.Error(), "give one") {
+		t.Errorf("--control and --instance: err = %v, want a refusal", err)
+	}
+	o = mustParseFlags(t, "--", "x")
+	o.EnvInstance = "../x"
+	if _, err := Load(context.Background(), "", o.Apply); err == nil || !strings.Contains(err.Error(), "$BATON_INSTANCE") {
+		t.Errorf("BATON_INSTANCE=../x: err = %v, want one naming $BATON_INSTANCE", err)
+	}
+	if _, err := parseFlags(t, "--instance", "a/b"); err == nil || !strings.Contains(err.Error(), "--instance") {
+		t.Errorf("--instance a/b: err = %v, want one naming --instance", err)
 	}
 }
 

@@ -1,5 +1,10 @@
 package contract
 
+import (
+	"fmt"
+	"strings"
+)
+
 // FirstFD is the first inherited descriptor: listeners take FirstFD,
 // FirstFD+1, ... in the order of LISTEN_FDNAMES, and the write end of the
 // inheritance pipe follows them, at the number BATON_READY_FD names.
@@ -32,7 +37,31 @@ const (
 	// generation (or a script it runs) can ask for a restart or a status;
 	// the command-line tools read it too.
 	EnvControl = "BATON_CONTROL"
+	// EnvInstance names the control socket by instance, for a command
+	// run without --control, --instance or $BATON_CONTROL (see
+	// InstanceControl).
+	EnvInstance = "BATON_INSTANCE"
 )
+
+// ControlDir is where control sockets live by default: DefaultControl,
+// and one per instance.
+const ControlDir = "/run/baton"
+
+// InstanceControl is the control socket of the named instance, what
+// --instance NAME (and $BATON_INSTANCE) stand for: ControlDir/NAME.sock,
+// as the shipped units name it (%t/baton/%i.sock). A name is 1 to 200
+// letters, digits, '.', '_', '-' and '@', and not "." or "..".
+func InstanceControl(name string) (string, error) {
+	if name == "" || name == "." || name == ".." || len(name) > 200 {
+		return "", fmt.Errorf("instance name %q: want 1 to 200 of letters, digits, '.', '_', '-', '@'", name)
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-@", r)) {
+			return "", fmt.Errorf("instance name %q: %q is not allowed (letters, digits, '.', '_', '-', '@')", name, r)
+		}
+	}
+	return ControlDir + "/" + name + ".sock", nil
+}
 
 // Environment variables a generation receives for its UDP listeners (see
 // UDPEnv).

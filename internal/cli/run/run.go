@@ -109,6 +109,7 @@ func Main(args []string, env Env, stderr io.Writer) int {
 	}
 	overrides.Command = fs.Args()
 	overrides.EnvControl = env.Getenv(cli.EnvControl)
+	overrides.EnvInstance = env.Getenv(cli.EnvInstance)
 	load := func(ctx context.Context) (*config.Config, error) {
 		return config.Load(ctx, *configPath, overrides.Apply)
 	}
