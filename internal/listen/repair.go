@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/steer"
 )
 
 // ErrNotRepairable: the socket is not a shared TCP listener.
@@ -52,29 +54,5 @@ func relisten(fd, backlog int) (bool, error) {
 	if typ != unix.SOCK_STREAM || (dom != unix.AF_INET && dom != unix.AF_INET6) {
 		return false, ErrNotRepairable
 	}
-	on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
-	if err != nil {
-		return false, fmt.Errorf("SO_ACCEPTCONN: %w", err)
-	}
-	if on != 0 {
-		return false, nil
-	}
-	name, err := unix.Getsockname(fd)
-	if err != nil {
-		return true, fmt.Errorf("getsockname: %w", err)
-	}
-	port := 0
-	switch a := name.(type) {
-	case *unix.SockaddrInet4:
-		port = a.Port
-	case *unix.SockaddrInet6:
-		port = a.Port
-	}
-	if port == 0 {
-		return true, errors.New("stopped listening and lost its port; restart the supervisor")
-	}
-	if err := unix.Listen(fd, backlog); err != nil {
-		return true, fmt.Errorf("listen again: %w", err)
-	}
-	return true, nil
+	return steer.Relisten(fd, nil, backlog)
 }

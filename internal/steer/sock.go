@@ -246,3 +246,41 @@ func dupFile(f *os.File) (*os.File, error) {
 	})
 	return nf, err
 }
+
+// Relisten makes the TCP socket fd listen again if it stopped (a
+// shutdown(2) by a process that holds it) and reports whether it had
+// stopped. A socket bound to an explicit port keeps its address through
+// a shutdown; one bound to port 0 lost it and is bound to rebind again,
+// or, with rebind nil, cannot be repaired (an error).
+func Relisten(fd int, rebind unix.Sockaddr, backlog int) (stopped bool, err error) {
+	on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	if err != nil {
+		return false, fmt.Errorf("SO_ACCEPTCONN: %w", err)
+	}
+	if on != 0 {
+		return false, nil
+	}
+	name, err := unix.Getsockname(fd)
+	if err != nil {
+		return true, fmt.Errorf("getsockname: %w", err)
+	}
+	port := -1
+	switch a := name.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+	case *unix.SockaddrInet6:
+		port = a.Port
+	}
+	if port == 0 {
+		if rebind == nil {
+			return true, errors.New("stopped listening and lost its port; restart the supervisor")
+		}
+		if err := unix.Bind(fd, rebind); err != nil {
+			return true, fmt.Errorf("bind again: %w", err)
+		}
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		return true, fmt.Errorf("listen again: %w", err)
+	}
+	return true, nil
+}

@@ -416,27 +416,8 @@ const firstReleaseWait = 5 * time.Second
 // explicit port; otherwise the kernel unbound it, and it is bound again.
 func (g *TCPGroup) relistenFirstLocked() error {
 	return withFD(g.first, func(fd int) error {
-		if on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || on != 0 {
-			return err
-		}
-		name, err := unix.Getsockname(fd)
-		if err != nil {
-			return fmt.Errorf("getsockname: %w", err)
-		}
-		port := -1
-		switch s := name.(type) {
-		case *unix.SockaddrInet4:
-			port = s.Port
-		case *unix.SockaddrInet6:
-			port = s.Port
-		}
-		if port == 0 {
-			if err := unix.Bind(fd, g.addr.sockaddr()); err != nil {
-				return fmt.Errorf("bind %s again: %w", g.addr, err)
-			}
-		}
-		if err := unix.Listen(fd, g.cfg.Backlog); err != nil {
-			return fmt.Errorf("listen: %w", err)
+		if _, err := Relisten(fd, g.addr.sockaddr(), g.cfg.Backlog); err != nil {
+			return fmt.Errorf("%s: %w", g.addr, err)
 		}
 		return nil
 	})
