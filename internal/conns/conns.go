@@ -152,8 +152,6 @@ type Snapshot struct {
 	listeners []Listener
 	socks     map[uint32]sockEntry // by inode; sockets no process holds are left out
 	scanned   int
-	bytes     int
-	took      time.Duration
 }
 
 type sockEntry struct {
@@ -175,7 +173,6 @@ func Scan(ctx context.Context, ls []Listener, opts Options) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	start := time.Now()
 	d, err := newDumper(opts.ReadTimeout, opts.MaxBytes)
 	if err != nil {
 		return nil, err
@@ -210,7 +207,7 @@ func Scan(ctx context.Context, ls []Listener, opts Options) (*Snapshot, error) {
 			return nil, fmt.Errorf("conns: dump of %s TCP sockets: %w", familyName(fam), err)
 		}
 	}
-	s.scanned, s.bytes, s.took = d.sockets, d.bytes, time.Since(start)
+	s.scanned = d.sockets
 	return s, nil
 }
 
@@ -221,19 +218,10 @@ func familyName(f uint8) string {
 	return "IPv6"
 }
 
-// Listeners are the listeners the snapshot was taken for.
-func (s *Snapshot) Listeners() []Listener { return append([]Listener(nil), s.listeners...) }
-
 // Scanned is the number of sockets the kernel reported: those on the
 // listeners' ports in the states a process can hold, with or without an
-// owner. It is what a Scan costs, with Bytes and Took.
+// owner. It is what a Scan costs.
 func (s *Snapshot) Scanned() int { return s.scanned }
-
-// Bytes is the size of the kernel's answer.
-func (s *Snapshot) Bytes() int { return s.bytes }
-
-// Took is how long Scan ran.
-func (s *Snapshot) Took() time.Duration { return s.took }
 
 // Counts is what a set of processes holds on each listener.
 type Counts struct {

@@ -122,10 +122,9 @@ type Supervisor struct {
 	// hands their slot over.
 	releasing []*generation
 	// traffic: the listeners as traffic is counted on them (made on
-	// first use); drainPolling: pollDrains runs, next at drainPollTimer.
-	traffic        *trafficSources
-	drainPolling   bool
-	drainPollTimer *time.Timer
+	// first use); drainPolling: pollDrains runs or is scheduled.
+	traffic      *trafficSources
+	drainPolling bool
 	// relistened counts, per shared TCP listener, how often it had to
 	// be made to listen again; relistenFailed: the failure was logged.
 	relistened     map[string]int

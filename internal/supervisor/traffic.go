@@ -234,7 +234,7 @@ func (s *Supervisor) schedulePollDrains() {
 		return
 	}
 	s.drainPolling = true
-	s.drainPollTimer = time.AfterFunc(drainPollEvery(s.cfg.DrainIdle), func() { s.post(s.pollDrains) })
+	time.AfterFunc(drainPollEvery(s.cfg.DrainIdle), func() { s.post(s.pollDrains) })
 }
 
 // pollDrains runs on the loop: while a generation drains under the idle
@@ -270,7 +270,7 @@ func (s *Supervisor) pollDrains() {
 				}
 				s.drainStep(g, tr.observe())
 			}
-			s.drainPollTimer = time.AfterFunc(every, func() { s.post(s.pollDrains) })
+			time.AfterFunc(every, func() { s.post(s.pollDrains) })
 		})
 	}()
 }
