@@ -292,3 +292,92 @@ func ip(args ...string) error {
 	}
 	return nil
 }
+
+// Veth is a veth pair that joins two namespaces, with an address of the
+// documentation ranges on each end (192.0.2.0/24 and 2001:db8::/64, never
+// routed anywhere): the server end A and the peer end B.
+type Veth struct {
+	A, B         *NS
+	AName, BName string // interface names, the same inside either namespace
+	AIndex       int    // A's interface index inside A's namespace
+	A4, B4       net.IP // 192.0.2.1, 192.0.2.2
+	A6, B6       net.IP // 2001:db8::1, 2001:db8::2
+	AMAC, BMAC   net.HardwareAddr
+}
+
+// VethOptions shape a pair; the zero value is one queue each way.
+type VethOptions struct {
+	// Queues is the number of RX and TX queues of each end (ip link's
+	// numrxqueues/numtxqueues); 0 means 1.
+	Queues int
+}
+
+// NewVeth creates a veth pair with one end in a and the other in b, both
+// up with their addresses (IPv6 without duplicate address detection, so
+// they are usable at once). Deleting either namespace deletes the pair.
+func NewVeth(a, b *NS, opts VethOptions) (*Veth, error) {
+	q := opts.Queues
+	if q <= 0 {
+		q = 1
+	}
+	var r [3]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		return nil, fmt.Errorf("netns: random veth name: %w", err)
+	}
+	v := &Veth{
+		A: a, B: b,
+		AName: "bva" + hex.EncodeToString(r[:]),
+		BName: "bvb" + hex.EncodeToString(r[:]),
+		A4:    net.ParseIP("192.0.2.1"), B4: net.ParseIP("192.0.2.2"),
+		A6: net.ParseIP("2001:db8::1"), B6: net.ParseIP("2001:db8::2"),
+	}
+	qs := fmt.Sprint(q)
+	steps := [][]string{
+		{"link", "add", v.AName, "netns", a.Name, "numrxqueues", qs, "numtxqueues", qs,
+			"type", "veth", "peer", "name", v.BName, "netns", b.Name, "numrxqueues", qs, "numtxqueues", qs},
+		{"-n", a.Name, "addr", "add", "192.0.2.1/24", "dev", v.AName},
+		{"-n", b.Name, "addr", "add", "192.0.2.2/24", "dev", v.BName},
+		{"-n", a.Name, "addr", "add", "2001:db8::1/64", "dev", v.AName, "nodad"},
+		{"-n", b.Name, "addr", "add", "2001:db8::2/64", "dev", v.BName, "nodad"},
+		{"-n", a.Name, "link", "set", v.AName, "up"},
+		{"-n", b.Name, "link", "set", v.BName, "up"},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return nil, err
+		}
+	}
+	err := a.Do(func() error {
+		ifi, err := net.InterfaceByName(v.AName)
+		if err != nil {
+			return err
+		}
+		v.AIndex, v.AMAC = ifi.Index, ifi.HardwareAddr
+		return nil
+	})
+	if err == nil {
+		err = b.Do(func() error {
+			ifi, err := net.InterfaceByName(v.BName)
+			if err != nil {
+				return err
+			}
+			v.BMAC = ifi.HardwareAddr
+			return nil
+		})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("netns: veth %s: %w", v.AName, err)
+	}
+	return v, nil
+}
+
+// NewVethT is NewVeth for a test, failing it on error. The pair goes with
+// the namespaces.
+func NewVethT(t testing.TB, a, b *NS, opts VethOptions) *Veth {
+	t.Helper()
+	v, err := NewVeth(a, b, opts)
+	if err != nil {
+		t.Fatalf("create veth pair: %v", err)
+	}
+	return v
+}
