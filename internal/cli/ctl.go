@@ -16,9 +16,9 @@ import (
 	"github.com/baton-run/baton/internal/control"
 )
 
-// DefaultControl is the control socket used when neither --control nor
-// $BATON_CONTROL is given.
-const DefaultControl = "/run/baton/baton.sock"
+// DefaultControl is the control socket used when nothing names one: the
+// supervisor's default (contract.DefaultControl).
+func DefaultControl() string { return contract.DefaultControl() }
 
 // EnvControl names the socket for commands run without --control: the
 // variable the supervisor sets for its children.
@@ -60,7 +60,7 @@ func ControlPath(flagValue, instance string, env func(string) string) (string, e
 			return p, nil
 		}
 	}
-	return DefaultControl, nil
+	return DefaultControl(), nil
 }
 
 // parseFlags parses args and reports whether the command should go on; if

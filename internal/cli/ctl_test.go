@@ -500,8 +500,8 @@ func TestControlPath(t *testing.T) {
 		env                  func(string) string
 		want, err            string
 	}{
-		{"default", "", "", env("", ""), DefaultControl, ""},
-		{"nil env", "", "", nil, DefaultControl, ""},
+		{"default", "", "", env("", ""), DefaultControl(), ""},
+		{"nil env", "", "", nil, DefaultControl(), ""},
 		{"env", "", "", env("/env.sock", "app"), "/env.sock", ""},
 		{"env instance", "", "", env("", "app"), "/run/baton/app.sock", ""},
 		{"flag", "/flag.sock", "", env("/env.sock", "app"), "/flag.sock", ""},

@@ -13,12 +13,15 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/contract"
 )
 
 // DefaultControl is the control socket used when neither --control, the
-// file's control key nor BATON_CONTROL says otherwise; it equals
-// cli.DefaultControl (tested).
-const DefaultControl = "/run/baton/baton.sock"
+// config file, $BATON_CONTROL nor $BATON_INSTANCE names one: /run/baton
+// for root, $XDG_RUNTIME_DIR/baton for other users (contract.ControlDir).
+// Clients (cli.ControlPath) use the same function.
+func DefaultControl() string { return contract.DefaultControl() }
 
 // Defaults for the bounded waits.
 const (
@@ -142,7 +145,7 @@ func (c *Config) InFile(key string) bool { return c.inFile[key] }
 // Defaults returns a Config with every default filled in.
 func Defaults() *Config {
 	return &Config{
-		Control:         DefaultControl,
+		Control:         DefaultControl(),
 		Ready:           Ready{Kind: ReadyAuto},
 		ReadyTimeout:    DefaultReadyTimeout,
 		DrainSignal:     syscall.SIGTERM,
@@ -236,12 +239,12 @@ func (c *Config) Validate() error {
 	if err := checkProcessTracking(c.ProcessTracking); err != nil {
 		errs = append(errs, fmt.Errorf("process tracking: %w", err))
 	}
-	// A generation has one slot and one CID layout for all its UDP
-	// listeners (BATON_CID_* is per generation), so they must agree.
+	// A generation has one slot and one CID layout for all its UDP and
+	// XDP listeners (BATON_CID_* is per generation), so they must agree.
 	var firstUDP *Listener
 	for i := range c.Listeners {
 		l := &c.Listeners[i]
-		if l.Scheme != SchemeUDP {
+		if l.Scheme != SchemeUDP && l.Scheme != SchemeXDP {
 			continue
 		}
 		if firstUDP == nil {
@@ -249,7 +252,7 @@ func (c *Config) Validate() error {
 			continue
 		}
 		if l.Workers != firstUDP.Workers || l.CIDLen != firstUDP.CIDLen || l.CIDSlotOffset != firstUDP.CIDSlotOffset || l.CIDWorkerOffset != firstUDP.CIDWorkerOffset {
-			errs = append(errs, fmt.Errorf("UDP listeners %s and %s differ in workers or CID layout; a generation has one of each", firstUDP.Name, l.Name))
+			errs = append(errs, fmt.Errorf("UDP and XDP listeners %s and %s differ in workers or CID layout; a generation has one of each", firstUDP.Name, l.Name))
 		}
 	}
 	if c.Group != "" && c.User == "" {

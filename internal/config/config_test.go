@@ -50,6 +50,21 @@ func TestParseListener(t *testing.T) {
 		{arg: "x=tcp://:80?mode=0600", wantErr: "not known for tcp"},
 		{arg: "x=udp://:53?backlog=5", wantErr: "not known for udp"},
 		{arg: "x=unix:///a?mode=999", wantErr: "octal"},
+		{arg: "h3=xdp://eth0:443", want: Listener{Name: "h3", Scheme: "xdp", Addr: "eth0:443", Iface: "eth0", Port: 443, Steer: SteerQUIC, QueueLast: AllQueues}},
+		{arg: "h3=xdp://eth0:443?queues=2-5&steer=flow&frames=8192&frame_size=2048&ring=1024&cid_len=12",
+			want: Listener{Name: "h3", Scheme: "xdp", Addr: "eth0:443", Iface: "eth0", Port: 443, Steer: SteerFlow, QueueFirst: 2, QueueLast: 5, Frames: 8192, FrameSize: 2048, Ring: 1024, CIDLen: 12}},
+		{arg: "h3=xdp://eth0:443?queues=3", want: Listener{Name: "h3", Scheme: "xdp", Addr: "eth0:443", Iface: "eth0", Port: 443, Steer: SteerQUIC, QueueFirst: 3, QueueLast: 3}},
+		{arg: "x=xdp://eth0:443?queues=5-2", wantErr: "N-M"},
+		{arg: "x=xdp://eth0:443?queues=64", wantErr: "< 64"},
+		{arg: "x=xdp://eth0:443?steer=off", wantErr: "always steered"},
+		{arg: "x=xdp://eth0:443?frames=1000", wantErr: "power of two"},
+		{arg: "x=xdp://eth0:443?frame_size=8192", wantErr: "2048..4096"},
+		{arg: "x=xdp://eth0:443?backlog=5", wantErr: "not known for xdp"},
+		{arg: "x=xdp://eth0:443?v6only=1", wantErr: "not known for xdp"},
+		{arg: "x=xdp://:443", wantErr: "IFACE:PORT"},
+		{arg: "x=xdp://eth0", wantErr: "IFACE:PORT"},
+		{arg: "x=xdp://averyveryverylongname:443", wantErr: "15 characters"},
+		{arg: "x=xdp://eth0:0", wantErr: "1..65535"},
 		{arg: "x=tcp://:80?backlog=-1", wantErr: "positive"},
 	}
 	for _, c := range cases {
@@ -220,7 +235,7 @@ func TestParseReadyAndSignal(t *testing.T) {
 // The supervisor (config) and its clients (ctl, linked into the small
 // restart binary without config) must agree on where the socket is.
 func TestDefaultControlMatchesClients(t *testing.T) {
-	if DefaultControl != cli.DefaultControl {
-		t.Fatalf("config.DefaultControl %q != cli.DefaultControl %q", DefaultControl, cli.DefaultControl)
+	if DefaultControl() != cli.DefaultControl() {
+		t.Fatalf("config.DefaultControl %q != cli.DefaultControl %q", DefaultControl(), cli.DefaultControl())
 	}
 }

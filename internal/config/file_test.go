@@ -233,7 +233,7 @@ control_group = "ops"
 // TestFileRecordsKeysSet: InFile tells a key written in the file, even
 // with the default's value, from one left out.
 func TestFileRecordsKeysSet(t *testing.T) {
-	c, err := Load(context.Background(), writeConfig(t, "command = [\"/bin/true\"]\ncontrol = \""+DefaultControl+"\"\nmax_draining = 4\n[env]\nA = \"1\"\n"), nil)
+	c, err := Load(context.Background(), writeConfig(t, "command = [\"/bin/true\"]\ncontrol = \""+DefaultControl()+"\"\nmax_draining = 4\n[env]\nA = \"1\"\n"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

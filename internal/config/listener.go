@@ -19,6 +19,7 @@ const (
 	SchemeUDP     = "udp"
 	SchemeUnix    = "unix"
 	SchemeQUIC    = "quic"    // udp with steer=quic
+	SchemeXDP     = "xdp"     // AF_XDP sockets per queue of a network interface
 	SchemeSystemd = "systemd" // a socket received from systemd, no URL of its own
 )
 
@@ -44,7 +45,20 @@ type Listener struct {
 	CIDSlotOffset   int           // quic: octet holding the slot
 	CIDWorkerOffset int           // quic: octet holding the worker, -1 = none
 	FlowIdle        time.Duration // flow: idle time that ends a flow's pin; 0 = default
+
+	// AF_XDP (xdp://IFACE:PORT): Addr is IFACE:PORT. The UDP options
+	// above (steer, cid_*, flow_idle) apply too.
+	Iface      string
+	Port       int
+	QueueFirst int // first rx queue; with QueueLast -1: every queue
+	QueueLast  int
+	Frames     int // UMEM frames per queue; 0 = default
+	FrameSize  int // bytes per frame; 0 = default
+	Ring       int // each generation's RX and TX ring size; 0 = default
 }
+
+// AllQueues in Listener.QueueLast means every rx queue of the interface.
+const AllQueues = -1
 
 // Steering modes of a UDP listener.
 const (
@@ -83,6 +97,8 @@ func ParseListener(name, raw string) (Listener, error) {
 		l.Steer = SteerFlow
 	case SchemeQUIC:
 		l.Scheme, l.Steer = SchemeUDP, SteerQUIC
+	case SchemeXDP:
+		l.Steer, l.QueueLast = SteerQUIC, AllQueues
 	}
 	switch l.Scheme {
 	case SchemeTCP, SchemeUDP:
@@ -104,6 +120,22 @@ func ParseListener(name, raw string) (Listener, error) {
 			host = "127.0.0.1"
 		}
 		l.Addr = net.JoinHostPort(host, port)
+	case SchemeXDP:
+		if u.Path != "" && u.Path != "/" {
+			return l, fmt.Errorf("listener %s: xdp URL takes no path, got %q", name, u.Path)
+		}
+		iface, port, ok := strings.Cut(u.Host, ":")
+		if !ok || iface == "" {
+			return l, fmt.Errorf("listener %s: address %q: want xdp://IFACE:PORT, e.g. xdp://eth0:443", name, u.Host)
+		}
+		if len(iface) >= 16 || strings.ContainsAny(iface, "/ ") {
+			return l, fmt.Errorf("listener %s: interface name %q is not one Linux accepts (at most 15 characters, no '/')", name, iface)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil || p <= 0 || p > 65535 {
+			return l, fmt.Errorf("listener %s: port %q must be 1..65535", name, port)
+		}
+		l.Iface, l.Port, l.Addr = iface, p, u.Host
 	case SchemeUnix:
 		if u.Host != "" {
 			return l, fmt.Errorf("listener %s: unix URL needs an absolute path: unix:///path (three slashes), got host %q", name, u.Host)
@@ -113,20 +145,20 @@ func ParseListener(name, raw string) (Listener, error) {
 		}
 		l.Addr = u.Path
 	case "":
-		return l, fmt.Errorf("listener %s: %q has no scheme: use tcp://, udp://, quic:// or unix://", name, raw)
+		return l, fmt.Errorf("listener %s: %q has no scheme: use tcp://, udp://, quic://, xdp:// or unix://", name, raw)
 	default:
-		return l, fmt.Errorf("listener %s: unknown scheme %q: use tcp://, udp://, quic:// or unix://", name, u.Scheme)
+		return l, fmt.Errorf("listener %s: unknown scheme %q: use tcp://, udp://, quic://, xdp:// or unix://", name, u.Scheme)
 	}
 	for key, vals := range q {
 		v := vals[len(vals)-1]
 		switch {
-		case key == "backlog" && l.Scheme != SchemeUDP:
+		case key == "backlog" && (l.Scheme == SchemeTCP || l.Scheme == SchemeUnix):
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > 1<<20 {
 				return l, fmt.Errorf("listener %s: backlog=%q must be a positive integer", name, v)
 			}
 			l.Backlog = n
-		case key == "v6only" && l.Scheme != SchemeUnix:
+		case key == "v6only" && (l.Scheme == SchemeTCP || l.Scheme == SchemeUDP):
 			b, err := strconv.ParseBool(v)
 			if err != nil {
 				return l, fmt.Errorf("listener %s: v6only=%q must be true or false", name, v)
@@ -145,6 +177,37 @@ func ParseListener(name, raw string) (Listener, error) {
 			default:
 				return l, fmt.Errorf("listener %s: steer=%q: want flow, quic or off", name, v)
 			}
+		case key == "steer" && l.Scheme == SchemeXDP:
+			// Without steering nothing would pick a generation's socket.
+			switch v {
+			case SteerFlow, SteerQUIC:
+				l.Steer = v
+			default:
+				return l, fmt.Errorf("listener %s: steer=%q: want quic or flow (an xdp listener is always steered)", name, v)
+			}
+		case key == "queues" && l.Scheme == SchemeXDP:
+			first, last, err := parseQueues(v)
+			if err != nil {
+				return l, fmt.Errorf("listener %s: queues=%q: %w", name, v, err)
+			}
+			l.QueueFirst, l.QueueLast = first, last
+		case (key == "frames" || key == "frame_size" || key == "ring") && l.Scheme == SchemeXDP:
+			n, err := strconv.Atoi(v)
+			lo, hi := 64, 1<<20
+			if key == "frame_size" {
+				lo, hi = 2048, 4096
+			}
+			if err != nil || n < lo || n > hi || n&(n-1) != 0 {
+				return l, fmt.Errorf("listener %s: %s=%q must be a power of two in %d..%d", name, key, v, lo, hi)
+			}
+			switch key {
+			case "frames":
+				l.Frames = n
+			case "frame_size":
+				l.FrameSize = n
+			default:
+				l.Ring = n
+			}
 		case key == "steer" && l.Scheme == SchemeTCP:
 			switch v {
 			case SteerOn:
@@ -162,25 +225,25 @@ func ParseListener(name, raw string) (Listener, error) {
 				return l, fmt.Errorf("listener %s: workers=%q must be 1..%d", name, v, contract.MaxWorkers)
 			}
 			l.Workers = n
-		case key == "cid_len" && l.Scheme == SchemeUDP:
+		case key == "cid_len" && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > contract.MaxCIDLen {
 				return l, fmt.Errorf("listener %s: cid_len=%q must be 1..%d (RFC 9000)", name, v, contract.MaxCIDLen)
 			}
 			l.CIDLen = n
-		case key == "cid_slot_offset" && l.Scheme == SchemeUDP:
+		case key == "cid_slot_offset" && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 || n >= contract.MaxCIDLen {
 				return l, fmt.Errorf("listener %s: cid_slot_offset=%q must be 0..%d", name, v, contract.MaxCIDLen-1)
 			}
 			l.CIDSlotOffset = n
-		case key == "cid_worker_offset" && l.Scheme == SchemeUDP:
+		case key == "cid_worker_offset" && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
 			n, err := strconv.Atoi(v)
 			if err != nil || n < contract.NoWorkerOctet || n >= contract.MaxCIDLen {
 				return l, fmt.Errorf("listener %s: cid_worker_offset=%q must be %d (none) or 0..%d", name, v, contract.NoWorkerOctet, contract.MaxCIDLen-1)
 			}
 			l.CIDWorkerOffset = n
-		case key == "flow_idle" && l.Scheme == SchemeUDP:
+		case key == "flow_idle" && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
 			d, err := time.ParseDuration(v)
 			if err != nil || d <= 0 {
 				return l, fmt.Errorf("listener %s: flow_idle=%q must be a positive duration", name, v)
@@ -203,6 +266,8 @@ func knownOptions(scheme string) string {
 		return "backlog, v6only, steer"
 	case SchemeUDP:
 		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
+	case SchemeXDP:
+		return "steer, queues, frames, frame_size, ring, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
 	default:
 		return "backlog, mode, owner, group"
 	}
@@ -231,5 +296,29 @@ func (l Listener) Same(o Listener) bool {
 		l.Backlog == o.Backlog && l.V6Only == o.V6Only && l.Mode == o.Mode &&
 		l.Owner == o.Owner && l.Group == o.Group && l.Steer == o.Steer &&
 		l.Workers == o.Workers && l.CIDLen == o.CIDLen && l.CIDSlotOffset == o.CIDSlotOffset &&
-		l.CIDWorkerOffset == o.CIDWorkerOffset && l.FlowIdle == o.FlowIdle
+		l.CIDWorkerOffset == o.CIDWorkerOffset && l.FlowIdle == o.FlowIdle &&
+		l.Iface == o.Iface && l.Port == o.Port && l.QueueFirst == o.QueueFirst && l.QueueLast == o.QueueLast &&
+		l.Frames == o.Frames && l.FrameSize == o.FrameSize && l.Ring == o.Ring
 }
+
+// parseQueues reads an xdp listener's queues option: "all", "N" or "N-M".
+func parseQueues(v string) (first, last int, err error) {
+	if v == "all" {
+		return 0, AllQueues, nil
+	}
+	a, b, isRange := strings.Cut(v, "-")
+	first, err1 := strconv.Atoi(a)
+	last = first
+	var err2 error
+	if isRange {
+		last, err2 = strconv.Atoi(b)
+	}
+	if err1 != nil || err2 != nil || first < 0 || last < first || last >= maxQueues {
+		return 0, 0, fmt.Errorf("want all, N or N-M with 0 <= N <= M < %d", maxQueues)
+	}
+	return first, last, nil
+}
+
+// maxQueues bounds an xdp listener's queue numbers (the XDP program's
+// socket map holds STEER_MAX_QUEUES sockets per slot).
+const maxQueues = 64

@@ -56,7 +56,7 @@ var settings = []setting{
 		flag: "control", key: "control",
 		// Not the field's default: that depends on $BATON_CONTROL.
 		define: func(fs *flag.FlagSet, _ *Config) {
-			fs.String("control", "", "control socket path (default: the config file's control, else $BATON_CONTROL, else "+DefaultControl+")")
+			fs.String("control", "", "control socket path (default: the config file's control, else $BATON_CONTROL, else $BATON_INSTANCE's, else "+DefaultControl()+")")
 		},
 		parse: assign(func(c *Config) *string { return &c.Control }, checked(absolutePath)),
 	},
@@ -315,7 +315,7 @@ func DefineFlags(fs *flag.FlagSet) (collect func() (*Overrides, error)) {
 	var listens, envs multiFlag
 	fs.Var(&listens, flagListen, listenUsage)
 	fs.Var(&envs, flagEnv, "KEY=VALUE added to the generations' environment, repeatable")
-	instance := fs.String(flagInstance, "", "control socket /run/baton/`NAME`.sock (as the shipped units use; instead of --control)")
+	instance := fs.String(flagInstance, "", "control socket "+contract.ControlDir()+"/`NAME`.sock (as the shipped units use; instead of --control)")
 	defaults := Defaults()
 	for _, s := range settings {
 		s.define(fs, defaults)

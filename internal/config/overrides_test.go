@@ -239,12 +239,12 @@ func TestControlPrecedence(t *testing.T) {
 		{name: "env instance", envInstance: "app", want: "/run/baton/app.sock"},
 		{name: "env over env instance", env: "/env.sock", envInstance: "app", want: "/env.sock"},
 		{name: "file over env instance", file: "/file.sock", envInstance: "app", want: "/file.sock"},
-		{name: "nothing", want: DefaultControl},
+		{name: "nothing", want: DefaultControl()},
 		{name: "env only", env: "/env.sock", want: "/env.sock"},
 		{name: "file over env", file: "/file.sock", env: "/env.sock", want: "/file.sock"},
-		{name: "file naming the default over env", file: DefaultControl, env: "/env.sock", want: DefaultControl},
+		{name: "file naming the default over env", file: DefaultControl(), env: "/env.sock", want: DefaultControl()},
 		{name: "flag over file and env", file: "/file.sock", flag: "/flag.sock", env: "/env.sock", want: "/flag.sock"},
-		{name: "flag naming the default over env", flag: DefaultControl, env: "/env.sock", want: DefaultControl},
+		{name: "flag naming the default over env", flag: DefaultControl(), env: "/env.sock", want: DefaultControl()},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

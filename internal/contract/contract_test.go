@@ -295,3 +295,23 @@ func TestLimitsAgree(t *testing.T) {
 		}
 	}
 }
+
+func TestControlDirPerUser(t *testing.T) {
+	cases := []struct {
+		euid int
+		xdg  string
+		want string
+	}{
+		{0, "", "/run/baton"},
+		{0, "/run/user/0", "/run/baton"},
+		{1000, "/run/user/1000", "/run/user/1000/baton"},
+		{1000, "/run/user/1000/", "/run/user/1000/baton"},
+		{1000, "", "/run/baton"},
+		{1000, "relative/dir", "/run/baton"},
+	}
+	for _, c := range cases {
+		if got := controlDir(c.euid, c.xdg); got != c.want {
+			t.Errorf("controlDir(%d, %q) = %q, want %q", c.euid, c.xdg, got, c.want)
+		}
+	}
+}

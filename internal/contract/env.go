@@ -2,6 +2,7 @@ package contract
 
 import (
 	"fmt"
+	"os"
 	"strings"
 )
 
@@ -43,12 +44,26 @@ const (
 	EnvInstance = "BATON_INSTANCE"
 )
 
-// ControlDir is where control sockets live by default: DefaultControl,
-// and one per instance.
-const ControlDir = "/run/baton"
+// ControlDir is where control sockets live by default (DefaultControl,
+// and one per instance): /run/baton for root; for any other user
+// $XDG_RUNTIME_DIR/baton when that is set, as a systemd --user unit's %t
+// names it, because only root may create /run/baton. The supervisor and
+// its clients run as one user, so they agree.
+func ControlDir() string { return controlDir(os.Geteuid(), os.Getenv("XDG_RUNTIME_DIR")) }
+
+func controlDir(euid int, runtimeDir string) string {
+	if euid != 0 && strings.HasPrefix(runtimeDir, "/") {
+		return strings.TrimRight(runtimeDir, "/") + "/baton"
+	}
+	return "/run/baton"
+}
+
+// DefaultControl is the control socket when nothing names one:
+// ControlDir()/baton.sock.
+func DefaultControl() string { return ControlDir() + "/baton.sock" }
 
 // InstanceControl is the control socket of the named instance, what
-// --instance NAME (and $BATON_INSTANCE) stand for: ControlDir/NAME.sock,
+// --instance NAME (and $BATON_INSTANCE) stand for: ControlDir()/NAME.sock,
 // as the shipped units name it (%t/baton/%i.sock). A name is 1 to 200
 // letters, digits, '.', '_', '-' and '@', and not "." or "..".
 func InstanceControl(name string) (string, error) {
@@ -60,7 +75,7 @@ func InstanceControl(name string) (string, error) {
 			return "", fmt.Errorf("instance name %q: %q is not allowed (letters, digits, '.', '_', '-', '@')", name, r)
 		}
 	}
-	return ControlDir + "/" + name + ".sock", nil
+	return ControlDir() + "/" + name + ".sock", nil
 }
 
 // Environment variables a generation receives for its UDP listeners (see

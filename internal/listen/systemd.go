@@ -125,6 +125,9 @@ func CloseAll(socks []*Socket) {
 // which works as long as baton runs as the socket's owner; the error says
 // so otherwise.
 func adopt(spec config.Listener, a *Socket) (*Socket, error) {
+	if spec.Scheme == config.SchemeXDP {
+		return nil, fmt.Errorf("listener %s: systemd passed a socket named %q, but %s is an AF_XDP listener, which baton makes itself; rename the socket unit's FileDescriptorName= or the listener", spec.Name, spec.Name, spec.URL)
+	}
 	if (spec.Scheme == config.SchemeUDP) != a.IsDatagram() {
 		return nil, fmt.Errorf("listener %s: systemd passed a %s socket named %q but the listener is %s; fix ListenStream=/ListenDatagram= or the listener URL", spec.Name, sockKind(a.IsDatagram()), spec.Name, spec.URL)
 	}
