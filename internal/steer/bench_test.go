@@ -169,7 +169,7 @@ func minimalSelector(t *testing.T, g *Group, idx uint32) *ebpf.Program {
 		Instructions: asm.Instructions{
 			// r1 is the context throughout.
 			asm.StoreImm(asm.R10, -8, int64(idx), asm.Word),
-			asm.LoadMapPtr(asm.R2, g.objs.Sockets.FD()),
+			asm.LoadMapPtr(asm.R2, g.objs.sockets.FD()),
 			asm.Mov.Reg(asm.R3, asm.R10),
 			asm.Add.Imm(asm.R3, -8),
 			asm.Mov.Imm(asm.R4, 0),
@@ -359,7 +359,7 @@ func measureProgramCost(g *Group, packets int, send func(i int) error) (nsPerPac
 	g.mu.Lock()
 	var prog *ebpf.Program
 	if g.objs != nil && !g.closed {
-		prog = g.objs.Steer
+		prog = g.objs.prog
 	}
 	g.mu.Unlock()
 	if prog == nil {

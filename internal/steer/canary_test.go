@@ -163,7 +163,7 @@ func expectCanary(t *testing.T, g *Group, slot, permille int) {
 		t.Errorf("Canary() = %d, %d‰; want %d, %d‰", s, p, slot, permille)
 	}
 	// What the program reads, not only the group's view of it.
-	k, err := readConfig(g.objs.Config, g.cfgSize)
+	k, err := readConfig(g.objs.config, g.cfgSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -546,8 +546,8 @@ func TestAdoptPreCanaryProgram(t *testing.T) {
 		return ebpf.LoadCollectionSpec("testdata/steer_precanary_bpfel.o")
 	}
 	old := ns.groupWith(t, "127.0.0.1:0", cfg, program{spec: preCanary, tick: bpf.TickNs()})
-	if old.objs.Config.ValueSize() != uint32(preCanaryConfigSize) {
-		t.Fatalf("testdata program's config has %d bytes, want %d", old.objs.Config.ValueSize(), preCanaryConfigSize)
+	if old.objs.config.ValueSize() != uint32(preCanaryConfigSize) {
+		t.Fatalf("testdata program's config has %d bytes, want %d", old.objs.config.ValueSize(), preCanaryConfigSize)
 	}
 	h := newHarness(t, ns, old)
 	s1 := h.add("old")

@@ -58,14 +58,14 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 		contract.CounterError:    &c.Errors,
 		contract.CounterDrop:     &c.Dropped,
 	}
-	if err := readCounters(g.objs.Counters, slot, dst); err != nil {
+	if err := readCounters(g.objs.counters, slot, dst); err != nil {
 		return Counters{}, fmt.Errorf("udp %s: %w", g.addr, err)
 	}
 	return c, nil
 }
 
 func (g *Group) resetCountersLocked(slot int) error {
-	if err := resetCounters(g.objs.Counters, slot); err != nil {
+	if err := resetCounters(g.objs.counters, slot); err != nil {
 		return fmt.Errorf("udp steering: %w", err)
 	}
 	return nil

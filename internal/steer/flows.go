@@ -51,14 +51,14 @@ func (g *Group) Flows() (map[int]int, error) {
 	}
 	// The program's config, not this group's view of it: a frozen
 	// group's successor writes it.
-	kcfg, err := readConfig(g.objs.Config, g.cfgSize)
+	kcfg, err := readConfig(g.objs.config, g.cfgSize)
 	if err != nil {
 		g.mu.Unlock()
 		return nil, fmt.Errorf("udp %s: flows: read config: %w", g.addr, err)
 	}
 	// A descriptor of its own, which Close cannot pull from under the
 	// read.
-	table, err := g.objs.Flows.Clone()
+	table, err := g.objs.flows.Clone()
 	g.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)

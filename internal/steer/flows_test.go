@@ -19,7 +19,7 @@ func flowStamps(t *testing.T, g *Group) map[bpf.SteerFlowKey]uint64 {
 	out := map[bpf.SteerFlowKey]uint64{}
 	var k bpf.SteerFlowKey
 	var v bpf.SteerFlow
-	it := g.objs.Flows.Iterate()
+	it := g.objs.flows.Iterate()
 	for it.Next(&k, &v) {
 		out[k] = v.LastSeen
 	}
@@ -232,7 +232,7 @@ func TestFlowsFullTable(t *testing.T) {
 		{bpf.SteerFlow{Slot: uint32(dead), Epoch: e2 + 1, LastSeen: now}, false},
 		{bpf.SteerFlow{Slot: 0, LastSeen: now}, false},
 	}
-	n := int(g.objs.Flows.MaxEntries())
+	n := int(g.objs.flows.MaxEntries())
 	keys := make([]bpf.SteerFlowKey, n)
 	vals := make([]bpf.SteerFlow, n)
 	for i := range keys {
@@ -240,7 +240,7 @@ func TestFlowsFullTable(t *testing.T) {
 		vals[i] = kinds[i%len(kinds)].v
 	}
 	start := time.Now()
-	if _, err := g.objs.Flows.BatchUpdate(keys, vals, nil); err != nil {
+	if _, err := g.objs.flows.BatchUpdate(keys, vals, nil); err != nil {
 		t.Fatalf("fill the flow table: %v", err)
 	}
 	t.Logf("wrote %d entries in %v", n, time.Since(start))
@@ -250,7 +250,7 @@ func TestFlowsFullTable(t *testing.T) {
 	held := 0
 	for i, k := range keys {
 		var v bpf.SteerFlow
-		if err := g.objs.Flows.Lookup(k, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := g.objs.flows.Lookup(k, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		} else if err != nil {
 			t.Fatal(err)

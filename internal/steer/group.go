@@ -134,7 +134,7 @@ type Group struct {
 
 	mu     sync.Mutex
 	anchor *os.File
-	objs   *bpf.SteerObjects // nil in contract.ModeOff
+	objs   *objects // nil in contract.ModeOff
 	kcfg   bpf.SteerConfig   // last config written to the kernel
 	// cfgSize is the size of the program's config: configSize, or
 	// preCanaryConfigSize for a program adopted from an older supervisor.
@@ -279,8 +279,8 @@ func (g *Group) loadAndAttach(prog program) error {
 	if err := setShape(spec, g.cfg, prog.tick); err != nil {
 		return fmt.Errorf("udp steering: %w", err)
 	}
-	objs := new(bpf.SteerObjects)
-	if err := spec.LoadAndAssign(objs, nil); err != nil {
+	loaded := new(bpf.SteerObjects)
+	if err := spec.LoadAndAssign(loaded, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) && !errors.Is(err, unix.EPERM) {
 			// A verifier rejection is a bug here, not a setup
@@ -289,7 +289,8 @@ func (g *Group) loadAndAttach(prog program) error {
 		}
 		return steeringError("load program", err)
 	}
-	size, err := checkConfigSize(objs.Config)
+	objs := steerObjects(loaded)
+	size, err := checkConfigSize(objs.config)
 	if err != nil {
 		objs.Close()
 		return fmt.Errorf("udp steering: %w", err)
@@ -298,14 +299,14 @@ func (g *Group) loadAndAttach(prog program) error {
 		FlowIdleNs:   uint64(g.cfg.FlowIdle),
 		InitialPinNs: uint64(g.cfg.InitialPin),
 	}
-	if err := writeConfig(objs.Config, size, g.kcfg); err != nil {
+	if err := writeConfig(objs.config, size, g.kcfg); err != nil {
 		objs.Close()
 		return steeringError("write config", err)
 	}
 	// Timeouts must be in place before the first datagram: a zero
 	// timeout would expire every pin at once.
 	err = withFD(g.anchor, func(fd int) error {
-		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, objs.Steer.FD())
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, objs.prog.FD())
 	})
 	if err != nil {
 		objs.Close()
@@ -444,7 +445,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 		for i, f := range gen.files {
 			key := uint32(slot*g.cfg.Workers + i)
 			err := withFD(f, func(fd int) error {
-				return g.objs.Sockets.Update(key, uint64(fd), ebpf.UpdateAny)
+				return g.objs.sockets.Update(key, uint64(fd), ebpf.UpdateAny)
 			})
 			if err != nil {
 				g.deleteSocketsLocked(slot)
@@ -476,7 +477,7 @@ func (g *Group) writeConfigLocked(next bpf.SteerConfig) error {
 	if g.frozen {
 		return errFrozen
 	}
-	if err := writeConfig(g.objs.Config, g.cfgSize, next); err != nil {
+	if err := writeConfig(g.objs.config, g.cfgSize, next); err != nil {
 		return fmt.Errorf("write steering config: %w", err)
 	}
 	g.kcfg = next
@@ -487,7 +488,7 @@ func (g *Group) deleteSocketsLocked(slot int) error {
 	var errs []error
 	for i := 0; i < g.cfg.Workers; i++ {
 		key := uint32(slot*g.cfg.Workers + i)
-		if err := g.objs.Sockets.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := g.objs.sockets.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("worker %d: %w", i, err))
 		}
 	}

@@ -23,7 +23,7 @@ func TestVerifierAcceptsProgram(t *testing.T) {
 		if g.objs == nil {
 			t.Fatalf("%v: no program loaded", mode)
 		}
-		info, err := g.objs.Steer.Info()
+		info, err := g.objs.prog.Info()
 		if err != nil {
 			t.Fatal(err)
 		}

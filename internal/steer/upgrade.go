@@ -63,18 +63,6 @@ type SlotState struct {
 	Epoch uint32 `json:"epoch"`
 }
 
-// steerMaps names the program's maps, the one list Files, Adopt and
-// FileNames share.
-func steerMaps(objs *bpf.SteerObjects) map[string]**ebpf.Map {
-	return map[string]**ebpf.Map{
-		bpf.SteerMapConfig:   &objs.Config,
-		bpf.SteerMapCounters: &objs.Counters,
-		bpf.SteerMapFlows:    &objs.Flows,
-		bpf.SteerMapInitials: &objs.Initials,
-		bpf.SteerMapSockets:  &objs.Sockets,
-	}
-}
-
 // Files returns close-on-exec duplicates of the group's kernel objects,
 // named for Adopt. The caller owns them.
 func (g *Group) Files() (map[string]*os.File, error) {
@@ -103,10 +91,10 @@ func (g *Group) Files() (map[string]*os.File, error) {
 		out[name] = os.NewFile(uintptr(nfd), name)
 		return nil
 	}
-	if err := dup(FileProgram, g.objs.Steer.FD()); err != nil {
+	if err := dup(FileProgram, g.objs.prog.FD()); err != nil {
 		return fail(err)
 	}
-	for name, m := range steerMaps(g.objs) {
+	for name, m := range g.objs.maps() {
 		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
 			return fail(err)
 		}
@@ -152,7 +140,7 @@ func (g *Group) Thaw(handedOver bool) error {
 	if g.objs == nil || g.closed {
 		return nil
 	}
-	cur, err := readConfig(g.objs.Config, g.cfgSize)
+	cur, err := readConfig(g.objs.config, g.cfgSize)
 	if err != nil {
 		return fmt.Errorf("udp %s: thaw: read config: %w", g.addr, err)
 	}
@@ -248,11 +236,11 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 		// The program is the old supervisor's: it stamps flow entries
 		// with the tick that supervisor found, which is this kernel's.
 		g.tick = bpf.TickNs()
-		if g.cfgSize, err = checkConfigSize(objs.Config); err != nil {
+		if g.cfgSize, err = checkConfigSize(objs.config); err != nil {
 			g.Close()
 			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
 		}
-		if g.kcfg, err = readConfig(objs.Config, g.cfgSize); err != nil {
+		if g.kcfg, err = readConfig(objs.config, g.cfgSize); err != nil {
 			g.Close()
 			return nil, fmt.Errorf("udp %s: read steering config: %w", st.Addr, err)
 		}
@@ -278,9 +266,9 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 
 // adoptObjects wraps the program and map descriptors. Each one it uses is
 // removed from files and owned by the returned objects.
-func adoptObjects(files map[string]*os.File) (*bpf.SteerObjects, error) {
-	objs := new(bpf.SteerObjects)
-	if err := adoptKernelObjects(files, &objs.Steer, steerMaps(objs), objs.Close); err != nil {
+func adoptObjects(files map[string]*os.File) (*objects, error) {
+	objs := new(objects)
+	if err := adoptKernelObjects(files, &objs.prog, objs.maps(), objs.Close); err != nil {
 		return nil, err
 	}
 	return objs, nil
@@ -338,7 +326,7 @@ func FileNames(st UpgradeState) []string {
 		return names
 	}
 	names = append(names, FileProgram)
-	for m := range steerMaps(new(bpf.SteerObjects)) {
+	for m := range new(objects).maps() {
 		names = append(names, filePrefixM+m)
 	}
 	return names
