@@ -32,33 +32,33 @@ func (g *Group) SetCanary(slot, permille int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return fmt.Errorf("udp %s: group closed", g.addr)
+		return fmt.Errorf("%s: group closed", g.where)
 	}
 	if g.objs == nil {
-		return fmt.Errorf("udp %s: set canary: %w with steering off (the kernel's hash picks a generation)", g.addr, ErrCanaryUnsupported)
+		return fmt.Errorf("%s: set canary: %w with steering off (the kernel's hash picks a generation)", g.where, ErrCanaryUnsupported)
 	}
 	if g.cfgSize < configSize {
-		return fmt.Errorf("udp %s: set canary: %w: the steering program was adopted from an older baton that has none; restart baton in full to get it", g.addr, ErrCanaryUnsupported)
+		return fmt.Errorf("%s: set canary: %w: the steering program was adopted from an older baton that has none; restart baton in full to get it", g.where, ErrCanaryUnsupported)
 	}
 	next := g.kcfg
 	switch {
 	case slot == 0:
 		next.Canary, next.CanaryPermille = 0, 0
 	case permille < 0 || permille > contract.Permille:
-		return fmt.Errorf("udp %s: set canary: share %d‰ outside 0..%d", g.addr, permille, contract.Permille)
+		return fmt.Errorf("%s: set canary: share %d‰ outside 0..%d", g.where, permille, contract.Permille)
 	case permille == 0:
 		next.Canary, next.CanaryPermille = 0, 0
 	case slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil || g.kcfg.Live&(1<<slot) == 0:
-		return fmt.Errorf("udp %s: set canary: slot %d has no generation", g.addr, slot)
+		return fmt.Errorf("%s: set canary: slot %d has no generation", g.where, slot)
 	case slot == g.working:
-		return fmt.Errorf("udp %s: set canary: slot %d is the working generation", g.addr, slot)
+		return fmt.Errorf("%s: set canary: slot %d is the working generation", g.where, slot)
 	default:
 		next.Canary, next.CanaryPermille = uint32(slot), uint32(permille)
 	}
 	if err := g.writeConfigLocked(next); err != nil {
-		return fmt.Errorf("udp %s: set canary: %w", g.addr, err)
+		return fmt.Errorf("%s: set canary: %w", g.where, err)
 	}
-	g.log.Info("udp canary", "slot", next.Canary, "permille", next.CanaryPermille)
+	g.log.Info("canary", "slot", next.Canary, "permille", next.CanaryPermille)
 	return nil
 }
 

@@ -59,7 +59,7 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 		contract.CounterDrop:     &c.Dropped,
 	}
 	if err := readCounters(g.objs.counters, slot, dst); err != nil {
-		return Counters{}, fmt.Errorf("udp %s: %w", g.addr, err)
+		return Counters{}, fmt.Errorf("%s: %w", g.where, err)
 	}
 	return c, nil
 }
@@ -120,7 +120,7 @@ func (g *Group) LastActivity(slot int) (time.Time, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return time.Time{}, fmt.Errorf("udp %s: slot %d has no generation", g.addr, slot)
+		return time.Time{}, fmt.Errorf("%s: slot %d has no generation", g.where, slot)
 	}
 	gen := g.gens[slot]
 	if g.objs == nil || g.closed {

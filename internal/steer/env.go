@@ -13,7 +13,7 @@ func (g *Group) Env(slot int) ([]string, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if slot < 1 || slot >= len(g.gens) || g.gens[slot] == nil {
-		return nil, fmt.Errorf("udp %s: env for slot %d: no such generation", g.addr, slot)
+		return nil, fmt.Errorf("%s: env for slot %d: no such generation", g.where, slot)
 	}
 	return contract.UDPEnv(g.cfg.Mode, g.cfg.Workers, g.cfg.CID, slot), nil
 }

@@ -54,14 +54,14 @@ func (g *Group) Flows() (map[int]int, error) {
 	kcfg, err := readConfig(g.objs.config, g.cfgSize)
 	if err != nil {
 		g.mu.Unlock()
-		return nil, fmt.Errorf("udp %s: flows: read config: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: flows: read config: %w", g.where, err)
 	}
 	// A descriptor of its own, which Close cannot pull from under the
 	// read.
 	table, err := g.objs.flows.Clone()
 	g.mu.Unlock()
 	if err != nil {
-		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	defer table.Close()
 	timeout := g.cfg.FlowIdle
@@ -70,11 +70,11 @@ func (g *Group) Flows() (map[int]int, error) {
 	}
 	now, err := bpf.NowNs(g.tick)
 	if err != nil {
-		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	counts, err := countFlows(table, kcfg, now, timeout)
 	if err != nil {
-		return nil, fmt.Errorf("udp %s: flows: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	return counts, nil
 }

@@ -130,12 +130,14 @@ type generation struct {
 type Group struct {
 	log  *slog.Logger
 	cfg  Config
-	addr sockAddr
+	addr sockAddr // UDP only
+	// where names the group in errors: "udp ADDR" or "xdp IFACE:PORT".
+	where string
 
 	mu     sync.Mutex
 	anchor *os.File
-	objs   *objects // nil in contract.ModeOff
-	kcfg   bpf.SteerConfig   // last config written to the kernel
+	objs   *objects        // nil in contract.ModeOff
+	kcfg   bpf.SteerConfig // last config written to the kernel
 	// cfgSize is the size of the program's config: configSize, or
 	// preCanaryConfigSize for a program adopted from an older supervisor.
 	cfgSize int
@@ -217,17 +219,18 @@ func newGroup(anchor *os.File, sa sockAddr, cfg Config, prog program) (*Group, e
 		log:    cfg.Logger.With("udp", sa.String(), "steer", cfg.Mode.String()),
 		cfg:    cfg,
 		addr:   sa,
+		where:  "udp " + sa.String(),
 		anchor: anchor,
 	}
 	if cfg.Mode == contract.ModeOff {
-		g.log.Info("udp steering off: generations share one socket")
+		g.log.Info("steering off: generations share one socket")
 		return g, nil
 	}
 	if err := g.loadAndAttach(prog); err != nil {
 		anchor.Close()
 		return nil, err
 	}
-	g.log.Info("udp steering attached", "workers", cfg.Workers, "cid_len", cfg.CID.Len,
+	g.log.Info("steering attached", "workers", cfg.Workers, "cid_len", cfg.CID.Len,
 		"cid_slot_offset", cfg.CID.SlotOffset, "cid_worker_offset", cfg.CID.WorkerOffset)
 	return g, nil
 }
@@ -377,7 +380,7 @@ func (g *Group) AddGeneration() (slot int, files []*os.File, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return 0, nil, fmt.Errorf("udp %s: group closed", g.addr)
+		return 0, nil, fmt.Errorf("%s: group closed", g.where)
 	}
 	for s := 1; s <= contract.MaxSlot; s++ {
 		if g.gens[s] == nil {
@@ -398,13 +401,13 @@ func (g *Group) AddGenerationAt(slot int) ([]*os.File, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return nil, fmt.Errorf("udp %s: group closed", g.addr)
+		return nil, fmt.Errorf("%s: group closed", g.where)
 	}
 	if slot < 1 || slot > contract.MaxSlot {
-		return nil, fmt.Errorf("udp %s: slot %d outside 1..%d", g.addr, slot, contract.MaxSlot)
+		return nil, fmt.Errorf("%s: slot %d outside 1..%d", g.where, slot, contract.MaxSlot)
 	}
 	if g.gens[slot] != nil {
-		return nil, fmt.Errorf("udp %s: slot %d is in use", g.addr, slot)
+		return nil, fmt.Errorf("%s: slot %d is in use", g.where, slot)
 	}
 	return g.addLocked(slot)
 }
@@ -469,7 +472,7 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 	if g.working == 0 {
 		g.working = slot
 	}
-	g.log.Info("udp generation added", "slot", slot, "workers", len(gen.files), "working", g.working == slot)
+	g.log.Info("generation added", "slot", slot, "workers", len(gen.files), "working", g.working == slot)
 	return gen.files, nil
 }
 
@@ -503,10 +506,10 @@ func (g *Group) SetWorking(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return fmt.Errorf("udp %s: group closed", g.addr)
+		return fmt.Errorf("%s: group closed", g.where)
 	}
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return fmt.Errorf("udp %s: set working: slot %d has no generation", g.addr, slot)
+		return fmt.Errorf("%s: set working: slot %d has no generation", g.where, slot)
 	}
 	if g.objs != nil {
 		next := g.kcfg
@@ -515,12 +518,12 @@ func (g *Group) SetWorking(slot int) error {
 			next.Canary, next.CanaryPermille = 0, 0
 		}
 		if err := g.writeConfigLocked(next); err != nil {
-			return fmt.Errorf("udp %s: set working slot %d: %w", g.addr, slot, err)
+			return fmt.Errorf("%s: set working slot %d: %w", g.where, slot, err)
 		}
 	}
 	prev := g.working
 	g.working = slot
-	g.log.Info("udp working generation", "slot", slot, "previous", prev)
+	g.log.Info("working generation", "slot", slot, "previous", prev)
 	return nil
 }
 
@@ -543,7 +546,7 @@ func (g *Group) Release(slot int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if slot < 1 || slot > contract.MaxSlot || g.gens[slot] == nil {
-		return fmt.Errorf("udp %s: release: slot %d has no generation", g.addr, slot)
+		return fmt.Errorf("%s: release: slot %d has no generation", g.where, slot)
 	}
 	gen := g.gens[slot]
 	var errs []error
@@ -574,19 +577,19 @@ func (g *Group) Release(slot int) error {
 	g.gens[slot] = nil
 	if g.frozen {
 		// The successor's group owns the maps and the slot now.
-		g.log.Info("udp generation's sockets closed", "slot", slot)
+		g.log.Info("generation's sockets closed", "slot", slot)
 	} else if g.working == slot {
 		g.working = 0
 		if c := int(g.kcfg.Canary); c != 0 {
-			g.log.Warn("udp working generation released; new flows go to the canary, other datagrams are dropped until the next generation", "slot", slot, "canary", c)
+			g.log.Warn("working generation released; new flows go to the canary, other datagrams are dropped until the next generation", "slot", slot, "canary", c)
 		} else {
-			g.log.Warn("udp working generation released; datagrams are dropped until the next generation", "slot", slot)
+			g.log.Warn("working generation released; datagrams are dropped until the next generation", "slot", slot)
 		}
 	} else {
-		g.log.Info("udp generation released", "slot", slot)
+		g.log.Info("generation released", "slot", slot)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udp %s: release slot %d: %w", g.addr, slot, err)
+		return fmt.Errorf("%s: release slot %d: %w", g.where, slot, err)
 	}
 	return nil
 }
@@ -623,7 +626,7 @@ func (g *Group) Close() error {
 	}
 	g.working = 0
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udp %s: close: %w", g.addr, err)
+		return fmt.Errorf("%s: close: %w", g.where, err)
 	}
 	return nil
 }

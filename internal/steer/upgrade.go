@@ -73,7 +73,7 @@ func (g *Group) Files() (map[string]*os.File, error) {
 		for _, f := range out {
 			f.Close()
 		}
-		return nil, fmt.Errorf("udp %s: handover files: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: handover files: %w", g.where, err)
 	}
 	a, err := dupFile(g.anchor)
 	if err != nil {
@@ -142,11 +142,11 @@ func (g *Group) Thaw(handedOver bool) error {
 	}
 	cur, err := readConfig(g.objs.config, g.cfgSize)
 	if err != nil {
-		return fmt.Errorf("udp %s: thaw: read config: %w", g.addr, err)
+		return fmt.Errorf("%s: thaw: read config: %w", g.where, err)
 	}
 	// A generation released while frozen only lost its sockets here.
 	if g.working != 0 && g.gens[g.working] == nil {
-		g.log.Warn("udp working generation was released during the failed handover; datagrams are dropped until the next generation", "slot", g.working)
+		g.log.Warn("working generation was released during the failed handover; datagrams are dropped until the next generation", "slot", g.working)
 		g.working = 0
 	}
 	next := g.kcfg
@@ -175,9 +175,9 @@ func (g *Group) Thaw(handedOver bool) error {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("udp %s: thaw: %w", g.addr, err)
+		return fmt.Errorf("%s: thaw: %w", g.where, err)
 	}
-	g.log.Info("udp steering taken back after a failed handover", "working", g.working)
+	g.log.Info("steering taken back after a failed handover", "working", g.working)
 	return nil
 }
 
@@ -222,6 +222,7 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 		log:     cfg.Logger.With("udp", sa.String(), "steer", cfg.Mode.String()),
 		cfg:     cfg,
 		addr:    sa,
+		where:   "udp " + sa.String(),
 		anchor:  anchor,
 		epoch:   st.Epoch,
 		working: st.Working,
@@ -245,7 +246,7 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 			return nil, fmt.Errorf("udp %s: read steering config: %w", st.Addr, err)
 		}
 		if int(g.kcfg.Canary) != st.Canary || int(g.kcfg.CanaryPermille) != st.CanaryPermille {
-			g.log.Warn("udp canary in the handover state differs from the program's; keeping the program's",
+			g.log.Warn("canary in the handover state differs from the program's; keeping the program's",
 				"state_canary", st.Canary, "state_permille", st.CanaryPermille,
 				"canary", g.kcfg.Canary, "permille", g.kcfg.CanaryPermille)
 		}
@@ -259,7 +260,7 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 		}
 		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
 	}
-	g.log.Info("udp steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working,
+	g.log.Info("steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working,
 		"canary", g.kcfg.Canary, "canary_permille", g.kcfg.CanaryPermille, "canary_support", g.cfgSize == configSize)
 	return g, nil
 }
@@ -340,7 +341,7 @@ func (g *Group) AnchorFile() (*os.File, error) {
 	defer g.mu.Unlock()
 	f, err := dupFile(g.anchor)
 	if err != nil {
-		return nil, fmt.Errorf("udp %s: anchor: %w", g.addr, err)
+		return nil, fmt.Errorf("%s: anchor: %w", g.where, err)
 	}
 	return f, nil
 }
