@@ -134,7 +134,7 @@ static __always_inline int steer_load_addrs(struct steer_pkt *p, struct addrs *a
  * by h = m(h ^ w), where m multiplies by an odd constant and xors the high
  * half into the low one; murmur3's 64-bit finalizer ends it.
  *
- * Good enough for what it decides, both of which steer.c's comments on
+ * Good enough for what it decides, both of which classify.h's comments on
  * struct flow_key and new_slot describe:
  *
  *   - Keys (flows, initials, with the source port): each step is a
@@ -332,7 +332,7 @@ int xdp_steer(struct xdp_md *ctx)
 	if (!cfg)
 		return XDP_DROP;
 	__u32 working = cfg->working & (STEER_SLOTS - 1);
-	/* Computed for every datagram, as in steer.c (see new_slot). */
+	/* Computed for every datagram, as in steer.c (see new_slot in classify.h). */
 	__u32 to = new_slot(&p, cfg, working);
 	struct choice c = {
 		.slot = working,
