@@ -34,6 +34,10 @@ func TestEnumsMatchSource(t *testing.T) {
 	if err != nil {
 		t.Fatalf("parse embedded TCP object: %v", err)
 	}
+	xdp, err := LoadXDP()
+	if err != nil {
+		t.Fatalf("parse embedded XDP object: %v", err)
+	}
 	for _, name := range []string{"steer_limits", "steer_modes", "steer_counters"} {
 		body := regexp.MustCompile(`(?s)\benum ` + name + ` \{(.*?)\};`).FindSubmatch(src)
 		if body == nil {
@@ -48,7 +52,7 @@ func TestEnumsMatchSource(t *testing.T) {
 			}
 			inSource[string(m[1])] = v
 		}
-		for obj, spec := range map[string]*ebpf.CollectionSpec{"steer": udp, "tcp": tcp} {
+		for obj, spec := range map[string]*ebpf.CollectionSpec{"steer": udp, "tcp": tcp, "xdp": xdp} {
 			var typ *btf.Enum
 			if err := spec.Types.TypeByName(name, &typ); err != nil {
 				t.Errorf("enum %s not in the %s object's BTF: %v", name, obj, err)

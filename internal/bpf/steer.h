@@ -1,22 +1,20 @@
-/* steer.h: what baton's two sk_reuseport programs share, defined once: the
+/* steer.h: what baton's steering programs share, defined once: the
  * limits, modes and counter kinds user space reads from the objects' BTF,
  * the socket array that holds each generation's sockets by slot, the
  * per-slot counters, and the helpers that touch them.
  *
- * steer.c (UDP and QUIC) and tcp.c (TCP) each include it and are built to
- * objects of their own, so each object has its own maps of these shapes.
- * The including file defines STEER_SOCKET_ENTRIES, the size of its socket
- * array, first. */
+ * steer.c (UDP and QUIC) and tcp.c (TCP), the two sk_reuseport programs,
+ * and xdp.c (AF_XDP listeners) each include it and are built to objects of
+ * their own, so each object has its own maps of these shapes. An
+ * sk_reuseport program defines STEER_SOCKET_ENTRIES, the size of its
+ * socket array, first; the XDP program has no socket array (its sockets
+ * are AF_XDP sockets, in an XSKMAP of its own) and defines none. */
 
 #ifndef STEER_H
 #define STEER_H
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-
-#ifndef STEER_SOCKET_ENTRIES
-#error "define STEER_SOCKET_ENTRIES before including steer.h"
-#endif
 
 /* Limits shared with user space (generated into Go from the BTF below). */
 enum steer_limits {
@@ -33,6 +31,9 @@ enum steer_limits {
 	/* A canary's share of new connections (TCP), flows or handshakes
 	 * (UDP) is in thousandths. */
 	STEER_PERMILLE = 1000,
+	/* Receive queues of one interface an XDP listener can serve: its
+	 * XSKMAP holds a socket at slot * STEER_MAX_QUEUES + queue. */
+	STEER_MAX_QUEUES = 64,
 };
 
 enum steer_modes {
@@ -64,6 +65,7 @@ const enum steer_limits steer_limits_btf STEER_BTF_ONLY;
 const enum steer_modes steer_modes_btf STEER_BTF_ONLY;
 const enum steer_counters steer_counters_btf STEER_BTF_ONLY;
 
+#ifdef STEER_SOCKET_ENTRIES
 /* The generations' sockets, at an index the including program derives
  * from the slot. */
 struct {
@@ -72,6 +74,7 @@ struct {
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u64));
 } sockets SEC(".maps");
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

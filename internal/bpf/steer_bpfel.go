@@ -81,6 +81,7 @@ const (
 	SteerSteerLimitsSTEER_NO_WORKER     SteerSteerLimits = 255
 	SteerSteerLimitsSTEER_HDR_BYTES     SteerSteerLimits = 40
 	SteerSteerLimitsSTEER_PERMILLE      SteerSteerLimits = 1000
+	SteerSteerLimitsSTEER_MAX_QUEUES    SteerSteerLimits = 64
 )
 
 type SteerSteerModes uint32

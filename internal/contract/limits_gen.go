@@ -20,6 +20,8 @@ const (
 	HeaderBytes = 40 // STEER_HDR_BYTES
 	// Permille is the whole of a canary's share: shares are in thousandths of new TCP connections, UDP flows or QUIC handshakes.
 	Permille = 1000 // STEER_PERMILLE
+	// MaxQueues is the largest number of receive queues of one interface an XDP listener serves: its XSKMAP holds a generation's socket for queue q at slot*MaxQueues+q.
+	MaxQueues = 64 // STEER_MAX_QUEUES
 )
 
 // Modes, the values of the program's steer_mode constant.

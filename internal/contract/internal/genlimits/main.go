@@ -51,6 +51,7 @@ var enums = []enum{
 			{"STEER_NO_WORKER", "NoWorker", "NoWorker as steer_worker_offset means the CID has no worker octet."},
 			{"STEER_HDR_BYTES", "HeaderBytes", "HeaderBytes is how many bytes of each datagram, UDP header included, the program copies before parsing."},
 			{"STEER_PERMILLE", "Permille", "Permille is the whole of a canary's share: shares are in thousandths of new TCP connections, UDP flows or QUIC handshakes."},
+			{"STEER_MAX_QUEUES", "MaxQueues", "MaxQueues is the largest number of receive queues of one interface an XDP listener serves: its XSKMAP holds a generation's socket for queue q at slot*MaxQueues+q."},
 		},
 	},
 	{
