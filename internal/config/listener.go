@@ -313,12 +313,8 @@ func parseQueues(v string) (first, last int, err error) {
 	if isRange {
 		last, err2 = strconv.Atoi(b)
 	}
-	if err1 != nil || err2 != nil || first < 0 || last < first || last >= maxQueues {
-		return 0, 0, fmt.Errorf("want all, N or N-M with 0 <= N <= M < %d", maxQueues)
+	if err1 != nil || err2 != nil || first < 0 || last < first || last >= contract.MaxQueues {
+		return 0, 0, fmt.Errorf("want all, N or N-M with 0 <= N <= M < %d", contract.MaxQueues)
 	}
 	return first, last, nil
 }
-
-// maxQueues bounds an xdp listener's queue numbers (the XDP program's
-// socket map holds STEER_MAX_QUEUES sockets per slot).
-const maxQueues = 64
