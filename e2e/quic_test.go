@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/url"
 	"path/filepath"
 	"strconv"
@@ -25,6 +26,11 @@ type h3LoadConfig struct {
 	Restarts            int
 	Every               time.Duration // each connection sends a GET this often
 	RequestTimeout      time.Duration
+	// Dial and ListenUDP, when set, are where clients connect and how
+	// they open their sockets (default: H3URL's address, from h's
+	// namespace).
+	Dial      string
+	ListenUDP func() (*net.UDPConn, error)
 }
 
 // h3LoadResult is what the clients saw.
@@ -47,9 +53,13 @@ func runH3Load(h *harness, cfg h3LoadConfig) h3LoadResult {
 	if err != nil {
 		t.Fatal(err)
 	}
+	dial, listenUDP := u.Host, h.listenUDP
+	if cfg.Dial != "" {
+		dial, listenUDP = cfg.Dial, cfg.ListenUDP
+	}
 	load, err := quicload.Start(quicload.Config{
-		Addr:           u.Host,
-		Options:        quicload.Options{ListenUDP: h.listenUDP},
+		Addr:           dial,
+		Options:        quicload.Options{ListenUDP: listenUDP},
 		Every:          cfg.Every,
 		RequestTimeout: cfg.RequestTimeout,
 		// A bound even if a restart hangs past restartBound.

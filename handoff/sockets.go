@@ -193,8 +193,15 @@ func parseSockets() ([]*socket, error) {
 		// would keep them open after the server exits.
 		unix.CloseOnExec(fd)
 		sotype, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+		if errors.Is(err, unix.ENOTSOCK) {
+			// Not every descriptor is a socket: an xdp listener's frame
+			// pools are memfds (see XDPConn), and systemd's fd store
+			// holds any kind. Files returns them; Listener and
+			// PacketConn refuse them by type.
+			sotype, err = 0, nil
+		}
 		if err != nil {
-			return nil, fmt.Errorf("handoff: inherited fd %d (%q) is not a socket: %w", fd, names[i], err)
+			return nil, fmt.Errorf("handoff: inherited fd %d (%q): %w", fd, names[i], err)
 		}
 		socks[i] = &socket{name: names[i], fd: fd, sotype: sotype}
 	}

@@ -33,7 +33,7 @@ const h3Name = "h3"
 type h3Server struct {
 	srv        *http3.Server
 	transports []*quic.Transport
-	conns      []*net.UDPConn
+	conns      []net.PacketConn
 	listeners  []*trackingListener
 	track      *connTracker
 	// served receives one ServeListener result per listener.
@@ -42,25 +42,37 @@ type h3Server struct {
 }
 
 // openH3Sockets returns the worker sockets for HTTP/3: the inherited "h3"
-// ones, or with -listen-h3 a standalone socket. It returns none when
-// neither exists, and HTTP/3 is then off.
-func openH3Sockets(o options) ([]*net.UDPConn, error) {
-	conns, err := handoff.UDPConns(h3Name)
+// ones (UDP sockets, or with an xdp:// listener one conn over the AF_XDP
+// sockets of every queue), or with -listen-h3 a standalone socket. It
+// returns none when neither exists, and HTTP/3 is then off.
+func openH3Sockets(o options) ([]net.PacketConn, error) {
+	xc, err := handoff.XDPConn(h3Name)
 	if err == nil {
-		return conns, nil
+		return []net.PacketConn{xc}, nil
 	}
 	if !errors.Is(err, handoff.ErrNoListener) {
 		return nil, err
 	}
-	if o.listenH3 == "" {
+	conns, err := handoff.UDPConns(h3Name)
+	if errors.Is(err, handoff.ErrNoListener) && o.listenH3 != "" {
+		conns, err = handoff.UDPConnsOr(h3Name, "udp", o.listenH3)
+	}
+	if errors.Is(err, handoff.ErrNoListener) {
 		return nil, nil
 	}
-	return handoff.UDPConnsOr(h3Name, "udp", o.listenH3)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]net.PacketConn, len(conns))
+	for i, c := range conns {
+		out[i] = c
+	}
+	return out, nil
 }
 
 // startH3 starts serving handler over HTTP/3 on conns. Nothing is
 // accepted before it returns, so the caller controls when serving begins.
-func startH3(o options, conns []*net.UDPConn, handler http.Handler, log *slog.Logger) (*h3Server, error) {
+func startH3(o options, conns []net.PacketConn, handler http.Handler, log *slog.Logger) (*h3Server, error) {
 	tlsConf, err := h3TLSConfig(o, log)
 	if err != nil {
 		return nil, err

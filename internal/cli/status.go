@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -130,6 +132,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 			return fmt.Errorf("write status: %w", err)
 		}
 		if err := writeUDP(tw, st.Listeners); err != nil {
+			return err
+		}
+		if err := writeXDP(tw, st.Listeners); err != nil {
 			return err
 		}
 	}
@@ -270,6 +275,39 @@ func writeCanary(w io.Writer, tw *tabwriter.Writer, st *control.Status, at time.
 			share = fmt.Sprintf("%.1f%%", 100*float64(l.CanaryNew)/float64(total))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", cell(l.Name), l.WorkingNew, l.CanaryNew, share)
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// writeXDP shows each xdp listener's program and frame pools, e.g.
+// "h3  eth0 native  queue 0 copy  4096 frames: 2048 free, 2000 fill,
+// 48 in use (slot 2: 16), 0 leaked".
+func writeXDP(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
+	var any bool
+	for _, l := range ls {
+		if l.XDP == nil {
+			continue
+		}
+		if !any {
+			fmt.Fprintln(tw)
+			fmt.Fprintln(tw, "XDP	INTERFACE	QUEUE	FRAMES")
+			any = true
+		}
+		for _, q := range l.XDP.Queues {
+			held := ""
+			slots := slices.Sorted(maps.Keys(q.Held))
+			for _, slot := range slots {
+				held += fmt.Sprintf(", slot %d holds %d", slot, q.Held[slot])
+			}
+			fmt.Fprintf(tw, "%s\t%s %s\t%d %s\t%d: %d free, %d fill, %d completed, %d in use%s, %d leaked\n",
+				cell(l.Name), cell(l.XDP.Iface), cell(l.XDP.Mode), q.Queue, cell(q.Sockets), q.Frames, q.Free, q.Fill, q.Completion, q.InUse, held, q.Leaked)
+		}
+	}
+	if !any {
+		return nil
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)

@@ -98,3 +98,26 @@ func TestStatusJSON(t *testing.T) {
 		t.Errorf("got %+v", got)
 	}
 }
+
+func TestStatusTableXDP(t *testing.T) {
+	st := control.Status{PID: 7, Listeners: []control.ListenerStatus{
+		{Name: "h3", URL: "xdp://eth0:443", FD: 3, Steer: "quic", Workers: 2, Working: 2, XDP: &control.XDPStatus{
+			Iface: "eth0", Mode: "native", Queues: []control.XDPQueue{
+				{Queue: 0, Sockets: "copy", Frames: 4096, Free: 2040, Fill: 2048, InUse: 8, Held: map[int]int64{2: 8}},
+				{Queue: 1, Sockets: "copy", Frames: 4096, Free: 2048, Fill: 2048, Leaked: 3},
+			}}},
+	}}
+	path := serve(t, &fakeHandler{status: st})
+	code, stdout, stderr := run(StatusMain, "--control", path)
+	if code != 0 || stderr != "" {
+		t.Fatalf("exit %d stderr %q", code, stderr)
+	}
+	for _, want := range []string{
+		"h3   eth0 native  0 copy  4096: 2040 free, 2048 fill, 0 completed, 8 in use, slot 2 holds 8, 0 leaked",
+		"h3   eth0 native  1 copy  4096: 2048 free, 2048 fill, 0 completed, 0 in use, 3 leaked",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("status lacks %q:\n%s", want, stdout)
+		}
+	}
+}

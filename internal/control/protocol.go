@@ -308,6 +308,35 @@ type ListenerStatus struct {
 	// generation had stopped listening (a generation shut it down) and
 	// was made to listen again.
 	Relistened int `json:"relistened,omitempty"`
+	// XDP is an xdp listener's data plane: where the program is
+	// attached, how, and each queue's frame pool.
+	XDP *XDPStatus `json:"xdp,omitempty"`
+}
+
+// XDPStatus is an xdp listener's program and frame pools.
+type XDPStatus struct {
+	Iface  string     `json:"iface"`
+	Mode   string     `json:"mode"` // native (in the driver) or generic
+	Queues []XDPQueue `json:"queues"`
+}
+
+// XDPQueue is one rx queue's frame pool (UMEM), in frames.
+type XDPQueue struct {
+	Queue   int    `json:"queue"`
+	Sockets string `json:"sockets"` // copy or zerocopy
+	Frames  int    `json:"frames"`
+	// Free, Fill and Completion are on the free stack, in the fill ring
+	// (waiting for packets) and completed TX not yet reaped; InUse is the
+	// rest: in sockets' RX and TX rings or in a generation's hands.
+	Free       int `json:"free"`
+	Fill       int `json:"fill"`
+	Completion int `json:"completion"`
+	InUse      int `json:"in_use"`
+	// Held is what each slot's generation says it holds; Leaked what
+	// generations held when they died, lost for good.
+	Held       map[int]int64 `json:"held,omitempty"`
+	Leaked     uint64        `json:"leaked"`
+	LockSteals uint64        `json:"lock_steals,omitempty"`
 }
 
 // UDPStatus is one generation's slot in a UDP listener and the steering

@@ -18,6 +18,7 @@ import (
 	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/steer"
 	"github.com/baton-run/baton/internal/unixsock"
+	"github.com/baton-run/baton/internal/xsk"
 	"golang.org/x/sys/unix"
 )
 
@@ -53,6 +54,12 @@ func Open(spec config.Listener) (*Socket, error) {
 		return &Socket{Spec: spec, UDP: g}, nil
 	case config.SchemeUnix:
 		return openUnix(spec)
+	case config.SchemeXDP:
+		g, err := steer.NewXDPGroup(XDPConfig(spec))
+		if err != nil {
+			return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
+		}
+		return &Socket{Spec: spec, UDP: g}, nil
 	}
 	return nil, fmt.Errorf("listener %s: cannot open scheme %q", spec.Name, spec.Scheme)
 }
@@ -190,6 +197,17 @@ func UDPConfig(spec config.Listener) steer.Config {
 	cid.SlotOffset = spec.CIDSlotOffset
 	cid.WorkerOffset = spec.CIDWorkerOffset
 	return steer.Config{Mode: mode, Workers: spec.Workers, CID: cid, FlowIdle: spec.FlowIdle, V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
+}
+
+// XDPConfig is the steering configuration of an xdp listener.
+func XDPConfig(spec config.Listener) steer.XDPConfig {
+	cfg := steer.XDPConfig{
+		Config: UDPConfig(spec),
+		Iface:  spec.Iface, Port: spec.Port, QueueFirst: spec.QueueFirst, QueueLast: spec.QueueLast,
+		Pool: xsk.Options{Frames: spec.Frames, FrameSize: spec.FrameSize, RxSize: spec.Ring, TxSize: spec.Ring},
+	}
+	cfg.Workers = 1
+	return cfg
 }
 
 // IsDatagram reports whether the socket is SOCK_DGRAM.

@@ -133,6 +133,9 @@ type Group struct {
 	addr sockAddr // UDP only
 	// where names the group in errors: "udp ADDR" or "xdp IFACE:PORT".
 	where string
+	// xdp is an xdp listener's data plane (see xdp.go); nil for UDP,
+	// whose plane is the anchor's reuseport group.
+	xdp *xdpPlane
 
 	mu     sync.Mutex
 	anchor *os.File
@@ -262,6 +265,10 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config, tick uint32) error {
 	}
 	for name, v := range vals {
 		vs := spec.Variables[name]
+		if vs == nil && name == bpf.SteerVarSteerWorkers && cfg.Workers == 1 {
+			// The XDP program has none: the rx queue picks the socket.
+			continue
+		}
 		if vs == nil {
 			return fmt.Errorf("embedded program lacks constant %s", name)
 		}
@@ -422,7 +429,14 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 			f.Close()
 		}
 	}
-	for i := 0; i < g.cfg.Workers; i++ {
+	if g.xdp != nil {
+		files, err := g.xdp.newSockets()
+		if err != nil {
+			return nil, fmt.Errorf("slot %d: %w", slot, err)
+		}
+		gen.files = files
+	}
+	for i := 0; g.xdp == nil && i < g.cfg.Workers; i++ {
 		var f *os.File
 		var err error
 		if g.objs == nil {
@@ -446,14 +460,13 @@ func (g *Group) addLocked(slot int) ([]*os.File, error) {
 			return nil, err
 		}
 		for i, f := range gen.files {
-			key := uint32(slot*g.cfg.Workers + i)
 			err := withFD(f, func(fd int) error {
-				return g.objs.sockets.Update(key, uint64(fd), ebpf.UpdateAny)
+				return g.objs.sockets.Update(g.socketKey(slot, i), g.socketValue(fd), ebpf.UpdateAny)
 			})
 			if err != nil {
 				g.deleteSocketsLocked(slot)
 				closeAll()
-				return nil, fmt.Errorf("udp steering: slot %d: insert worker %d socket: %w", slot, i, err)
+				return nil, fmt.Errorf("%s: slot %d: insert socket %d: %w", g.where, slot, i, err)
 			}
 		}
 		next := g.kcfg
@@ -489,13 +502,40 @@ func (g *Group) writeConfigLocked(next bpf.SteerConfig) error {
 
 func (g *Group) deleteSocketsLocked(slot int) error {
 	var errs []error
-	for i := 0; i < g.cfg.Workers; i++ {
-		key := uint32(slot*g.cfg.Workers + i)
-		if err := g.objs.sockets.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("worker %d: %w", i, err))
+	for i := 0; i < g.perSlot(); i++ {
+		if err := g.objs.sockets.Delete(g.socketKey(slot, i)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("socket %d: %w", i, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// perSlot is the number of sockets a generation has: one per worker
+// (UDP) or per served rx queue (xdp).
+func (g *Group) perSlot() int {
+	if g.xdp != nil {
+		return len(g.xdp.queues)
+	}
+	return g.cfg.Workers
+}
+
+// socketKey is where a generation's i-th socket sits in the socket map:
+// slot*W + worker in the sk_reuseport program's array, slot*MaxQueues +
+// queue in the XDP program's XSKMAP.
+func (g *Group) socketKey(slot, i int) uint32 {
+	if g.xdp != nil {
+		return uint32(slot*contract.MaxQueues + g.xdp.queues[i])
+	}
+	return uint32(slot*g.cfg.Workers + i)
+}
+
+// socketValue is a socket's value for the map update: REUSEPORT_SOCKARRAY
+// takes a 64-bit descriptor, XSKMAP a 32-bit one.
+func (g *Group) socketValue(fd int) any {
+	if g.xdp != nil {
+		return uint32(fd)
+	}
+	return uint64(fd)
 }
 
 // SetWorking makes slot the generation that receives new flows and new
@@ -569,6 +609,9 @@ func (g *Group) Release(slot int) error {
 			errs = append(errs, fmt.Errorf("remove sockets: %w", err))
 		}
 	}
+	if g.xdp != nil && !g.closed && !g.frozen {
+		g.xdp.reclaim(g.log, slot, gen.files)
+	}
 	for _, f := range gen.files {
 		if err := f.Close(); err != nil {
 			errs = append(errs, err)
@@ -616,8 +659,17 @@ func (g *Group) Close() error {
 		}
 		g.gens[slot] = nil
 	}
-	if err := g.anchor.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("anchor: %w", err))
+	if g.anchor != nil {
+		if err := g.anchor.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("anchor: %w", err))
+		}
+	}
+	if g.xdp != nil {
+		// The program first, so that no frame is redirected to a
+		// socket of a pool being unmapped.
+		if err := g.xdp.close(); err != nil {
+			errs = append(errs, fmt.Errorf("xdp: %w", err))
+		}
 	}
 	if g.objs != nil {
 		if err := g.objs.Close(); err != nil {

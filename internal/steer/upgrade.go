@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -55,12 +56,18 @@ type UpgradeState struct {
 	Canary         int         `json:"canary,omitempty"`
 	CanaryPermille int         `json:"canary_permille,omitempty"`
 	Slots          []SlotState `json:"slots"`
+	// XDP is an xdp listener's data plane; absent for UDP.
+	XDP *XDPUpgrade `json:"xdp,omitempty"`
 }
 
 // SlotState is one slot held by a generation of the old supervisor.
 type SlotState struct {
 	Slot  int    `json:"slot"`
 	Epoch uint32 `json:"epoch"`
+	// Sockets is how many of the slot's sockets the old supervisor
+	// passes (xdp listeners only: the successor reclaims their frames
+	// when the generation is gone).
+	Sockets int `json:"sockets,omitempty"`
 }
 
 // Files returns close-on-exec duplicates of the group's kernel objects,
@@ -75,14 +82,6 @@ func (g *Group) Files() (map[string]*os.File, error) {
 		}
 		return nil, fmt.Errorf("%s: handover files: %w", g.where, err)
 	}
-	a, err := dupFile(g.anchor)
-	if err != nil {
-		return fail(err)
-	}
-	out[FileAnchor] = a
-	if g.objs == nil {
-		return out, nil
-	}
 	dup := func(name string, fd int) error {
 		nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
@@ -90,6 +89,20 @@ func (g *Group) Files() (map[string]*os.File, error) {
 		}
 		out[name] = os.NewFile(uintptr(nfd), name)
 		return nil
+	}
+	if g.xdp != nil {
+		if err := g.xdpFilesLocked(dup); err != nil {
+			return fail(err)
+		}
+	} else {
+		a, err := dupFile(g.anchor)
+		if err != nil {
+			return fail(err)
+		}
+		out[FileAnchor] = a
+	}
+	if g.objs == nil {
+		return out, nil
 	}
 	if err := dup(FileProgram, g.objs.prog.FD()); err != nil {
 		return fail(err)
@@ -118,8 +131,12 @@ func (g *Group) Freeze() UpgradeState {
 	}
 	for slot, gen := range g.gens {
 		if gen != nil {
-			st.Slots = append(st.Slots, SlotState{Slot: slot, Epoch: gen.epoch})
+			st.Slots = append(st.Slots, SlotState{Slot: slot, Epoch: gen.epoch, Sockets: len(gen.files)})
 		}
+	}
+	if g.xdp != nil {
+		st.Addr = fmt.Sprintf("%s:%d", g.xdp.iface, g.xdp.port)
+		st.XDP = &XDPUpgrade{Iface: g.xdp.iface, Port: g.xdp.port, Queues: slices.Clone(g.xdp.queues), Mode: g.xdp.mode}
 	}
 	return st
 }
@@ -203,6 +220,9 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 			st.Addr, cfg.Mode, cfg.Workers, cfg.CID, st.Mode, st.Workers, st.CID)
 	}
 	cfg.FlowIdle, cfg.InitialPin, cfg.FlowEntries, cfg.PinEntries = st.FlowIdle, st.InitialPin, st.FlowEntries, st.PinEntries
+	if st.XDP != nil {
+		return adoptXDP(files, st, cfg)
+	}
 	ap, err := netip.ParseAddrPort(st.Addr)
 	if err != nil {
 		closeAll()
@@ -234,35 +254,52 @@ func Adopt(files map[string]*os.File, st UpgradeState, cfg Config) (*Group, erro
 			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
 		}
 		g.objs = objs
-		// The program is the old supervisor's: it stamps flow entries
-		// with the tick that supervisor found, which is this kernel's.
-		g.tick = bpf.TickNs()
-		if g.cfgSize, err = checkConfigSize(objs.config); err != nil {
+		if err := g.adoptConfig(st); err != nil {
 			g.Close()
-			return nil, fmt.Errorf("udp %s: %w", st.Addr, err)
-		}
-		if g.kcfg, err = readConfig(objs.config, g.cfgSize); err != nil {
-			g.Close()
-			return nil, fmt.Errorf("udp %s: read steering config: %w", st.Addr, err)
-		}
-		if int(g.kcfg.Canary) != st.Canary || int(g.kcfg.CanaryPermille) != st.CanaryPermille {
-			g.log.Warn("canary in the handover state differs from the program's; keeping the program's",
-				"state_canary", st.Canary, "state_permille", st.CanaryPermille,
-				"canary", g.kcfg.Canary, "permille", g.kcfg.CanaryPermille)
+			return nil, err
 		}
 	}
 	closeAll() // whatever adoptObjects did not take
-	now := time.Now()
-	for _, s := range st.Slots {
-		if s.Slot < 1 || s.Slot > contract.MaxSlot {
-			g.Close()
-			return nil, fmt.Errorf("udp %s: handover names slot %d outside 1..%d", st.Addr, s.Slot, contract.MaxSlot)
-		}
-		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now}
+	if err := g.adoptSlots(st, nil); err != nil {
+		g.Close()
+		return nil, err
 	}
 	g.log.Info("steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.working,
 		"canary", g.kcfg.Canary, "canary_permille", g.kcfg.CanaryPermille, "canary_support", g.cfgSize == configSize)
 	return g, nil
+}
+
+// adoptConfig reads the adopted program's config; g.objs is set.
+func (g *Group) adoptConfig(st UpgradeState) error {
+	// The program is the old supervisor's: it stamps flow entries with
+	// the tick that supervisor found, which is this kernel's.
+	g.tick = bpf.TickNs()
+	var err error
+	if g.cfgSize, err = checkConfigSize(g.objs.config); err != nil {
+		return fmt.Errorf("%s: %w", g.where, err)
+	}
+	if g.kcfg, err = readConfig(g.objs.config, g.cfgSize); err != nil {
+		return fmt.Errorf("%s: read steering config: %w", g.where, err)
+	}
+	if int(g.kcfg.Canary) != st.Canary || int(g.kcfg.CanaryPermille) != st.CanaryPermille {
+		g.log.Warn("canary in the handover state differs from the program's; keeping the program's",
+			"state_canary", st.Canary, "state_permille", st.CanaryPermille,
+			"canary", g.kcfg.Canary, "permille", g.kcfg.CanaryPermille)
+	}
+	return nil
+}
+
+// adoptSlots records the old supervisor's generations, with their
+// sockets where it passed them (sockets, by slot).
+func (g *Group) adoptSlots(st UpgradeState, sockets map[int][]*os.File) error {
+	now := time.Now()
+	for _, s := range st.Slots {
+		if s.Slot < 1 || s.Slot > contract.MaxSlot {
+			return fmt.Errorf("%s: handover names slot %d outside 1..%d", g.where, s.Slot, contract.MaxSlot)
+		}
+		g.gens[s.Slot] = &generation{epoch: s.Epoch, lastChange: now, files: sockets[s.Slot]}
+	}
+	return nil
 }
 
 // adoptObjects wraps the program and map descriptors. Each one it uses is
@@ -329,6 +366,9 @@ func FileNames(st UpgradeState) []string {
 	names = append(names, FileProgram)
 	for m := range new(objects).maps() {
 		names = append(names, filePrefixM+m)
+	}
+	if st.XDP != nil {
+		names = append(slices.DeleteFunc(names, func(n string) bool { return n == FileAnchor }), xdpFileNames(st)...)
 	}
 	return names
 }

@@ -155,6 +155,12 @@ func wireStatus(st Status) control.Status {
 				Fallback: u.Fallback, Errors: u.Errors, Dropped: u.Dropped,
 			})
 		}
+		if x := l.XDP; x != nil {
+			ls.XDP = &control.XDPStatus{Iface: x.Iface, Mode: x.Mode}
+			for _, q := range x.Queues {
+				ls.XDP.Queues = append(ls.XDP.Queues, control.XDPQueue(q))
+			}
+		}
 		out.Listeners = append(out.Listeners, ls)
 	}
 	return out

@@ -391,6 +391,10 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 			for _, f := range fs {
 				files, names = append(files, f), append(names, sk.Spec.Name)
 			}
+			// An xdp listener's frame pools, which every generation maps.
+			for _, nf := range sk.UDP.SharedFiles() {
+				files, names = append(files, nf.File), append(names, sk.Spec.Name+nf.Suffix)
+			}
 		case sk.TCP != nil:
 			f, err := sk.TCP.AddGenerationAt(slot)
 			if err != nil {

@@ -94,6 +94,8 @@ type ListenerStatus struct {
 	// Relistened: how often a shared TCP listener had stopped listening
 	// (a generation shut it down) and was made to listen again.
 	Relistened int
+	// XDP: an xdp listener's program and frame pools.
+	XDP *steer.XDPStatus
 }
 
 // SlotStatus is one slot of a UDP listener: the generation that holds it
@@ -200,9 +202,10 @@ func (s *Supervisor) status() Status {
 		fd++
 		if sk.UDP != nil {
 			cfg := sk.UDP.Config()
-			fd += cfg.Workers - 1
-			ls.Steer, ls.Workers, ls.WorkingSlot = cfg.Mode.String(), cfg.Workers, sk.UDP.Working()
+			fd += sk.UDP.Sockets() + len(sk.UDP.SharedFiles()) - 1
+			ls.Steer, ls.Workers, ls.WorkingSlot = cfg.Mode.String(), sk.UDP.Sockets(), sk.UDP.Working()
 			ls.UDP = s.udpStatus(sk.UDP)
+			ls.XDP = sk.UDP.XDP()
 		}
 		if sk.TCP != nil {
 			// A socket per generation, the program picks the working one.

@@ -35,6 +35,12 @@ func storeFDs(n *systemd.Notifier, socks []*listen.Socket, getenv func(string) s
 
 func storeFD(n *systemd.Notifier, sk *listen.Socket) error {
 	f := sk.File
+	if sk.UDP != nil && sk.UDP.IsXDP() {
+		// An xdp listener: its sockets and frame pools are worth
+		// nothing without the supervisor that fills and drains them,
+		// and a restarted baton makes new ones.
+		return nil
+	}
 	if sk.UDP != nil {
 		// The anchor keeps the address bound and the reuseport group
 		// alive. The program and maps are not stored: a supervisor

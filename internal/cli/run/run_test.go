@@ -199,7 +199,7 @@ func TestRunHelpListsFlags(t *testing.T) {
 	for _, d := range []string{
 		"  -ready-timeout duration\n", "(default 30s)", "  -max-draining N\n", "(default 4 with --drain signal, 16 with --drain idle)", `(default "idle")`, "  -drain-grace long\n", "(default 10s, or a third of --drain-timeout if less)",
 		`(default "SIGTERM")`, `(default "auto")`, `(default "text")`, `(default "info")`, "(default 1m0s)", "(default 5s)",
-		"  -control string\n    \tcontrol socket path (default: the config file's control, else $BATON_CONTROL, else /run/baton/baton.sock)\n",
+		"  -control string\n    \tcontrol socket path (default: the config file's control, else $BATON_CONTROL, else $BATON_INSTANCE's, else /run/baton/baton.sock)\n",
 	} {
 		if !strings.Contains(help, d) {
 			t.Errorf("baton run -h lacks %q", d)
