@@ -3,8 +3,15 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"os"
+	"strconv"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/baton-run/baton/internal/control"
+	"github.com/baton-run/baton/internal/quicload"
+	"github.com/baton-run/baton/internal/testkit/batontest"
 
 	"github.com/baton-run/baton/internal/netns"
 	"github.com/baton-run/baton/internal/testkit"
@@ -62,4 +69,168 @@ func TestXDPQUICConnectionsSurviveRestarts(t *testing.T) {
 			}
 		}
 	}
+}
+
+// xdpQueues returns the h3 listener's frame pools from status.
+func xdpQueues(t *testing.T, st control.Status) []control.XDPQueue {
+	t.Helper()
+	for _, l := range st.Listeners {
+		if l.XDP != nil {
+			return l.XDP.Queues
+		}
+	}
+	t.Fatalf("status shows no xdp listener: %+v", st.Listeners)
+	return nil
+}
+
+// xdpServe starts baton with httpd serving HTTP/3 on an xdp listener on
+// v's server end, and returns the listener URL's dial address and a
+// client socket opener for the peer.
+func xdpServe(h *harness, v *netns.Veth, binary string, extra ...string) (string, func() (*net.UDPConn, error)) {
+	h.t.Helper()
+	args := append([]string{"--listen", "http=tcp://" + httpAddr, "--listen", fmt.Sprintf("h3=xdp://%s:4433", v.AName)}, extra...)
+	b := h.startBaton(batontest.Run{Binary: binary, Args: append(args, "--", bin.HTTPD)})
+	h.waitServing(b, 1)
+	return net.JoinHostPort(v.A4.String(), "4433"), func() (*net.UDPConn, error) { return testkit.ListenUDPOn(v.B, v.B4) }
+}
+
+// TestXDPSupervisorUpgradeUnderLoad: restart --supervisor with an xdp
+// listener while HTTP/3 connections keep sending: the program, maps,
+// pools and sockets are handed over, no connection breaks, and once the
+// old generation is gone its frames are back.
+func TestXDPSupervisorUpgradeUnderLoad(t *testing.T) {
+	h := newHarness(t)
+	v := xdpPeer(h)
+	path := copyBaton(t, h.dir)
+	dial, listen := xdpServe(h, v, path, "--drain-timeout", "30s")
+	stopSupervisorAtCleanup(h)
+	st, _ := h.status()
+	pid := st.PID
+	for i := 1; i <= 3; i++ {
+		ql, err := quicload.Start(quicload.Config{Addr: dial, Options: quicload.Options{ListenUDP: listen}, Every: 20 * time.Millisecond, Duration: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ql.Open(20)
+		waitQUICResponses(t, ql, 40)
+		prev := testkit.LookupProc(pid)
+		out := expectUpgrade(h, pid)
+		pid = out.Result.SupervisorPID
+		time.Sleep(500 * time.Millisecond) // the old generation keeps serving them
+		res := ql.Stop()
+		ql.Close()
+		if res.Broken != 0 || res.Failed != 0 || res.DialFailed != 0 || res.WrongGen != 0 {
+			t.Fatalf("upgrade %d: HTTP/3 connections over xdp broke: %s", i, res)
+		}
+		if err := testkit.WaitGone(prev, upgradeBound); err != nil {
+			t.Fatalf("upgrade %d: the old supervisor did not exit: %v", i, err)
+		}
+		st = waitOneGeneration(h, pid)
+		for _, q := range xdpQueues(t, st) {
+			if q.Leaked != 0 || q.InUse != 0 {
+				t.Errorf("upgrade %d: queue %d after the old generation left: %d in use, %d leaked", i, q.Queue, q.InUse, q.Leaked)
+			}
+		}
+	}
+}
+
+// TestXDPKilledGenerationLeaksAtMostItsBatch: a generation SIGKILLed under
+// load is respawned; what it held is reported as leaked, at most its
+// batch, and every other frame is back in the pool.
+func TestXDPKilledGenerationLeaksAtMostItsBatch(t *testing.T) {
+	h := newHarness(t)
+	v := xdpPeer(h)
+	dial, listen := xdpServe(h, v, "", "--drain-timeout", "10s")
+	ql, err := quicload.Start(quicload.Config{Addr: dial, Options: quicload.Options{ListenUDP: listen}, Every: 5 * time.Millisecond, Duration: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ql.Open(20)
+	waitQUICResponses(t, ql, 200)
+	st, _ := h.status()
+	victim := batontest.FindGen(st, 1).PID
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	ql.Stop()
+	ql.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, _ = h.status()
+		if st.Working >= 2 && len(st.Gens) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no respawn serving alone after the SIGKILL: %s", batontest.FormatGens(st))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // the respawn's own frames go back
+	st, _ = h.status()
+	for _, q := range xdpQueues(t, st) {
+		t.Logf("queue %d after the SIGKILL: %+v", q.Queue, q)
+		// The killed generation held at most a batch of frames (its
+		// RX ring's unread ones are reclaimed); the pool counts them.
+		if q.Leaked > 64 {
+			t.Errorf("queue %d: %d frames leaked, more than one batch", q.Queue, q.Leaked)
+		}
+		if q.InUse != 0 || q.Free+q.Fill+q.Completion+int(q.Leaked) != q.Frames {
+			t.Errorf("queue %d: frames unaccounted for: %+v", q.Queue, q)
+		}
+	}
+}
+
+// TestXDPFramesAfterManyRestarts restarts baton's generation many times
+// while new HTTP/3 connections keep arriving; once the load stops and the
+// old generations are gone, every frame is back where it started (free,
+// in the fill ring or completed), none leaked.
+func TestXDPFramesAfterManyRestarts(t *testing.T) {
+	h := newHarness(t)
+	v := xdpPeer(h)
+	dial, listen := xdpServe(h, v, "", "--drain-timeout", "5s", "--drain-idle", "100ms", "--max-draining", "16")
+	st, _ := h.status()
+	start := xdpQueues(t, st)
+	// Connections come and go: a few open on every generation and close
+	// after 20 requests, so old generations drain and exit.
+	ql, err := quicload.Start(quicload.Config{Addr: dial, Options: quicload.Options{ListenUDP: listen},
+		Every: 10 * time.Millisecond, Requests: 20, Duration: 5 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	restarts := xdpRestarts()
+	gen := 1
+	began := time.Now()
+	for i := range restarts {
+		ql.SetWorking(gen)
+		ql.Open(3)
+		r := h.restart()
+		if r.Code != 0 || r.Result.Result != control.ResultOK {
+			ql.Stop()
+			ql.Close()
+			t.Fatalf("restart %d/%d: %s", i+1, restarts, r)
+		}
+		gen = r.Result.Generation
+	}
+	res := ql.Stop()
+	ql.Close()
+	t.Logf("%d restarts in %s: %s", restarts, time.Since(began).Round(time.Millisecond), res)
+	if res.Broken != 0 || res.Failed != 0 || res.DialFailed != 0 || res.WrongGen != 0 {
+		t.Errorf("HTTP/3 over xdp across %d restarts: %s", restarts, res)
+	}
+	st = h.waitSettled(30 * time.Second)
+	end := xdpQueues(t, st)
+	for i, q := range end {
+		if q.Leaked != 0 || q.InUse != 0 || q.Free+q.Fill+q.Completion != start[i].Free+start[i].Fill+start[i].Completion {
+			t.Errorf("queue %d: started %+v, ended %+v after %d restarts", q.Queue, start[i], q, restarts)
+		}
+	}
+}
+
+// xdpRestarts is how many restarts TestXDPFramesAfterManyRestarts makes:
+// $BATON_XDP_RESTARTS, else 1000.
+func xdpRestarts() int {
+	if n, err := strconv.Atoi(os.Getenv("BATON_XDP_RESTARTS")); err == nil && n > 0 {
+		return n
+	}
+	return 1000
 }

@@ -148,6 +148,11 @@ func withWorker(next http.Handler) http.Handler {
 	})
 }
 
+// handshakeSettle is how long a draining generation keeps its QUIC
+// listeners open after the last handshake began: long enough for an
+// Initial that reached a socket just before the flip to be read.
+const handshakeSettle = 100 * time.Millisecond
+
 // drain stops taking new QUIC connections and waits, bounded by ctx, for
 // the open ones to end; they are served as usual meanwhile. It closes the
 // listeners, never the transports, until the end: the transports carry
@@ -157,10 +162,12 @@ func (h *h3Server) drain(ctx context.Context, handshakeGrace time.Duration) erro
 	start := time.Now()
 	// A handshake in flight when the listener closes is refused. The
 	// steering program only sends this generation Initials of handshakes
-	// it already began, so let those finish first.
+	// it already began, so let those finish first; and since an Initial
+	// that raced the flip may still wait in a socket, unread, the
+	// listeners stay open until no handshake began for handshakeSettle.
 	grace := time.NewTimer(handshakeGrace)
 	defer grace.Stop()
-	if err := waitUntil(ctx, grace.C, func() bool { return h.track.handshaking() == 0 }); err != nil {
+	if err := waitUntil(ctx, grace.C, func() bool { return h.track.settled(start, handshakeSettle) }); err != nil {
 		return h.abort(err)
 	}
 	for _, ln := range h.listeners {
@@ -233,6 +240,7 @@ type connTracker struct {
 	mu          sync.Mutex
 	handshakes  map[*handshake]struct{}
 	established map[*quic.Conn]struct{}
+	lastStarted time.Time // of the newest handshake
 }
 
 // handshake is one connection between its first Initial and Accept. It
@@ -252,6 +260,7 @@ func (t *connTracker) connContext(ctx context.Context, _ *quic.ClientInfo) (cont
 	hs := &handshake{started: time.Now()}
 	t.mu.Lock()
 	t.handshakes[hs] = struct{}{}
+	t.lastStarted = hs.started
 	t.mu.Unlock()
 	context.AfterFunc(ctx, func() { t.forget(hs) })
 	return context.WithValue(ctx, handshakeKey{}, hs), nil
@@ -283,6 +292,18 @@ func (t *connTracker) handshaking() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return len(t.handshakes)
+}
+
+// settled reports whether no handshake is in flight and none started in
+// the last d (nor since since).
+func (t *connTracker) settled(since time.Time, d time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	last := t.lastStarted
+	if since.After(last) {
+		last = since
+	}
+	return len(t.handshakes) == 0 && time.Since(last) >= d
 }
 
 func (t *connTracker) open() int {

@@ -43,6 +43,11 @@ type Config struct {
 	// KeepErrors is how many failure messages, of distinct kinds, to
 	// keep; default 12.
 	KeepErrors int
+	// Requests, when positive, is how many answered requests a
+	// connection sends before the client closes it (cleanly, not
+	// counted as broken), so that connections come and go and the
+	// generations holding them drain and exit.
+	Requests int64
 }
 
 // Result is what the clients saw.
@@ -136,6 +141,8 @@ type connStat struct {
 	closedErr error
 	// abandoned: the client closed it because it was broken (Reconnect).
 	abandoned bool
+	// finished: the client closed it after Config.Requests answers.
+	finished bool
 	slowest   time.Duration
 	perGen    map[string]int64
 }
@@ -366,12 +373,20 @@ func (l *Load) run(s *connStat) {
 				brokeNow = true
 			}
 		}
+		done := l.cfg.Requests > 0 && s.ok >= l.cfg.Requests && s.failed == 0 && s.wrong == 0
 		s.mu.Unlock()
 		if msg != "" {
 			l.keepErr("%s", msg)
 		}
 		if brokeNow && l.cfg.Reconnect {
 			abandon()
+			return
+		}
+		if done {
+			s.mu.Lock()
+			s.finished = true
+			s.mu.Unlock()
+			c.Close()
 			return
 		}
 		next = next.Add(l.cfg.Every)
@@ -407,7 +422,7 @@ func (l *Load) Stop() Result {
 		if s.dialErr != nil {
 			res.DialFailed++
 		}
-		if s.c != nil && s.closedErr == nil && !s.abandoned {
+		if s.c != nil && s.closedErr == nil && !s.abandoned && !s.finished {
 			// Ended without a request noticing (between requests).
 			s.closedErr = s.c.Closed()
 		}

@@ -53,9 +53,9 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 		return err
 	}
 	for _, sk := range s.opts.Sockets {
-		if sk.TCP != nil {
-			// Its sockets change with every generation: freeze
-			// registers them.
+		if sk.TCP != nil || (sk.UDP != nil && sk.UDP.IsXDP()) {
+			// Their sockets change with every generation: freeze
+			// registers them (registerChanging).
 			continue
 		}
 		if sk.UDP == nil {
@@ -188,7 +188,7 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 		return upgrade.State{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
 	}
 	st := upgrade.State{FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
-	if err := s.registerTCP(); err != nil {
+	if err := s.registerChanging(); err != nil {
 		return upgrade.State{}, false, err.Error()
 	}
 	for _, sk := range s.opts.Sockets {
@@ -226,23 +226,33 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 	return st, true, ""
 }
 
-// registerTCP runs on the loop: it registers the current descriptors of
-// every TCP group (program, maps, first socket, each generation's socket)
-// for the upgrade about to start. A name registered by an earlier
-// upgrade is replaced; one no longer in use is passed but not asked for.
-func (s *Supervisor) registerTCP() error {
+// registerChanging runs on the loop: it registers the current descriptors
+// of every TCP group (program, maps, first socket, each generation's
+// socket) and xdp group (program, maps, link, pools, each generation's
+// sockets) for the upgrade about to start. A name registered by an
+// earlier upgrade is replaced; one no longer in use is passed but not
+// asked for.
+func (s *Supervisor) registerChanging() error {
 	for _, sk := range s.opts.Sockets {
-		if sk.TCP == nil {
+		var files map[string]*os.File
+		var err error
+		name := func(part string) string { return upgrade.TCPFile(sk.Spec.Name, part) }
+		switch {
+		case sk.TCP != nil:
+			files, err = sk.TCP.Files()
+		case sk.UDP != nil && sk.UDP.IsXDP():
+			files, err = sk.UDP.Files()
+			name = func(part string) string { return upgrade.UDPFile(sk.Spec.Name, part) }
+		default:
 			continue
 		}
-		files, err := sk.TCP.Files()
 		if err != nil {
 			return fmt.Errorf("listener %s: %w", sk.Spec.Name, err)
 		}
 		var errs []error
 		for part, f := range files {
-			if err := s.opts.Upgrader.AddFile(upgrade.TCPFile(sk.Spec.Name, part), f); err != nil {
-				errs = append(errs, fmt.Errorf("register %s for the upgrade: %w", upgrade.TCPFile(sk.Spec.Name, part), err))
+			if err := s.opts.Upgrader.AddFile(name(part), f); err != nil {
+				errs = append(errs, fmt.Errorf("register %s for the upgrade: %w", name(part), err))
 			}
 			f.Close()
 		}
