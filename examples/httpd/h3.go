@@ -288,12 +288,6 @@ func (t *connTracker) accepted(conn *quic.Conn) {
 	})
 }
 
-func (t *connTracker) handshaking() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.handshakes)
-}
-
 // settled reports whether no handshake is in flight and none started in
 // the last d (nor since since).
 func (t *connTracker) settled(since time.Time, d time.Duration) bool {

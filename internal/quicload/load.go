@@ -143,8 +143,8 @@ type connStat struct {
 	abandoned bool
 	// finished: the client closed it after Config.Requests answers.
 	finished bool
-	slowest   time.Duration
-	perGen    map[string]int64
+	slowest  time.Duration
+	perGen   map[string]int64
 }
 
 func (s *connStat) broken() bool {
