@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -233,4 +236,103 @@ func xdpRestarts() int {
 		return n
 	}
 	return 1000
+}
+
+// xdpAttached reports whether iface in ns has an XDP program attached.
+func xdpAttached(t *testing.T, ns *netns.NS, iface string) bool {
+	t.Helper()
+	out, err := ns.Command("ip", "-d", "link", "show", "dev", iface).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link show %s: %v: %s", iface, err, out)
+	}
+	return strings.Contains(string(out), "prog/xdp")
+}
+
+// TestXDPSetupFailuresAndCleanup: without privileges, or on an interface
+// that does not exist, baton refuses the xdp listener with an error that
+// names the fix and leaves nothing attached; a baton killed with SIGKILL
+// leaves nothing attached either (the kernel detaches the program with
+// the link's last descriptor), and the next one starts cleanly.
+func TestXDPSetupFailuresAndCleanup(t *testing.T) {
+	h := newHarness(t)
+	v := xdpPeer(h)
+	dir, err := os.MkdirTemp("", "baton-e2e-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chown(dir, testkit.Nobody, testkit.Nobody); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		what, url, want string
+		cred             *syscall.Credential
+	}{
+		{"as uid 65534", fmt.Sprintf("xdp://%s:4433", v.AName), "CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW", testkit.Cred(testkit.Nobody, testkit.Nobody)},
+		{"no such interface", "xdp://nosuch0:4433", "ip link shows the interfaces", nil},
+		{"too many queues", fmt.Sprintf("xdp://%s:4433?queues=0-3", v.AName), "the interface has 1 rx queues", nil},
+	} {
+		control := filepath.Join(dir, strings.ReplaceAll(c.what, " ", "-")+".sock")
+		b := h.startBaton(batontest.Run{Cred: c.cred, Control: control, Args: []string{"--listen", "h3=" + c.url, "--", bin.HTTPD}})
+		code, ok := b.WaitExit(15 * time.Second)
+		if !ok {
+			t.Fatalf("%s: baton kept running; output:\n%s", c.what, b.Out.Tail(30))
+		}
+		out := b.Out.String()
+		if code == 0 || !strings.Contains(out, c.want) {
+			t.Errorf("%s: want a non-zero exit naming %q; got exit %d, output:\n%s", c.what, c.want, code, out)
+		}
+		if xdpAttached(t, h.ns, v.AName) {
+			t.Fatalf("%s: an XDP program stayed attached after the failure", c.what)
+		}
+	}
+
+	b := h.startBaton(batontest.Run{Args: []string{"--listen", "http=tcp://" + httpAddr, "--listen", fmt.Sprintf("h3=xdp://%s:4433", v.AName), "--", bin.HTTPD}})
+	st := h.waitServing(b, 1)
+	if !xdpAttached(t, h.ns, v.AName) {
+		t.Fatal("baton serves an xdp listener but no XDP program is attached")
+	}
+	gen := testkit.LookupProc(batontest.FindGen(st, 1).PID)
+	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := b.WaitExit(10 * time.Second); !ok {
+		t.Fatal("baton did not die of SIGKILL")
+	}
+	if err := testkit.WaitGone(gen, 10*time.Second); err != nil {
+		t.Fatalf("the generation outlived its supervisor: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for xdpAttached(t, h.ns, v.AName) {
+		if time.Now().After(deadline) {
+			t.Fatal("the XDP program stayed attached after baton was killed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b = h.startBaton(batontest.Run{Args: []string{"--listen", "http=tcp://" + httpAddr, "--listen", fmt.Sprintf("h3=xdp://%s:4433", v.AName), "--", bin.HTTPD}})
+	h.waitServing(b, 1)
+	c, resp := mustDialH3At(h, net.JoinHostPort(v.A4.String(), "4433"), func() (*net.UDPConn, error) { return testkit.ListenUDPOn(v.B, v.B4) })
+	defer c.close()
+	if resp.Gen != "1" {
+		t.Errorf("after the restart of baton: want generation 1; got %q", resp.Gen)
+	}
+}
+
+// mustDialH3At dials addr with sockets from listen and sends a first
+// request, failing the test otherwise.
+func mustDialH3At(h *harness, addr string, listen func() (*net.UDPConn, error)) (*h3Client, h3Resp) {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	qc, err := quicload.Dial(ctx, addr, quicload.Options{ListenUDP: listen})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	c := &h3Client{qc}
+	resp, err := c.getTimeout("/", 5*time.Second)
+	if err != nil {
+		c.close()
+		h.t.Fatalf("first request: %v", err)
+	}
+	return c, resp
 }
