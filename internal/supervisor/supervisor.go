@@ -213,10 +213,16 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		defer procs.Close()
 		s.opts.Procs = procs
 	}
+	s.log.Info("orphan reaping", "role", ensureReaper(s.log))
 	if succ != nil {
 		// The predecessor registered the descriptors every upgrade
 		// passes, and claiming them registered them again.
 		s.stateFile = succ.StateFile
+	} else if os.Getpid() == 1 && s.opts.Upgrader != nil {
+		// The successor would be a child of this process, and when PID
+		// 1 exits the kernel kills every process of its namespace.
+		s.log.Warn("self-upgrade unavailable: baton is PID 1 of its pid namespace, whose processes all die when it exits; replace the container instead")
+		s.opts.Upgrader = nil
 	} else if err := s.prepareUpgrades(ctl); err != nil {
 		// Serving matters more than being upgradable.
 		s.log.Error("self-upgrade unavailable", "err", err)

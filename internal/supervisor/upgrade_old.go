@@ -131,7 +131,11 @@ func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(Progr
 		return result(UpgradeFailed, err.Error(), start)
 	}
 	s.log.Info("supervisor upgrade: starting the new baton binary", "path", os.Args[0])
+	// tableflip forks the successor before it opens the pidfd that
+	// its Wait uses: no orphan reaping in between (reaper.go).
+	resume := pauseReaping()
 	uerr := upg.Upgrade()
+	resume()
 	reply, rerr := upgrade.ReadReply(s.stateFile)
 	if uerr != nil {
 		s.call(s.thaw)
