@@ -81,6 +81,8 @@ type TCPGroup struct {
 	// frozen: another supervisor may be writing the maps; see
 	// tcpupgrade.go.
 	frozen bool
+	// stop ends flushLoop.
+	stop chan struct{}
 }
 
 // NewTCPGroup makes the group for a TCP listener at addr ("host:port", IP
@@ -129,9 +131,87 @@ func NewTCPGroup(addr string, cfg TCPConfig, first *os.File) (*TCPGroup, error) 
 		f.Close()
 		return nil, err
 	}
+	g.startFlush()
 	g.log.Info("tcp steering attached", "first_socket", first != nil)
 	return g, nil
 }
+
+// flushEvery is how often a standby first socket's accept queue is
+// looked at.
+const flushEvery = 100 * time.Millisecond
+
+// startFlush starts the loop that keeps a standby first socket empty.
+//
+// Once the generation that served from the first socket is released while
+// another one works, the first socket is shut down (its queue migrates to
+// the working generation) and listens again at once, parked: no
+// generation takes it, the program never selects it while a slot works,
+// but it listens, so that if the supervisor dies (SIGKILL, a crash) the
+// connections of the dying generations migrate to it and new ones wait in
+// it, in the socket systemd keeps, for the next supervisor. Only one
+// thing can still land in it: a handshake it had started before the
+// shutdown, which completes into its queue now that it listens again.
+// The loop moves such connections on (shutdown migrates the queue, then it
+// listens again); they wait at most flushEvery.
+func (g *TCPGroup) startFlush() {
+	g.stop = make(chan struct{})
+	go func() {
+		t := time.NewTicker(flushEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-g.stop:
+				return
+			case <-t.C:
+				g.flushStandby()
+			}
+		}
+	}()
+}
+
+// flushStandby moves what waits in the parked first socket to the
+// working generation, if one works.
+func (g *TCPGroup) flushStandby() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed || g.frozen || !g.parked || (g.kcfg.Working == 0 && g.kcfg.Canary == 0) {
+		return
+	}
+	n, err := acceptBacklog(g.first)
+	if err != nil || n == 0 {
+		return
+	}
+	if err := shutdownListener(g.first); err != nil {
+		g.log.Warn("moving connections out of the standby first socket failed", "err", err)
+		return
+	}
+	g.parked = false
+	if err := g.parkFirstLocked(); err != nil {
+		g.log.Error("the first socket does not listen again after moving its queue; if the supervisor dies, connections are refused until it restarts", "err", err)
+		return
+	}
+	g.log.Info("connections that completed in the standby first socket moved to the working generation", "connections", n)
+}
+
+// acceptBacklog is how many connections wait in a listening socket's
+// accept queue.
+func acceptBacklog(f *os.File) (int, error) {
+	n := 0
+	err := withFD(f, func(fd int) error {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return err
+		}
+		if info.State == tcpListen {
+			n = int(info.Unacked) // sk_ack_backlog, for a listener
+		}
+		return nil
+	})
+	return n, err
+}
+
+// tcpListen is TCP_LISTEN in tcp_info's state.
+const tcpListen = 10
 
 func tcpSteeringError(op string, err error) error {
 	hint := "run as root or grant CAP_BPF and CAP_NET_ADMIN"
@@ -517,7 +597,10 @@ func (g *TCPGroup) addLocked(slot int) (*os.File, error) {
 	gen := &tcpGen{}
 	// undo puts the socket array back as it was.
 	var undo func()
-	if g.parked {
+	// The parked first socket goes to the new generation when it holds
+	// the waiting connections (no slot works); while one works it only
+	// stands by, and the new generation gets a socket of its own.
+	if g.parked && g.kcfg.Working == 0 && g.kcfg.Canary == 0 {
 		f, err := dupFile(g.first)
 		if err != nil {
 			return fail(err)
@@ -736,6 +819,15 @@ func (g *TCPGroup) releaseLocked(slot int, gen *tcpGen) []error {
 	if err := g.deleteLocked(slot); err != nil {
 		errs = append(errs, err)
 	}
+	if gen.first && !g.frozen {
+		// Its queue has moved to the working generation; it listens
+		// again as the standby (see startFlush).
+		if err := g.parkFirstLocked(); err != nil {
+			errs = append(errs, err)
+		}
+		g.log.Info("tcp generation released; the first socket stands by, listening, in case the supervisor dies", "slot", slot)
+		return errs
+	}
 	if park {
 		g.log.Info("tcp generation released; no generation is working, connections wait in the first socket", "slot", slot)
 	} else {
@@ -864,6 +956,9 @@ func (g *TCPGroup) Close() error {
 		}
 	}
 	g.closed = true
+	if g.stop != nil {
+		close(g.stop)
+	}
 	for slot, gen := range g.gens {
 		if gen == nil {
 			continue

@@ -337,6 +337,9 @@ func (g *TCPGroup) abandon() {
 	g.first.Close()
 	g.objs.Close()
 	g.closed = true
+	if g.stop != nil {
+		close(g.stop)
+	}
 }
 
 // listenPlain opens a listening TCP socket without SO_REUSEPORT and with

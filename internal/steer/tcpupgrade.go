@@ -276,6 +276,7 @@ func AdoptTCP(files map[string]*os.File, st TCPUpgradeState, cfg TCPConfig) (*TC
 		return fail(fmt.Errorf("read steering config: %w", err))
 	}
 	closeAll() // whatever was not taken
+	g.startFlush()
 	g.log.Info("tcp steering adopted from the previous supervisor", "slots", len(st.Slots), "working", g.kcfg.Working)
 	return g, nil
 }
