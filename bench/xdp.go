@@ -52,7 +52,7 @@ var xdpOpts struct {
 func init() {
 	flag.IntVar(&xdpOpts.runs, "xdp-runs", 5, "XDP data plane (-only xdp): runs of the datagram throughput comparison, each with a fresh receiver of each way, the order alternated")
 	flag.DurationVar(&xdpOpts.window, "xdp-window", 2*time.Second, "XDP data plane: how long the senders send, per payload size and way")
-	flag.DurationVar(&xdpOpts.costWin, "xdp-cost-window", time.Second, "XDP data plane: how long the senders send, per payload size and steered way, with BPF run-time statistics on (0 leaves the per-datagram program cost out)")
+	flag.DurationVar(&xdpOpts.costWin, "xdp-cost-window", 500*time.Millisecond, "XDP data plane: how long the senders send, per payload size and steered way, with BPF run-time statistics on (0 leaves the per-datagram program cost out)")
 	flag.StringVar(&xdpOpts.sizes, "xdp-sizes", "64,1200", "XDP data plane: UDP payload sizes sent, comma-separated")
 	flag.IntVar(&xdpOpts.senders, "xdp-senders", 2, "XDP data plane: sending threads, each with its own connected UDP socket (its own 4-tuple) and sendmmsg batches of 64")
 	flag.IntVar(&xdpOpts.quicRuns, "xdp-quic-runs", 3, "XDP data plane: runs of the QUIC restart comparison over the veth pair (-quic-conns, -quic-restarts, -quic-interval, -quic-every, -quic-timeout and -quic-drain apply); 0 leaves it out")
@@ -600,7 +600,23 @@ func (e *env) xdpQUICLoad(v *netns.Veth) (*quicload.Load, error) {
 		return nil, err
 	}
 	l.Ramp(e.o.quicConns, 20, 100*time.Millisecond)
-	time.Sleep(500 * time.Millisecond)
+	// Until the connections are up and, on average, answered three times, so
+	// that the first restart finds established connections, not
+	// handshakes that a loaded machine has not finished yet.
+	settled := time.Now().Add(30 * time.Second)
+	for {
+		_, ok, _ := l.Counts()
+		if ok >= 3*int64(e.o.quicConns) {
+			break
+		}
+		if time.Now().After(settled) {
+			l.Stop()
+			l.Close()
+			return nil, fmt.Errorf("HTTP/3 load not under way 30s after it started: %d responses from %d connections", ok, e.o.quicConns)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
 	return l, nil
 }
 
@@ -824,7 +840,7 @@ func (r *xdpResults) write(w io.Writer, o options) {
 func (r *xdpResults) writeQUIC(w io.Writer, o options) {
 	fmt.Fprintf(w, "### QUIC connections broken per restart over `xdp://`\n\n")
 	fmt.Fprintf(w, "%d long-lived HTTP/3 connections from end B (quic-go clients, one connection and one UDP socket each, a GET every %s, %s request timeout) across %d restarts %s apart per run; runs: %d, both ways side by side in each run, medians shown. "+
-		"A connection counts as broken when its handshake fails, a request fails or times out, it ends under the client, or a response comes from another generation; the client then closes it and opens a replacement.\n\n",
+		"The first restart comes once the connections have been answered three times on average. A connection counts as broken when its handshake fails, a request fails or times out, it ends under the client, or a response comes from another generation; the client then closes it and opens a replacement.\n\n",
 		o.quicConns, o.quicEvery, o.quicTimeout, o.quicRestarts, o.quicInterval, len(r.quicXDP))
 	fmt.Fprintf(w, "- baton `xdp://`: `baton run --listen http=tcp://%s --listen h3=xdp://IFACE:%d --drain-timeout 120s -- httpd`, every generation serves HTTP/3 on its AF_XDP sockets (`handoff.XDPConn`), datagrams steered to their generation by the XDP program;\n", addr, xdpH3Port)
 	fmt.Fprintf(w, "- stop-then-start: `httpd -listen %s -listen-h3 192.0.2.1:%d -drain-timeout %s` run directly on a kernel UDP socket (httpd cannot use AF_XDP without baton's frame pools), restarted the way `systemctl restart` does it: SIGTERM, wait for exit, start, wait until it answers over HTTP/3.\n\n",
