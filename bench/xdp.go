@@ -129,6 +129,28 @@ type xdpResults struct {
 	cost         map[string][][]xdpCost
 	quicXDP      []quicRun
 	quicNaive    []quicRun
+	// retried counts baton starts that failed and were tried again (see
+	// retryStart).
+	retried int
+}
+
+// retryStart runs start up to three times while baton exits before
+// serving. The kernel releases an AF_XDP socket's hold on its queue some
+// time after the socket is closed (its pool is released from a work
+// queue, under the RTNL lock), so a baton started right after the
+// previous one on the same interface can find the queue still taken
+// (EBUSY) and exit. The retries are counted and shown with the figures.
+func (r *xdpResults) retryStart(start func() (*testkit.Proc, error)) (*testkit.Proc, error) {
+	var err error
+	for attempt := 1; ; attempt++ {
+		var p *testkit.Proc
+		if p, err = start(); err == nil || attempt == 3 || !strings.Contains(err.Error(), "exited before serving") {
+			return p, err
+		}
+		r.retried++
+		progress("  baton did not start (%v); again in 500ms", err)
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 func (e *env) xdpSection() error {
@@ -181,7 +203,7 @@ func (e *env) xdpSection() error {
 		}
 		for i := 1; i <= o.quicRuns; i++ {
 			progress("XDP QUIC, run %d/%d: baton xdp://, %d connections, %d restarts", i, o.quicRuns, e.o.quicConns, e.o.quicRestarts)
-			r, err := e.xdpQUICBaton(v, fmt.Sprintf("xq%d", i))
+			r, err := e.xdpQUICBaton(v, fmt.Sprintf("xq%d", i), res)
 			if err != nil {
 				return err
 			}
@@ -251,8 +273,10 @@ func (e *env) xdpThroughput(v *netns.Veth, recv string, w xdpWay, run int, res *
 		if strings.Contains(l, "%s") {
 			l = fmt.Sprintf(l, v.AName)
 		}
-		p, err = e.startBatonCmd(fmt.Sprintf("rx-%s-%d", w.key, run), []string{l},
-			[]string{"--drain", "signal", "--drain-timeout", "5s", "--stop-timeout", "5s"}, args)
+		p, err = res.retryStart(func() (*testkit.Proc, error) {
+			return e.startBatonCmd(fmt.Sprintf("rx-%s-%d", w.key, run), []string{l},
+				[]string{"--drain", "signal", "--drain-timeout", "5s", "--stop-timeout", "5s"}, args)
+		})
 	} else {
 		p, err = e.start(recv, append(args[1:], "-listen", net.JoinHostPort(v.A4.String(), strconv.Itoa(xdpPort)))...)
 	}
@@ -621,11 +645,13 @@ func (e *env) xdpQUICLoad(v *netns.Veth) (*quicload.Load, error) {
 }
 
 // xdpQUICBaton is quicBaton with httpd's HTTP/3 listener on xdp://.
-func (e *env) xdpQUICBaton(v *netns.Veth, tag string) (quicRun, error) {
+func (e *env) xdpQUICBaton(v *netns.Veth, tag string, res *xdpResults) (quicRun, error) {
 	var qr quicRun
-	sup, err := e.startBatonWith(batonSpec{tag: tag,
-		listen: []string{"http=tcp://" + addr, fmt.Sprintf("h3=xdp://%s:%d", v.AName, xdpH3Port)},
-		flags:  []string{"--drain-timeout", "120s", "--max-draining", strconv.Itoa(e.o.quicRestarts + 2), "--stop-timeout", "3s"}})
+	sup, err := res.retryStart(func() (*testkit.Proc, error) {
+		return e.startBatonWith(batonSpec{tag: tag,
+			listen: []string{"http=tcp://" + addr, fmt.Sprintf("h3=xdp://%s:%d", v.AName, xdpH3Port)},
+			flags:  []string{"--drain-timeout", "120s", "--max-draining", strconv.Itoa(e.o.quicRestarts + 2), "--stop-timeout", "3s"}})
+	})
 	if err != nil {
 		return qr, err
 	}
@@ -745,6 +771,9 @@ func (r *xdpResults) write(w io.Writer, o options) {
 	fmt.Fprintf(w, "A veth pair between two private network namespaces (one rx queue each way): receivers and servers on end A (192.0.2.1), senders and clients on end B (192.0.2.2). Senders, receivers and the kernel's softirq work share the same cores.")
 	if r.mode != "" {
 		fmt.Fprintf(w, " The xdp listener: %s.", r.mode)
+	}
+	if r.retried > 0 {
+		fmt.Fprintf(w, " %d baton start(s) failed and were tried again 500 ms later (right after the previous baton on the interface exited, the kernel may still hold the queue for its closed AF_XDP socket).", r.retried)
 	}
 	fmt.Fprintf(w, "\n\n")
 
