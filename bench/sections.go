@@ -16,6 +16,7 @@ var onlySections = map[string]func(*env) error{
 	"tcp-accept":  (*env).tcpAcceptSection,
 	"tcp-migrate": (*env).tcpMigrateSection,
 	"drain":       (*env).drainSection,
+	"xdp":         (*env).xdpSection,
 	"tcp": func(e *env) error {
 		if err := e.tcpAcceptSection(); err != nil {
 			return err
