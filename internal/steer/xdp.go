@@ -100,7 +100,7 @@ func NewXDPGroup(cfg XDPConfig) (*Group, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w (ip link shows the interfaces of baton's network namespace)", ErrXDPUnavailable, where, err)
 	}
-	nq, err := rxQueues(ifi.Index)
+	nq, err := rxQueues(ifi.Index, ifi.Name)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", where, err)
 	}
@@ -215,9 +215,53 @@ func (g *Group) loadXDP(ifindex int, port uint16) error {
 	return nil
 }
 
-// rxQueues is the interface's number of rx queues, from rtnetlink (sysfs
-// shows the namespace it was mounted in, not baton's).
-func rxQueues(ifindex int) (int, error) {
+// rxQueues is the number of rx queues the interface uses: its channels
+// as ethtool reports them (rx-only plus combined), else, for drivers
+// without channels, what rtnetlink says it has. Not sysfs: it shows the
+// namespace it was mounted in, not baton's. rtnetlink alone is not
+// enough: it counts the queues allocated, and a veth, or a NIC whose
+// channels were lowered with `ethtool -L`, uses fewer; binding an AF_XDP
+// socket to one of the others fails.
+func rxQueues(ifindex int, name string) (int, error) {
+	if n, err := ethtoolRxChannels(name); err == nil && n > 0 {
+		return n, nil
+	}
+	return linkRxQueues(ifindex)
+}
+
+// ethtoolChannels is struct ethtool_channels (linux/ethtool.h).
+type ethtoolChannels struct {
+	Cmd                                         uint32
+	MaxRx, MaxTx, MaxOther, MaxCombined         uint32
+	RxCount, TxCount, OtherCount, CombinedCount uint32
+}
+
+// ethtoolGChannels is ETHTOOL_GCHANNELS.
+const ethtoolGChannels = 0x3c
+
+func ethtoolRxChannels(name string) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	ch := ethtoolChannels{Cmd: ethtoolGChannels}
+	// struct ifreq: the name, then (in its union) a pointer to the
+	// command's data.
+	var ifr struct {
+		name [unix.IFNAMSIZ]byte
+		data unsafe.Pointer
+		_    [24 - unsafe.Sizeof(unsafe.Pointer(nil))]byte
+	}
+	copy(ifr.name[:], name)
+	ifr.data = unsafe.Pointer(&ch)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
+		return 0, errno
+	}
+	return int(ch.RxCount + ch.CombinedCount), nil
+}
+
+func linkRxQueues(ifindex int) (int, error) {
 	rib, err := syscall.NetlinkRIB(syscall.RTM_GETLINK, syscall.AF_UNSPEC)
 	if err != nil {
 		return 0, fmt.Errorf("list interfaces: %w", err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -239,5 +240,20 @@ func TestXDPGroupHandover(t *testing.T) {
 	}
 	if err := next.Audit(); err != nil {
 		t.Fatalf("frames after the handover and both releases: %v", err)
+	}
+}
+
+// TestXDPEnvNamesTheSlot: a generation of an xdp listener learns its slot
+// in flow mode too (its frame counters are kept by slot), where a UDP
+// listener's generation does not need it.
+func TestXDPEnvNamesTheSlot(t *testing.T) {
+	w := newXDPWorld(t, contract.ModeFlow)
+	w.add(3)
+	env, err := w.grp.Env(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(env, contract.EnvCIDSlot+"=3") {
+		t.Fatalf("env %v lacks %s=3", env, contract.EnvCIDSlot)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -380,8 +381,13 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 		switch {
 		case sk.UDP != nil:
 			fs, err := sk.UDP.AddGenerationAt(slot)
-			if err == nil && env == nil {
-				env, err = sk.UDP.Env(slot)
+			if err == nil {
+				// The UDP and xdp listeners agree on mode, workers and
+				// CID layout (config checks it); an xdp one may add
+				// the slot where a UDP flow listener has none.
+				var more []string
+				more, err = sk.UDP.Env(slot)
+				env = addEnv(env, more)
 			}
 			if err != nil {
 				release()
@@ -480,4 +486,15 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}
 	return old, true
+}
+
+// addEnv appends the entries of more whose keys env does not have yet.
+func addEnv(env, more []string) []string {
+	for _, kv := range more {
+		k, _, _ := strings.Cut(kv, "=")
+		if !slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, k+"=") }) {
+			env = append(env, kv)
+		}
+	}
+	return env
 }

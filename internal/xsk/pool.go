@@ -46,6 +46,25 @@ const (
 	anchorRxSize = 1
 )
 
+// anchorBusyWait bounds bindAnchor's retries. The kernel releases a
+// closed AF_XDP socket's hold on a queue later, from a work queue: a pool
+// made right after the previous one on the same queue closed (a baton
+// restarted at once) can find the queue busy for a moment.
+const anchorBusyWait = 2 * time.Second
+
+// bindAnchor binds the first socket to the queue, retrying EBUSY for up
+// to anchorBusyWait.
+func bindAnchor(fd, ifindex, queue int) error {
+	deadline := time.Now().Add(anchorBusyWait)
+	for {
+		err := unix.Bind(fd, &unix.SockaddrXDP{Ifindex: uint32(ifindex), QueueID: uint32(queue)})
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func (o Options) withDefaults() (Options, error) {
 	def := func(v *int, d int) {
 		if *v == 0 {
@@ -192,7 +211,7 @@ func CreatePool(ifindex, queue int, opt Options) (*Pool, error) {
 	}
 	// Flags 0 asks for zero-copy and lets the kernel fall back to copy
 	// mode when the driver cannot do it.
-	if err := unix.Bind(sfd, &unix.SockaddrXDP{Ifindex: uint32(ifindex), QueueID: uint32(queue)}); err != nil {
+	if err := bindAnchor(sfd, ifindex, queue); err != nil {
 		return nil, p.wrap("bind anchor socket", err)
 	}
 	zc, err := zeroCopy(sfd)
