@@ -266,7 +266,7 @@ func TestXDPSetupFailuresAndCleanup(t *testing.T) {
 	}
 	for _, c := range []struct {
 		what, url, want string
-		cred             *syscall.Credential
+		cred            *syscall.Credential
 	}{
 		{"as uid 65534", fmt.Sprintf("xdp://%s:4433", v.AName), "CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW", testkit.Cred(testkit.Nobody, testkit.Nobody)},
 		{"no such interface", "xdp://nosuch0:4433", "ip link shows the interfaces", nil},

@@ -52,7 +52,10 @@ func (s *Supervisor) restart(ctx context.Context, wait bool, canary int, progres
 	if res.Code != OK {
 		failed, message = res.Code.String(), res.Message
 	}
-	s.opts.Events.Reloaded(failed, message, s.Status(ctx).Summary())
+	// On the loop: the summary and the notification it goes out in must
+	// be one step, or an old generation that exits between them leaves
+	// a stale STATUS= ("1 draining") as the last word.
+	s.call(func() { s.opts.Events.Reloaded(failed, message, s.status().Summary()) })
 	return res
 }
 
