@@ -26,6 +26,10 @@ type Notifier struct {
 	// handedOver: a successor is the main pid now. systemd (with
 	// NotifyAccess=main) would reject and log anything more from us.
 	handedOver bool
+	// failure is the last failed restart's "last restart failed (...):
+	// ...; " prefix, kept in STATUS= until a restart succeeds, so that
+	// `systemctl status` still shows it after a generation exits.
+	failure string
 }
 
 // FromEnv returns a Notifier for NOTIFY_SOCKET, or nil when unset.
@@ -108,10 +112,13 @@ func (n *Notifier) Reloaded(failed, message, summary string) {
 	if n == nil {
 		return
 	}
-	line := summary
+	n.mu.Lock()
+	n.failure = ""
 	if failed != "" {
-		line = fmt.Sprintf("last restart failed (%s): %s; %s", failed, firstLine(message), summary)
+		n.failure = fmt.Sprintf("last restart failed (%s): %s; ", failed, firstLine(message))
 	}
+	line := n.failure + summary
+	n.mu.Unlock()
 	n.send("READY=1\nSTATUS=" + line)
 }
 
@@ -128,7 +135,10 @@ func (n *Notifier) StatusChanged(summary string) {
 	if n == nil {
 		return
 	}
-	n.send("STATUS=" + summary)
+	n.mu.Lock()
+	line := n.failure + summary
+	n.mu.Unlock()
+	n.send("STATUS=" + line)
 }
 
 // HandedOver tells systemd that pid, a new supervisor this one handed its

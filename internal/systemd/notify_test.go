@@ -80,6 +80,12 @@ func TestNotifierMessages(t *testing.T) {
 	if msg, _ := r.next(t); !strings.HasPrefix(msg, "READY=1\nSTATUS=last restart failed (child_exited): generation 3 exited before ready: exit status 1; generation 2") {
 		t.Fatalf("failed reload = %q", msg)
 	}
+	// A generation that exits after the failure keeps the failure in
+	// STATUS=, until a restart succeeds.
+	n.StatusChanged(st)
+	if msg, _ := r.next(t); !strings.HasPrefix(msg, "STATUS=last restart failed (child_exited): ") {
+		t.Fatalf("status after a failed reload = %q", msg)
+	}
 	n.Reloaded("", "", st)
 	if msg, _ := r.next(t); msg != "READY=1\nSTATUS=generation 2 (pid 42) serving, 1 draining" {
 		t.Fatalf("reload = %q", msg)
