@@ -118,32 +118,7 @@ func (e *env) quicBaton(tag, h3URL string) (quicRun, error) {
 		_ = stop(sup)
 		return qr, err
 	}
-	load.SetWorking(1)
-	meter := startRate(load)
-	for range e.o.quicRestarts {
-		took, code, res, err := e.restart(tag)
-		if err != nil {
-			load.Stop()
-			load.Close()
-			_ = stop(sup)
-			return qr, err
-		}
-		if code != 0 {
-			qr.failedRS++
-		} else {
-			load.SetWorking(res.Generation)
-			qr.took = append(qr.took, took)
-		}
-		time.Sleep(e.o.quicInterval)
-	}
-	e.quicTail()
-	qr.rate = meter.rate(load)
-	qr.res = load.Stop()
-	if st, err := e.status(tag); err == nil {
-		qr.res.Generations = len(st.Gens)
-	}
-	load.Close()
-	return qr, stop(sup)
+	return e.restartsUnderLoad(tag, sup, load)
 }
 
 // quicNaive restarts httpd run directly the way `systemctl restart` does:
@@ -295,4 +270,36 @@ func eachQUIC(runs []quicRun, f func(quicload.Result) string) string {
 		parts = append(parts, f(r.res))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// restartsUnderLoad restarts the supervisor tagged tag e.o.quicRestarts
+// times while load runs, then stops both and returns what the clients saw.
+func (e *env) restartsUnderLoad(tag string, sup *testkit.Proc, load *quicload.Load) (quicRun, error) {
+	var qr quicRun
+	load.SetWorking(1)
+	meter := startRate(load)
+	for range e.o.quicRestarts {
+		took, code, res, err := e.restart(tag)
+		if err != nil {
+			load.Stop()
+			load.Close()
+			_ = stop(sup)
+			return qr, err
+		}
+		if code != 0 {
+			qr.failedRS++
+		} else {
+			load.SetWorking(res.Generation)
+			qr.took = append(qr.took, took)
+		}
+		time.Sleep(e.o.quicInterval)
+	}
+	e.quicTail()
+	qr.rate = meter.rate(load)
+	qr.res = load.Stop()
+	if st, err := e.status(tag); err == nil {
+		qr.res.Generations = len(st.Gens)
+	}
+	load.Close()
+	return qr, stop(sup)
 }

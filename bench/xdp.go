@@ -660,32 +660,7 @@ func (e *env) xdpQUICBaton(v *netns.Veth, tag string, res *xdpResults) (quicRun,
 		_ = stop(sup)
 		return qr, err
 	}
-	load.SetWorking(1)
-	meter := startRate(load)
-	for range e.o.quicRestarts {
-		took, code, res, err := e.restart(tag)
-		if err != nil {
-			load.Stop()
-			load.Close()
-			_ = stop(sup)
-			return qr, err
-		}
-		if code != 0 {
-			qr.failedRS++
-		} else {
-			load.SetWorking(res.Generation)
-			qr.took = append(qr.took, took)
-		}
-		time.Sleep(e.o.quicInterval)
-	}
-	e.quicTail()
-	qr.rate = meter.rate(load)
-	qr.res = load.Stop()
-	if st, err := e.status(tag); err == nil {
-		qr.res.Generations = len(st.Gens)
-	}
-	load.Close()
-	return qr, stop(sup)
+	return e.restartsUnderLoad(tag, sup, load)
 }
 
 // xdpQUICNaive is quicNaive with httpd's HTTP/3 socket on end A.
