@@ -99,6 +99,9 @@ type Config struct {
 	// check command started: "auto", "cgroup" or "process-group".
 	ProcessTracking string
 	LogLevel        string
+	// Metrics is where Prometheus metrics are served: a tcp:// or
+	// unix:// URL (ParseMetrics); "" for nowhere.
+	Metrics string
 
 	// inFile holds the config file keys that set a value, so that what
 	// comes after the file (BATON_CONTROL) can tell an explicit value

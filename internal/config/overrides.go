@@ -123,6 +123,13 @@ var settings = []setting{
 		func(c *Config) *string { return &c.LogFormat }, checkLogFormat),
 	stringSetting("log-level", "log_level", "log level: debug, info, warn, error",
 		func(c *Config) *string { return &c.LogLevel }, checkLogLevel),
+	{
+		flag: "metrics", key: "metrics",
+		define: func(fs *flag.FlagSet, d *Config) {
+			fs.String("metrics", d.Metrics, "serve Prometheus metrics at /metrics on `ADDR`: tcp://HOST:PORT, HOST:PORT or unix:///path (?mode=0660&group=G); handed to a new supervisor on restart --supervisor")
+		},
+		parse: assign(func(c *Config) *string { return &c.Metrics }, ParseMetrics),
+	},
 	stringSetting("process-tracking", "process_tracking", "how to find everything a generation or check started, to kill it: "+
 		"auto (cgroup if baton may create cgroups, else process-group), cgroup, process-group",
 		func(c *Config) *string { return &c.ProcessTracking }, checkProcessTracking),

@@ -105,6 +105,8 @@ func TestOverridesEachFlag(t *testing.T) {
 			func(c *Config) any { return c.LogLevel }, "debug", "warn"},
 		{"process-tracking", `process_tracking = "process-group"`, "auto",
 			func(c *Config) any { return c.ProcessTracking }, "process-group", "auto"},
+		{"metrics", `metrics = "127.0.0.1:9100"`, "unix:///run/baton/metrics.sock",
+			func(c *Config) any { return c.Metrics }, "tcp://127.0.0.1:9100", "unix:///run/baton/metrics.sock"},
 	}
 	tested := map[string]bool{}
 	for _, tc := range cases {

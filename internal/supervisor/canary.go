@@ -84,7 +84,7 @@ func (s *Supervisor) RestartCanary(ctx context.Context, wait bool, permille int,
 	if permille < 1 || permille >= contract.Permille {
 		return result(CanaryUnavailable, fmt.Sprintf("a canary's share must be 1..%d thousandths of new connections, not %d", contract.Permille-1, permille), time.Now())
 	}
-	return s.restart(ctx, wait, permille, progress)
+	return s.countRestart(s.restart(ctx, wait, permille, progress))
 }
 
 // canaryGate runs at the start of a restart (the caller holds s.sem): a

@@ -65,6 +65,9 @@ type generation struct {
 	plan *drainPlan
 	// signalled: it got the drain signal.
 	signalled bool
+	// drainEnd says, for metrics, how its drain is ending so far
+	// (metrics.EndSignal, ...); "" while it drains on its own.
+	drainEnd string
 	// drainDeadline: when it gets SIGKILL.
 	drainDeadline time.Time
 	// graceTimer gives it the drain signal at the plan's latest time.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/baton-run/baton/internal/config"
+	"github.com/baton-run/baton/internal/metrics"
 	"github.com/baton-run/baton/internal/procgroup"
 )
 
@@ -39,6 +40,7 @@ func (s *Supervisor) drainForStop(g *generation) {
 	if g.state == Draining {
 		if !g.exited && !g.signalled {
 			g.signalled = true
+			g.drainEnd = metrics.EndSignal
 			g.log.Info("supervisor stopping: drain signal", "signal", config.SignalName(s.cfg.DrainSignal))
 			g.signal(s.cfg.DrainSignal)
 		}
@@ -60,6 +62,7 @@ func (s *Supervisor) startDrain(g *generation, timeout time.Duration, plan *drai
 	if plan == nil || plan.policy != config.DrainIdle {
 		g.plan = nil
 		g.signalled = true
+		g.drainEnd = metrics.EndSignal
 		g.log.Info("draining generation", "signal", config.SignalName(s.cfg.DrainSignal), "deadline", timeout)
 		g.signal(s.cfg.DrainSignal)
 	} else {
@@ -76,6 +79,7 @@ func (s *Supervisor) startDrain(g *generation, timeout time.Duration, plan *drai
 		s.post(func() {
 			if !g.exited {
 				g.log.Warn("generation still running at its drain deadline; sending SIGKILL", "drain_timeout", timeout)
+				g.drainEnd = metrics.EndKilled
 				g.kill()
 				// What waits in its TCP sockets moves to the working
 				// generation now, not when the kill has been reaped.
@@ -97,6 +101,10 @@ func (s *Supervisor) drainStep(g *generation, o *observation) {
 		return
 	}
 	g.signalled = true
+	g.drainEnd = metrics.EndSignal
+	if why == signalIdle {
+		g.drainEnd = metrics.EndIdle
+	}
 	attrs := []any{"signal", config.SignalName(s.cfg.DrainSignal), "reason", string(why), "draining_for", time.Since(g.drainStart).Round(time.Millisecond)}
 	if o != nil {
 		attrs = append(attrs, "tcp_live", o.tcpLive)
@@ -155,6 +163,7 @@ func (s *Supervisor) reaped(g *generation) {
 			s.consecCrashes = 0
 		}
 		s.crashes++
+		s.metrics.Crashed()
 		s.consecCrashes++
 		s.lastCrash = fmt.Sprintf("generation %d (pid %d) %s at %s", g.num, g.pid, g.exitDesc, time.Now().Format(time.RFC3339))
 		delay := backoff(s.consecCrashes)
@@ -162,6 +171,7 @@ func (s *Supervisor) reaped(g *generation) {
 		s.scheduleRespawn(delay)
 	case g.state == Draining:
 		g.log.Info("generation drained", "status", g.exitDesc, "drain", time.Since(g.drainStart).Round(time.Millisecond))
+		s.countDrained(g)
 	case g.state == Canary:
 		s.canaryExited(g)
 	default:
@@ -351,6 +361,7 @@ func (s *Supervisor) watchUDPIdle(g *generation) {
 			}
 			if g.idle && g.udpIdle(quiet) {
 				g.log.Info("drain ended early: generation reported idle and its UDP sockets are quiet", "quiet", quiet)
+				g.drainEnd = metrics.EndIdle
 				g.kill()
 				return
 			}
@@ -388,6 +399,7 @@ func (s *Supervisor) respawn() {
 		return
 	}
 	res := s.runRestart(false, reasonCrash, s.logProgress)
+	s.metrics.Respawned(res.Code.String())
 	if res.Code == OK {
 		return
 	}
@@ -434,6 +446,7 @@ func (s *Supervisor) stop(immediate bool) {
 				s.post(func() {
 					for _, g := range s.gens {
 						g.log.Warn("generation still running at the stop timeout; sending SIGKILL", "stop_timeout", timeout)
+						g.drainEnd = metrics.EndKilled
 						g.kill()
 					}
 				})

@@ -33,7 +33,7 @@ const (
 // config re-read: single-flight, or queued behind the running restart or
 // upgrade with wait. progress hears each step.
 func (s *Supervisor) Restart(ctx context.Context, wait bool, progress func(Progress)) Result {
-	return s.restart(ctx, wait, 0, progress)
+	return s.countRestart(s.restart(ctx, wait, 0, progress))
 }
 
 // restart is Restart, or with canary (thousandths of new connections)
@@ -189,6 +189,7 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
 	progress(progressAt(StepReady, g.num, g.pid, ""))
+	s.countReady(g, reason)
 	if canary > 0 {
 		return s.startCanary(g, cfg, canary, start, progress)
 	}
@@ -332,6 +333,9 @@ func fixedSettings(cur, next *config.Config) string {
 	}
 	if cur.ProcessTracking != next.ProcessTracking {
 		fixed = append(fixed, "process tracking")
+	}
+	if cur.Metrics != next.Metrics {
+		fixed = append(fixed, "metrics address")
 	}
 	if len(fixed) == 0 {
 		return ""

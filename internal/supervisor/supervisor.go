@@ -28,6 +28,7 @@ import (
 	"github.com/baton-run/baton/internal/contract"
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/listen"
+	"github.com/baton-run/baton/internal/metrics"
 	"github.com/baton-run/baton/internal/procgroup"
 	"github.com/baton-run/baton/internal/upgrade"
 )
@@ -100,6 +101,10 @@ type Supervisor struct {
 	// upgraded is closed once a successor serves.
 	upgraded  chan struct{}
 	stateFile *os.File // upgrade memfd shared with predecessor/successor
+	// metrics counts what happens (metrics.go); serving is closed once
+	// the first generation serves and a predecessor has been told.
+	metrics *metrics.Store
+	serving chan struct{}
 
 	// loop state
 	cfg           *config.Config
@@ -168,6 +173,8 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 		cfg:        cfg,
 		upgraded:   make(chan struct{}),
 		startedAt:  time.Now(),
+		metrics:    metrics.NewStore(),
+		serving:    make(chan struct{}),
 	}
 }
 
@@ -370,6 +377,7 @@ func (s *Supervisor) started(ctx context.Context, ctl *control.Server, res Resul
 			s.log.Error("self-upgrade unavailable", "err", err)
 		}
 	}
+	close(s.serving)
 	return nil
 }
 

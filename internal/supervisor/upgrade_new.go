@@ -15,9 +15,11 @@ import (
 	"os"
 	"slices"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/internal/metrics"
 	"github.com/baton-run/baton/internal/upgrade"
 )
 
@@ -36,6 +38,7 @@ func (s *Supervisor) startAsSuccessor() {
 	st := s.opts.Successor.State
 	s.call(func() {
 		s.nextGen, s.restarts, s.crashes = st.NextGen, st.Restarts, st.Crashes
+		s.metrics.Restore(st.Metrics, s.log)
 		for _, g := range st.Gens {
 			a := &adoptedGen{Gen: g}
 			s.adopted = append(s.adopted, a)
@@ -127,6 +130,10 @@ func (s *Supervisor) adoptedExited(a *adoptedGen) {
 		s.unholdSlot(a.Slot)
 	}
 	s.log.Info("generation of the previous supervisor exited", "gen", a.Num, "pid", a.PID)
+	if !a.Gen.Exited {
+		// One that had exited already was counted by the predecessor.
+		s.metrics.Drained(metrics.EndPredecessor, time.Since(s.startedAt))
+	}
 	if s.opts.Events != nil && !s.stopping {
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}

@@ -84,6 +84,11 @@ func (s *Supervisor) prepareUpgrades(ctl *control.Server) error {
 // Single-flight with restarts; with wait, it queues behind a running
 // restart and behind this supervisor's own predecessor, still draining.
 func (s *Supervisor) Upgrade(ctx context.Context, wait bool, progress func(Progress)) Result {
+	return s.countUpgrade(s.selfUpgrade(ctx, wait, progress))
+}
+
+// selfUpgrade is Upgrade before its result is counted.
+func (s *Supervisor) selfUpgrade(ctx context.Context, wait bool, progress func(Progress)) Result {
 	start := time.Now()
 	upg := s.opts.Upgrader
 	if upg == nil || s.stateFile == nil {
@@ -192,6 +197,7 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 		return upgrade.State{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
 	}
 	st := upgrade.State{FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
+	st.Metrics = s.metrics.Handover()
 	if err := s.registerChanging(); err != nil {
 		return upgrade.State{}, false, err.Error()
 	}

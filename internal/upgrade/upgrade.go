@@ -30,6 +30,11 @@ const (
 	FileControl = "baton/control"
 )
 
+// MetricsFile names the listening socket of --metrics at url (the
+// address as config.ParseMetrics writes it): a successor configured with
+// another address does not find it and opens its own.
+func MetricsFile(url string) string { return "metrics/" + url }
+
 // ListenerFile names a stream (TCP or Unix) listening socket.
 func ListenerFile(name string) string { return "listen/" + name }
 
@@ -60,6 +65,42 @@ type State struct {
 	Crashes   int        `json:"crashes"`
 	Listeners []Listener `json:"listeners"`
 	Gens      []Gen      `json:"generations"`
+	// Metrics are the cumulative metrics the successor goes on from, so
+	// that a scrape never sees a counter go down across an upgrade. A
+	// predecessor from before metrics sends none: the successor starts
+	// from zero.
+	Metrics *Metrics `json:"metrics,omitempty"`
+}
+
+// Metrics are a supervisor's cumulative metrics: counters and histograms
+// by family name and labels. A successor takes the families and labels
+// it knows and drops the rest.
+type Metrics struct {
+	Counters   []Counter   `json:"counters,omitempty"`
+	Histograms []Histogram `json:"histograms,omitempty"`
+}
+
+// Counter is one counter series.
+type Counter struct {
+	Name   string            `json:"name"`
+	Labels map[string]string `json:"labels,omitempty"`
+	Value  float64           `json:"value"`
+}
+
+// Histogram is one histogram series. Buckets are cumulative and do not
+// include +Inf, whose count is Count (JSON has no infinity).
+type Histogram struct {
+	Name    string            `json:"name"`
+	Labels  map[string]string `json:"labels,omitempty"`
+	Count   uint64            `json:"count"`
+	Sum     float64           `json:"sum"`
+	Buckets []Bucket          `json:"buckets,omitempty"`
+}
+
+// Bucket is the number of observations at most UpperBound.
+type Bucket struct {
+	UpperBound float64 `json:"le"`
+	Count      uint64  `json:"count"`
 }
 
 // Listener is one listening socket, in fd order.

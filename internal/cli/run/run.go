@@ -143,6 +143,11 @@ func Main(args []string, env Env, stderr io.Writer) int {
 		return 1
 	}
 	defer listen.CloseAll(socks)
+	msock, err := openMetrics(upg, succ != nil, cfg.Metrics, log)
+	if err != nil {
+		log.Error("cannot serve metrics", "err", err)
+		return 1
+	}
 	if succ != nil {
 		if err := adoptWatchdog(env, succ.State.FromPID); err != nil {
 			log.Warn("systemd watchdog", "err", err)
@@ -180,6 +185,15 @@ func Main(args []string, env Env, stderr io.Writer) int {
 		}
 	}
 	sup := supervisor.New(cfg, opts)
+	if msock != nil {
+		stopMetrics, err := serveMetrics(msock, sup, succ != nil, log)
+		if err != nil {
+			msock.Close()
+			log.Error("cannot serve metrics", "err", err)
+			return 1
+		}
+		defer stopMetrics()
+	}
 	if every, ok := systemd.WatchdogInterval(env.Getenv); ok && notifier != nil {
 		go notifier.Watchdog(ctx, every, sup.Ping)
 	}
