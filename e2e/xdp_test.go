@@ -195,8 +195,11 @@ func TestXDPFramesAfterManyRestarts(t *testing.T) {
 	start := xdpQueues(t, st)
 	// Connections come and go: a few open on every generation and close
 	// after 20 requests, so old generations drain and exit.
+	// Generous request timeout: over a minute and a half of restarts on
+	// two cores shared with the rest of the suite, a client can wait
+	// seconds for the CPU; a timeout still counts as a failure.
 	ql, err := quicload.Start(quicload.Config{Addr: dial, Options: quicload.Options{ListenUDP: listen},
-		Every: 10 * time.Millisecond, Requests: 20, Duration: 5 * time.Minute})
+		Every: 10 * time.Millisecond, Requests: 20, RequestTimeout: 15 * time.Second, Duration: 5 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
