@@ -142,6 +142,9 @@ type Supervisor struct {
 	// ended.
 	canary            *canaryRun
 	lastCanaryFailure string
+
+	// strays: the stray sockets seen on the listeners' ports (status.go).
+	strays strayState
 }
 
 // New prepares a supervisor with an already loaded configuration.
@@ -262,6 +265,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go s.watchStrays(sctx)
 	upgraded := s.upgraded
 	var serveDone chan struct{}
 	for {
