@@ -116,6 +116,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 	if st.LastCanaryFailure != "" {
 		fmt.Fprintf(w, "last canary failure: %s\n", cell(st.LastCanaryFailure))
 	}
+	if st.StrayError != "" {
+		fmt.Fprintf(w, "stray sockets not checked: %s\n", cell(st.StrayError))
+	}
 
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if len(st.Listeners) > 0 {
@@ -135,6 +138,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 			return err
 		}
 		if err := writeXDP(tw, st.Listeners); err != nil {
+			return err
+		}
+		if err := writeStrays(tw, st.Listeners); err != nil {
 			return err
 		}
 	}
@@ -304,6 +310,45 @@ func writeXDP(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
 			}
 			fmt.Fprintf(tw, "%s\t%s %s\t%d %s\t%d: %d free, %d fill, %d completed, %d in use%s, %d leaked\n",
 				cell(l.Name), cell(l.XDP.Iface), cell(l.XDP.Mode), q.Queue, cell(q.Sockets), q.Frames, q.Free, q.Fill, q.Completion, q.InUse, held, q.Leaked)
+		}
+	}
+	if !any {
+		return nil
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// writeStrays shows the sockets other processes bound to a listener's
+// port, e.g. "http  tcp 127.0.0.1:8080  more specific  uid 0  pid 4242
+// (nc)  for 3s".
+func writeStrays(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
+	var any bool
+	for _, l := range ls {
+		for _, s := range l.Strays {
+			if !any {
+				fmt.Fprintln(tw)
+				fmt.Fprintln(tw, "STRAY SOCKET\tBOUND\tOVERLAP\tUID\tHELD BY")
+				any = true
+			}
+			bound := s.Proto + " " + s.Local
+			if s.Remote != "" {
+				bound += " connected to " + s.Remote
+			}
+			if s.Iface != 0 {
+				bound += fmt.Sprintf(" on interface %d", s.Iface)
+			}
+			held := cell(s.OwnerUnknown)
+			if len(s.Owners) > 0 {
+				parts := make([]string, 0, len(s.Owners))
+				for _, o := range s.Owners {
+					parts = append(parts, fmt.Sprintf("pid %d (%s)", o.PID, cell(o.Command)))
+				}
+				held = strings.Join(parts, ", ")
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", cell(l.Name), cell(bound), cell(s.Overlap), s.UID, held)
 		}
 	}
 	if !any {

@@ -207,6 +207,9 @@ type Status struct {
 	// LastCanaryFailure says how the last canary that exited on its own
 	// ended; the working generation was not touched.
 	LastCanaryFailure string `json:"last_canary_failure,omitempty"`
+	// StrayError says why the listeners' ports could not be checked for
+	// stray sockets.
+	StrayError string `json:"stray_error,omitempty"`
 }
 
 // CanaryStatus is the canary generation and how new connections split
@@ -311,6 +314,39 @@ type ListenerStatus struct {
 	// XDP is an xdp listener's data plane: where the program is
 	// attached, how, and each queue's frame pool.
 	XDP *XDPStatus `json:"xdp,omitempty"`
+	// Strays are sockets bound to the listener's port that baton did not
+	// make and that overlap its address: one that joined its reuseport
+	// group, or one bound to a more specific address, which takes that
+	// address's traffic.
+	Strays []StraySocket `json:"strays,omitempty"`
+}
+
+// StraySocket is a socket bound to a listener's port by another process.
+type StraySocket struct {
+	Proto string `json:"proto"`
+	Local string `json:"local"`
+	// Remote is the peer of a connected UDP socket, which takes that
+	// peer's datagrams.
+	Remote string `json:"remote,omitempty"`
+	// Iface is the interface index it is bound to (SO_BINDTODEVICE).
+	Iface uint32 `json:"iface,omitempty"`
+	// Overlap is "same address" (bound where the listener is: in its
+	// reuseport group, where steering gives it nothing, if bound with
+	// SO_REUSEPORT by the same user) or "more specific" (the kernel
+	// prefers it to the listener's sockets for the traffic it is bound
+	// to).
+	Overlap string       `json:"overlap"`
+	UID     uint32       `json:"uid"`
+	Owners  []StrayOwner `json:"owners,omitempty"`
+	// OwnerUnknown says why no owning process was found, if none was.
+	OwnerUnknown string    `json:"owner_unknown,omitempty"`
+	Since        time.Time `json:"since"`
+}
+
+// StrayOwner is a process that holds a stray socket.
+type StrayOwner struct {
+	PID     int    `json:"pid"`
+	Command string `json:"command"`
 }
 
 // XDPStatus is an xdp listener's program and frame pools.

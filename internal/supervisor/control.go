@@ -129,6 +129,7 @@ func wireStatus(st Status) control.Status {
 		CrashLoop: st.CrashLoop, LastCrash: st.LastCrash, Stopping: st.Stopping,
 		Goroutines: st.Goroutines, OpenFDs: st.OpenFDs,
 		Canary: wireCanary(st.Canary), LastCanaryFailure: st.LastCanaryFailure,
+		StrayError: st.StrayError,
 	}
 	if st.Gens != nil {
 		out.Gens = make([]control.GenStatus, 0, len(st.Gens))
@@ -161,6 +162,7 @@ func wireStatus(st Status) control.Status {
 				ls.XDP.Queues = append(ls.XDP.Queues, control.XDPQueue(q))
 			}
 		}
+		ls.Strays = wireStrays(l.Strays)
 		out.Listeners = append(out.Listeners, ls)
 	}
 	return out
@@ -193,6 +195,24 @@ func wireCanary(c *CanaryStatus) *control.CanaryStatus {
 		out.Listeners = append(out.Listeners, control.CanarySplit{
 			Name: l.Name, WorkingSlot: l.WorkingSlot, CanarySlot: l.CanarySlot, WorkingNew: l.WorkingNew, CanaryNew: l.CanaryNew,
 		})
+	}
+	return out
+}
+
+func wireStrays(ss []StraySocket) []control.StraySocket {
+	var out []control.StraySocket
+	for _, s := range ss {
+		w := control.StraySocket{
+			Proto: s.Proto, Local: s.Local.String(), Iface: s.Iface, Overlap: s.Overlap.String(),
+			UID: s.UID, OwnerUnknown: s.OwnerUnknown, Since: s.Since,
+		}
+		if s.Remote.IsValid() {
+			w.Remote = s.Remote.String()
+		}
+		for _, o := range s.Owners {
+			w.Owners = append(w.Owners, control.StrayOwner{PID: o.PID, Command: o.Comm})
+		}
+		out = append(out, w)
 	}
 	return out
 }

@@ -147,6 +147,9 @@ type Supervisor struct {
 	// ended.
 	canary            *canaryRun
 	lastCanaryFailure string
+
+	// strays: the stray sockets seen on the listeners' ports (status.go).
+	strays strayState
 }
 
 // New prepares a supervisor with an already loaded configuration.
@@ -269,6 +272,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go s.watchStrays(sctx)
 	upgraded := s.upgraded
 	var serveDone chan struct{}
 	for {
