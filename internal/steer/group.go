@@ -205,6 +205,16 @@ func NewGroupFromFile(f *os.File, cfg Config) (*Group, error) {
 	if err != nil {
 		return nil, fmt.Errorf("udp steering: anchor %s: %w", f.Name(), err)
 	}
+	// systemd binds with SO_REUSEADDR, and a UDP port whose sockets all
+	// have it may be bound by anyone who sets it too, another user
+	// included. baton's own sockets never set it; neither does the
+	// anchor from here on.
+	if err := withFD(anchor, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 0)
+	}); err != nil {
+		anchor.Close()
+		return nil, fmt.Errorf("udp steering: anchor %s: clear SO_REUSEADDR: %w", f.Name(), err)
+	}
 	return newGroup(anchor, sa, cfg, embeddedProgram())
 }
 

@@ -667,3 +667,68 @@ func TestConfigValidation(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupFromFileClearsReuseAddr: systemd binds its sockets with
+// SO_REUSEADDR, and a UDP port whose sockets all have it can be bound by
+// anyone setting it too (another user included). The group clears it on
+// an inherited anchor: a second socket with only SO_REUSEADDR is refused.
+func TestGroupFromFileClearsReuseAddr(t *testing.T) {
+	ns := newNS(t)
+	bindReuseAddr := func(port int) (int, error) {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return -1, err
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		return fd, nil
+	}
+	var sysd *os.File
+	var port int
+	err := ns.do(func() error {
+		fd, err := bindReuseAddr(0)
+		if err != nil {
+			return err
+		}
+		sa, err := unix.Getsockname(fd)
+		if err != nil {
+			return err
+		}
+		port = sa.(*unix.SockaddrInet4).Port
+		sysd = os.NewFile(uintptr(fd), "systemd")
+		// Before the group: a second SO_REUSEADDR socket may bind.
+		second, err := bindReuseAddr(port)
+		if err != nil {
+			return fmt.Errorf("second SO_REUSEADDR socket before the group: %w", err)
+		}
+		unix.Close(second)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sysd.Close()
+	err = ns.do(func() error {
+		g, err := NewGroupFromFile(sysd, Config{Mode: contract.ModeQUIC})
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		if fd, err := bindReuseAddr(port); !errors.Is(err, unix.EADDRINUSE) {
+			if err == nil {
+				unix.Close(fd)
+			}
+			return fmt.Errorf("a SO_REUSEADDR socket beside the group's anchor: %v, want EADDRINUSE", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
