@@ -357,11 +357,18 @@ func (h *harness) expectRestart(code int, want control.Code, args ...string) bat
 // stopped at cleanup if the test does not stop it.
 func (h *harness) load(cfg loadgen.Config) *loadgen.Loadgen {
 	h.t.Helper()
+	return startLoadIn(h.t, h.ns, cfg)
+}
+
+// startLoadIn starts the load generator (default: httpURL) inside ns,
+// stopped at cleanup at the latest.
+func startLoadIn(t *testing.T, ns *netns.NS, cfg loadgen.Config) *loadgen.Loadgen {
+	t.Helper()
 	if cfg.URL == "" {
 		cfg.URL = httpURL
 	}
 	if cfg.DialContext == nil {
-		d := &netns.Dialer{NS: h.ns}
+		d := &netns.Dialer{NS: ns}
 		cfg.DialContext = d.DialContext
 	}
 	if cfg.Duration == 0 {
@@ -370,9 +377,9 @@ func (h *harness) load(cfg loadgen.Config) *loadgen.Loadgen {
 	}
 	lg, err := loadgen.Start(context.Background(), cfg)
 	if err != nil {
-		h.t.Fatalf("start load: %v", err)
+		t.Fatalf("start load: %v", err)
 	}
-	h.t.Cleanup(func() { lg.Stop() })
+	t.Cleanup(func() { lg.Stop() })
 	return lg
 }
 
@@ -380,13 +387,20 @@ func (h *harness) load(cfg loadgen.Config) *loadgen.Loadgen {
 // failed or none succeeded.
 func (h *harness) expectNoFailures(lg *loadgen.Loadgen) loadgen.Results {
 	h.t.Helper()
+	return stopExpectingNoFailures(h.t, lg)
+}
+
+// stopExpectingNoFailures stops lg and fails t if a request failed or
+// none succeeded.
+func stopExpectingNoFailures(t *testing.T, lg *loadgen.Loadgen) loadgen.Results {
+	t.Helper()
 	r := lg.Stop()
-	h.t.Logf("load: %s", r)
+	t.Logf("load: %s", r)
 	if r.Failed != 0 {
-		h.t.Errorf("%d of %d requests failed; first errors:\n  %s", r.Failed, r.Sent, strings.Join(r.Errors, "\n  "))
+		t.Errorf("%d of %d requests failed; first errors:\n  %s", r.Failed, r.Sent, strings.Join(r.Errors, "\n  "))
 	}
 	if r.OK == 0 {
-		h.t.Errorf("no request succeeded")
+		t.Errorf("no request succeeded")
 	}
 	return r
 }

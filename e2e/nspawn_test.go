@@ -110,33 +110,14 @@ func (e *sdEnv) get(path string, timeout time.Duration) (*http.Response, error) 
 // latest.
 func (e *sdEnv) load(cfg loadgen.Config) *loadgen.Loadgen {
 	e.t.Helper()
-	cfg.URL = httpURL
-	d := &netns.Dialer{NS: e.ns}
-	cfg.DialContext = d.DialContext
-	if cfg.Duration == 0 {
-		cfg.Duration = 5 * time.Minute
-	}
-	lg, err := loadgen.Start(context.Background(), cfg)
-	if err != nil {
-		e.t.Fatalf("start load: %v", err)
-	}
-	e.t.Cleanup(func() { lg.Stop() })
-	return lg
+	return startLoadIn(e.t, e.ns, cfg)
 }
 
 // noFailures stops the load and fails the test if a request failed or
 // none succeeded.
 func (e *sdEnv) noFailures(lg *loadgen.Loadgen) loadgen.Results {
 	e.t.Helper()
-	r := lg.Stop()
-	e.t.Logf("load: %s", r)
-	if r.Failed != 0 {
-		e.t.Errorf("%d of %d requests failed; first errors:\n  %s", r.Failed, r.Sent, strings.Join(r.Errors, "\n  "))
-	}
-	if r.OK == 0 {
-		e.t.Errorf("no request succeeded")
-	}
-	return r
+	return stopExpectingNoFailures(e.t, lg)
 }
 
 // reload runs `systemctl reload` and returns its output and error.
