@@ -129,10 +129,18 @@ type Supervisor struct {
 	// be made to listen again; relistenFailed: the failure was logged.
 	relistened     map[string]int
 	relistenFailed map[string]bool
+	// relistenWatching: watchSharedListeners' timer runs.
+	relistenWatching bool
 	// crashed are working generations that crashed and whose TCP
 	// sockets are kept, so that new connections queue in them, until a
 	// generation is flipped.
 	crashed []*generation
+	// retired are listeners a restart took away or replaced, kept
+	// until no generation holds them (listeners.go).
+	retired []*listen.Socket
+	// initial are the sockets the supervisor was given; whoever gave
+	// them closes them.
+	initial []*listen.Socket
 	// slotHolds counts, per steering slot, the kinds of group (UDP,
 	// TCP) and the adopted generations that hold it.
 	slotHolds [contract.Slots]int
@@ -166,6 +174,7 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 		sem:        make(chan struct{}, 1),
 		loopEnd:    make(chan struct{}),
 		cfg:        cfg,
+		initial:    opts.Sockets,
 		upgraded:   make(chan struct{}),
 		startedAt:  time.Now(),
 	}
@@ -328,6 +337,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					s.log.Warn("control socket requests still running 5s after the stop; exiting anyway")
 				}
 			}
+			s.closeOpenedSockets()
 			s.log.Info("supervisor stopped")
 			return nil
 		}
