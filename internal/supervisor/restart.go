@@ -469,6 +469,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 		s.releaseTCP(c)
 	}
 	s.crashed = nil
+	s.closeRetired()
 	// Restarts are what someone asked for; crash respawns are counted
 	// as crashes, and an upgrade's first generation as the upgrade.
 	if reason == reasonRequest {
