@@ -123,13 +123,30 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if len(st.Listeners) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintln(tw, "LISTENER\tURL\tFD\tSTEER")
+		// A supervisor from before protocols were reported sends none.
+		withProto := slices.ContainsFunc(st.Listeners, func(l control.ListenerStatus) bool { return l.Protocol != "" })
+		if withProto {
+			fmt.Fprintln(tw, "LISTENER\tURL\tFD\tPROTO\tSTEER")
+		} else {
+			fmt.Fprintln(tw, "LISTENER\tURL\tFD\tSTEER")
+		}
 		for _, l := range st.Listeners {
 			steer := "-"
 			if l.Steer != "" {
 				steer = fmt.Sprintf("%s, %d per generation, working slot %d", l.Steer, l.Workers, l.Working)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", cell(l.Name), cell(l.URL), l.FD, steer)
+			if l.Retired {
+				steer = "retired: held by draining generations only"
+			}
+			if !withProto {
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", cell(l.Name), cell(l.URL), l.FD, steer)
+				continue
+			}
+			proto := l.Protocol
+			if proto == "" {
+				proto = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", cell(l.Name), cell(l.URL), l.FD, cell(proto), steer)
 		}
 		if err := tw.Flush(); err != nil {
 			return fmt.Errorf("write status: %w", err)

@@ -32,11 +32,15 @@ type Listener struct {
 	// Addr is host:port for tcp/udp, the filesystem path for unix.
 	Addr string
 
-	Backlog int         // tcp, unix: listen(2) backlog; 0 = SOMAXCONN
-	V6Only  bool        // tcp, udp on [::]: refuse IPv4-mapped peers
-	Mode    os.FileMode // unix: socket file mode; 0 = leave to umask
-	Owner   string      // unix: user name or uid
-	Group   string      // unix: group name or gid
+	Backlog int  // tcp, unix: listen(2) backlog; 0 = SOMAXCONN
+	V6Only  bool // tcp, udp on [::]: refuse IPv4-mapped peers
+	// MPTCP (tcp://…?mptcp=1) opens the socket with IPPROTO_MPTCP. The
+	// kernel cannot steer MPTCP listeners per generation, so it is one
+	// socket shared by every generation, as with steer=off.
+	MPTCP bool
+	Mode  os.FileMode // unix: socket file mode; 0 = leave to umask
+	Owner string      // unix: user name or uid
+	Group string      // unix: group name or gid
 
 	// UDP steering across generations (see internal/steer).
 	Steer           string        // udp: flow (default), quic or off; tcp: "" (on, the default) or off
@@ -164,6 +168,12 @@ func ParseListener(name, raw string) (Listener, error) {
 				return l, fmt.Errorf("listener %s: v6only=%q must be true or false", name, v)
 			}
 			l.V6Only = b
+		case key == "mptcp" && l.Scheme == SchemeTCP:
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return l, fmt.Errorf("listener %s: mptcp=%q must be 1 or 0", name, v)
+			}
+			l.MPTCP = b
 		case key == "mode" && l.Scheme == SchemeUnix:
 			m, err := strconv.ParseUint(v, 8, 32)
 			if err != nil || m > 0o777 {
@@ -263,7 +273,7 @@ func ParseListener(name, raw string) (Listener, error) {
 func knownOptions(scheme string) string {
 	switch scheme {
 	case SchemeTCP:
-		return "backlog, v6only, steer"
+		return "backlog, v6only, steer, mptcp"
 	case SchemeUDP:
 		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
 	case SchemeXDP:
@@ -293,7 +303,7 @@ func validName(name string) error {
 // Same reports whether two listener definitions describe the same socket.
 func (l Listener) Same(o Listener) bool {
 	return l.Name == o.Name && l.Scheme == o.Scheme && l.Addr == o.Addr &&
-		l.Backlog == o.Backlog && l.V6Only == o.V6Only && l.Mode == o.Mode &&
+		l.Backlog == o.Backlog && l.V6Only == o.V6Only && l.MPTCP == o.MPTCP && l.Mode == o.Mode &&
 		l.Owner == o.Owner && l.Group == o.Group && l.Steer == o.Steer &&
 		l.Workers == o.Workers && l.CIDLen == o.CIDLen && l.CIDSlotOffset == o.CIDSlotOffset &&
 		l.CIDWorkerOffset == o.CIDWorkerOffset && l.FlowIdle == o.FlowIdle &&
@@ -317,4 +327,183 @@ func parseQueues(v string) (first, last int, err error) {
 		return 0, 0, fmt.Errorf("want all, N or N-M with 0 <= N <= M < %d", contract.MaxQueues)
 	}
 	return first, last, nil
+}
+
+// ListenerChangeKind is what a restart does to one listener.
+type ListenerChangeKind int
+
+// How a restart's config changes a listener.
+const (
+	// ListenerKept: the same socket serves the new generation.
+	ListenerKept ListenerChangeKind = iota
+	// ListenerAdded: a new socket, for the new generation only.
+	ListenerAdded
+	// ListenerRemoved: the new generation does not get it; the old
+	// generations keep it until they are gone.
+	ListenerRemoved
+	// ListenerRelisten: the same socket with a new listen(2) backlog.
+	ListenerRelisten
+	// ListenerReplaced: a new socket under the same name for the new
+	// generation; the old one stays with the old generations until they
+	// are gone.
+	ListenerReplaced
+)
+
+func (k ListenerChangeKind) String() string {
+	switch k {
+	case ListenerKept:
+		return "kept"
+	case ListenerAdded:
+		return "added"
+	case ListenerRemoved:
+		return "removed"
+	case ListenerRelisten:
+		return "backlog changed"
+	case ListenerReplaced:
+		return "replaced"
+	}
+	return "change(" + strconv.Itoa(int(k)) + ")"
+}
+
+// ListenerChange is one listener's change; Old is zero for an added
+// listener, New for a removed one.
+type ListenerChange struct {
+	Kind     ListenerChangeKind
+	Old, New Listener
+	// SameAddress: a replaced TCP listener stays at its address (its
+	// options changed: MPTCP, steering). The new socket joins the old
+	// one's reuseport group, which is what lets queued connections move.
+	SameAddress bool
+	// Moved: a kept listener gets another fd number in new generations.
+	Moved bool
+}
+
+// TCP listener shapes: what kind of socket a tcp:// listener is.
+const (
+	shapeSteered   = "steered"    // a socket per generation (TCPGroup)
+	shapeSharedTCP = "shared tcp" // steer=off
+	shapeMPTCP     = "mptcp"      // IPPROTO_MPTCP, shared
+)
+
+func tcpShape(l Listener) string {
+	switch {
+	case l.MPTCP:
+		return shapeMPTCP
+	case l.Steer == SteerOff:
+		return shapeSharedTCP
+	}
+	return shapeSteered
+}
+
+// DiffListeners says how next changes the listeners of cur: next's
+// listeners in order, then the removed ones. A change that cannot be
+// applied without losing queued connections, or that the kernel does not
+// allow beside the running sockets, is an error that says why and what to
+// do instead.
+func DiffListeners(cur, next []Listener) ([]ListenerChange, error) {
+	old := map[string]Listener{}
+	pos := map[string]int{}
+	for i, l := range cur {
+		old[l.Name], pos[l.Name] = l, i
+	}
+	seen := map[string]bool{}
+	var out []ListenerChange
+	for i, n := range next {
+		seen[n.Name] = true
+		o, ok := old[n.Name]
+		if !ok {
+			if err := addressFree(n, cur); err != nil {
+				return nil, err
+			}
+			out = append(out, ListenerChange{Kind: ListenerAdded, New: n})
+			continue
+		}
+		c, err := diffOne(o, n)
+		if err != nil {
+			return nil, err
+		}
+		c.Moved = pos[n.Name] != i
+		if c.Kind == ListenerReplaced && !c.SameAddress {
+			if err := addressFree(n, cur); err != nil {
+				return nil, err
+			}
+		}
+		out = append(out, c)
+	}
+	for _, o := range cur {
+		if !seen[o.Name] {
+			out = append(out, ListenerChange{Kind: ListenerRemoved, Old: o})
+		}
+	}
+	return out, nil
+}
+
+// Changed reports whether any listener changes, or moves to another fd.
+func Changed(cs []ListenerChange) bool {
+	for _, c := range cs {
+		if c.Kind != ListenerKept || c.Moved {
+			return true
+		}
+	}
+	return false
+}
+
+func diffOne(o, n Listener) (ListenerChange, error) {
+	c := ListenerChange{Kind: ListenerKept, Old: o, New: n}
+	if o.Same(n) {
+		return c, nil
+	}
+	if isDatagram(o) || isDatagram(n) {
+		return c, fmt.Errorf("listener %s changes (%s -> %s), and a UDP, QUIC or xdp listener cannot change while baton runs: its steering state belongs to the running generations; "+
+			"remove it in one restart and add it under another name, or stop and start baton", n.Name, o.URL, n.URL)
+	}
+	if o.Scheme != n.Scheme || o.Addr != n.Addr {
+		c.Kind = ListenerReplaced
+		return c, nil
+	}
+	// Same scheme and address: only the options differ.
+	withBacklog := o
+	withBacklog.Backlog, withBacklog.URL = n.Backlog, n.URL
+	if withBacklog.Same(n) {
+		c.Kind = ListenerRelisten
+		return c, nil
+	}
+	if n.Scheme == SchemeUnix {
+		return c, fmt.Errorf("listener %s changes the mode, owner or group of %s (%s -> %s); a Unix socket's file keeps them for the old generations too: "+
+			"give the listener another path, or stop and start baton", n.Name, n.Addr, o.URL, n.URL)
+	}
+	if o.V6Only != n.V6Only {
+		return c, fmt.Errorf("listener %s changes v6only on %s (%s -> %s); the kernel keeps sockets of either setting apart, so connections queued in the old one could not move to the new one: "+
+			"move the listener to another address, or stop and start baton", n.Name, n.Addr, o.URL, n.URL)
+	}
+	from, to := tcpShape(o), tcpShape(n)
+	if from != shapeSteered && to != shapeSteered && from != to {
+		return c, fmt.Errorf("listener %s changes from a %s socket to a %s socket on %s (%s -> %s); connections queued in the old socket could move only through per-generation steering: "+
+			"restart once with tcp://%s (steered) in between", n.Name, from, to, n.Addr, o.URL, n.URL, n.Addr)
+	}
+	c.Kind, c.SameAddress = ListenerReplaced, true
+	return c, nil
+}
+
+func isDatagram(l Listener) bool { return l.Scheme == SchemeUDP || l.Scheme == SchemeXDP }
+
+// addressFree refuses a new socket at an address another listener of cur
+// holds: a TCP socket would join that listener's reuseport group (and its
+// steering), a Unix one would replace its file.
+func addressFree(n Listener, cur []Listener) error {
+	for _, o := range cur {
+		if o.Name != n.Name && o.Addr == n.Addr && sameFamily(o, n) {
+			return fmt.Errorf("listener %s wants %s, which listener %s (%s) holds in the running config; move it in two restarts (remove %s first), or stop and start baton",
+				n.Name, n.Addr, o.Name, o.URL, o.Name)
+		}
+	}
+	return nil
+}
+
+func sameFamily(a, b Listener) bool {
+	stream := func(l Listener) bool { return l.Scheme == SchemeTCP }
+	if a.Scheme == SchemeUnix || b.Scheme == SchemeUnix {
+		return a.Scheme == b.Scheme
+	}
+	return stream(a) == stream(b)
 }

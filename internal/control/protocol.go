@@ -301,6 +301,13 @@ type ListenerStatus struct {
 	Name string `json:"name"`
 	URL  string `json:"url"`
 	FD   int    `json:"fd"` // first fd number in every generation
+	// Protocol is the socket's protocol as the kernel has it
+	// (SO_PROTOCOL): tcp, mptcp, udp, unix or xdp.
+	Protocol string `json:"protocol,omitempty"`
+	// Retired: a restart removed or replaced the listener; draining
+	// generations still hold the socket (FD is theirs), and it is closed
+	// once they are gone.
+	Retired bool `json:"retired,omitempty"`
 	// For UDP listeners: the steering mode, sockets per generation, the
 	// working slot and each generation's counters.
 	Steer   string      `json:"steer,omitempty"`

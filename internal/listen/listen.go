@@ -39,13 +39,14 @@ type Socket struct {
 	TCP *steer.TCPGroup
 
 	unixID unixsock.FileID // the Unix socket file we created, for cleanup
+	closed bool
 }
 
 // Open creates the socket described by spec.
 func Open(spec config.Listener) (*Socket, error) {
 	switch spec.Scheme {
 	case config.SchemeTCP:
-		return openInet(spec, unix.SOCK_STREAM)
+		return openInet(spec, unix.SOCK_STREAM, false)
 	case config.SchemeUDP:
 		g, err := steer.NewGroup(spec.Addr, UDPConfig(spec))
 		if err != nil {
@@ -64,7 +65,14 @@ func Open(spec config.Listener) (*Socket, error) {
 	return nil, fmt.Errorf("listener %s: cannot open scheme %q", spec.Name, spec.Scheme)
 }
 
-func openInet(spec config.Listener, typ int) (*Socket, error) {
+// ipprotoMPTCP is IPPROTO_MPTCP (include/uapi/linux/in.h).
+const ipprotoMPTCP = 262
+
+// openInet opens a TCP (or UDP) socket. reuseport sets SO_REUSEPORT, so
+// that the socket joins the reuseport group of the listener it replaces
+// at the same address: the group's steering program can then move that
+// listener's queued connections to it.
+func openInet(spec config.Listener, typ int, reuseport bool) (*Socket, error) {
 	host, portStr, err := net.SplitHostPort(spec.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("listener %s: %w", spec.Name, err)
@@ -85,8 +93,15 @@ func openInet(spec config.Listener, typ int) (*Socket, error) {
 		}
 		sa = s6
 	}
-	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	proto := 0
+	if typ == unix.SOCK_STREAM && spec.MPTCP {
+		proto = ipprotoMPTCP
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
+		if proto == ipprotoMPTCP && (errors.Is(err, unix.EPROTONOSUPPORT) || errors.Is(err, unix.ENOPROTOOPT) || errors.Is(err, unix.EINVAL)) {
+			return nil, fmt.Errorf("listener %s: MPTCP socket: %w (the kernel lacks CONFIG_MPTCP, or sysctl net.mptcp.enabled is 0 in this network namespace)", spec.Name, err)
+		}
 		return nil, fmt.Errorf("listener %s: socket: %w", spec.Name, err)
 	}
 	fail := func(what string, err error) (*Socket, error) {
@@ -103,6 +118,14 @@ func openInet(spec config.Listener, typ int) (*Socket, error) {
 		// Lets a restarted supervisor bind while old connections sit in TIME_WAIT.
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return fail("SO_REUSEADDR", err)
+		}
+		// An MPTCP listener is backed by a TCP socket that joins the
+		// reuseport group of TCP listeners at its address, so that a
+		// later change back to steered TCP can bind beside it.
+		if reuseport || proto == ipprotoMPTCP {
+			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+				return fail("SO_REUSEPORT", err)
+			}
 		}
 	}
 	if family == unix.AF_INET6 {
@@ -167,7 +190,13 @@ func openUnix(spec config.Listener) (*Socket, error) {
 
 // Close closes the socket and, for a Unix socket baton created, removes
 // its file if the path still names that same socket.
+// Closing it again does nothing: a socket a restart retired is closed by
+// the supervisor, and again by whoever opened it.
 func (s *Socket) Close() error {
+	if s.closed {
+		return nil
+	}
+	s.closed = true
 	if s.UDP != nil {
 		return s.UDP.Close()
 	}
@@ -235,7 +264,23 @@ func TCPConfig(spec config.Listener) steer.TCPConfig {
 // why: a restart then still works, only old generations may take new
 // connections until they stop accepting.
 func steerTCP(s *Socket) *Socket {
-	if s.Spec.Steer == config.SteerOff || s.File == nil || !isTCPStream(s.File) {
+	if s.File == nil || !isTCPStream(s.File) {
+		return s
+	}
+	if isMPTCP(s.File) {
+		// The kernel takes no MPTCP socket into a reuseport socket
+		// array (EOPNOTSUPP), so no program can pick one: it stays
+		// shared by every generation.
+		if !s.Spec.MPTCP {
+			slog.Warn("systemd passed an MPTCP socket (SocketProtocol=mptcp) for a listener configured without mptcp=1; serving it as MPTCP, shared by all generations",
+				"listener", s.Spec.Name)
+			s.Spec.MPTCP = true
+		} else {
+			slog.Info("MPTCP listener: one socket shared by all generations (the kernel cannot steer MPTCP listeners per generation)", "listener", s.Spec.Name)
+		}
+		return s
+	}
+	if s.Spec.Steer == config.SteerOff {
 		return s
 	}
 	g, err := steer.NewTCPGroup("", TCPConfig(s.Spec), s.File)
@@ -252,6 +297,12 @@ func steerTCP(s *Socket) *Socket {
 	s.File.Close()
 	s.File, s.TCP = nil, g
 	return s
+}
+
+// isMPTCP reports whether f is an MPTCP socket (SO_PROTOCOL).
+func isMPTCP(f *os.File) bool {
+	p, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	return err == nil && p == ipprotoMPTCP
 }
 
 // isTCPStream reports whether f is a TCP (not Unix) stream socket.

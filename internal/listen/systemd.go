@@ -37,15 +37,17 @@ func describe(f *os.File) string {
 		return "systemd:" + f.Name()
 	}
 	typ, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
-	scheme := "tcp"
+	scheme, query := "tcp", ""
 	if typ == unix.SOCK_DGRAM {
 		scheme = "udp"
+	} else if p, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL); err == nil && p == ipprotoMPTCP {
+		query = "?mptcp=1"
 	}
 	switch a := sa.(type) {
 	case *unix.SockaddrInet4:
-		return fmt.Sprintf("%s://%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)))
+		return fmt.Sprintf("%s://%s%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)), query)
 	case *unix.SockaddrInet6:
-		return fmt.Sprintf("%s://%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)))
+		return fmt.Sprintf("%s://%s%s (systemd)", scheme, net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port)), query)
 	case *unix.SockaddrUnix:
 		return fmt.Sprintf("unix://%s (systemd)", a.Name)
 	}

@@ -21,8 +21,8 @@ type FileSource interface {
 // systemd activation: from the supervisor this one replaces. It reads the
 // predecessor's state and builds the sockets for specs from the
 // descriptors it passed. The listeners must be the ones the predecessor
-// had: a changed listener needs a full restart of baton, as it does for a
-// restart. No specs means systemd's sockets passed through as they were.
+// had: a listener change is applied by a restart of the running
+// supervisor first. No specs means systemd's sockets passed through as they were.
 //
 // The Inherited part is for the supervisor (supervisor.Options.Successor).
 func TakeOver(src FileSource, specs []config.Listener) (*upgrade.Inherited, []*Socket, error) {
@@ -57,12 +57,12 @@ func TakeOver(src FileSource, specs []config.Listener) (*upgrade.Inherited, []*S
 		}
 	}
 	if len(specs) != len(in.State.Listeners) {
-		return fail(fmt.Errorf("the configured listeners %s differ from the running supervisor's %s; a listener change needs a full restart of baton", specNames(specs), in.State.Names()))
+		return fail(fmt.Errorf("the configured listeners %s differ from the running supervisor's %s; apply the listener change with a restart (baton restart) first, then upgrade", specNames(specs), in.State.Names()))
 	}
 	for _, spec := range specs {
 		hl, ok := byName[spec.Name]
 		if !ok || (spec.Scheme != config.SchemeSystemd && strings.TrimSuffix(hl.URL, " (systemd)") != spec.URL) {
-			return fail(fmt.Errorf("listener %s (%s) is not what the running supervisor has (%s); a listener change needs a full restart of baton", spec.Name, spec.URL, hl.URL))
+			return fail(fmt.Errorf("listener %s (%s) is not what the running supervisor has (%s); apply the listener change with a restart (baton restart) first, then upgrade", spec.Name, spec.URL, hl.URL))
 		}
 		spec.URL = hl.URL
 		if hl.TCP != nil {

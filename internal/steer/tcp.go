@@ -78,6 +78,9 @@ type TCPGroup struct {
 	first  *os.File
 	parked bool
 	closed bool
+	// retired: no new generation joins; the first socket is never
+	// parked again (see Retire).
+	retired bool
 	// frozen: another supervisor may be writing the maps; see
 	// tcpupgrade.go.
 	frozen bool
@@ -588,6 +591,9 @@ func (g *TCPGroup) addLocked(slot int) (*os.File, error) {
 	if g.frozen {
 		return nil, errTCPFrozen
 	}
+	if g.retired {
+		return nil, errors.New("the listener was retired")
+	}
 	fail := func(err error) (*os.File, error) {
 		return nil, fmt.Errorf("tcp %s: slot %d: %w", g.addr, slot, err)
 	}
@@ -790,8 +796,9 @@ func (g *TCPGroup) releaseLocked(slot int, gen *tcpGen) []error {
 	if int(next.Canary) == slot {
 		next.Canary, next.CanaryPermille = 0, 0
 	}
-	// Nothing else takes new connections: the first socket must.
-	park := next.Working == 0 && next.Canary == 0 && !g.parked && !g.firstHeldLocked()
+	// Nothing else takes new connections: the first socket must, unless
+	// the group is retired and its address served by another socket.
+	park := next.Working == 0 && next.Canary == 0 && !g.parked && !g.firstHeldLocked() && !g.retired
 	// The config first, so that the program no longer chooses the slot
 	// while its queue moves.
 	if err := g.writeConfigLocked(next); err != nil {
@@ -950,7 +957,7 @@ func (g *TCPGroup) Close() error {
 		return nil
 	}
 	var errs []error
-	if !g.frozen && !g.parked && !g.firstHeldLocked() {
+	if !g.frozen && !g.parked && !g.firstHeldLocked() && !g.retired {
 		if err := g.parkFirstLocked(); err != nil {
 			errs = append(errs, err)
 		}
@@ -976,6 +983,80 @@ func (g *TCPGroup) Close() error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("tcp %s: close: %w", g.addr, err)
+	}
+	return nil
+}
+
+// Retire ends the group's steering when its listener is removed or
+// replaced by a socket of another kind at the same address (an MPTCP or
+// a shared one, which the program cannot select): no slot is working or
+// canary any more, and the first socket, if parked, stops listening. The
+// program then chooses no socket, and the kernel hashes each new
+// connection, and each one that migrates out of a socket that stops
+// listening, among the group's listening sockets: the generations'
+// sockets that still listen, and the replacement. Generations keep their
+// sockets and accept from them until they are released; their queues
+// then move the same way. The first socket is never parked again, so
+// once every generation's socket is released only the replacement (if
+// any) listens. Connections queued when no listening socket is left are
+// reset by the kernel.
+func (g *TCPGroup) Retire() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed || g.retired {
+		return nil
+	}
+	g.retired = true
+	if g.frozen {
+		return nil
+	}
+	var errs []error
+	if err := g.writeConfigLocked(bpf.TCPConfig{}); err != nil {
+		errs = append(errs, err)
+	}
+	if g.parked {
+		if err := g.deleteLocked(0); err != nil {
+			errs = append(errs, err)
+		}
+		if err := shutdownListener(g.first); err != nil {
+			errs = append(errs, fmt.Errorf("first socket: %w", err))
+		}
+		g.parked = false
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tcp %s: retire: %w", g.addr, err)
+	}
+	g.log.Info("tcp listener retired: no generation is chosen for new connections any more")
+	return nil
+}
+
+// SetBacklog changes the backlog of every socket of the group that
+// listens (listen(2) again, which Linux takes as a backlog change) and of
+// those it makes from now on.
+func (g *TCPGroup) SetBacklog(n int) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if n < 1 {
+		return fmt.Errorf("tcp %s: backlog %d must be positive", g.addr, n)
+	}
+	g.cfg.Backlog = n
+	var errs []error
+	relisten := func(f *os.File) {
+		if !listening(f) {
+			return
+		}
+		if err := withFD(f, func(fd int) error { return unix.Listen(fd, n) }); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	relisten(g.first)
+	for _, gen := range g.gens {
+		if gen != nil && !gen.first {
+			relisten(gen.file)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tcp %s: backlog %d: %w", g.addr, n, err)
 	}
 	return nil
 }

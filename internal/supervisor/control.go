@@ -146,7 +146,7 @@ func wireStatus(st Status) control.Status {
 		})
 	}
 	for _, l := range st.Listeners {
-		ls := control.ListenerStatus{Name: l.Name, URL: l.URL, FD: l.FD, Steer: l.Steer, Workers: l.Workers, Working: l.WorkingSlot, Relistened: l.Relistened}
+		ls := control.ListenerStatus{Name: l.Name, URL: l.URL, FD: l.FD, Protocol: l.Protocol, Retired: l.Retired, Steer: l.Steer, Workers: l.Workers, Working: l.WorkingSlot, Relistened: l.Relistened}
 		if l.UDP != nil {
 			ls.UDP = make([]control.UDPStatus, 0, len(l.UDP))
 		}

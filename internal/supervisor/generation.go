@@ -18,6 +18,7 @@ import (
 
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/contract"
+	"github.com/baton-run/baton/internal/listen"
 	"github.com/baton-run/baton/internal/procgroup"
 	"github.com/baton-run/baton/internal/steer"
 	"golang.org/x/sys/unix"
@@ -79,6 +80,10 @@ type generation struct {
 	// tcp are the TCP groups holding a listening socket in slot, until
 	// releaseTCP.
 	tcp []tcpHold
+	// socks are the listeners it got, in fd order; listenerPlan,
+	// until its flip, the listener change it was spawned for.
+	socks        []*listen.Socket
+	listenerPlan *listenerPlan
 	// broken: the listeners whose socket this generation stopped
 	// listening on while meant to serve, already logged.
 	broken map[string]bool

@@ -177,6 +177,7 @@ func (s *Supervisor) reaped(g *generation) {
 	default:
 		g.log.Warn("generation exited before serving", "status", g.exitDesc)
 	}
+	s.closeRetired()
 	if s.opts.Events != nil && !s.stopping {
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}
@@ -212,6 +213,7 @@ func (s *Supervisor) awaitEmpty(g *generation) {
 			s.unholdSlot(g.slot)
 			s.releasing = slices.DeleteFunc(s.releasing, func(x *generation) bool { return x == g })
 		}
+		s.closeRetired()
 	})
 }
 

@@ -18,24 +18,32 @@ const relistenEvery = 250 * time.Millisecond
 // down; it is made to listen again. With a socket per generation a
 // generation can only break its own, which status reports instead.
 func (s *Supervisor) watchSharedListeners() {
+	if s.relistenWatching || len(s.sharedListeners()) == 0 {
+		return
+	}
+	s.relistenWatching = true
+	var check func()
+	check = func() {
+		if s.stopping {
+			return
+		}
+		// The current listeners: a restart may have added or retired some.
+		s.relistenShared(s.opts.Sockets)
+		time.AfterFunc(relistenEvery, func() { s.post(check) })
+	}
+	time.AfterFunc(relistenEvery, func() { s.post(check) })
+}
+
+// sharedListeners runs on the loop: the current listeners that every
+// generation shares and that Relisten can repair.
+func (s *Supervisor) sharedListeners() []*listen.Socket {
 	var shared []*listen.Socket
 	for _, sk := range s.opts.Sockets {
 		if _, err := sk.Relisten(); !errors.Is(err, listen.ErrNotRepairable) {
 			shared = append(shared, sk)
 		}
 	}
-	if len(shared) == 0 {
-		return
-	}
-	var check func()
-	check = func() {
-		if s.stopping {
-			return
-		}
-		s.relistenShared(shared)
-		time.AfterFunc(relistenEvery, func() { s.post(check) })
-	}
-	time.AfterFunc(relistenEvery, func() { s.post(check) })
+	return shared
 }
 
 // relistenShared runs on the loop; spawn calls it too, so that a new

@@ -114,6 +114,8 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 	if res, refused := s.canaryGate(reason, canary, start); refused {
 		return res
 	}
+	cur := cfg
+	var plan *listenerPlan
 	if reload {
 		next, err := s.loadConfig()
 		if errors.Is(err, errStopping) {
@@ -122,7 +124,7 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 		if err != nil {
 			return result(CheckFailed, err.Error(), start)
 		}
-		if err := sameListeners(cfg, next); err != nil {
+		if _, err := config.DiffListeners(cfg.Listeners, next.Listeners); err != nil {
 			return result(CheckFailed, err.Error(), start)
 		}
 		if warn := fixedSettings(cfg, next); warn != "" {
@@ -145,12 +147,24 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 				return result(CheckFailed, fmt.Sprintf("check command %q failed: %v%s", cfg.CheckCmd, err, indent(out)), start)
 			}
 		}
+		// Last, so that sockets are opened only for a restart that
+		// passed every other check.
+		if plan, err = s.planListeners(cur, cfg, canary); err != nil {
+			return result(CheckFailed, err.Error(), start)
+		}
 		progress(progressAt(StepChecked, 0, 0, "config valid"))
 	}
+	// A restart that does not flip gives up the sockets it opened.
+	flipped := false
+	defer func() {
+		if !flipped {
+			s.abandon(plan)
+		}
+	}()
 
 	var g *generation
 	var err error
-	if !s.call(func() { g, err = s.spawn(cfg) }) {
+	if !s.call(func() { g, err = s.spawn(cfg, plan) }) {
 		return result(ShuttingDown, "the supervisor is stopping", start)
 	}
 	if errors.Is(err, errNoSlot) {
@@ -202,6 +216,7 @@ func (s *Supervisor) replace(reload bool, reason string, canary int, progress fu
 	if !ok {
 		return s.failed(g, ChildExited, start)
 	}
+	flipped = true
 	progress(progressAt(StepFlipped, g.num, g.pid, ""))
 	if old != nil {
 		progress(progressAt(StepDraining, old.num, old.pid, ""))
@@ -306,22 +321,6 @@ func (b *cappedBuffer) Write(p []byte) (int, error) {
 
 func (b *cappedBuffer) String() string { return b.buf.String() }
 
-// sameListeners refuses a restart whose config changes the listener set.
-// Reusing the old sockets while the config says otherwise would silently
-// ignore the change.
-func sameListeners(cur, next *config.Config) error {
-	a, b := cur.Listeners, next.Listeners
-	if len(a) != len(b) {
-		return fmt.Errorf("the config changes the listeners (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring them", listenerNames(a), listenerNames(b))
-	}
-	for i := range a {
-		if !a[i].Same(b[i]) {
-			return fmt.Errorf("the config changes listener %s (%s -> %s); listener changes need a new supervisor (stop and start baton): refusing rather than ignoring it", a[i].Name, a[i].URL, b[i].URL)
-		}
-	}
-	return nil
-}
-
 // fixedSettings names settings that cannot change without a new supervisor.
 func fixedSettings(cur, next *config.Config) string {
 	var fixed []string
@@ -343,30 +342,28 @@ func fixedSettings(cur, next *config.Config) string {
 	return "config change not applied until baton itself restarts: " + strings.Join(fixed, ", ")
 }
 
-func listenerNames(ls []config.Listener) string {
-	names := make([]string, len(ls))
-	for i, l := range ls {
-		names[i] = l.Name
-	}
-	return "[" + strings.Join(names, " ") + "]"
-}
-
 // errNoSlot: every steering slot is held by a live generation.
 var errNoSlot = errors.New("all 31 steering slots (UDP and TCP listeners) belong to live generations; wait for draining generations to exit")
 
-// spawn runs on the loop: start the next generation and register it.
-func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
+// spawn runs on the loop: start the next generation and register it. A
+// plan gives it the listeners of a changed config instead of the current
+// ones; they become current when it is flipped.
+func (s *Supervisor) spawn(cfg *config.Config, plan *listenerPlan) (*generation, error) {
 	if s.stopping {
 		return nil, errors.New("the supervisor is stopping")
 	}
-	s.relistenShared(s.opts.Sockets)
+	socks := s.opts.Sockets
+	if plan != nil {
+		socks = plan.socks
+	}
+	s.relistenShared(socks)
 	var files []*os.File
 	var names, env []string
 	// One slot in every UDP and TCP group: a generation's CIDs carry
 	// one, and one number per generation is what status and a
 	// successor see.
 	slot := 0
-	for _, sk := range s.opts.Sockets {
+	for _, sk := range socks {
 		if sk.UDP != nil || sk.TCP != nil {
 			if slot = s.freeSlot(); slot == 0 {
 				return nil, errNoSlot
@@ -384,7 +381,7 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 			h.grp.Release(slot)
 		}
 	}
-	for _, sk := range s.opts.Sockets {
+	for _, sk := range socks {
 		switch {
 		case sk.UDP != nil:
 			fs, err := sk.UDP.AddGenerationAt(slot)
@@ -440,6 +437,7 @@ func (s *Supervisor) spawn(cfg *config.Config) (*generation, error) {
 		return nil, fmt.Errorf("generation %d could not be started: %w", s.nextGen+1, err)
 	}
 	g.slot, g.groups, g.tcp = slot, groups, tcp
+	g.socks, g.listenerPlan = socks, plan
 	if len(groups) > 0 {
 		s.slotHolds[slot]++
 	}
@@ -464,6 +462,10 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	s.working = g
 	s.cfg = cfg
 	g.state = Serving
+	if g.listenerPlan != nil {
+		s.applyListeners(g.listenerPlan)
+		g.listenerPlan = nil
+	}
 	for _, grp := range g.groups {
 		if err := grp.SetWorking(g.slot); err != nil {
 			g.log.Error("UDP flip failed; new datagram flows may still reach the old generation", "err", err)
@@ -480,6 +482,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 		s.releaseTCP(c)
 	}
 	s.crashed = nil
+	s.closeRetired()
 	// Restarts are what someone asked for; crash respawns are counted
 	// as crashes, and an upgrade's first generation as the upgrade.
 	if reason == reasonRequest {

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/conns"
+	"github.com/baton-run/baton/internal/listen"
 	"github.com/baton-run/baton/internal/steer"
 )
 
@@ -97,6 +98,12 @@ type ListenerStatus struct {
 	Name string
 	URL  string
 	FD   int // first fd number in every generation
+	// Protocol is the socket's protocol (SO_PROTOCOL): tcp, mptcp,
+	// udp, unix, xdp.
+	Protocol string
+	// Retired: a restart removed or replaced it; only draining
+	// generations hold it, and it is closed once they are gone.
+	Retired bool
 	// For UDP listeners: the steering mode, sockets per generation, the
 	// working slot and each slot's counters.
 	Steer       string
@@ -213,8 +220,11 @@ func (s *Supervisor) status() Status {
 		})
 	}
 	fd := 3
-	for _, sk := range s.opts.Sockets {
-		ls := ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd, Relistened: s.relistened[sk.Spec.Name]}
+	for i, sk := range append(slices.Clone(s.opts.Sockets), s.retired...) {
+		ls := ListenerStatus{Name: sk.Spec.Name, URL: sk.Spec.URL, FD: fd, Protocol: sk.Protocol(), Relistened: s.relistened[sk.Spec.Name]}
+		if i >= len(s.opts.Sockets) {
+			ls.Retired, ls.FD = true, s.retiredFD(sk)
+		}
 		fd++
 		if sk.UDP != nil {
 			cfg := sk.UDP.Config()
@@ -651,4 +661,22 @@ func (s *Supervisor) statusStrays(ctx context.Context, st *Status) {
 	for i := range st.Listeners {
 		st.Listeners[i].Strays = byName[st.Listeners[i].Name]
 	}
+}
+
+// retiredFD runs on the loop: the fd number a retired listener has in the
+// generations that hold it (the youngest of them), 0 if none does.
+func (s *Supervisor) retiredFD(sk *listen.Socket) int {
+	for i := len(s.gens) - 1; i >= 0; i-- {
+		fd := 3
+		for _, x := range s.gens[i].socks {
+			if x == sk {
+				return fd
+			}
+			fd++
+			if x.UDP != nil {
+				fd += x.UDP.Sockets() + len(x.UDP.SharedFiles()) - 1
+			}
+		}
+	}
+	return 0
 }

@@ -134,10 +134,18 @@ type Supervisor struct {
 	// be made to listen again; relistenFailed: the failure was logged.
 	relistened     map[string]int
 	relistenFailed map[string]bool
+	// relistenWatching: watchSharedListeners' timer runs.
+	relistenWatching bool
 	// crashed are working generations that crashed and whose TCP
 	// sockets are kept, so that new connections queue in them, until a
 	// generation is flipped.
 	crashed []*generation
+	// retired are listeners a restart took away or replaced, kept
+	// until no generation holds them (listeners.go).
+	retired []*listen.Socket
+	// initial are the sockets the supervisor was given; whoever gave
+	// them closes them.
+	initial []*listen.Socket
 	// slotHolds counts, per steering slot, the kinds of group (UDP,
 	// TCP) and the adopted generations that hold it.
 	slotHolds [contract.Slots]int
@@ -174,6 +182,7 @@ func New(cfg *config.Config, opts Options) *Supervisor {
 		sem:        make(chan struct{}, 1),
 		loopEnd:    make(chan struct{}),
 		cfg:        cfg,
+		initial:    opts.Sockets,
 		upgraded:   make(chan struct{}),
 		startedAt:  time.Now(),
 		metrics:    metrics.NewStore(),
@@ -339,6 +348,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					s.log.Warn("control socket requests still running 5s after the stop; exiting anyway")
 				}
 			}
+			s.closeOpenedSockets()
 			s.log.Info("supervisor stopped")
 			return nil
 		}

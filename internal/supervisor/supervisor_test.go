@@ -2,8 +2,10 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -322,16 +324,70 @@ func TestCheckCommandFailureSpawnsNothing(t *testing.T) {
 	}
 }
 
-func TestListenerChangeRefused(t *testing.T) {
+// TestListenerChangeApplied: a restart that adds a listener gives the new
+// generation a new socket; one that removes it leaves the socket with the
+// old generation (retired in status) and closes it once that generation
+// is gone; a change that cannot be applied is refused with the reason and
+// nothing started.
+func TestListenerChangeApplied(t *testing.T) {
 	h := newHarness(t, "ready", nil)
 	h.waitWorking(1)
-	h.cfg = func(c *config.Config) {
-		l, _ := config.ParseListen("extra=tcp://127.0.0.1:1")
-		c.Listeners = append(c.Listeners, l)
+	extraPath := filepath.Join(t.TempDir(), "extra.sock")
+	extra, err := config.ParseListen("extra=unix://" + extraPath)
+	if err != nil {
+		t.Fatal(err)
 	}
+	h.cfg = func(c *config.Config) { c.Listeners = []config.Listener{extra} }
+	if res := h.restart(); res.Code != OK {
+		t.Fatalf("restart adding a listener: %+v", res)
+	}
+	st := h.waitWorking(2)
+	if len(st.Listeners) != 2 || st.Listeners[0].Name != "extra" || st.Listeners[0].Protocol != "unix" || st.Listeners[0].Retired {
+		t.Fatalf("listeners after adding extra: %+v", st.Listeners)
+	}
+	c, err := net.DialTimeout("unix", extraPath, 2*time.Second)
+	if err != nil {
+		t.Fatalf("the added listener does not listen: %v", err)
+	}
+	c.Close()
+
+	// A mode change on the same path is refused, and nothing starts.
+	moded, err := config.ParseListen("extra=unix://" + extraPath + "?mode=0600")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.cfg = func(c *config.Config) { c.Listeners = []config.Listener{moded} }
 	res := h.restart()
-	if res.Code != CheckFailed || !strings.Contains(res.Message, "listener") {
-		t.Fatalf("result = %+v", res)
+	if res.Code != CheckFailed || !strings.Contains(res.Message, "mode, owner or group") {
+		t.Fatalf("mode change: want check_failed naming the mode; got %+v", res)
+	}
+	if st := h.sup.Status(context.Background()); st.Working != 2 || len(st.Gens) > 2 {
+		t.Fatalf("after the refused change: want generation 2 working and nothing new; got %+v", st)
+	}
+
+	h.cfg = nil
+	if res := h.restart(); res.Code != OK {
+		t.Fatalf("restart removing the listener: %+v", res)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := h.sup.Status(context.Background())
+		gone := true
+		for _, l := range st.Listeners {
+			if l.Name == "extra" {
+				gone = false
+			}
+		}
+		if gone && len(st.Gens) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed listener is still there 10s after its generations drained: %+v", st.Listeners)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := os.Stat(extraPath); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the removed listener's socket file is still there once closed: %v", err)
 	}
 }
 

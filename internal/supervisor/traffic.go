@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/baton-run/baton/internal/conns"
@@ -83,7 +84,9 @@ func (s *Supervisor) trafficSources() *trafficSources {
 	}
 	ts := &trafficSources{}
 	var errs []error
-	for _, sk := range s.opts.Sockets {
+	// Retired listeners too: draining generations still hold
+	// connections on them.
+	for _, sk := range append(slices.Clone(s.opts.Sockets), s.retired...) {
 		name := sk.Spec.Name
 		switch {
 		case sk.TCP != nil:

@@ -15,7 +15,10 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/baton-run/baton/internal/control"
 	"github.com/baton-run/baton/internal/upgrade"
@@ -196,6 +199,10 @@ func (s *Supervisor) freeze() (upgrade.State, bool, string) {
 	if s.working == nil {
 		return upgrade.State{}, false, "no generation is serving (a crash respawn is pending); upgrade once one serves"
 	}
+	// The handover describes one socket per listener name.
+	if len(s.retired) > 0 {
+		return upgrade.State{}, false, "a listener change is still being applied: the retired listeners " + s.retiredSummary() + " are held by draining generations; upgrade once they have exited (baton status shows them)"
+	}
 	st := upgrade.State{FromPID: os.Getpid(), NextGen: s.nextGen, Restarts: s.restarts, Crashes: s.crashes}
 	st.Metrics = s.metrics.Handover()
 	if err := s.registerChanging(); err != nil {
@@ -250,9 +257,18 @@ func (s *Supervisor) registerChanging() error {
 		switch {
 		case sk.TCP != nil:
 			files, err = sk.TCP.Files()
-		case sk.UDP != nil && sk.UDP.IsXDP():
+		case sk.UDP != nil && (sk.UDP.IsXDP() || !slices.Contains(s.initial, sk)):
+			// xdp groups change with every generation; a UDP group a
+			// restart added was not registered at the start.
 			files, err = sk.UDP.Files()
 			name = func(part string) string { return upgrade.UDPFile(sk.Spec.Name, part) }
+		case sk.UDP == nil && sk.File != nil && !slices.Contains(s.initial, sk):
+			// A shared socket a restart added.
+			var f *os.File
+			if f, err = dupSocket(sk.File); err == nil {
+				files = map[string]*os.File{"": f}
+			}
+			name = func(string) string { return upgrade.ListenerFile(sk.Spec.Name) }
 		default:
 			continue
 		}
@@ -326,4 +342,21 @@ func (s *Supervisor) handedOver(pid int) {
 	// Wake the loop even when there is nothing to reap.
 	s.post(func() {})
 	close(s.upgraded)
+}
+
+// dupSocket returns a close-on-exec duplicate of f that the caller owns.
+func dupSocket(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var nfd int
+	var derr error
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup %s: %w", f.Name(), derr)
+	}
+	return os.NewFile(uintptr(nfd), f.Name()), nil
 }
