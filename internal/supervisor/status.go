@@ -357,13 +357,18 @@ type portWatch struct {
 	members steer.Members
 }
 
-// portWatches reads which sockets baton holds on every listener's port.
-// The groups are safe for concurrent use, and the list of sockets is
-// fixed for the supervisor's life, so it runs anywhere.
+// portWatches reads which sockets baton holds on every listener's port,
+// retired ones included (their sockets are baton's too). The list of
+// listeners changes at a restart's flip, so it is read on the loop; the
+// groups are safe for concurrent use, so the rest runs anywhere.
 func (s *Supervisor) portWatches() ([]portWatch, error) {
+	var socks []*listen.Socket
+	if !s.call(func() { socks = append(slices.Clone(s.opts.Sockets), s.retired...) }) {
+		return nil, nil
+	}
 	var out []portWatch
 	var errs []error
-	for _, sk := range s.opts.Sockets {
+	for _, sk := range socks {
 		w := portWatch{name: sk.Spec.Name}
 		var err error
 		switch {
