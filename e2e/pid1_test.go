@@ -186,7 +186,7 @@ func expectParent(t *testing.T, ps []testkit.ProcID, parent int, what string) {
 
 // daemonScript is a generation that leaves two orphans before it serves:
 // one that lives until killed (a daemon, which belongs to the generation
-// and must die with it) and one that exits after a second. Each closes
+// and must die with it) and one that exits after a few seconds. Each closes
 // the descriptors baton passed (listener, ready and drain pipes), as a
 // daemon that only does its own work would.
 func daemonScript(long, short string) string {
@@ -194,10 +194,11 @@ func daemonScript(long, short string) string {
 	return fmt.Sprintf("(sleep %s %s &); (sleep %s %s &); exec %s", long, closeFDs, short, closeFDs, bin.HTTPD)
 }
 
-// shortSleep is a sleep of about a second that no other test's process
-// runs.
+// shortSleep is a sleep of about four seconds that no other test's
+// process runs: long enough that a loaded machine still finds it alive
+// to read its parent, short enough to be reaped within the test.
 func shortSleep() string {
-	return fmt.Sprintf("1.%06d", time.Now().Nanosecond()/1000)
+	return fmt.Sprintf("4.%06d", time.Now().Nanosecond()/1000)
 }
 
 // TestPID1: baton as PID 1 of its pid namespace restarts under load with
@@ -252,7 +253,7 @@ func TestPID1(t *testing.T) {
 	h.expectNoFailures(lg)
 
 	// Generation 1 drained long ago: its daemon died with it and was
-	// reaped, as were the short-lived orphans (a second each).
+	// reaped, as were the short-lived orphans (a few seconds each).
 	for _, d := range first {
 		if err := testkit.WaitGone(d, 10*time.Second); err != nil {
 			t.Errorf("generation 1's daemon after its drain: %v", err)
