@@ -100,7 +100,7 @@ func main() {
 	flag.IntVar(&o.crashNewConn, "crash-newconn", 4, "supervisor crash: load workers, each opening a connection per request")
 	flag.DurationVar(&o.crashPause, "crash-pause", time.Millisecond, "supervisor crash: pause of each load worker between requests")
 	flag.IntVar(&o.upgrades, "upgrades", 20, "supervisor self-upgrades (at least 20); 0 leaves them out")
-	flag.StringVar(&o.only, "only", "", "run only this section: \"supervisor\" or \"soak\" (default: both), or one that runs only when named: \"tcp-accept\", \"tcp-migrate\", \"tcp\" (both), \"drain\", \"xdp\"")
+	flag.StringVar(&o.only, "only", "", "run only this section: \"supervisor\" or \"soak\" (default: both), or one that runs only when named: \"tcp-accept\", \"tcp-migrate\", \"tcp\" (both), \"drain\", \"xdp\", \"restart-breakdown\"")
 	flag.IntVar(&o.soakRestarts, "soak-restarts", 1000, "restarts in the restart soak (at least 1000); 0 leaves it out")
 	flag.DurationVar(&o.soakInterval, "soak-interval", 50*time.Millisecond, "restart soak: pause after each restart")
 	flag.IntVar(&o.soakNewConn, "soak-newconn", 8, "restart soak: load workers, each opening a connection per request")
@@ -108,7 +108,7 @@ func main() {
 	flag.DurationVar(&o.soakTimeout, "soak-timeout", 15*time.Minute, "restart soak: stop starting restarts after this long")
 	flag.Parse()
 	if (o.only != "" && o.only != "supervisor" && o.only != "soak" && onlySections[o.only] == nil) || (o.only == "soak" && o.soakRestarts == 0) {
-		fmt.Fprintln(os.Stderr, "bench: -only takes \"supervisor\", \"soak\" (with -soak-restarts > 0), \"tcp-accept\", \"tcp-migrate\", \"tcp\", \"drain\" or \"xdp\"")
+		fmt.Fprintln(os.Stderr, "bench: -only takes \"supervisor\", \"soak\" (with -soak-restarts > 0), \"tcp-accept\", \"tcp-migrate\", \"tcp\", \"drain\", \"xdp\" or \"restart-breakdown\"")
 		os.Exit(2)
 	}
 	if o.soakRestarts != 0 && (o.soakRestarts < 1000 || o.soakNewConn < 1 || o.soakTimeout <= 0) {

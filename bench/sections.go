@@ -13,10 +13,11 @@ import (
 // depend on what ran before (TIME_WAIT sockets, sysctls), and writes its
 // own part of BENCHMARKS.md between its own markers.
 var onlySections = map[string]func(*env) error{
-	"tcp-accept":  (*env).tcpAcceptSection,
-	"tcp-migrate": (*env).tcpMigrateSection,
-	"drain":       (*env).drainSection,
-	"xdp":         (*env).xdpSection,
+	"tcp-accept":        (*env).tcpAcceptSection,
+	"tcp-migrate":       (*env).tcpMigrateSection,
+	"drain":             (*env).drainSection,
+	"xdp":               (*env).xdpSection,
+	"restart-breakdown": (*env).restartBreakdownSection,
 	"tcp": func(e *env) error {
 		if err := e.tcpAcceptSection(); err != nil {
 			return err

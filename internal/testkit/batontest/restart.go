@@ -25,7 +25,10 @@ type Restarted struct {
 	Result control.Result
 	Stdout string
 	Stderr string
-	Took   time.Duration
+	// Started is when restart was executed; Took is its wall time from
+	// there to its exit.
+	Started time.Time
+	Took    time.Duration
 	// Malformed describes each line of stdout that was not a protocol
 	// line: `restart --json` must print nothing else.
 	Malformed []string
@@ -63,7 +66,7 @@ func RunRestart(ctx context.Context, bin, controlPath string, cred *syscall.Cred
 	cmd.Stderr = &stderr
 	start := time.Now()
 	err := cmd.Run()
-	out := Restarted{Took: time.Since(start), Stdout: stdout.String(), Stderr: stderr.String()}
+	out := Restarted{Started: start, Took: time.Since(start), Stdout: stdout.String(), Stderr: stderr.String()}
 	var exitErr *exec.ExitError
 	switch {
 	case err == nil:
