@@ -151,7 +151,7 @@ func xdpError(where, op string, err error) error {
 	case errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.ENOBUFS):
 		hint = "not enough memory for the frame pool: lower ?frames= or raise the locked-memory limit (LimitMEMLOCK=infinity)"
 	case errors.Is(err, unix.EAFNOSUPPORT):
-		hint = "the kernel has no AF_XDP sockets (CONFIG_XDP_SOCKETS)"
+		hint = "the kernel has no AF_XDP sockets (CONFIG_XDP_SOCKETS), or a sandbox refuses them (systemd: RestrictAddressFamilies= must include AF_XDP)"
 	}
 	return fmt.Errorf("%w: %s: %s: %w (%s)", ErrXDPUnavailable, where, op, err, hint)
 }
