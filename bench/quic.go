@@ -124,12 +124,19 @@ func (e *env) quicBaton(tag, h3URL string) (quicRun, error) {
 // quicNaive restarts httpd run directly the way `systemctl restart` does:
 // SIGTERM, wait for the exit, start, wait until it answers over HTTP/3.
 func (e *env) quicNaive() (quicRun, error) {
+	return e.naiveRestartsUnder(h3Addr, e.listenUDP, e.startQUICLoad)
+}
+
+// naiveRestartsUnder starts httpd serving HTTP/3 on h3 (probed from client
+// sockets opened by listen), then the load, and restarts httpd the
+// stop-then-start way while the load runs; it stops both.
+func (e *env) naiveRestartsUnder(h3 string, listen func() (*net.UDPConn, error), startLoad func() (*quicload.Load, error)) (quicRun, error) {
 	var qr quicRun
-	cur, err := e.startStandaloneH3()
+	cur, err := e.startStandaloneH3(h3, listen)
 	if err != nil {
 		return qr, err
 	}
-	load, err := e.startQUICLoad()
+	load, err := startLoad()
 	if err != nil {
 		_ = stop(cur)
 		return qr, err
@@ -139,7 +146,7 @@ func (e *env) quicNaive() (quicRun, error) {
 		t0 := time.Now()
 		err := stop(cur)
 		if err == nil {
-			cur, err = e.startStandaloneH3()
+			cur, err = e.startStandaloneH3(h3, listen)
 		}
 		if err != nil {
 			load.Stop()
@@ -159,10 +166,11 @@ func (e *env) quicNaive() (quicRun, error) {
 	return qr, stop(cur)
 }
 
-// startStandaloneH3 starts httpd on its own sockets and waits until it
-// answers an HTTP/3 request, as a start-up probe would; bounded.
-func (e *env) startStandaloneH3() (*testkit.Proc, error) {
-	p, err := e.start(e.b.HTTPD, "-listen", addr, "-listen-h3", h3Addr, "-drain-timeout", e.o.quicDrain.String())
+// startStandaloneH3 starts httpd on its own sockets, HTTP/3 on h3, and
+// waits until it answers an HTTP/3 request from a client socket opened by
+// listen, as a start-up probe would; bounded.
+func (e *env) startStandaloneH3(h3 string, listen func() (*net.UDPConn, error)) (*testkit.Proc, error) {
+	p, err := e.start(e.b.HTTPD, "-listen", addr, "-listen-h3", h3, "-drain-timeout", e.o.quicDrain.String())
 	if err != nil {
 		return nil, err
 	}
@@ -179,7 +187,7 @@ func (e *env) startStandaloneH3() (*testkit.Proc, error) {
 		default:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		c, err := quicload.Dial(ctx, h3Addr, quicload.Options{ListenUDP: e.listenUDP, HandshakeTimeout: 2 * time.Second})
+		c, err := quicload.Dial(ctx, h3, quicload.Options{ListenUDP: listen, HandshakeTimeout: 2 * time.Second})
 		cancel()
 		if err == nil {
 			_, err = c.GetTimeout("/healthz", 2*time.Second)

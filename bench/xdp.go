@@ -665,75 +665,9 @@ func (e *env) xdpQUICBaton(v *netns.Veth, tag string, res *xdpResults) (quicRun,
 
 // xdpQUICNaive is quicNaive with httpd's HTTP/3 socket on end A.
 func (e *env) xdpQUICNaive(v *netns.Veth) (quicRun, error) {
-	var qr quicRun
-	cur, err := e.xdpStandaloneH3(v)
-	if err != nil {
-		return qr, err
-	}
-	load, err := e.xdpQUICLoad(v)
-	if err != nil {
-		_ = stop(cur)
-		return qr, err
-	}
-	meter := startRate(load)
-	for range e.o.quicRestarts {
-		t0 := time.Now()
-		err := stop(cur)
-		if err == nil {
-			cur, err = e.xdpStandaloneH3(v)
-		}
-		if err != nil {
-			load.Stop()
-			load.Close()
-			if cur != nil {
-				_ = stop(cur)
-			}
-			return qr, err
-		}
-		qr.took = append(qr.took, time.Since(t0))
-		time.Sleep(e.o.quicInterval)
-	}
-	e.quicTail()
-	qr.rate = meter.rate(load)
-	qr.res = load.Stop()
-	load.Close()
-	return qr, stop(cur)
-}
-
-// xdpStandaloneH3 starts httpd with its HTTP/3 socket on end A and waits
-// until it answers over HTTP/3 from end B; bounded.
-func (e *env) xdpStandaloneH3(v *netns.Veth) (*testkit.Proc, error) {
-	h3 := net.JoinHostPort(v.A4.String(), strconv.Itoa(xdpH3Port))
-	p, err := e.start(e.b.HTTPD, "-listen", addr, "-listen-h3", h3, "-drain-timeout", e.o.quicDrain.String())
-	if err != nil {
-		return nil, err
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	e.waitAccepting(deadline)
-	var last error
-	for time.Now().Before(deadline) {
-		select {
-		case <-p.Exited():
-			return nil, fmt.Errorf("standalone httpd exited: %v (log %s)", p.Err(), p.Log)
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		c, err := quicload.Dial(ctx, h3, quicload.Options{
-			ListenUDP:        func() (*net.UDPConn, error) { return testkit.ListenUDPOn(v.B, v.B4) },
-			HandshakeTimeout: 2 * time.Second})
-		cancel()
-		if err == nil {
-			_, err = c.GetTimeout("/healthz", 2*time.Second)
-			c.Close()
-			if err == nil {
-				return p, nil
-			}
-		}
-		last = err
-		time.Sleep(5 * time.Millisecond)
-	}
-	_ = stop(p)
-	return nil, fmt.Errorf("standalone httpd not answering over HTTP/3 within 10s: %v (log %s)", last, p.Log)
+	return e.naiveRestartsUnder(net.JoinHostPort(v.A4.String(), strconv.Itoa(xdpH3Port)),
+		func() (*net.UDPConn, error) { return testkit.ListenUDPOn(v.B, v.B4) },
+		func() (*quicload.Load, error) { return e.xdpQUICLoad(v) })
 }
 
 // ---- report ----
