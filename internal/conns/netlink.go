@@ -86,57 +86,14 @@ func malformed(format string, args ...any) error {
 // NLM_F_DUMP_INTR is not looked at: inet_diag never sets it, and its
 // dump is no consistent snapshot anyway (see the package comment).
 func parseDatagram(b []byte, seq uint32, family uint8, fn func(diagSock)) (done bool, err error) {
-	for len(b) > 0 {
-		if len(b) < nlmsgHdrLen {
-			return false, malformed("%d bytes left, short of a message header", len(b))
+	return walkDatagram(b, seq, func(payload []byte) error {
+		s, err := parseDiagMsg(payload, family)
+		if err != nil {
+			return err
 		}
-		l := binary.NativeEndian.Uint32(b[0:4])
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		mseq := binary.NativeEndian.Uint32(b[8:12])
-		if l < nlmsgHdrLen || uint64(l) > uint64(len(b)) {
-			return false, malformed("message length %d, %d bytes left", l, len(b))
-		}
-		payload := b[nlmsgHdrLen:l]
-		// The last message of a datagram need not be padded.
-		next := min(alignMsg(int(l)), len(b))
-		b = b[next:]
-		if mseq != seq {
-			continue
-		}
-		switch typ {
-		case unix.NLMSG_NOOP:
-		case unix.NLMSG_DONE:
-			// A dump's NLMSG_DONE carries an int: 0, or the negative
-			// errno that ended the dump early.
-			if len(payload) >= 4 {
-				if e := int32(binary.NativeEndian.Uint32(payload)); e < 0 {
-					return true, fmt.Errorf("sock_diag dump: %w", unix.Errno(-e))
-				}
-			}
-			return true, nil
-		case unix.NLMSG_ERROR:
-			if len(payload) < 4 {
-				return false, malformed("NLMSG_ERROR of %d bytes", len(payload))
-			}
-			e := int32(binary.NativeEndian.Uint32(payload))
-			if e == 0 { // an acknowledgement; a dump does not ask for one
-				continue
-			}
-			if e > 0 {
-				return false, malformed("NLMSG_ERROR with positive error %d", e)
-			}
-			return true, fmt.Errorf("sock_diag: %w", unix.Errno(-e))
-		case unix.SOCK_DIAG_BY_FAMILY:
-			s, err := parseDiagMsg(payload, family)
-			if err != nil {
-				return false, err
-			}
-			fn(s)
-		default:
-			return false, malformed("unexpected message type %d", typ)
-		}
-	}
-	return false, nil
+		fn(s)
+		return nil
+	})
 }
 
 // parseDiagMsg reads a struct inet_diag_msg (the attributes that may
@@ -282,51 +239,16 @@ func (d *dumper) close() { unix.Close(d.fd) }
 // error: ctx done (checked before every read), a read that timed out,
 // more than maxBytes received, or a malformed answer.
 func (d *dumper) dump(ctx context.Context, family uint8, bc []byte, fn func(diagSock)) error {
-	seq := seqCounter.Add(1)
-	if err := unix.Sendto(d.fd, request(seq, family, bc), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("sock_diag request: %w", err)
-	}
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := d.setTimeout(ctx); err != nil {
-			return err
-		}
-		n, _, flags, from, err := unix.Recvmsg(d.fd, d.buf, nil, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if errors.Is(err, unix.EAGAIN) {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("sock_diag: no answer within %v", d.timeout)
-		}
-		if err != nil {
-			return fmt.Errorf("sock_diag read: %w", err)
-		}
-		if flags&unix.MSG_TRUNC != 0 {
-			return fmt.Errorf("sock_diag: a datagram larger than %d bytes was truncated", len(d.buf))
-		}
-		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
-			continue // not from the kernel
-		}
-		d.bytes += n
-		if d.bytes > d.maxBytes {
-			return fmt.Errorf("%w: more than %d bytes", ErrTooLarge, d.maxBytes)
-		}
-		done, err := parseDatagram(d.buf[:n], seq, family, func(s diagSock) {
-			d.sockets++
-			fn(s)
-		})
+	build := func(seq uint32) []byte { return request(seq, family, bc) }
+	return d.dumpRaw(ctx, build, func(payload []byte) error {
+		s, err := parseDiagMsg(payload, family)
 		if err != nil {
 			return err
 		}
-		if done {
-			return nil
-		}
-	}
+		d.sockets++
+		fn(s)
+		return nil
+	})
 }
 
 // setTimeout sets SO_RCVTIMEO to the read timeout, or to what is left

@@ -190,7 +190,10 @@ func parseBound(p []byte, family uint8, proto Proto) (BoundSocket, error) {
 }
 
 // dumpRaw sends the request build makes and calls fn with the payload of
-// every SOCK_DIAG_BY_FAMILY message of the answer, as dump does.
+// every SOCK_DIAG_BY_FAMILY message of the answer. It returns once the
+// kernel said done, or with an error: ctx done (checked before every
+// read), a read that timed out, more than maxBytes received, or a
+// malformed answer.
 func (d *dumper) dumpRaw(ctx context.Context, build func(seq uint32) []byte, fn func([]byte) error) error {
 	seq := seqCounter.Add(1)
 	if err := unix.Sendto(d.fd, build(seq), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
@@ -233,8 +236,9 @@ func (d *dumper) dumpRaw(ctx context.Context, build func(seq uint32) []byte, fn 
 	}
 }
 
-// walkDatagram is parseDatagram with the socket messages' payloads left
-// to fn.
+// walkDatagram walks one datagram of a sock_diag dump's answer: it skips
+// messages of other requests, ends on NLMSG_DONE, turns NLMSG_ERROR into
+// an error, and passes each SOCK_DIAG_BY_FAMILY payload to fn.
 func walkDatagram(b []byte, seq uint32, fn func([]byte) error) (done bool, err error) {
 	for len(b) > 0 {
 		if len(b) < nlmsgHdrLen {
