@@ -164,6 +164,14 @@ func (p *Pool) frames(dst []uint64, descs []Desc) error {
 // Return gives received frames back: to the shared fill ring, or the free
 // stack when the ring is full.
 func (s *Socket) Return(descs []Desc) error {
+	return s.giveBack(descs, "return frames", true, func(n uint64) { atomic.AddUint64(&s.ctr.RxReturned, n) })
+}
+
+// giveBack puts frames back in batches under the lock: into the fill ring
+// first when fill, the rest (or all) on the free stack. counted runs after
+// each batch is back: a death in between makes held too large, not too
+// small.
+func (s *Socket) giveBack(descs []Desc, what string, fill bool, counted func(n uint64)) error {
 	if len(descs) == 0 {
 		return nil
 	}
@@ -175,23 +183,24 @@ func (s *Socket) Return(descs []Desc) error {
 	p := s.pool
 	for len(descs) > 0 {
 		if err := p.lock(); err != nil {
-			return s.wrap("return frames", err)
+			return s.wrap(what, err)
 		}
 		batch := descs[:min(len(descs), len(p.scratch))]
 		addrs := p.scratch[:len(batch)]
 		if err := p.frames(addrs, batch); err != nil {
 			p.unlock()
-			return s.wrap("return frames", err)
+			return s.wrap(what, err)
 		}
-		k := p.fillLocked(addrs)
+		k := 0
+		if fill {
+			k = p.fillLocked(addrs)
+		}
 		err := p.pushLocked(addrs[k:])
 		p.unlock()
 		if err != nil {
-			return s.wrap("return frames", err)
+			return s.wrap(what, err)
 		}
-		// Counted after the frames are back: a death in between makes
-		// held too large, not too small.
-		atomic.AddUint64(&s.ctr.RxReturned, uint64(len(batch)))
+		counted(uint64(len(batch)))
 		descs = descs[len(batch):]
 	}
 	return nil
@@ -235,34 +244,7 @@ func (s *Socket) Alloc(descs []Desc) (int, error) {
 
 // Free gives back frames from Alloc that will not be sent.
 func (s *Socket) Free(descs []Desc) error {
-	if len(descs) == 0 {
-		return nil
-	}
-	s.life.RLock()
-	defer s.life.RUnlock()
-	if s.closed {
-		return ErrClosed
-	}
-	p := s.pool
-	for len(descs) > 0 {
-		if err := p.lock(); err != nil {
-			return s.wrap("free frames", err)
-		}
-		batch := descs[:min(len(descs), len(p.scratch))]
-		addrs := p.scratch[:len(batch)]
-		if err := p.frames(addrs, batch); err != nil {
-			p.unlock()
-			return s.wrap("free frames", err)
-		}
-		err := p.pushLocked(addrs)
-		p.unlock()
-		if err != nil {
-			return s.wrap("free frames", err)
-		}
-		atomic.AddUint64(&s.ctr.TxAlloc, -uint64(len(batch)))
-		descs = descs[len(batch):]
-	}
-	return nil
+	return s.giveBack(descs, "free frames", false, func(n uint64) { atomic.AddUint64(&s.ctr.TxAlloc, -n) })
 }
 
 // Transmit puts up to len(descs) descriptors into the TX ring, kicks the
