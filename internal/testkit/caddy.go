@@ -322,9 +322,21 @@ func sameDeps(info string, req map[string]string) error {
 // lockDir takes an exclusive flock on dir/.lock, waiting for it as long
 // as ctx allows; waiting is called once if it has to wait.
 func lockDir(ctx context.Context, dir string, waiting func()) (unlock func(), err error) {
-	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err = LockFile(ctx, filepath.Join(dir, ".lock"), waiting)
 	if err != nil {
-		return nil, fmt.Errorf("caddy: %w", err)
+		return nil, fmt.Errorf("caddy: waiting for another process building it in %s (see its build.log): %w", dir, err)
+	}
+	return unlock, nil
+}
+
+// LockFile takes an exclusive flock on path (created if need be), waiting
+// as long as ctx allows, so that test processes that build one cached
+// thing take turns; waiting is called once if it has to wait. unlock
+// releases it.
+func LockFile(ctx context.Context, path string, waiting func()) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
 	}
 	for i := 0; ; i++ {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
@@ -333,7 +345,7 @@ func lockDir(ctx context.Context, dir string, waiting func()) (unlock func(), er
 		}
 		if err != unix.EWOULDBLOCK && err != unix.EINTR {
 			f.Close()
-			return nil, fmt.Errorf("caddy: lock %s: %w", f.Name(), err)
+			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if i == 0 {
 			waiting()
@@ -341,7 +353,7 @@ func lockDir(ctx context.Context, dir string, waiting func()) (unlock func(), er
 		select {
 		case <-ctx.Done():
 			f.Close()
-			return nil, fmt.Errorf("caddy: waiting for another process building it in %s (see its build.log): %w", dir, context.Cause(ctx))
+			return nil, fmt.Errorf("lock %s: %w", path, context.Cause(ctx))
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

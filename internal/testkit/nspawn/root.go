@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/testkit"
 )
 
 // DefaultSuite is the Debian release the root is built from: it has
@@ -279,29 +281,11 @@ func mirrorFromList(path, codename string) string {
 // lock takes an exclusive flock on path, waiting as long as ctx allows;
 // waiting is called once if it has to wait.
 func lock(ctx context.Context, path string, waiting func()) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err = testkit.LockFile(ctx, path, waiting)
 	if err != nil {
 		return nil, fmt.Errorf("nspawn: %w", err)
 	}
-	for i := 0; ; i++ {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
-			f.Close()
-			return nil, fmt.Errorf("nspawn: lock %s: %w", path, err)
-		}
-		if i == 0 {
-			waiting()
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("nspawn: waiting for the lock %s: %w", path, context.Cause(ctx))
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	return unlock, nil
 }
 
 // unmountUnder detaches every mount at or below dir (debootstrap mounts
