@@ -109,6 +109,11 @@ type Pool struct {
 	anchor *os.File // the socket that owns the UMEM
 	mem    []byte
 	hdr    *header
+	// consts is this process's copy of the header's constants, taken once
+	// it was written or validated. Every process maps the header writable,
+	// so a misbehaving one could change them under the others; sizes and
+	// bounds are read from here, never from the mapping.
+	consts header
 	stack  []uint64
 	umem   []byte
 	fill   *ring
@@ -185,6 +190,7 @@ func CreatePool(ifindex, queue int, opt Options) (*Pool, error) {
 	h.FillTarget = uint32(min(o.FillSize, o.Frames/2))
 	h.Port = uint32(o.Port)
 	h.StackOff, h.UmemOff, h.UmemLen, h.TotalSize = stackOff, umemOff, umemLen, total
+	p.takeConsts()
 	p.regions()
 
 	sfd, err := unix.Socket(unix.AF_XDP, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
@@ -220,6 +226,7 @@ func CreatePool(ifindex, queue int, opt Options) (*Pool, error) {
 	}
 	if zc {
 		h.Flags |= flagZeroCopy
+		p.consts.Flags = h.Flags
 	}
 	if err := p.mapShared(sfd); err != nil {
 		return nil, err
@@ -276,12 +283,18 @@ func OpenPool(pool, anchor *os.File) (*Pool, error) {
 	if err := p.mapMem(mfd, int(st.Size)); err != nil {
 		return nil, fmt.Errorf("xsk pool %s: %w", pool.Name(), err)
 	}
-	if err := p.hdr.validate(st.Size); err != nil {
+	// Validated and used as one copy: another process could change the
+	// mapping between a check and a use.
+	p.takeConsts()
+	if err := p.consts.validate(st.Size); err != nil {
 		return nil, fmt.Errorf("xsk pool %s: %w", pool.Name(), err)
 	}
-	p.ifindex, p.queue = int(p.hdr.Ifindex), int(p.hdr.Queue)
-	p.mask = uint64(p.hdr.FrameSize - 1)
+	p.ifindex, p.queue = int(p.consts.Ifindex), int(p.consts.Queue)
+	p.mask = uint64(p.consts.FrameSize - 1)
 	p.regions()
+	if _, err := p.stackCount(); err != nil {
+		return nil, err
+	}
 	afd, err := fileFD(anchor)
 	if err != nil {
 		return nil, p.wrap("anchor socket", err)
@@ -303,10 +316,21 @@ func (p *Pool) mapMem(fd, size int) error {
 	return nil
 }
 
-// regions points stack and umem into the mapping, after the header is
-// known to be valid.
+// takeConsts copies the header's constants into consts, field by field:
+// the shared state beside them is only ever accessed atomically.
+func (p *Pool) takeConsts() {
+	h, c := p.hdr, &p.consts
+	c.Magic, c.Version, c.PageSize = h.Magic, h.Version, h.PageSize
+	c.Ifindex, c.Queue, c.FrameSize, c.Frames = h.Ifindex, h.Queue, h.FrameSize, h.Frames
+	c.FillSize, c.CompSize, c.RxSize, c.TxSize = h.FillSize, h.CompSize, h.RxSize, h.TxSize
+	c.FillTarget, c.Flags, c.Port = h.FillTarget, h.Flags, h.Port
+	c.StackOff, c.UmemOff, c.UmemLen, c.TotalSize = h.StackOff, h.UmemOff, h.UmemLen, h.TotalSize
+}
+
+// regions points stack and umem into the mapping, after the header (its
+// copy in consts) is known to be valid.
 func (p *Pool) regions() {
-	h := p.hdr
+	h := &p.consts
 	p.stack = unsafe.Slice((*uint64)(unsafe.Pointer(&p.mem[h.StackOff])), h.Frames)
 	p.umem = p.mem[h.UmemOff : h.UmemOff+h.UmemLen : h.UmemOff+h.UmemLen]
 	p.scratch = make([]uint64, max(h.FillSize, h.RxSize, h.TxSize))
@@ -319,10 +343,10 @@ func (p *Pool) mapShared(afd int) error {
 	if err != nil {
 		return p.wrap("anchor socket", err)
 	}
-	if p.fill, err = mapRing(afd, unix.XDP_UMEM_PGOFF_FILL_RING, off.Fr, p.hdr.FillSize, false); err != nil {
+	if p.fill, err = mapRing(afd, unix.XDP_UMEM_PGOFF_FILL_RING, off.Fr, p.consts.FillSize, false); err != nil {
 		return p.wrap("fill ring", err)
 	}
-	if p.comp, err = mapRing(afd, unix.XDP_UMEM_PGOFF_COMPLETION_RING, off.Cr, p.hdr.CompSize, false); err != nil {
+	if p.comp, err = mapRing(afd, unix.XDP_UMEM_PGOFF_COMPLETION_RING, off.Cr, p.consts.CompSize, false); err != nil {
 		return p.wrap("completion ring", err)
 	}
 	return nil
@@ -361,11 +385,11 @@ func (p *Pool) NewSocket() (*os.File, error) {
 		return nil, p.wrap("create AF_XDP socket", err)
 	}
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("xsk-%d-%d", p.ifindex, p.queue))
-	if err := setRingSize(fd, unix.XDP_RX_RING, p.hdr.RxSize); err != nil {
+	if err := setRingSize(fd, unix.XDP_RX_RING, p.consts.RxSize); err != nil {
 		f.Close()
 		return nil, p.wrap("set RX ring size", err)
 	}
-	if err := setRingSize(fd, unix.XDP_TX_RING, p.hdr.TxSize); err != nil {
+	if err := setRingSize(fd, unix.XDP_TX_RING, p.consts.TxSize); err != nil {
 		f.Close()
 		return nil, p.wrap("set TX ring size", err)
 	}
@@ -381,7 +405,7 @@ func (p *Pool) NewSocket() (*os.File, error) {
 // what the stack and Audit keep: RX descriptors point past the headroom.
 func (p *Pool) normalize(addr uint64) (uint64, bool) {
 	base := addr &^ p.mask
-	return base, base < p.hdr.UmemLen
+	return base, base < p.consts.UmemLen
 }
 
 // The critical sections below run with the lock held. Each is ordered so
@@ -390,8 +414,22 @@ func (p *Pool) normalize(addr uint64) (uint64, bool) {
 
 // pushLocked adds frames to the free stack: the entries are written above
 // the count, where nobody reads them, and published by the count's store.
-func (p *Pool) pushLocked(addrs []uint64) error {
+// stackCount reads the free stack's count. Every process sharing the pool
+// can write it, so a count beyond the stack is corruption to report, never
+// an index to use.
+func (p *Pool) stackCount() (uint64, error) {
 	c := atomic.LoadUint64(&p.hdr.State.Count)
+	if c > uint64(len(p.stack)) {
+		return 0, p.errorf("free stack holds %d entries, more than its %d frames: the shared state is corrupt", c, len(p.stack))
+	}
+	return c, nil
+}
+
+func (p *Pool) pushLocked(addrs []uint64) error {
+	c, err := p.stackCount()
+	if err != nil {
+		return err
+	}
 	if c+uint64(len(addrs)) > uint64(len(p.stack)) {
 		// More free frames than frames: something handed a frame back
 		// twice. Refuse rather than overwrite the stack.
@@ -407,7 +445,10 @@ func (p *Pool) pushLocked(addrs []uint64) error {
 // entries before it lowers the count, so a holder killed in between
 // leaves them on the stack and the copy in its memory dies with it.
 func (p *Pool) popLocked(dst []uint64) int {
-	c := atomic.LoadUint64(&p.hdr.State.Count)
+	c, err := p.stackCount()
+	if err != nil {
+		return 0
+	}
 	k := min(uint64(len(dst)), c)
 	copy(dst, p.stack[c-k:c])
 	hook("pop:read")
@@ -455,7 +496,10 @@ func (p *Pool) reapLocked() (int, error) {
 	if n > r.size {
 		return 0, p.errorf("completion ring indices corrupt (producer %d, consumer %d, size %d)", prod, cons, r.size)
 	}
-	c := atomic.LoadUint64(&p.hdr.State.Count)
+	c, err := p.stackCount()
+	if err != nil {
+		return 0, err
+	}
 	if c+uint64(n) > uint64(len(p.stack)) {
 		return 0, p.errorf("completion ring holds %d frames but the free stack has room for %d: a frame is in two places", n, uint64(len(p.stack))-c)
 	}
@@ -484,10 +528,10 @@ func (p *Pool) topUpLocked() int {
 	prod := atomic.LoadUint32(p.fill.prod)
 	cons := atomic.LoadUint32(p.fill.cons)
 	in := prod - cons
-	if in >= p.hdr.FillTarget || in > p.fill.size {
+	if in >= p.consts.FillTarget || in > p.fill.size {
 		return 0
 	}
-	buf := p.scratch[:p.hdr.FillTarget-in]
+	buf := p.scratch[:p.consts.FillTarget-in]
 	// Between the pop and the fill the frames are nowhere but here.
 	atomic.StoreUint64(&p.hdr.State.Transit, uint64(len(buf)))
 	k := p.popLocked(buf)
@@ -543,17 +587,17 @@ func (p *Pool) Reclaim(sock *os.File, slot int) (ReclaimStats, error) {
 	if err != nil {
 		return rs, p.wrap(fmt.Sprintf("reclaim slot %d", slot), err)
 	}
-	rx, err := mapRing(fd, unix.XDP_PGOFF_RX_RING, off.Rx, p.hdr.RxSize, true)
+	rx, err := mapRing(fd, unix.XDP_PGOFF_RX_RING, off.Rx, p.consts.RxSize, true)
 	if err != nil {
 		return rs, p.wrap(fmt.Sprintf("reclaim slot %d: RX ring", slot), err)
 	}
 	defer rx.unmap()
-	tx, err := mapRing(fd, unix.XDP_PGOFF_TX_RING, off.Tx, p.hdr.TxSize, true)
+	tx, err := mapRing(fd, unix.XDP_PGOFF_TX_RING, off.Tx, p.consts.TxSize, true)
 	if err != nil {
 		return rs, p.wrap(fmt.Sprintf("reclaim slot %d: TX ring", slot), err)
 	}
 	defer tx.unmap()
-	zc := p.hdr.Flags&flagZeroCopy != 0
+	zc := p.consts.Flags&flagZeroCopy != 0
 	if zc {
 		// A zero-copy driver reads TX rings on its own schedule, so the
 		// descriptors cannot be taken back; let it send them (their
@@ -611,7 +655,10 @@ func (p *Pool) drainLocked(r *ring, release func(r *ring, cons, prod uint32)) (i
 	if n > r.size {
 		return 0, fmt.Errorf("ring indices corrupt (producer %d, consumer %d, size %d)", prod, cons, r.size)
 	}
-	c := atomic.LoadUint64(&p.hdr.State.Count)
+	c, err := p.stackCount()
+	if err != nil {
+		return 0, err
+	}
 	k := uint64(0)
 	for i := uint32(0); i < n; i++ {
 		a, ok := p.normalize(r.descs[(cons+i)&r.mask].Addr)
@@ -670,13 +717,13 @@ func (p *Pool) Stats() Stats {
 		return s
 	}
 	h := p.hdr
-	s.Frames = int(h.Frames)
+	s.Frames = int(p.consts.Frames)
 	s.Free = int(atomic.LoadUint64(&h.State.Count))
 	s.Fill = int(atomic.LoadUint32(p.fill.prod) - atomic.LoadUint32(p.fill.cons))
 	s.Completion = int(atomic.LoadUint32(p.comp.prod) - atomic.LoadUint32(p.comp.cons))
 	s.Leaked = atomic.LoadUint64(&h.State.Leaked)
 	s.LockSteals = atomic.LoadUint64(&h.State.Steals)
-	s.ZeroCopy = h.Flags&flagZeroCopy != 0
+	s.ZeroCopy = p.consts.Flags&flagZeroCopy != 0
 	s.Held = make(map[int]int64)
 	for i := range h.State.Slots {
 		if n := h.State.Slots[i].held(); n != 0 {
@@ -747,14 +794,14 @@ func (p *Pool) audit() (*AuditError, error) {
 	if err := p.lock(); err != nil {
 		return nil, err
 	}
-	seen := make([]uint8, p.hdr.Frames)
+	seen := make([]uint8, p.consts.Frames)
 	e := &AuditError{Ifindex: p.ifindex, Queue: p.queue, Leaked: atomic.LoadUint64(&p.hdr.State.Leaked)}
 	see := func(addr uint64) {
-		if addr&p.mask != 0 || addr >= p.hdr.UmemLen {
+		if addr&p.mask != 0 || addr >= p.consts.UmemLen {
 			e.Invalid = append(e.Invalid, addr)
 			return
 		}
-		if i := addr / uint64(p.hdr.FrameSize); seen[i] < 255 {
+		if i := addr / uint64(p.consts.FrameSize); seen[i] < 255 {
 			seen[i]++
 		}
 	}
@@ -776,7 +823,7 @@ func (p *Pool) audit() (*AuditError, error) {
 	}
 	p.unlock()
 	for i, n := range seen {
-		a := uint64(i) * uint64(p.hdr.FrameSize)
+		a := uint64(i) * uint64(p.consts.FrameSize)
 		switch {
 		case n == 0:
 			e.Missing = append(e.Missing, a)

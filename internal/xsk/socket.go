@@ -65,11 +65,11 @@ func (p *Pool) OpenSocket(f *os.File, slot int) (*Socket, error) {
 	if err != nil {
 		return nil, p.wrap("open socket", err)
 	}
-	s := &Socket{pool: p, f: f, fd: fd, slot: slot, ctr: &p.hdr.State.Slots[slot], zc: p.hdr.Flags&flagZeroCopy != 0}
-	if s.rx, err = mapRing(fd, unix.XDP_PGOFF_RX_RING, off.Rx, p.hdr.RxSize, true); err != nil {
+	s := &Socket{pool: p, f: f, fd: fd, slot: slot, ctr: &p.hdr.State.Slots[slot], zc: p.consts.Flags&flagZeroCopy != 0}
+	if s.rx, err = mapRing(fd, unix.XDP_PGOFF_RX_RING, off.Rx, p.consts.RxSize, true); err != nil {
 		return nil, p.wrap("open socket: RX ring", err)
 	}
-	if s.tx, err = mapRing(fd, unix.XDP_PGOFF_TX_RING, off.Tx, p.hdr.TxSize, true); err != nil {
+	if s.tx, err = mapRing(fd, unix.XDP_PGOFF_TX_RING, off.Tx, p.consts.TxSize, true); err != nil {
 		_ = s.rx.unmap()
 		return nil, p.wrap("open socket: TX ring", err)
 	}
@@ -154,7 +154,7 @@ func (p *Pool) frames(dst []uint64, descs []Desc) error {
 	for i, d := range descs {
 		a, ok := p.normalize(d.Addr)
 		if !ok {
-			return fmt.Errorf("descriptor %d: address %#x is outside the UMEM (%d bytes)", i, d.Addr, p.hdr.UmemLen)
+			return fmt.Errorf("descriptor %d: address %#x is outside the UMEM (%d bytes)", i, d.Addr, p.consts.UmemLen)
 		}
 		dst[i] = a
 	}

@@ -3,6 +3,7 @@ package xsk
 import (
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"unsafe"
 
@@ -96,4 +97,43 @@ func TestOpenPoolValidates(t *testing.T) {
 	if _, err := OpenPool(f, anchor); err == nil || !strings.Contains(err.Error(), "ifindex 7 queue 1") || !strings.Contains(err.Error(), "XDP_MMAP_OFFSETS") {
 		t.Fatalf("OpenPool with a non-socket anchor: %v", err)
 	}
+}
+
+// TestCorruptSharedStateIsAnErrorNotAPanic: every process maps the pool's
+// state writable, so a misbehaving generation can write any free-stack
+// count or header constant. The supervisor's operations on the pool then
+// fail with an error; none indexes out of range (a panic would take the
+// supervisor, and every generation, down).
+func TestCorruptSharedStateIsAnErrorNotAPanic(t *testing.T) {
+	e := newEnv(t, Options{Frames: 64, FillSize: 16, CompSize: 16, RxSize: 16, TxSize: 16})
+	p := e.pool
+	// A hostile generation: a huge count, a fill target past the scratch
+	// space and a UMEM length past the mapping.
+	atomic.StoreUint64(&p.hdr.State.Count, 1<<62)
+	p.hdr.FillTarget = 1 << 30
+	p.hdr.UmemLen = 1 << 40
+	if err := p.lock(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]uint64, 8)
+	if n := p.popLocked(buf); n != 0 {
+		t.Errorf("pop from a corrupt stack gave %d frames", n)
+	}
+	if err := p.pushLocked([]uint64{0}); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("push onto a corrupt stack: %v, want an error naming the corruption", err)
+	}
+	if _, err := p.reapLocked(); err != nil && !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("reap: %v", err)
+	}
+	p.topUpLocked()
+	p.unlock()
+	if _, ok := p.normalize(1 << 30); ok {
+		t.Error("an address past the UMEM counts as a frame: the header's UMEM length was read from shared memory")
+	}
+	if err := p.Audit(); err == nil {
+		t.Error("Audit of a corrupt pool found nothing")
+	}
+	_ = p.Stats()
+	// Put it back so that Close and the cleanup's checks see a pool.
+	atomic.StoreUint64(&p.hdr.State.Count, 0)
 }
