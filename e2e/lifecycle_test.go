@@ -234,8 +234,21 @@ func TestNoLeaks(t *testing.T) {
 	if goroutines != goroutines0 {
 		t.Errorf("goroutines in baton: %d before %d restarts, %d after", goroutines0, n, goroutines)
 	}
-	if kids := testkit.ChildrenOf(b.PID()); len(kids) != 1 {
-		t.Errorf("baton has %d children after settling; want 1 (the serving generation)", len(kids))
+	// The serving generation, and the spare process waiting to become
+	// the next one.
+	st, _ = h.status()
+	want := map[int]bool{st.SparePID: true}
+	for _, g := range st.Gens {
+		want[g.PID] = true
+	}
+	kids := testkit.ChildrenOf(b.PID())
+	if len(st.Gens) != 1 || st.SparePID == 0 || len(kids) != 2 {
+		t.Errorf("after settling: %d generations, spare pid %d, %d children of baton (%v); want 1, a spare, 2", len(st.Gens), st.SparePID, len(kids), kids)
+	}
+	for _, k := range kids {
+		if !want[k.PID] {
+			t.Errorf("baton's child %v is neither a generation nor the spare", k)
+		}
 	}
 }
 

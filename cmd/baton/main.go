@@ -28,8 +28,8 @@ Run 'baton COMMAND -h' for a command's flags.
 `
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == supervisor.ShimArg {
-		os.Exit(supervisor.RunShim(os.Args[2:]))
+	if code, ok := supervisor.Shim(os.Args[1:]); ok {
+		os.Exit(code)
 	}
 	if len(os.Args) < 2 {
 		fmt.Fprint(os.Stderr, usage)

@@ -103,6 +103,9 @@ func writeStatus(w io.Writer, st *control.Status, at time.Time) error {
 		fmt.Fprintf(&head, ", canary generation %d (%s)", c.Generation, percentText(c.Permille))
 	}
 	fmt.Fprintf(&head, ", restarts %d, crashes %d", st.Restarts, st.Crashes)
+	if st.SparePID != 0 {
+		fmt.Fprintf(&head, ", spare pid %d", st.SparePID)
+	}
 	if st.CrashLoop {
 		head.WriteString(", CRASH LOOP")
 	}

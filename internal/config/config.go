@@ -102,6 +102,10 @@ type Config struct {
 	// Metrics is where Prometheus metrics are served: a tcp:// or
 	// unix:// URL (ParseMetrics); "" for nowhere.
 	Metrics string
+	// Spare is "on" to keep the next generation's process forked ahead
+	// of a restart (see the supervisor's spare), "off" to fork it when
+	// the restart comes.
+	Spare string
 
 	// inFile holds the config file keys that set a value, so that what
 	// comes after the file (BATON_CONTROL) can tell an explicit value
@@ -161,6 +165,7 @@ func Defaults() *Config {
 		LogFormat:       "text",
 		ProcessTracking: "auto",
 		LogLevel:        "info",
+		Spare:           "on",
 	}
 }
 
@@ -242,6 +247,9 @@ func (c *Config) Validate() error {
 	if err := checkProcessTracking(c.ProcessTracking); err != nil {
 		errs = append(errs, fmt.Errorf("process tracking: %w", err))
 	}
+	if err := checkOnOff(c.Spare); err != nil {
+		errs = append(errs, fmt.Errorf("spare: %w", err))
+	}
 	// A generation has one slot and one CID layout for all its UDP and
 	// XDP listeners (BATON_CID_* is per generation), so they must agree.
 	var firstUDP *Listener
@@ -270,6 +278,14 @@ func checkProcessTracking(s string) error {
 		return nil
 	}
 	return fmt.Errorf(`want "auto", "cgroup" or "process-group", got %q`, s)
+}
+
+func checkOnOff(s string) error {
+	switch s {
+	case "on", "off":
+		return nil
+	}
+	return fmt.Errorf(`want "on" or "off", got %q`, s)
 }
 
 func checkLogFormat(s string) error {

@@ -22,7 +22,7 @@ import (
 var fileKeys = []string{
 	"command", "dir", "env", "listen", "control", "control_group", "ready", "ready_timeout",
 	"drain_signal", "drain_timeout", "drain", "drain_idle", "drain_grace", "max_draining", "stop_timeout", "check_cmd", "check_timeout",
-	"udp_idle", "user", "group", "log_format", "log_level", "process_tracking", "metrics",
+	"udp_idle", "user", "group", "log_format", "log_level", "process_tracking", "metrics", "spare",
 }
 
 // fileErrors are the problems of one config file, reported together.
@@ -127,6 +127,8 @@ func (c *Config) applyFile(path string, data []byte) error {
 			err = setString(key, v, &c.LogLevel, checkLogLevel)
 		case "process_tracking":
 			err = setString(key, v, &c.ProcessTracking, checkProcessTracking)
+		case "spare":
+			err = setString(key, v, &c.Spare, checkOnOff)
 		case "metrics":
 			var raw string
 			if err = setString(key, v, &raw, nil); err == nil {

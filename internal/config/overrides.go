@@ -133,6 +133,9 @@ var settings = []setting{
 	stringSetting("process-tracking", "process_tracking", "how to find everything a generation or check started, to kill it: "+
 		"auto (cgroup if baton may create cgroups, else process-group), cgroup, process-group",
 		func(c *Config) *string { return &c.ProcessTracking }, checkProcessTracking),
+	stringSetting("spare", "spare", "on: keep the next generation's process started ahead of a restart, waiting for its command "+
+		"(a restart then skips the start of baton's exec shim); off: start it when the restart comes",
+		func(c *Config) *string { return &c.Spare }, checkOnOff),
 }
 
 // The repeatable flags, which do not fit the one-field pattern.

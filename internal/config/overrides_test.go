@@ -107,6 +107,8 @@ func TestOverridesEachFlag(t *testing.T) {
 			func(c *Config) any { return c.ProcessTracking }, "process-group", "auto"},
 		{"metrics", `metrics = "127.0.0.1:9100"`, "unix:///run/baton/metrics.sock",
 			func(c *Config) any { return c.Metrics }, "tcp://127.0.0.1:9100", "unix:///run/baton/metrics.sock"},
+		{"spare", `spare = "off"`, "on",
+			func(c *Config) any { return c.Spare }, "off", "on"},
 	}
 	tested := map[string]bool{}
 	for _, tc := range cases {

@@ -197,10 +197,13 @@ type Status struct {
 	LastCrash string    `json:"last_crash,omitempty"`
 	Stopping  bool      `json:"stopping,omitempty"`
 	// Goroutines and OpenFDs let operators and tests see leaks.
-	Goroutines int              `json:"goroutines"`
-	OpenFDs    int              `json:"open_fds"`
-	Gens       []GenStatus      `json:"generations"`
-	Listeners  []ListenerStatus `json:"listeners"`
+	Goroutines int `json:"goroutines"`
+	OpenFDs    int `json:"open_fds"`
+	// SparePID is the process started ahead of the next restart,
+	// waiting to become its generation (baton run --spare), 0 if none.
+	SparePID  int              `json:"spare_pid,omitempty"`
+	Gens      []GenStatus      `json:"generations"`
+	Listeners []ListenerStatus `json:"listeners"`
 
 	// Canary is set while a canary generation runs (restart --canary).
 	Canary *CanaryStatus `json:"canary,omitempty"`

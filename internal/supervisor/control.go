@@ -127,7 +127,7 @@ func wireStatus(st Status) control.Status {
 	out := control.Status{
 		PID: st.PID, StartedAt: st.StartedAt, Working: st.Working, Restarts: st.Restarts, Crashes: st.Crashes,
 		CrashLoop: st.CrashLoop, LastCrash: st.LastCrash, Stopping: st.Stopping,
-		Goroutines: st.Goroutines, OpenFDs: st.OpenFDs,
+		Goroutines: st.Goroutines, OpenFDs: st.OpenFDs, SparePID: st.SparePID,
 		Canary: wireCanary(st.Canary), LastCanaryFailure: st.LastCanaryFailure,
 		StrayError: st.StrayError,
 	}

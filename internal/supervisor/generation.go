@@ -84,6 +84,8 @@ type generation struct {
 	// until its flip, the listener change it was spawned for.
 	socks        []*listen.Socket
 	listenerPlan *listenerPlan
+	// nfds is how many descriptors it got at 3.., the two pipes included.
+	nfds int
 	// broken: the listeners whose socket this generation stopped
 	// listening on while meant to serve, already logged.
 	broken map[string]bool
@@ -123,6 +125,54 @@ type spawnOpts struct {
 	stderrOut io.Writer
 	onExit    func(*generation) // runs on the loop after the process was reaped
 	procs     *procgroup.Tracker
+	// spare, when set, is forked already with the settings cfg asks for
+	// and holds places for files plus the two pipes: it becomes the
+	// generation (see spare).
+	spare *spare
+}
+
+// prepareStart checks what a fork of generation num fixes and makes its
+// process group.
+func prepareStart(procs *procgroup.Tracker, num int, cfg *config.Config) (*procgroup.Group, *syscall.SysProcAttr, error) {
+	cred, err := credential(cfg.User, cfg.Group)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := checkDir(cfg.Dir); err != nil {
+		return nil, nil, err
+	}
+	grp, err := procs.NewGroup("gen-" + strconv.Itoa(num))
+	if err != nil {
+		return nil, nil, err
+	}
+	attr := &syscall.SysProcAttr{
+		// The drain signal goes to the main pid only; a kill goes to
+		// everything the group started.
+		Pdeathsig:  syscall.SIGKILL,
+		Credential: cred,
+	}
+	if err := grp.Prepare(attr); err != nil {
+		grp.Close()
+		return nil, nil, err
+	}
+	return grp, attr, nil
+}
+
+// checkDir checks the working directory before a fork: exec would report
+// a missing one as the shim's own "fork/exec /proc/self/exe: no such file
+// or directory".
+func checkDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("working directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("working directory %s is not a directory", dir)
+	}
+	return nil
 }
 
 // startGeneration starts the process and the goroutines that watch it.
@@ -137,44 +187,36 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		tail:       &lineTail{max: stderrTailLines},
 		state:      Starting,
 	}
-	cred, err := credential(cfg.User, cfg.Group)
-	if err != nil {
-		return nil, err
-	}
-	if cfg.Dir != "" {
-		// exec would report a missing directory as the shim's own
-		// "fork/exec /proc/self/exe: no such file or directory".
-		if fi, err := os.Stat(cfg.Dir); err != nil {
-			return nil, fmt.Errorf("working directory: %w", err)
-		} else if !fi.IsDir() {
-			return nil, fmt.Errorf("working directory %s is not a directory", cfg.Dir)
+	sp := o.spare
+	var grp *procgroup.Group
+	var attr *syscall.SysProcAttr
+	if sp != nil {
+		grp = sp.grp
+	} else {
+		var err error
+		if grp, attr, err = prepareStart(o.procs, o.num, cfg); err != nil {
+			return nil, err
 		}
 	}
-
-	grp, err := o.procs.NewGroup("gen-" + strconv.Itoa(o.num))
-	if err != nil {
-		return nil, err
-	}
-	attr := &syscall.SysProcAttr{
-		// The drain signal goes to the main pid only; a kill goes to
-		// everything the group started.
-		Pdeathsig:  syscall.SIGKILL,
-		Credential: cred,
-	}
-	if err := grp.Prepare(attr); err != nil {
+	// A spare that cannot be used is killed with its group; the caller
+	// falls back to a fork.
+	closeGroup := func() {
+		if sp != nil {
+			sp.discard()
+			return
+		}
 		grp.Close()
-		return nil, err
 	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
-		grp.Close()
+		closeGroup()
 		return nil, fmt.Errorf("inheritance pipe: %w", err)
 	}
 	defer readyW.Close()
 	errR, errW, err := os.Pipe()
 	if err != nil {
 		readyR.Close()
-		grp.Close()
+		closeGroup()
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
 	defer errW.Close()
@@ -182,7 +224,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	if err != nil {
 		readyR.Close()
 		errR.Close()
-		grp.Close()
+		closeGroup()
 		return nil, fmt.Errorf("drain notice pipe: %w", err)
 	}
 	defer drainR.Close()
@@ -192,7 +234,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		readyR.Close()
 		errR.Close()
 		drainW.Close()
-		grp.Close()
+		closeGroup()
 		return nil, err
 	}
 	fail := func(err error) (*generation, error) {
@@ -200,7 +242,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		errR.Close()
 		drainW.Close()
 		notify.Close()
-		grp.Close()
+		closeGroup()
 		return nil, err
 	}
 
@@ -218,19 +260,27 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		contract.EnvControl+"="+cfg.Control,
 	)
 	env = append(env, grp.Env()...)
-	cmd := &exec.Cmd{
-		Path:        o.self,
-		Args:        append([]string{"baton", ShimArg}, cfg.Command...),
-		Env:         env,
-		Dir:         cfg.Dir,
-		Stdout:      os.Stdout,
-		Stderr:      errW,
-		ExtraFiles:  extra,
-		SysProcAttr: attr,
-	}
+	var cmd *exec.Cmd
 	g.startedAt = time.Now()
-	if err := o.spawner.start(cmd); err != nil {
-		return fail(fmt.Errorf("start %s: %w", cfg.Command[0], err))
+	if sp != nil {
+		if err := sp.launch(cfg.Command, env, errW, extra); err != nil {
+			return fail(err)
+		}
+		cmd = sp.cmd
+	} else {
+		cmd = &exec.Cmd{
+			Path:        o.self,
+			Args:        append([]string{"baton", ShimArg}, cfg.Command...),
+			Env:         env,
+			Dir:         cfg.Dir,
+			Stdout:      os.Stdout,
+			Stderr:      errW,
+			ExtraFiles:  extra,
+			SysProcAttr: attr,
+		}
+		if err := o.spawner.start(cmd); err != nil {
+			return fail(fmt.Errorf("start %s: %w", cfg.Command[0], err))
+		}
 	}
 	g.cmd = cmd
 	g.pid = cmd.Process.Pid
@@ -239,21 +289,29 @@ func startGeneration(o spawnOpts) (*generation, error) {
 	g.procs = grp
 	g.log = o.log.With("gen", g.num, "pid", g.pid)
 	// Before anything waits for the process: the tracker must know it is
-	// exec's to reap.
-	if err := grp.Started(g.pid); err != nil {
-		g.log.Warn("process tracking", "err", err)
+	// exec's to reap. A spare was registered when it was forked.
+	trackErr := sp.trackingError()
+	if sp == nil {
+		trackErr = grp.Started(g.pid)
+	}
+	if trackErr != nil {
+		g.log.Warn("process tracking", "err", trackErr)
 	}
 
 	go g.copyStderr(errR, o.stderrOut)
 	go g.readPipe(readyR, o.post)
 	go g.readNotify(o.post)
-	go func() {
-		err := cmd.Wait()
+	exited := func(err error) {
 		o.post(func() {
 			g.onWait(err)
 			o.onExit(g)
 		})
-	}()
+	}
+	if sp != nil {
+		sp.whenExited(exited)
+	} else {
+		go func() { exited(cmd.Wait()) }()
+	}
 	switch cfg.Ready.Kind {
 	case config.ReadyDelay:
 		t := time.AfterFunc(cfg.Ready.Delay, func() { o.post(func() { g.markReady("delay") }) })

@@ -424,6 +424,7 @@ func (s *Supervisor) stop(immediate bool) {
 		first := !s.stopping
 		s.stopping = true
 		s.stopCancel()
+		s.dropSpare()
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}

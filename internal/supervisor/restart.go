@@ -424,11 +424,19 @@ func (s *Supervisor) spawn(cfg *config.Config, plan *listenerPlan) (*generation,
 		}
 	}
 	s.nextGen++
-	g, err := startGeneration(spawnOpts{
+	opts := spawnOpts{
 		num: s.nextGen, cfg: cfg, files: files, names: names, env: env, self: s.opts.Self,
 		post: s.post, spawner: s.spawner, log: s.log, supPID: os.Getpid(), stderrOut: s.opts.Stderr,
 		onExit: s.reaped, procs: s.opts.Procs,
-	})
+		spare: s.takeSpare(cfg, s.nextGen, len(files)+2),
+	}
+	g, err := startGeneration(opts)
+	if err != nil && opts.spare != nil {
+		// The spare went away between the check and its use: fork.
+		s.log.Warn("spare unusable; starting the generation without it", "pid", opts.spare.pid(), "err", err)
+		opts.spare = nil
+		g, err = startGeneration(opts)
+	}
 	if err != nil {
 		release()
 		s.log.Error("spawn failed", "gen", s.nextGen, "err", err)
@@ -437,6 +445,7 @@ func (s *Supervisor) spawn(cfg *config.Config, plan *listenerPlan) (*generation,
 		return nil, fmt.Errorf("generation %d could not be started: %w", s.nextGen+1, err)
 	}
 	g.slot, g.groups, g.tcp = slot, groups, tcp
+	g.nfds = len(files) + 2
 	g.socks, g.listenerPlan = socks, plan
 	if len(groups) > 0 {
 		s.slotHolds[slot]++
@@ -495,6 +504,7 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	if s.opts.Events != nil {
 		s.opts.Events.StatusChanged(s.status().Summary())
 	}
+	s.scheduleSpare()
 	return old, true
 }
 

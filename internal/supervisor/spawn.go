@@ -21,6 +21,21 @@ import (
 // and execve's the real command, which keeps the pid.
 const ShimArg = "__baton-exec"
 
+// Shim runs the baton binary as the exec shim or as a spare when args
+// (os.Args[1:]) ask for it; ok is false when they do not.
+func Shim(args []string) (code int, ok bool) {
+	if len(args) == 0 {
+		return 0, false
+	}
+	switch args[0] {
+	case ShimArg:
+		return RunShim(args[1:]), true
+	case SpareArg:
+		return runSpare(args[1:]), true
+	}
+	return 0, false
+}
+
 // RunShim is the shim's main: args are the command and its arguments.
 // It only returns on failure.
 func RunShim(args []string) int {
@@ -28,14 +43,23 @@ func RunShim(args []string) int {
 		fmt.Fprintln(os.Stderr, "baton: exec shim: no command")
 		return 127
 	}
+	return execWithListenPID(args, os.Environ())
+}
+
+// execWithListenPID execs args with env, plus LISTEN_PID (this process's
+// pid, which exec keeps) when env passes listeners. It only returns on
+// failure.
+func execWithListenPID(args, env []string) int {
 	path, err := exec.LookPath(args[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "baton: cannot run %q: %v\n", args[0], err)
 		return 127
 	}
-	env := os.Environ()
-	if os.Getenv("LISTEN_FDS") != "" {
-		env = append(env, "LISTEN_PID="+strconv.Itoa(os.Getpid()))
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "LISTEN_FDS=") && kv != "LISTEN_FDS=" {
+			env = append(env[:len(env):len(env)], "LISTEN_PID="+strconv.Itoa(os.Getpid()))
+			break
+		}
 	}
 	err = unix.Exec(path, args, env)
 	fmt.Fprintf(os.Stderr, "baton: exec %s: %v\n", path, err)

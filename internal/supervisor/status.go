@@ -62,8 +62,11 @@ type Status struct {
 	// Goroutines and OpenFDs let operators and tests see leaks.
 	Goroutines int
 	OpenFDs    int
-	Gens       []GenStatus
-	Listeners  []ListenerStatus
+	// SparePID is the spare process waiting to become the next
+	// generation (spare.go), 0 if none.
+	SparePID  int
+	Gens      []GenStatus
+	Listeners []ListenerStatus
 
 	// Canary is set while a canary generation runs; LastCanaryFailure
 	// says how the last one that exited on its own ended.
@@ -199,6 +202,9 @@ func (s *Supervisor) status() Status {
 	}
 	if s.working != nil {
 		st.Working = s.working.num
+	}
+	if s.spare != nil && !s.spare.exited() {
+		st.SparePID = s.spare.pid()
 	}
 	for _, g := range s.gens {
 		gs := GenStatus{Num: g.num, PID: g.pid, State: g.state, StartedAt: g.startedAt, Status: g.status}

@@ -158,6 +158,12 @@ type Supervisor struct {
 
 	// strays: the stray sockets seen on the listeners' ports (status.go).
 	strays strayState
+
+	// spare is the next generation's process, forked ahead (spare.go);
+	// spareMaking, while one is being forked, hears the outcome.
+	spare       *spare
+	spareMaking chan spareMade
+	spareTimer  *time.Timer // scheduleSpare's
 }
 
 // New prepares a supervisor with an already loaded configuration.

@@ -30,8 +30,8 @@ import (
 const childModeEnv = "BATON_TEST_CHILD"
 
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == ShimArg {
-		os.Exit(RunShim(os.Args[2:]))
+	if code, ok := Shim(os.Args[1:]); ok {
+		os.Exit(code)
 	}
 	if mode := os.Getenv(childModeEnv); mode != "" {
 		os.Exit(child(mode))
@@ -67,6 +67,12 @@ func child(mode string) int {
 		fmt.Fprintln(pipe, handoff.ReadyLine)
 		time.Sleep(20 * time.Millisecond)
 		return 1
+	case "fds":
+		if msg := checkFDs(); msg != "" {
+			fmt.Fprintln(os.Stderr, msg)
+			return 6
+		}
+		fmt.Fprintln(pipe, handoff.ReadyLine)
 	case "ignore":
 		signal.Ignore(syscall.SIGTERM)
 		fmt.Fprintln(pipe, handoff.ReadyLine)
@@ -198,6 +204,18 @@ func (h *harness) load(ctx context.Context) (*config.Config, error) {
 }
 
 // waitWorking waits for a serving generation and returns the status.
+// waitSpare waits for the spare process made after a flip and returns
+// its pid.
+func (h *harness) waitSpare() int {
+	h.t.Helper()
+	var pid int
+	waitFor(h.t, "a spare process", func() bool {
+		pid = h.sup.Status(context.Background()).SparePID
+		return pid != 0
+	})
+	return pid
+}
+
 func (h *harness) waitWorking(min int) Status {
 	h.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

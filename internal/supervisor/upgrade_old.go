@@ -317,6 +317,7 @@ func (s *Supervisor) handedOver(pid int) {
 		s.successor = pid
 		s.stopping = true
 		s.stopCancel()
+		s.dropSpare()
 		if s.respawnTimer != nil {
 			s.respawnTimer.Stop()
 		}

@@ -244,6 +244,8 @@ func TestUpgradeFailedThaws(t *testing.T) {
 	h := newHarnessWith(t, "ready", nil, harnessOpts{udp: true, upgrader: u})
 	st := h.waitWorking(1)
 	gen1 := st.Gens[0].PID
+	// The spare made after each flip holds a descriptor too.
+	h.waitSpare()
 	fds := countFDs()
 	u.setUpgrade(func(u *fakeUpgrader) error {
 		st, f, err := u.state()
@@ -278,7 +280,8 @@ func TestUpgradeFailedThaws(t *testing.T) {
 	// Same shape as before the upgrade (one generation serving), so the
 	// same descriptors, once generation 1 is reaped.
 	waitFor(t, fmt.Sprintf("back to %d descriptors", fds), func() bool {
-		return len(h.sup.Status(context.Background()).Gens) == 1 && countFDs() <= fds
+		st := h.sup.Status(context.Background())
+		return len(st.Gens) == 1 && st.SparePID != 0 && countFDs() <= fds
 	})
 }
 

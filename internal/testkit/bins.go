@@ -17,8 +17,12 @@ type Bins struct {
 	Dir, Baton, Restart, HTTPD, SDHTTPD, UDPEcho, Unmodified string
 }
 
-// mainPackages are what Build builds: the packages `make build` builds.
-var mainPackages = []string{"./cmd/baton", "./cmd/restart", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho", "./internal/testkit/unmodified"}
+// mainPackages are what Build builds: the packages `make build` builds;
+// staticPackages are built as `make build` builds them, without cgo.
+var (
+	mainPackages   = []string{"./cmd/baton", "./examples/httpd", "./examples/sdhttpd", "./examples/udpecho", "./internal/testkit/unmodified"}
+	staticPackages = []string{"./cmd/restart"}
+)
 
 // BinsIn returns the paths the binaries have in dir.
 func BinsIn(dir string) (Bins, error) {
@@ -64,13 +68,19 @@ func Build(root, dir string) (Bins, error) {
 		// happens when a test binary is run by hand.
 		goBin = "/usr/local/go/bin/go"
 	}
-	cmd := exec.Command(goBin, append([]string{"build", "-o", b.Dir + string(filepath.Separator)}, mainPackages...)...)
-	cmd.Dir = root
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &out
-	if err := cmd.Run(); err != nil {
-		return b, fmt.Errorf("build binaries in %s: %w\n%s", root, err, out.Bytes())
+	for _, set := range []struct {
+		pkgs []string
+		env  []string
+	}{{mainPackages, nil}, {staticPackages, []string{"CGO_ENABLED=0"}}} {
+		cmd := exec.Command(goBin, append([]string{"build", "-o", b.Dir + string(filepath.Separator)}, set.pkgs...)...)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), set.env...)
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		cmd.Stderr = &out
+		if err := cmd.Run(); err != nil {
+			return b, fmt.Errorf("build binaries in %s: %w\n%s", root, err, out.Bytes())
+		}
 	}
 	return b, nil
 }
