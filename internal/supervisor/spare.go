@@ -50,8 +50,8 @@ type spare struct {
 	grp  *procgroup.Group
 	// trackErr is grp.Started's error.
 	trackErr error
-	done chan struct{} // closed once the process was reaped
-	err  error         // cmd.Wait's, once done is closed
+	done     chan struct{} // closed once the process was reaped
+	err      error         // cmd.Wait's, once done is closed
 	// mu guards onExit: once the spare is a generation, its reaping is
 	// the generation's exit, told by the goroutine that waits for the
 	// spare (a generation started either way has one such goroutine).
