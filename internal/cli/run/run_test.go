@@ -192,7 +192,7 @@ func TestRunHelpListsFlags(t *testing.T) {
 	}
 	want := []string{"check-cmd", "check-timeout", "config", "control", "control-group", "dir", "drain", "drain-grace", "drain-idle", "drain-signal",
 		"drain-timeout", "env", "group", "instance", "listen", "log-format", "log-level", "max-draining", "metrics",
-		"process-tracking", "ready", "ready-timeout", "stop-timeout", "udp-idle", "user"}
+		"process-tracking", "ready", "ready-timeout", "spare", "stop-timeout", "udp-idle", "user"}
 	if !slices.Equal(got, want) {
 		t.Errorf("baton run -h lists flags\n%q\nwant\n%q", got, want)
 	}
