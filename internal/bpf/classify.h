@@ -188,9 +188,9 @@ static __always_inline int steer_load_addrs(struct steer_pkt *p, struct addrs *a
  * an entry that has expired or whose generation is gone (its slot is dead
  * or holds a newer epoch), and, while there is no canary, an entry of the
  * working slot: its flow's next datagram is new and goes to the working
- * slot again. Among those the order is: the key's own old entry, an empty
- * way, an expired or dead one, then the working slot's least recently used
- * one. A live entry of any other slot (a draining generation's, or the
+ * slot again. Among those the order is: the key's own old entry or an
+ * empty way, an expired or dead one, then the working slot's least
+ * recently used one. A live entry of any other slot (a draining generation's, or the
  * canary's, and the working slot's own while a canary takes a share,
  * since a new flow might then go to the canary) is never replaced. When a
  * bucket holds nothing else, the new flow or handshake is not recorded:
@@ -224,13 +224,18 @@ struct pin_bucket {
 
 /* A bucket of flows, key struct flow_key. In flow mode an entry is a
  * flow; in QUIC mode it is the 4-tuple's record of its latest new
- * handshake, for which the way's addrs hold the exact addresses and
- * check the word they were written for (see record_addrs); flow mode
- * leaves both zero. The words come first: they are all a lookup reads. */
+ * handshake, for which the way's rec holds the exact addresses and
+ * check, the word they were written for (see record_put); flow mode
+ * leaves it zero. The words come first: they are all a lookup reads; a
+ * record's two parts are together, on one or two cache lines. */
+struct flow_rec {
+	__u64 check;
+	struct addrs addrs;
+};
+
 struct flow_bucket {
 	__u64 way[STEER_WAYS];
-	__u64 check[STEER_WAYS];
-	struct addrs addrs[STEER_WAYS];
+	struct flow_rec rec[STEER_WAYS];
 };
 
 struct {
@@ -471,11 +476,12 @@ static __always_inline __u64 find_way(const struct config *cfg, __u64 *ways, __u
 
 /* Picks the way of bucket ways that a new entry of the key fp may take
  * (see "Eviction" above), or STEER_WAYS if none may be taken; *old is
- * the word it holds. Each way gets a rank, the highest wins, the first
- * of equals: the key's own (invalid) entry, then an empty way, then an
- * invalid entry, then a working slot's entry by age, and none for the
- * rest. Without a branch: a branch per way would make the verifier walk
- * every combination of the ways' outcomes. */
+ * the word it holds. The key's own (invalid) entry or an empty way,
+ * whichever comes first, if there is one; else each way gets a rank, and
+ * the highest wins, the first of equals: an invalid entry, then a working
+ * slot's entry by age, and none for the rest. The ranking has no branch:
+ * a branch per way would make the verifier walk every combination of the
+ * ways' outcomes. */
 static __always_inline __u64 pick_way(const struct config *cfg, __u64 *ways, __u64 fp, __u64 now_u,
 				      __u64 tmo_u, __u64 *old)
 {
@@ -494,6 +500,17 @@ static __always_inline __u64 pick_way(const struct config *cfg, __u64 *ways, __u
 	__u64 evict_working = (is_zero(working) | canary_on) ^ 1;
 	__u64 best = 0, way = STEER_WAYS, o_best = 0;
 
+	/* The usual case first, and cheaply: the key's own entry (a flow
+	 * back after idling) or an empty way. */
+#pragma unroll
+	for (__u32 i = 0; i < STEER_WAYS; i++) {
+		__u64 o = *(volatile __u64 *)&ways[i];
+
+		if (o == 0 || ((o ^ fp) & ENT_TAG_MASK) == 0) {
+			*old = o;
+			return i;
+		}
+	}
 #pragma unroll
 	for (__u32 i = 0; i < STEER_WAYS; i++) {
 		__u64 o = *(volatile __u64 *)&ways[i];
@@ -611,8 +628,8 @@ static __always_inline __u64 record_addrs_equal(struct flow_bucket *b, __u64 way
 
 #define EQ_CASE(n)                                                            \
 	case n: {                                                             \
-		__u64 *check = &b->check[n];                                  \
-		struct addrs *ra = &b->addrs[n];                              \
+		__u64 *check = &b->rec[n].check;                              \
+		struct addrs *ra = &b->rec[n].addrs;                          \
 		hide(check);                                                  \
 		hide(ra);                                                     \
 		__u64 c1 = *(volatile __u64 *)check;                          \
@@ -633,8 +650,8 @@ static __always_inline __u64 record_put(struct flow_bucket *b, __u64 way, __u64 
 
 #define PUT_CASE(n)                                                            \
 	case n: {                                                              \
-		__u64 *word = &b->way[n], *check = &b->check[n];               \
-		struct addrs *ra = &b->addrs[n];                               \
+		__u64 *word = &b->way[n], *check = &b->rec[n].check;           \
+		struct addrs *ra = &b->rec[n].addrs;                           \
 		hide(word);                                                    \
 		hide(check);                                                   \
 		hide(ra);                                                      \
@@ -732,14 +749,21 @@ static __always_inline void quic_pinned(struct steer_pkt *p, const struct config
 					__u32 to, struct choice *c)
 {
 	__u16 sport = *(const __u16 *)h;
+	const __u64 *hw = (const __u64 *)h; /* the head copy is 64-bit words */
 	__u64 dcid = 0, dl = dlen;
 
 	/* DCID bytes start at h[14]; h is zero past the datagram's end.
-	 * The first dlen of them, without a branch per byte (whose paths,
-	 * each knowing dlen's range, the verifier would walk apart). */
+	 * The first dlen of them, byte i at bits 8i, from two words and
+	 * without a branch per byte (whose paths, each knowing dlen's range,
+	 * the verifier would walk apart). */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	dcid = hw[1] >> 48 | hw[2] << 16;
+#else
 #pragma unroll
 	for (__u32 i = 0; i < STEER_PIN_CID_BYTES; i++)
 		dcid |= (__u64)h[UDP_HDR + 6 + i] << (8 * i);
+	(void)hw;
+#endif
 	hide(dl);
 	__u64 short_dcid = is_less(dl, STEER_PIN_CID_BYTES);
 

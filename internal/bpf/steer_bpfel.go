@@ -25,13 +25,16 @@ type SteerConfig struct {
 }
 
 type SteerFlowBucket struct {
-	_     structs.HostLayout
-	Way   [8]uint64
-	Check [8]uint64
-	Addrs [8]struct {
+	_   structs.HostLayout
+	Way [8]uint64
+	Rec [8]struct {
 		_     structs.HostLayout
-		Saddr [4]uint32
-		Daddr [4]uint32
+		Check uint64
+		Addrs struct {
+			_     structs.HostLayout
+			Saddr [4]uint32
+			Daddr [4]uint32
+		}
 	}
 }
 
