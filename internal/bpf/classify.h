@@ -104,9 +104,13 @@ struct config {
  * xdp_hash there) from headers it has parsed anyway. The source port,
  * already at hand, is added to the key.
  *
- * Different 4-tuples can still share a key. On the hash alone a full map
- * of 65536 flows would hold such a pair about every other time; with the
- * port (when sources pick ports at random) about once in 2^16. IPv6 hashes
+ * The tables keep 24 bits of a key (the tag) and the bucket it picks
+ * ("The tables" below): two keys match as one when both agree, which for
+ * a new flow and the other entries of its bucket happens about once in
+ * 2^21 new flows. Different 4-tuples can also share a whole key. On the
+ * hash alone a full table of 65536 flows would hold such a pair about
+ * every other time; with the port (when sources pick ports at random)
+ * about once in 2^16. IPv6 hashes
  * only the low 32 bits of the local address, so one client socket that
  * talks to two local addresses sharing them always has one key. What a
  * shared key can do is bounded by what the key decides:
@@ -117,19 +121,22 @@ struct config {
  *     entry idles out or the generation is released, like any flow of that
  *     generation. No flow changes generation because of it: an entry, once
  *     made, sends every flow with its key to the same slot.
- *   - Initial pins (struct pin_key, and the DCID bytes in a QUIC record)
- *     add the first 8 DCID bytes, random in a client's first Initials
+ *   - Initial pins add the first 8 DCID bytes to the key (pin_fp),
+ *     random in a client's first Initials
  *     (RFC 9000 7.2: at least 8 unpredictable bytes) and in the CIDs a
  *     server issues: in practice a pin matches only datagrams of its own
  *     handshake.
- *   - QUIC mode's record of a 4-tuple's latest handshake (struct flow)
+ *   - QUIC mode's record of a 4-tuple's latest handshake (in flows)
  *     decides whether an Initial that names an older generation's CID may
  *     go there, which a random client DCID must not. It keeps the exact
- *     addresses and is only used for that when they match; a record that
- *     another 4-tuple's handshake replaces first hands its pin over to the
- *     initials map. So a shared key can make the record miss (as an
- *     evicted one does: the Initial goes to the working generation), never
- *     send a handshake to a generation that did not take it. */
+ *     addresses and is only used for that when they match (each handshake
+ *     has its own pin besides). So a shared key can make the record miss
+ *     (as an evicted one does: the Initial goes to the working
+ *     generation), never send a handshake to a generation that did not
+ *     take it.
+ *
+ * The struct is the key's layout, for reading; the tables take its two
+ * fields through key_fp. */
 struct flow_key {
 	__u32 hash;  /* steer_pkt_hash */
 	__u16 sport; /* network order */
@@ -161,7 +168,7 @@ static __always_inline int steer_load_addrs(struct steer_pkt *p, struct addrs *a
  *   |    tag    |    time    |  epoch  | slot |
  *   +-----------+------------+---------+------+
  *
- * A key (struct flow_key, or struct pin_key for a pin) is mixed into 64
+ * A key (struct flow_key; a pin adds its DCID bytes) is mixed into 64
  * bits (key_fp): the low bits pick the bucket, the top 24 are the tag.
  * time is the entry's last use (a pin's start) in units of
  * 2^steer_time_shift ns, modulo 2^25; epoch is the low 10 bits of the
@@ -217,7 +224,8 @@ static __always_inline int steer_load_addrs(struct steer_pkt *p, struct addrs *a
  * "Eviction" above). */
 #define STEER_CNT_UNRECORDED STEER_CNT_MIGRATE
 
-/* A bucket of initials: Initial pins, key struct pin_key. */
+/* A bucket of initials: Initial pins, key struct flow_key and the first
+ * DCID bytes. */
 struct pin_bucket {
 	__u64 way[STEER_WAYS];
 };
@@ -257,9 +265,9 @@ struct {
 	__type(value, struct flow_bucket);
 } flows SEC(".maps");
 
-/* QUIC mode: pins of new handshakes (4-tuple + first DCID bytes, struct
- * pin_key) to the generation that took their first Initial, so that
- * their retransmitted Initials follow it. Buckets: steer_pin_mask + 1. */
+/* QUIC mode: pins of new handshakes (4-tuple and first DCID bytes) to
+ * the generation that took their first Initial, so that their
+ * retransmitted Initials follow it. Buckets: steer_pin_mask + 1. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 2048);
