@@ -39,9 +39,10 @@ const flowBatch = 4096
 //
 // A slot with no such entry counts 0; in contract.ModeOff there are no
 // slots. The table is read in batches of 4096 buckets of 8 entries,
-// without holding the group's lock or stopping the program (a few
-// milliseconds for the default table of 65536 entries). An entry that
-// the program adds or refreshes during the read may or may not count.
+// without holding the group's lock or stopping the program (15-30 ms for
+// the default table of 16384 buckets, on a loaded 2-core VM). An entry
+// that the program adds or refreshes during the read may or may not
+// count.
 //
 // A program adopted from a supervisor older than the bucket tables keeps
 // its LRU hash table, which is read as such (about half a microsecond per
