@@ -87,8 +87,8 @@ func TestSpec(t *testing.T) {
 	}{
 		{SteerMapSockets, ebpf.ReusePortSockArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_MAX_WORKERS)},
 		{SteerMapConfig, ebpf.Array, 1},
-		{SteerMapFlows, ebpf.LRUHash, 0},
-		{SteerMapInitials, ebpf.LRUHash, 0},
+		{SteerMapFlows, ebpf.Array, 0},
+		{SteerMapInitials, ebpf.Array, 0},
 		{SteerMapCounters, ebpf.PerCPUArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_N_COUNTERS)},
 	}
 	for _, c := range checks {

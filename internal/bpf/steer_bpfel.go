@@ -24,37 +24,23 @@ type SteerConfig struct {
 	CanaryPermille uint32
 }
 
-type SteerFlow struct {
-	_        structs.HostLayout
-	Slot     uint32
-	Epoch    uint32
-	LastSeen uint64
-	Addrs    struct {
+type SteerFlowBucket struct {
+	_   structs.HostLayout
+	Way [8]uint64
+	Rec [8]struct {
 		_     structs.HostLayout
-		Saddr [4]uint32
-		Daddr [4]uint32
+		Check uint64
+		Addrs struct {
+			_     structs.HostLayout
+			Saddr [4]uint32
+			Daddr [4]uint32
+		}
 	}
-	Dcid [8]uint8
 }
 
-type SteerFlowKey struct {
-	_     structs.HostLayout
-	Hash  uint32
-	Sport uint16
-	Zero  uint16
-}
-
-type SteerPin struct {
-	_       structs.HostLayout
-	Slot    uint32
-	Epoch   uint32
-	Expires uint64
-}
-
-type SteerPinKey struct {
-	_    structs.HostLayout
-	Flow SteerFlowKey
-	Dcid [8]uint8
+type SteerPinBucket struct {
+	_   structs.HostLayout
+	Way [8]uint64
 }
 
 type SteerSteerCounters uint32
@@ -103,11 +89,14 @@ const (
 	SteerMapSockets           = "sockets"
 	SteerProgSteer            = "steer"
 	SteerVarSteerCidLen       = "steer_cid_len"
+	SteerVarSteerFlowMask     = "steer_flow_mask"
 	SteerVarSteerMode         = "steer_mode"
+	SteerVarSteerPinMask      = "steer_pin_mask"
 	SteerVarSteerSlotMask     = "steer_slot_mask"
 	SteerVarSteerSlotOffset   = "steer_slot_offset"
 	SteerVarSteerSlotShift    = "steer_slot_shift"
 	SteerVarSteerTickNs       = "steer_tick_ns"
+	SteerVarSteerTimeShift    = "steer_time_shift"
 	SteerVarSteerWorkerOffset = "steer_worker_offset"
 	SteerVarSteerWorkers      = "steer_workers"
 )
@@ -173,11 +162,14 @@ type SteerMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SteerVariableSpecs struct {
 	SteerCidLen       *ebpf.VariableSpec `ebpf:"steer_cid_len"`
+	SteerFlowMask     *ebpf.VariableSpec `ebpf:"steer_flow_mask"`
 	SteerMode         *ebpf.VariableSpec `ebpf:"steer_mode"`
+	SteerPinMask      *ebpf.VariableSpec `ebpf:"steer_pin_mask"`
 	SteerSlotMask     *ebpf.VariableSpec `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.VariableSpec `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.VariableSpec `ebpf:"steer_slot_shift"`
 	SteerTickNs       *ebpf.VariableSpec `ebpf:"steer_tick_ns"`
+	SteerTimeShift    *ebpf.VariableSpec `ebpf:"steer_time_shift"`
 	SteerWorkerOffset *ebpf.VariableSpec `ebpf:"steer_worker_offset"`
 	SteerWorkers      *ebpf.VariableSpec `ebpf:"steer_workers"`
 }
@@ -224,11 +216,14 @@ func (m *SteerMaps) Close() error {
 // It can be passed to LoadSteerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SteerVariables struct {
 	SteerCidLen       *ebpf.Variable `ebpf:"steer_cid_len"`
+	SteerFlowMask     *ebpf.Variable `ebpf:"steer_flow_mask"`
 	SteerMode         *ebpf.Variable `ebpf:"steer_mode"`
+	SteerPinMask      *ebpf.Variable `ebpf:"steer_pin_mask"`
 	SteerSlotMask     *ebpf.Variable `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.Variable `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.Variable `ebpf:"steer_slot_shift"`
 	SteerTickNs       *ebpf.Variable `ebpf:"steer_tick_ns"`
+	SteerTimeShift    *ebpf.Variable `ebpf:"steer_time_shift"`
 	SteerWorkerOffset *ebpf.Variable `ebpf:"steer_worker_offset"`
 	SteerWorkers      *ebpf.Variable `ebpf:"steer_workers"`
 }

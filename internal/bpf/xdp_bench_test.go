@@ -63,6 +63,7 @@ func BenchmarkXDP(b *testing.B) {
 		{"quic short header (CID), IPv6", quic.objs.XdpSteer, quic, frame(v6Tuple, nil, short), xdpRedirect, hit{1, cntCID}},
 		{"quic short header (CID), IPv4 options", quic.objs.XdpSteer, quic, frame(v4Tuple, ipOpts, short), xdpRedirect, hit{1, cntCID}},
 		{"quic short header, 37-byte datagram", quic.objs.XdpSteer, quic, frame(v4Tuple, nil, short[:29]), xdpRedirect, hit{1, cntCID}},
+		{"quic Handshake (CID)", quic.objs.XdpSteer, quic, frame(v4Tuple, nil, longHeader(ptHandshake, serverCID(b, 1), 64)), xdpRedirect, hit{1, cntCID}},
 		{"quic Initial, retransmit (pinned)", quic.objs.XdpSteer, quic, frame(v4Tuple, nil, initial), xdpRedirect, hit{2, cntPin}},
 		{"quic Initial, first", quicNew.objs.XdpSteer, quicNew, frame(v4Tuple, nil, initial), xdpRedirect, hit{2, cntNew}},
 		{"quic Initial, first, IPv6", quicNew.objs.XdpSteer, quicNew, frame(v6Tuple, nil, initial), xdpRedirect, hit{2, cntNew}},

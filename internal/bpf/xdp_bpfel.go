@@ -23,11 +23,14 @@ const (
 	XDPMapXsks              = "xsks"
 	XDPProgXdpSteer         = "xdp_steer"
 	XDPVarSteerCidLen       = "steer_cid_len"
+	XDPVarSteerFlowMask     = "steer_flow_mask"
 	XDPVarSteerMode         = "steer_mode"
+	XDPVarSteerPinMask      = "steer_pin_mask"
 	XDPVarSteerSlotMask     = "steer_slot_mask"
 	XDPVarSteerSlotOffset   = "steer_slot_offset"
 	XDPVarSteerSlotShift    = "steer_slot_shift"
 	XDPVarSteerTickNs       = "steer_tick_ns"
+	XDPVarSteerTimeShift    = "steer_time_shift"
 	XDPVarSteerWorkerOffset = "steer_worker_offset"
 	XDPVarXdpHashSeed       = "xdp_hash_seed"
 	XDPVarXdpPort           = "xdp_port"
@@ -94,11 +97,14 @@ type XDPMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XDPVariableSpecs struct {
 	SteerCidLen       *ebpf.VariableSpec `ebpf:"steer_cid_len"`
+	SteerFlowMask     *ebpf.VariableSpec `ebpf:"steer_flow_mask"`
 	SteerMode         *ebpf.VariableSpec `ebpf:"steer_mode"`
+	SteerPinMask      *ebpf.VariableSpec `ebpf:"steer_pin_mask"`
 	SteerSlotMask     *ebpf.VariableSpec `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.VariableSpec `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.VariableSpec `ebpf:"steer_slot_shift"`
 	SteerTickNs       *ebpf.VariableSpec `ebpf:"steer_tick_ns"`
+	SteerTimeShift    *ebpf.VariableSpec `ebpf:"steer_time_shift"`
 	SteerWorkerOffset *ebpf.VariableSpec `ebpf:"steer_worker_offset"`
 	XdpHashSeed       *ebpf.VariableSpec `ebpf:"xdp_hash_seed"`
 	XdpPort           *ebpf.VariableSpec `ebpf:"xdp_port"`
@@ -146,11 +152,14 @@ func (m *XDPMaps) Close() error {
 // It can be passed to LoadXDPObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XDPVariables struct {
 	SteerCidLen       *ebpf.Variable `ebpf:"steer_cid_len"`
+	SteerFlowMask     *ebpf.Variable `ebpf:"steer_flow_mask"`
 	SteerMode         *ebpf.Variable `ebpf:"steer_mode"`
+	SteerPinMask      *ebpf.Variable `ebpf:"steer_pin_mask"`
 	SteerSlotMask     *ebpf.Variable `ebpf:"steer_slot_mask"`
 	SteerSlotOffset   *ebpf.Variable `ebpf:"steer_slot_offset"`
 	SteerSlotShift    *ebpf.Variable `ebpf:"steer_slot_shift"`
 	SteerTickNs       *ebpf.Variable `ebpf:"steer_tick_ns"`
+	SteerTimeShift    *ebpf.Variable `ebpf:"steer_time_shift"`
 	SteerWorkerOffset *ebpf.Variable `ebpf:"steer_worker_offset"`
 	XdpHashSeed       *ebpf.Variable `ebpf:"xdp_hash_seed"`
 	XdpPort           *ebpf.Variable `ebpf:"xdp_port"`

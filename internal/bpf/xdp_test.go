@@ -73,8 +73,8 @@ func TestXDPSpec(t *testing.T) {
 	}{
 		{XDPMapXsks, ebpf.XSKMap, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_MAX_QUEUES)},
 		{XDPMapConfig, ebpf.Array, 1},
-		{XDPMapFlows, ebpf.LRUHash, 0},
-		{XDPMapInitials, ebpf.LRUHash, 0},
+		{XDPMapFlows, ebpf.Array, 0},
+		{XDPMapInitials, ebpf.Array, 0},
 		{XDPMapCounters, ebpf.PerCPUArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_N_COUNTERS)},
 	}
 	if len(spec.Maps) != len(checks)+1 { // and .rodata
@@ -108,18 +108,12 @@ func TestXDPSpec(t *testing.T) {
 	// The Go types user space writes the XDP maps with.
 	for name, size := range map[string]uintptr{
 		XDPMapConfig:   unsafe.Sizeof(SteerConfig{}),
-		XDPMapFlows:    unsafe.Sizeof(SteerFlow{}),
-		XDPMapInitials: unsafe.Sizeof(SteerPin{}),
+		XDPMapFlows:    unsafe.Sizeof(SteerFlowBucket{}),
+		XDPMapInitials: unsafe.Sizeof(SteerPinBucket{}),
 	} {
 		if got := spec.Maps[name].ValueSize; got != uint32(size) {
 			t.Errorf("map %q: value size %d, the Steer Go type's %d", name, got, size)
 		}
-	}
-	if got, want := spec.Maps[XDPMapFlows].KeySize, uint32(unsafe.Sizeof(SteerFlowKey{})); got != want {
-		t.Errorf("flows key size %d, SteerFlowKey %d", got, want)
-	}
-	if got, want := spec.Maps[XDPMapInitials].KeySize, uint32(unsafe.Sizeof(SteerPinKey{})); got != want {
-		t.Errorf("initials key size %d, SteerPinKey %d", got, want)
 	}
 	// Both objects must take the same load-time constants of the
 	// classification, by name and size.

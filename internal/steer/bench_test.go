@@ -50,6 +50,9 @@ func TestProgramCost(t *testing.T) {
 	// than the program's 40-byte header copy.
 	ack := short[:29]
 	retrans := longHeader(quicV1, "initial", clientDCID(8))
+	// A client's Handshake packet: the server's CID, read like a short
+	// header's.
+	handshake := longHeader(quicV1, "handshake", serverCID(t, layout, gen1, 0))
 	// New handshakes: a fresh DCID per datagram, so every one inserts a
 	// pin. Built up front so that building them is not measured.
 	fresh := make([][]byte, packets*rounds)
@@ -93,6 +96,7 @@ func TestProgramCost(t *testing.T) {
 			func(int) error { return sendTo(rc, short, r) }},
 		{"quic short header (CID)", costOf(q, packets), func(int) error { return sendTo(c, short, q) }},
 		{"quic short header, 37-byte datagram", costOf(q, packets), func(int) error { return sendTo(c, ack, q) }},
+		{"quic Handshake (CID)", costOf(q, packets), func(int) error { return sendTo(c, handshake, q) }},
 		{"quic Initial, new, same 4-tuple", costOf(q, packets), func(i int) error { return sendTo(c, fresh[round*packets+i], q) }},
 		{"quic Initial, new 4-tuple", costOf(q, packets), func(i int) error { return raw.send(newTuple(i), q.Addr(), fresh[round*packets+i]) }},
 		{"quic Initial, retransmit (pinned)", costOf(q, packets), func(int) error { return sendTo(rtc, retrans, q) }},

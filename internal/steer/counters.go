@@ -17,6 +17,11 @@ type Counters struct {
 	Fallback uint64 // unparseable, unknown or dead-slot datagrams sent here as the working slot
 	Errors   uint64 // this slot was chosen but had no socket to select
 	Dropped  uint64 // slot 0 only: nothing could be selected, datagram dropped
+	// Unrecorded counts the datagrams among New whose flow or handshake
+	// the program's tables had no room to record: every way of its
+	// bucket held a live entry that must not be replaced (see
+	// Config.FlowEntries). Each datagram of such a flow is new again.
+	Unrecorded uint64
 }
 
 // Delivered is the number of datagrams the program sent to the slot.
@@ -57,6 +62,7 @@ func (g *Group) readCountersLocked(slot int) (Counters, error) {
 		contract.CounterFallback: &c.Fallback,
 		contract.CounterError:    &c.Errors,
 		contract.CounterDrop:     &c.Dropped,
+		counterUnrecorded:        &c.Unrecorded,
 	}
 	if err := readCounters(g.objs.counters, slot, dst); err != nil {
 		return Counters{}, fmt.Errorf("%s: %w", g.where, err)

@@ -11,7 +11,8 @@ import (
 	"github.com/baton-run/baton/internal/contract"
 )
 
-// flowBatch is how many flow table entries one system call reads.
+// flowBatch is how many flow table entries (legacy LRU table) or buckets
+// one system call reads.
 const flowBatch = 4096
 
 // Flows counts, for every live slot, the entries of the program's flow
@@ -25,7 +26,7 @@ const flowBatch = 4096
 // timeout is Config.FlowIdle: the count is the flows that stay with the
 // slot's generation, new ones included; a draining generation's falls as
 // its clients go quiet. Expired entries stay in the table until they are
-// reused or evicted, and do not count.
+// reused, and do not count.
 //
 // In contract.ModeQUIC the table holds, per client 4-tuple, a record of
 // its latest new handshake only, and the timeout is Config.InitialPin:
@@ -37,12 +38,15 @@ const flowBatch = 4096
 // by their CIDs and have no entry.
 //
 // A slot with no such entry counts 0; in contract.ModeOff there are no
-// slots. The table is read in batches of 4096 entries, without holding
-// the group's lock or stopping the program: the kernel copies a bucket at
-// a time, about half a microsecond per entry (some 35 ms of system time
-// for a full table of 65536). At most twice the table's size is read, even
-// while the program rewrites it. An entry that the program adds or
-// refreshes during the read may or may not count.
+// slots. The table is read in batches of 4096 buckets of 8 entries,
+// without holding the group's lock or stopping the program (15-30 ms for
+// the default table of 16384 buckets, on a loaded 2-core VM). An entry
+// that the program adds or refreshes during the read may or may not
+// count.
+//
+// A program adopted from a supervisor older than the bucket tables keeps
+// its LRU hash table, which is read as such (about half a microsecond per
+// entry).
 func (g *Group) Flows() (map[int]int, error) {
 	g.mu.Lock()
 	if g.objs == nil || g.closed {
@@ -72,28 +76,81 @@ func (g *Group) Flows() (map[int]int, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
-	counts, err := countFlows(table, kcfg, now, timeout)
+	var counts map[int]int
+	if table.Type() == ebpf.Array {
+		counts, err = countBuckets(table, kcfg, now, timeout, timeShift(g.cfg.tableTimeout()))
+	} else {
+		counts, err = countFlows(table, kcfg, now, timeout)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	return counts, nil
 }
 
-// countFlows counts the entries of table that the program would honour
-// at now under kcfg, per live slot.
-func countFlows(table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration) (map[int]int, error) {
+// liveSlots returns a count of 0 for every live slot of kcfg.
+func liveSlots(kcfg bpf.SteerConfig) map[int]int {
 	counts := make(map[int]int)
 	for slot := 1; slot <= contract.MaxSlot; slot++ {
 		if kcfg.Live&(1<<slot) != 0 {
 			counts[slot] = 0
 		}
 	}
+	return counts
+}
+
+// countBuckets counts the entries of the bucket table that the program
+// would honour at now under kcfg, per live slot; shift is the program's
+// steer_time_shift.
+func countBuckets(table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration, shift uint32) (map[int]int, error) {
+	counts := liveSlots(kcfg)
+	keys := make([]uint32, flowBatch)
+	vals := make([]bpf.SteerFlowBucket, flowBatch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := table.BatchLookup(&cursor, keys, vals, nil)
+		for _, b := range vals[:n] {
+			for _, w := range b.Way {
+				if slot, live := entryLive(w, kcfg, now, timeout, shift); live {
+					counts[slot]++
+				}
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return counts, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read flow table: %w", err)
+		}
+	}
+}
+
+// legacyFlowKey and legacyFlow are the key and value of the LRU hash flow
+// table of programs older than the bucket tables, which a supervisor
+// adopts from an older one.
+type legacyFlowKey struct {
+	Hash  uint32
+	Sport uint16
+	_     uint16
+}
+
+type legacyFlow struct {
+	Slot     uint32
+	Epoch    uint32
+	LastSeen uint64
+	_        [40]byte // QUIC mode: the exact addresses and the pin's DCID bytes
+}
+
+// countFlows counts the entries of a legacy LRU table that the program
+// would honour at now under kcfg, per live slot.
+func countFlows(table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration) (map[int]int, error) {
+	counts := liveSlots(kcfg)
 	// A batch read walks the hash table's buckets once, so it ends even
 	// while entries come and go; the bound is for whatever else could make
 	// it run long.
 	limit := 2*int(table.MaxEntries()) + flowBatch
-	keys := make([]bpf.SteerFlowKey, flowBatch)
-	vals := make([]bpf.SteerFlow, flowBatch)
+	keys := make([]legacyFlowKey, flowBatch)
+	vals := make([]legacyFlow, flowBatch)
 	var cursor ebpf.MapBatchCursor
 	for read := 0; ; {
 		n, err := table.BatchLookup(&cursor, keys, vals, nil)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"sync"
@@ -50,10 +51,16 @@ type Config struct {
 	// generation that got its first Initial, which is what makes a
 	// retransmitted Initial follow it across a flip; default 10s.
 	InitialPin time.Duration
-	// FlowEntries and PinEntries size the LRU maps of flows (and, in
+	// FlowEntries and PinEntries size the tables of flows (and, in
 	// QUIC mode, recent handshakes per 4-tuple) and Initial pins;
-	// defaults 65536 and 16384. When full, the least recently used
-	// entry goes, and its next datagram counts as a new flow.
+	// defaults 65536 and 16384, at most 2^24. A table has buckets of 8
+	// entries, as many as hold twice the size, rounded up to a power of
+	// two (6 MB of kernel memory for the default flow table). A
+	// new entry only replaces one whose datagrams go to the same place
+	// without it (empty, expired, of a released generation, or of the
+	// working slot while there is no canary); when its bucket holds
+	// none, the new flow or handshake is not recorded and counts in
+	// Counters.Unrecorded (see classify.h, "The tables").
 	FlowEntries int
 	PinEntries  int
 	// V6Only makes a wildcard IPv6 address ("[::]:443" or ":443") accept
@@ -104,8 +111,8 @@ func (c *Config) validate() error {
 	if c.FlowIdle < time.Millisecond || c.InitialPin < time.Millisecond {
 		errs = append(errs, fmt.Errorf("flow idle %v and initial pin %v must be at least 1ms", c.FlowIdle, c.InitialPin))
 	}
-	if c.FlowEntries < 1 || c.PinEntries < 1 {
-		errs = append(errs, fmt.Errorf("map sizes %d and %d must be positive", c.FlowEntries, c.PinEntries))
+	if c.FlowEntries < 1 || c.PinEntries < 1 || c.FlowEntries > maxTableEntries || c.PinEntries > maxTableEntries {
+		errs = append(errs, fmt.Errorf("table sizes %d and %d must be 1..%d", c.FlowEntries, c.PinEntries, maxTableEntries))
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("udp steering: config: %w", errors.Join(errs...))
@@ -273,6 +280,7 @@ func setShape(spec *ebpf.CollectionSpec, cfg Config, tick uint32) error {
 		bpf.SteerVarSteerWorkerOffset: wo,
 		bpf.SteerVarSteerTickNs:       tick,
 	}
+	maps.Copy(vals, sizeTables(spec, cfg))
 	for name, v := range vals {
 		vs := spec.Variables[name]
 		if vs == nil && name == bpf.SteerVarSteerWorkers && cfg.Workers == 1 {
@@ -294,12 +302,13 @@ func (g *Group) loadAndAttach(prog program) error {
 	if err != nil {
 		return fmt.Errorf("udp steering: parse embedded program: %w", err)
 	}
-	spec.Maps[bpf.SteerMapFlows].MaxEntries = uint32(g.cfg.FlowEntries)
-	spec.Maps[bpf.SteerMapInitials].MaxEntries = uint32(g.cfg.PinEntries)
 	if err := setShape(spec, g.cfg, prog.tick); err != nil {
 		return fmt.Errorf("udp steering: %w", err)
 	}
-	loaded := new(bpf.SteerObjects)
+	// The program and maps only: the load-time constants are set in the
+	// spec, and a program older than some of them (a test loads one)
+	// lacks those.
+	loaded := new(steerLoaded)
 	if err := spec.LoadAndAssign(loaded, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) && !errors.Is(err, unix.EPERM) {

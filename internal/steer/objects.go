@@ -42,7 +42,13 @@ func (o *objects) Close() error {
 	return errors.Join(errs...)
 }
 
+// steerLoaded is what a group loads of the sk_reuseport program.
+type steerLoaded struct {
+	bpf.SteerPrograms
+	bpf.SteerMaps
+}
+
 // steerObjects takes over what the sk_reuseport program's bindings loaded.
-func steerObjects(o *bpf.SteerObjects) *objects {
+func steerObjects(o *steerLoaded) *objects {
 	return &objects{prog: o.Steer, config: o.Config, counters: o.Counters, flows: o.Flows, initials: o.Initials, sockets: o.Sockets}
 }

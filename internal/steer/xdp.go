@@ -162,8 +162,6 @@ func (g *Group) loadXDP(ifindex int, port uint16) error {
 	if err != nil {
 		return fmt.Errorf("%s: parse embedded program: %w", g.where, err)
 	}
-	spec.Maps[bpf.SteerMapFlows].MaxEntries = uint32(g.cfg.FlowEntries)
-	spec.Maps[bpf.SteerMapInitials].MaxEntries = uint32(g.cfg.PinEntries)
 	tick := bpf.TickNs()
 	if err := setShape(spec, g.cfg, tick); err != nil {
 		return fmt.Errorf("%s: %w", g.where, err)
