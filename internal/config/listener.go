@@ -49,6 +49,9 @@ type Listener struct {
 	CIDSlotOffset   int           // quic: octet holding the slot
 	CIDWorkerOffset int           // quic: octet holding the worker, -1 = none
 	FlowIdle        time.Duration // flow: idle time that ends a flow's pin; 0 = default
+	// FlowEntries and PinEntries size the steering program's flow and
+	// Initial pin tables (steer.Config); 0 = default.
+	FlowEntries, PinEntries int
 
 	// AF_XDP (xdp://IFACE:PORT): Addr is IFACE:PORT. The UDP options
 	// above (steer, cid_*, flow_idle) apply too.
@@ -259,6 +262,16 @@ func ParseListener(name, raw string) (Listener, error) {
 				return l, fmt.Errorf("listener %s: flow_idle=%q must be a positive duration", name, v)
 			}
 			l.FlowIdle = d
+		case (key == "flow_entries" || key == "pin_entries") && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > MaxTableEntries {
+				return l, fmt.Errorf("listener %s: %s=%q must be 1..%d", name, key, v, MaxTableEntries)
+			}
+			if key == "flow_entries" {
+				l.FlowEntries = n
+			} else {
+				l.PinEntries = n
+			}
 		case key == "owner" && l.Scheme == SchemeUnix:
 			l.Owner = v
 		case key == "group" && l.Scheme == SchemeUnix:
@@ -275,13 +288,18 @@ func knownOptions(scheme string) string {
 	case SchemeTCP:
 		return "backlog, v6only, steer, mptcp"
 	case SchemeUDP:
-		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
+		return "v6only, steer, workers, cid_len, cid_slot_offset, cid_worker_offset, flow_idle, flow_entries, pin_entries"
 	case SchemeXDP:
-		return "steer, queues, frames, frame_size, ring, cid_len, cid_slot_offset, cid_worker_offset, flow_idle"
+		return "steer, queues, frames, frame_size, ring, cid_len, cid_slot_offset, cid_worker_offset, flow_idle, flow_entries, pin_entries"
 	default:
 		return "backlog, mode, owner, group"
 	}
 }
+
+// MaxTableEntries bounds flow_entries and pin_entries: the steering
+// tables' entries hold 24 bits of the key's hash as its tag, and a table
+// far larger than that gains nothing.
+const MaxTableEntries = 1 << 24
 
 // validName keeps names usable in LISTEN_FDNAMES, which is colon-separated
 // and limited by systemd to 255 printable ASCII characters.
@@ -307,6 +325,7 @@ func (l Listener) Same(o Listener) bool {
 		l.Owner == o.Owner && l.Group == o.Group && l.Steer == o.Steer &&
 		l.Workers == o.Workers && l.CIDLen == o.CIDLen && l.CIDSlotOffset == o.CIDSlotOffset &&
 		l.CIDWorkerOffset == o.CIDWorkerOffset && l.FlowIdle == o.FlowIdle &&
+		l.FlowEntries == o.FlowEntries && l.PinEntries == o.PinEntries &&
 		l.Iface == o.Iface && l.Port == o.Port && l.QueueFirst == o.QueueFirst && l.QueueLast == o.QueueLast &&
 		l.Frames == o.Frames && l.FrameSize == o.FrameSize && l.Ring == o.Ring
 }

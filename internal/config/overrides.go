@@ -148,7 +148,7 @@ const (
 const listenUsage = "NAME=URL listener, repeatable: tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT, quic://HOST:PORT, unix:///path,\n" +
 	"xdp://IFACE:PORT (AF_XDP on every address of IFACE);\n" +
 	"options as a query: ?backlog=N (tcp, unix), ?v6only=true (tcp, udp), ?mode=0660&owner=U&group=G (unix),\n" +
-	"?steer=on|off (tcp), ?steer=flow|quic|off&workers=W&flow_idle=D (udp, quic), ?cid_len=L&cid_slot_offset=N&cid_worker_offset=N (quic, xdp),\n" +
+	"?steer=on|off (tcp), ?steer=flow|quic|off&workers=W&flow_idle=D&flow_entries=N&pin_entries=N (udp, quic), ?cid_len=L&cid_slot_offset=N&cid_worker_offset=N (quic, xdp),\n" +
 	"?steer=quic|flow&queues=all|N|N-M&frames=4096&frame_size=4096|2048&ring=2048 (xdp)"
 
 func settingFor(name string) *setting {

@@ -225,7 +225,9 @@ func UDPConfig(spec config.Listener) steer.Config {
 	}
 	cid.SlotOffset = spec.CIDSlotOffset
 	cid.WorkerOffset = spec.CIDWorkerOffset
-	return steer.Config{Mode: mode, Workers: spec.Workers, CID: cid, FlowIdle: spec.FlowIdle, V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
+	return steer.Config{Mode: mode, Workers: spec.Workers, CID: cid, FlowIdle: spec.FlowIdle,
+		FlowEntries: spec.FlowEntries, PinEntries: spec.PinEntries,
+		V6Only: spec.V6Only, Logger: slog.Default().With("listener", spec.Name)}
 }
 
 // XDPConfig is the steering configuration of an xdp listener.
