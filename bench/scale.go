@@ -292,3 +292,38 @@ func stopSupervisor(p testkit.ProcID, bound time.Duration) error {
 	}
 	return nil
 }
+
+// udpErrors reads the namespace's UDP receive errors from /proc/net/snmp
+// (as a process inside it sees them): datagrams dropped for a full socket
+// buffer, and all receive errors.
+func (e *env) udpErrors() (rcvbuf, in int64) {
+	out, err := e.ns.Command("cat", "/proc/net/snmp").Output()
+	if err != nil {
+		return -1, -1
+	}
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "Udp:" {
+			continue
+		}
+		if names == nil {
+			names = f[1:]
+			continue
+		}
+		for i, v := range f[1:] {
+			if i >= len(names) {
+				break
+			}
+			n, _ := strconv.ParseInt(v, 10, 64)
+			switch names[i] {
+			case "RcvbufErrors":
+				rcvbuf = n
+			case "InErrors":
+				in = n
+			}
+		}
+		break
+	}
+	return rcvbuf, in
+}

@@ -26,6 +26,9 @@ type scaleWindow struct {
 	// statusTook and st: `baton status --json` at the end of the window.
 	statusTook time.Duration
 	st         control.Status
+	// UDP datagrams the namespace dropped for full socket buffers, and
+	// all UDP receive errors, during the window.
+	udpRcvbuf, udpIn int64
 }
 
 // supRSS is one supervisor's resident memory over a window.
@@ -64,7 +67,10 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 	sup, err := e.startBatonWith(batonSpec{tag: tag, listen: []string{"http=tcp://" + addr, "h3=quic://" + h3Addr},
 		// The old generations keep their connections for the whole run:
 		// that they are not broken is what is measured.
-		flags: []string{"--drain-timeout", "30m", "--stop-timeout", "15s", "--max-draining", "8"}})
+		flags: []string{"--drain-timeout", "30m", "--stop-timeout", "15s", "--max-draining", "8"},
+		// httpd's own bound on its drain, which would otherwise close
+		// the connections after 25 s.
+		childArgs: []string{"-drain-timeout", "30m"}})
 	if err != nil {
 		return nil, err
 	}
@@ -159,6 +165,7 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 		if err != nil {
 			return err
 		}
+		rb0, in0 := e.udpErrors()
 		start := time.Now()
 		rss := map[int]*supRSS{}
 		sample := func() {
@@ -214,6 +221,8 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 			return err
 		}
 		w.quic, w.tcp = q1.sub(q0), t1.sub(t0)
+		rb1, in1 := e.udpErrors()
+		w.udpRcvbuf, w.udpIn = rb1-rb0, in1-in0
 		for _, p := range pids {
 			w.sups = append(w.sups, *rss[p])
 		}
@@ -223,6 +232,7 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 		reap.addStatus(w.st)
 		progress("    HTTP/3: %s", w.quic)
 		progress("    HTTP/1.1: %s", w.tcp)
+		progress("    UDP receive errors: %d (full socket buffer: %d)", w.udpIn, w.udpRcvbuf)
 		l.windows = append(l.windows, w)
 		return nil
 	}

@@ -36,16 +36,19 @@ type holdCounts struct {
 	// keep-alive client to the new generation.
 	Closed int64
 	Open   int64 // connections open now
-	Errors []string
+	// Unanswered: HTTP/1.1 requests of Failed that got no byte of
+	// response, the connection closed or reset under them.
+	Unanswered int64
+	Errors     []string
 }
 
 func (c holdCounts) sub(o holdCounts) holdCounts {
 	return holdCounts{Sent: c.Sent - o.Sent, OK: c.OK - o.OK, Failed: c.Failed - o.Failed, Broken: c.Broken - o.Broken,
-		DialFailed: c.DialFailed - o.DialFailed, Closed: c.Closed - o.Closed, Open: c.Open}
+		DialFailed: c.DialFailed - o.DialFailed, Closed: c.Closed - o.Closed, Open: c.Open, Unanswered: c.Unanswered - o.Unanswered}
 }
 
 func (c holdCounts) String() string {
-	return fmt.Sprintf("open=%d sent=%d ok=%d failed=%d broken=%d dial_failed=%d closed_by_server=%d", c.Open, c.Sent, c.OK, c.Failed, c.Broken, c.DialFailed, c.Closed)
+	return fmt.Sprintf("open=%d sent=%d ok=%d failed=%d (unanswered=%d) broken=%d dial_failed=%d closed_by_server=%d", c.Open, c.Sent, c.OK, c.Failed, c.Unanswered, c.Broken, c.DialFailed, c.Closed)
 }
 
 // buildScaleLoad builds bench/cmd/scaleload into dir.
@@ -204,6 +207,7 @@ func addCounts(a, b holdCounts) holdCounts {
 	a.DialFailed += b.DialFailed
 	a.Closed += b.Closed
 	a.Open += b.Open
+	a.Unanswered += b.Unanswered
 	for _, e := range b.Errors {
 		if len(a.Errors) < 12 {
 			a.Errors = append(a.Errors, e)

@@ -65,7 +65,7 @@ func (r *scaleReport) write(w io.Writer, o options) {
 func (r *scaleReport) writeLoad(w io.Writer, o options) {
 	l := r.load
 	fmt.Fprintf(w, "### %d HTTP/3 and %d HTTP/1.1 connections across a restart and a supervisor upgrade\n\n", l.wantQUIC, l.wantTCP)
-	fmt.Fprintf(w, "`baton run --listen http=tcp://%s --listen h3=quic://%s --drain-timeout 30m -- httpd`. "+
+	fmt.Fprintf(w, "`baton run --listen http=tcp://%s --listen h3=quic://%s --drain-timeout 30m -- httpd -drain-timeout 30m`. "+
 		"%d HTTP/3 connections, each sending a GET every %s (%s timeout), and %d keep-alive HTTP/1.1 connections from %d source addresses (127.0.0.2 on), each sending a GET every %s. "+
 		"Connections open with at most %d HTTP/3 handshakes and %d TCP connects in flight; held: %d HTTP/3 and %d HTTP/1.1, open after %s. "+
 		"Then three windows of %s in a row: a baseline with no restart, one that starts with `restart`, one that starts with `restart --supervisor`. "+
@@ -102,6 +102,7 @@ func (r *scaleReport) writeLoad(w io.Writer, o options) {
 		row("HTTP/3: requests failed", func(win scaleWindow) string { return n(win.quic.Failed) })
 		row("HTTP/3: connections broken", func(win scaleWindow) string { return n(win.quic.Broken) })
 		row("HTTP/3: handshakes failed", func(win scaleWindow) string { return n(win.quic.DialFailed) })
+		row("UDP datagrams dropped in the namespace (receive errors / of which full socket buffer)", func(win scaleWindow) string { return fmt.Sprintf("%d / %d", win.udpIn, win.udpRcvbuf) })
 		row("**HTTP/3: broken, net of the baseline**", net(func(win scaleWindow) int64 { return win.quic.Broken }))
 		row("**HTTP/3: failed requests and handshakes, net of the baseline**", net(func(win scaleWindow) int64 { return win.quic.Failed + win.quic.DialFailed }))
 	}
@@ -109,6 +110,7 @@ func (r *scaleReport) writeLoad(w io.Writer, o options) {
 		row("HTTP/1.1: connections open at the end", func(win scaleWindow) string { return n(win.tcp.Open) })
 		row("HTTP/1.1: requests sent", func(win scaleWindow) string { return n(win.tcp.Sent) })
 		row("HTTP/1.1: requests failed", func(win scaleWindow) string { return n(win.tcp.Failed) })
+		row("HTTP/1.1: of the failed, unanswered (no byte of response: closed or reset under the request)", func(win scaleWindow) string { return n(win.tcp.Unanswered) })
 		row("HTTP/1.1: connections broken", func(win scaleWindow) string { return n(win.tcp.Broken) })
 		row("HTTP/1.1: connects failed", func(win scaleWindow) string { return n(win.tcp.DialFailed) })
 		row("HTTP/1.1: closed by the server, reopened", func(win scaleWindow) string { return n(win.tcp.Closed) })

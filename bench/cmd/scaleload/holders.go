@@ -43,15 +43,22 @@ type holdCounts struct {
 	// client to the new generation.
 	Closed int64
 	Open   int64 // connections open now
+	// Unanswered: see holdCounters.unanswered.
+	Unanswered int64
 }
 
 type holdCounters struct {
 	sent, ok, failed, broken, dialFailed, closed, open atomic.Int64
+	// unanswered: HTTP/1.1 requests that failed without a byte of
+	// response, the connection closed or reset under them: the ones an
+	// HTTP client may send again on a new connection by itself (as
+	// net/http does for idempotent requests on a reused connection).
+	unanswered atomic.Int64
 }
 
 func (h *holdCounters) snapshot() holdCounts {
 	return holdCounts{Sent: h.sent.Load(), OK: h.ok.Load(), Failed: h.failed.Load(), Broken: h.broken.Load(),
-		DialFailed: h.dialFailed.Load(), Closed: h.closed.Load(), Open: h.open.Load()}
+		DialFailed: h.dialFailed.Load(), Closed: h.closed.Load(), Open: h.open.Load(), Unanswered: h.unanswered.Load()}
 }
 
 // errKeeper keeps the first message of each kind (messages that differ
@@ -305,6 +312,24 @@ type tcpConn struct {
 	c   net.Conn
 	br  *bufio.Reader
 	gen string
+	in  *countingReader
+}
+
+// countingReader counts the bytes read from a connection.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func newTCPConn(nc net.Conn) *tcpConn {
+	in := &countingReader{r: nc}
+	return &tcpConn{c: nc, br: bufio.NewReaderSize(in, 1024), in: in}
 }
 
 // get sends one GET and reads the response; closeAfter says the server
@@ -343,7 +368,7 @@ func (t *tcpHolder) connect() (*tcpConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &tcpConn{c: nc, br: bufio.NewReaderSize(nc, 1024)}
+	c := newTCPConn(nc)
 	gen, closeAfter, err := t.get(c)
 	if err != nil {
 		nc.Close()
@@ -367,7 +392,7 @@ func (t *tcpHolder) connect2() (*tcpConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &tcpConn{c: nc, br: bufio.NewReaderSize(nc, 1024)}
+	c := newTCPConn(nc)
 	gen, _, err := t.get(c)
 	if err != nil {
 		nc.Close()
@@ -385,6 +410,10 @@ func (t *tcpHolder) connect2() (*tcpConn, error) {
 // the kernel.
 func peerClosed(c *tcpConn) bool {
 	if c.br.Buffered() > 0 {
+		return true
+	}
+	// RawConn.Read fails at once past the request's deadline.
+	if err := c.c.SetDeadline(time.Time{}); err != nil {
 		return true
 	}
 	sc, ok := c.c.(syscall.Conn)
@@ -458,10 +487,14 @@ func (t *tcpHolder) slot() {
 			continue
 		}
 		t.sent.Add(1)
+		before := c.in.n
 		gen, closeAfter, err := t.get(c)
 		switch {
 		case err != nil:
 			t.failed.Add(1)
+			if c.in.n == before {
+				t.unanswered.Add(1)
+			}
 			t.broken.Add(1)
 			t.errs.keep("HTTP/1.1 GET on %s (generation %s): %v", c.c.LocalAddr(), c.gen, err)
 			drop()

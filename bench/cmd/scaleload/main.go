@@ -25,8 +25,8 @@ import (
 
 // Counts is the answer to every command.
 type Counts struct {
-	Sent, OK, Failed, Broken, DialFailed, Closed, Open int64
-	Errors                                             []string
+	Sent, OK, Failed, Broken, DialFailed, Closed, Open, Unanswered int64
+	Errors                                                         []string
 }
 
 func main() {
@@ -62,7 +62,7 @@ func main() {
 	answer := func() {
 		c := snap()
 		if err := out.Encode(Counts{Sent: c.Sent, OK: c.OK, Failed: c.Failed, Broken: c.Broken, DialFailed: c.DialFailed,
-			Closed: c.Closed, Open: c.Open, Errors: errs()}); err != nil {
+			Closed: c.Closed, Open: c.Open, Unanswered: c.Unanswered, Errors: errs()}); err != nil {
 			fmt.Fprintln(os.Stderr, "scaleload: write:", err)
 			os.Exit(1)
 		}
