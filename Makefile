@@ -57,7 +57,7 @@ bench: build
 # supervisor's memory over 10,000 restarts. Smaller: add e.g.
 # SCALE_FLAGS='-scale-quic 1000 -scale-tcp 5000 -scale-restarts 1000'.
 bench-scale: build
-	$(GO) run ./bench -bin $(BIN) -only scale -out BENCHMARKS.md $(SCALE_FLAGS)
+	$(GO) run ./bench -bin $(BIN) -only scale -scale-steps 1000:5000,2500:10000,5000:15000 -out BENCHMARKS.md $(SCALE_FLAGS)
 
 clean:
 	rm -rf $(BIN)

@@ -81,6 +81,7 @@ type options struct {
 	scaleWindow          time.Duration
 	scaleQUICEvery       time.Duration
 	scaleTCPEvery        time.Duration
+	scaleTimeout         time.Duration
 	scaleSrcs            int
 	scaleQUICSetups      int
 	scaleTCPSetups       int
@@ -129,12 +130,13 @@ func main() {
 	flag.IntVar(&o.scaleTCP, "scale-tcp", 50000, "scale: keep-alive HTTP/1.1 connections held across the restarts")
 	flag.IntVar(&o.scaleRestarts, "scale-restarts", 10000, "scale: restarts in the memory and descriptor loop")
 	flag.DurationVar(&o.scaleWindow, "scale-window", 60*time.Second, "scale: length of the baseline window and of the window after each restart")
-	flag.DurationVar(&o.scaleQUICEvery, "scale-quic-every", time.Second, "scale: each HTTP/3 connection sends a GET this often")
+	flag.DurationVar(&o.scaleQUICEvery, "scale-quic-every", 10*time.Second, "scale: each HTTP/3 connection sends a GET this often")
+	flag.DurationVar(&o.scaleTimeout, "scale-timeout", 10*time.Second, "scale: a request (HTTP/3 or HTTP/1.1) without a complete response for this long has failed")
 	flag.DurationVar(&o.scaleTCPEvery, "scale-tcp-every", 10*time.Second, "scale: each HTTP/1.1 connection sends a GET this often")
 	flag.IntVar(&o.scaleSrcs, "scale-srcs", 16, "scale: loopback source addresses (127.0.0.2 on) the HTTP/1.1 connections come from")
 	flag.IntVar(&o.scaleQUICSetups, "scale-quic-setups", 16, "scale: HTTP/3 handshakes (with their first request) in flight at most; keep it under quic-go's accept queue of 32")
 	flag.IntVar(&o.scaleTCPSetups, "scale-tcp-setups", 128, "scale: HTTP/1.1 connects (with their first request) in flight at most")
-	flag.DurationVar(&o.scaleRampTimeout, "scale-ramp-timeout", 10*time.Minute, "scale: longest wait for the connections to open; the run goes on with those open")
+	flag.DurationVar(&o.scaleRampTimeout, "scale-ramp-timeout", 5*time.Minute, "scale: longest wait for the connections to open; the run goes on with those open")
 	flag.IntVar(&o.scaleSlotConns, "scale-slot-conns", 100, "scale: keep-alive connections each generation holds while every slot is taken")
 	flag.IntVar(&o.scaleStatusSamples, "scale-status-samples", 15, "scale: `baton status --json` runs per latency figure (the median is reported)")
 	flag.IntVar(&o.scaleSample, "scale-sample", 500, "scale: sample the supervisor's memory and descriptors every this many restarts")

@@ -102,14 +102,14 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 	t0 := time.Now()
 	per := e.scaleConnsPerProc()
 	for i := 0; i*per < nQUIC; i++ {
-		p, err := e.startLoad(scaleLoadBin, loadSpec{proto: "quic", addr: h3Addr, n: min(per, nQUIC-i*per), every: o.scaleQUICEvery, timeout: 5 * time.Second, setups: o.scaleQUICSetups})
+		p, err := e.startLoad(scaleLoadBin, loadSpec{proto: "quic", addr: h3Addr, n: min(per, nQUIC-i*per), every: o.scaleQUICEvery, timeout: o.scaleTimeout, setups: o.scaleQUICSetups})
 		if err != nil {
 			return l, err
 		}
 		q = append(q, p)
 	}
 	for i := 0; i*per < nTCP; i++ {
-		p, err := e.startLoad(scaleLoadBin, loadSpec{proto: "tcp", addr: addr, n: min(per, nTCP-i*per), every: o.scaleTCPEvery, timeout: 10 * time.Second,
+		p, err := e.startLoad(scaleLoadBin, loadSpec{proto: "tcp", addr: addr, n: min(per, nTCP-i*per), every: o.scaleTCPEvery, timeout: o.scaleTimeout,
 			setups: o.scaleTCPSetups, srcFirst: 2 + i*o.scaleSrcs, srcs: o.scaleSrcs})
 		if err != nil {
 			return l, err

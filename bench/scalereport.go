@@ -66,13 +66,13 @@ func (r *scaleReport) writeLoad(w io.Writer, o options) {
 	l := r.load
 	fmt.Fprintf(w, "### %d HTTP/3 and %d HTTP/1.1 connections across a restart and a supervisor upgrade\n\n", l.wantQUIC, l.wantTCP)
 	fmt.Fprintf(w, "`baton run --listen http=tcp://%s --listen h3=quic://%s --drain-timeout 30m -- httpd -drain-timeout 30m`. "+
-		"%d HTTP/3 connections, each sending a GET every %s (%s timeout), and %d keep-alive HTTP/1.1 connections from %d source addresses (127.0.0.2 on), each sending a GET every %s. "+
+		"%d HTTP/3 connections, each sending a GET every %s (%s timeout), and %d keep-alive HTTP/1.1 connections from %d source addresses (127.0.0.2 on), each sending a GET every %s (same timeout). "+
 		"Connections open with at most %d HTTP/3 handshakes and %d TCP connects in flight; held: %d HTTP/3 and %d HTTP/1.1, open after %s. "+
 		"Then three windows of %s in a row: a baseline with no restart, one that starts with `restart`, one that starts with `restart --supervisor`. "+
 		"The old generation keeps its HTTP/3 connections (steered to it by connection ID) for the whole run, across the supervisor upgrade too; "+
 		"httpd closes its idle HTTP/1.1 keep-alive connections once draining, and the clients then open new ones to the new generation (\"closed by the server\": not a failure, how HTTP/1.1 moves a client). "+
 		"A connection is broken when a request on it fails, it ends under the client, or a response on it comes from another generation than its first; it is then replaced.\n\n",
-		addr, h3Addr, l.wantQUIC, o.scaleQUICEvery, 5*time.Second, l.wantTCP, o.scaleSrcs, o.scaleTCPEvery,
+		addr, h3Addr, l.wantQUIC, o.scaleQUICEvery, o.scaleTimeout, l.wantTCP, o.scaleSrcs, o.scaleTCPEvery,
 		o.scaleQUICSetups, o.scaleTCPSetups, l.heldQUIC, l.heldTCP, l.rampTook.Round(time.Second), l.windows[0].length)
 	names := []string{}
 	for _, win := range l.windows {
@@ -249,7 +249,8 @@ func (r *scaleReport) writeSlots(w io.Writer, o options) {
 	fmt.Fprintf(w, "### Every generation slot taken\n\n")
 	fmt.Fprintf(w, "`baton run --listen http=tcp://%s --max-draining 31 --drain-timeout 30m -- httpd -ignore-drain`: a server whose connections outlive any drain (it keeps serving them until the drain timeout). "+
 		"Each generation, while it is the working one, gets %d keep-alive HTTP/1.1 connections that keep sending a GET every 2 s; then `restart`, until baton refuses one. "+
-		"`baton status --json` wall time is the median of %d runs.\n\n", addr, s.connsPerGen, o.scaleStatusSamples)
+		"`baton status --json` wall time is the median of %d runs. "+
+		"Every generation has a slot of its own in the steering programs' socket arrays, for TCP listeners too: slots 1 to 31, so at most 31 generations (the working one and 30 draining) live at once, whatever --max-draining says; the restart past that is refused with exit 8 (`no_slot`) before anything starts.\n\n", addr, s.connsPerGen, o.scaleStatusSamples)
 	fmt.Fprintf(w, "| | 1 generation | %d generations |\n|---|---|---|\n", s.full.gens)
 	fmt.Fprintf(w, "| generations (draining) | %d (%d) | %d (%d) |\n", s.one.gens, s.one.draining, s.full.gens, s.full.draining)
 	fmt.Fprintf(w, "| TCP connections held (status) | %d | %d |\n", s.one.live, s.full.live)
