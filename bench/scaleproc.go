@@ -190,7 +190,7 @@ type loadSet []*loadProc
 func (s loadSet) snap() (holdCounts, error) {
 	var sum holdCounts
 	for _, p := range s {
-		c, err := p.ask("snap", 30*time.Second)
+		c, err := p.ask("snap", 90*time.Second)
 		if err != nil {
 			return sum, err
 		}
