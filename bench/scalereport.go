@@ -39,7 +39,7 @@ func (r *scaleReport) write(w io.Writer, o options) {
 	fmt.Fprintf(w, "Run: %s; %s; load average %s at the start, %s at the end (a shared VM: other work ran too)  \n",
 		r.started.UTC().Format("2006-01-02 15:04 MST"), machine(), r.loadavg, loadAvg())
 	fmt.Fprintf(w, "Each part runs in a network namespace of its own on loopback (ephemeral ports 1024-65535, somaxconn 65535), RLIMIT_NOFILE %d for the bench and so for baton and examples/httpd. "+
-		"The clients run in load processes of their own (bench/cmd/scaleload) in the namespace: HTTP/3 with quic-go, one connection and one UDP socket each; HTTP/1.1 on raw keep-alive connections from several loopback source addresses. CPU figures come from utime+stime in clock ticks (10 ms), so a round trip of tens of milliseconds shows 0% when it used less than a tick. "+
+		"The clients run in load processes of their own (bench/cmd/scaleload) in the namespace: HTTP/3 with quic-go, one connection and one UDP socket each; HTTP/1.1 on raw keep-alive connections from several loopback source addresses. CPU figures come from utime+stime in clock ticks (10 ms), so a round trip of tens of milliseconds shows 0%% when it used less than a tick. "+
 		"Neither retries: a request that gets no complete 200 has failed.\n\n", r.nofile)
 	if r.load != nil && r.wantTCP > r.load.wantTCP {
 		fmt.Fprintf(w, "**Not at the size asked for:** %d HTTP/1.1 connections were asked for (-scale-tcp), %d were run. "+
