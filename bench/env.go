@@ -64,6 +64,8 @@ type batonSpec struct {
 	// files are passed at fds 3.. as systemd passes LISTEN_FDS (see
 	// batontest.Run).
 	files []*os.File
+	// childArgs are httpd's arguments.
+	childArgs []string
 }
 
 // startBatonWith starts baton with httpd and waits until a generation
@@ -73,7 +75,7 @@ func (e *env) startBatonWith(s batonSpec) (*testkit.Proc, error) {
 	for _, l := range s.listen {
 		args = append(args, "--listen", l)
 	}
-	args = append(append(args, s.flags...), "--", e.b.HTTPD)
+	args = append(append(append(args, s.flags...), "--", e.b.HTTPD), s.childArgs...)
 	p, err := e.startSpec(batontest.Run{Binary: e.b.Baton, Control: e.control(s.tag), Args: args, Env: s.env, Files: s.files}.Spec())
 	if err != nil {
 		return nil, err

@@ -74,6 +74,26 @@ type options struct {
 	soakNewConn  int
 	soakPause    time.Duration
 	soakTimeout  time.Duration
+
+	scaleQUIC            int
+	scaleTCP             int
+	scaleRestarts        int
+	scaleWindow          time.Duration
+	scaleQUICEvery       time.Duration
+	scaleTCPEvery        time.Duration
+	scaleTimeout         time.Duration
+	scaleSrcs            int
+	scaleQUICSetups      int
+	scaleTCPSetups       int
+	scaleRampTimeout     time.Duration
+	scaleSlotConns       int
+	scaleStatusSamples   int
+	scaleSample          int
+	scaleRestartsTimeout time.Duration
+	scaleParts           string
+	scaleStepsFlag       string
+	scaleSteps           []scaleStep
+	scaleStepWindow      time.Duration
 }
 
 func main() {
@@ -100,15 +120,39 @@ func main() {
 	flag.IntVar(&o.crashNewConn, "crash-newconn", 4, "supervisor crash: load workers, each opening a connection per request")
 	flag.DurationVar(&o.crashPause, "crash-pause", time.Millisecond, "supervisor crash: pause of each load worker between requests")
 	flag.IntVar(&o.upgrades, "upgrades", 20, "supervisor self-upgrades (at least 20); 0 leaves them out")
-	flag.StringVar(&o.only, "only", "", "run only this section: \"supervisor\" or \"soak\" (default: both), or one that runs only when named: \"tcp-accept\", \"tcp-migrate\", \"tcp\" (both), \"drain\", \"xdp\", \"restart-breakdown\"")
+	flag.StringVar(&o.only, "only", "", "run only this section: \"supervisor\" or \"soak\" (default: both), or one that runs only when named: \"tcp-accept\", \"tcp-migrate\", \"tcp\" (both), \"drain\", \"xdp\", \"restart-breakdown\", \"scale\"")
 	flag.IntVar(&o.soakRestarts, "soak-restarts", 1000, "restarts in the restart soak (at least 1000); 0 leaves it out")
 	flag.DurationVar(&o.soakInterval, "soak-interval", 50*time.Millisecond, "restart soak: pause after each restart")
 	flag.IntVar(&o.soakNewConn, "soak-newconn", 8, "restart soak: load workers, each opening a connection per request")
 	flag.DurationVar(&o.soakPause, "soak-pause", 0, "restart soak: pause of each load worker between requests")
 	flag.DurationVar(&o.soakTimeout, "soak-timeout", 15*time.Minute, "restart soak: stop starting restarts after this long")
+	flag.IntVar(&o.scaleQUIC, "scale-quic", 10000, "scale: long-lived HTTP/3 connections held across the restarts")
+	flag.IntVar(&o.scaleTCP, "scale-tcp", 50000, "scale: keep-alive HTTP/1.1 connections held across the restarts")
+	flag.IntVar(&o.scaleRestarts, "scale-restarts", 10000, "scale: restarts in the memory and descriptor loop")
+	flag.DurationVar(&o.scaleWindow, "scale-window", 60*time.Second, "scale: length of the baseline window and of the window after each restart")
+	flag.DurationVar(&o.scaleQUICEvery, "scale-quic-every", 10*time.Second, "scale: each HTTP/3 connection sends a GET this often")
+	flag.DurationVar(&o.scaleTimeout, "scale-timeout", 10*time.Second, "scale: a request (HTTP/3 or HTTP/1.1) without a complete response for this long has failed")
+	flag.DurationVar(&o.scaleTCPEvery, "scale-tcp-every", 10*time.Second, "scale: each HTTP/1.1 connection sends a GET this often")
+	flag.IntVar(&o.scaleSrcs, "scale-srcs", 16, "scale: loopback source addresses (127.0.0.2 on) the HTTP/1.1 connections come from")
+	flag.IntVar(&o.scaleQUICSetups, "scale-quic-setups", 16, "scale: HTTP/3 handshakes (with their first request) in flight at most; keep it under quic-go's accept queue of 32")
+	flag.IntVar(&o.scaleTCPSetups, "scale-tcp-setups", 128, "scale: HTTP/1.1 connects (with their first request) in flight at most")
+	flag.DurationVar(&o.scaleRampTimeout, "scale-ramp-timeout", 5*time.Minute, "scale: longest wait for the connections to open; the run goes on with those open")
+	flag.IntVar(&o.scaleSlotConns, "scale-slot-conns", 100, "scale: keep-alive connections each generation holds while every slot is taken")
+	flag.IntVar(&o.scaleStatusSamples, "scale-status-samples", 15, "scale: `baton status --json` runs per latency figure (the median is reported)")
+	flag.IntVar(&o.scaleSample, "scale-sample", 500, "scale: sample the supervisor's memory and descriptors every this many restarts")
+	flag.DurationVar(&o.scaleRestartsTimeout, "scale-restarts-timeout", 15*time.Minute, "scale: stop the restart loop after this long")
+	flag.StringVar(&o.scaleParts, "scale-parts", "load,slots,restarts", "scale: parts to run, comma-separated: load, slots, restarts")
+	flag.StringVar(&o.scaleStepsFlag, "scale-steps", "", "scale: also run the load part at these smaller sizes first, QUIC:TCP pairs, comma-separated (e.g. 1000:5000,2500:10000,5000:25000), without the supervisor upgrade")
+	flag.DurationVar(&o.scaleStepWindow, "scale-step-window", 20*time.Second, "scale: window length at the -scale-steps sizes")
 	flag.Parse()
+	var err error
+	if o.scaleSteps, err = parseScaleSteps(o.scaleStepsFlag); err != nil || o.scaleSample < 1 || o.scaleSrcs < 1 || o.scaleSrcs > 250 ||
+		o.scaleQUICSetups < 1 || o.scaleTCPSetups < 1 || o.scaleStatusSamples < 1 || o.scaleWindow <= 0 || o.scaleQUICEvery <= 0 || o.scaleTCPEvery <= 0 {
+		fmt.Fprintln(os.Stderr, "bench: bad -scale-* flags (-scale-steps is QUIC:TCP pairs; -scale-srcs 1..250; the rest positive)", err)
+		os.Exit(2)
+	}
 	if (o.only != "" && o.only != "supervisor" && o.only != "soak" && onlySections[o.only] == nil) || (o.only == "soak" && o.soakRestarts == 0) {
-		fmt.Fprintln(os.Stderr, "bench: -only takes \"supervisor\", \"soak\" (with -soak-restarts > 0), \"tcp-accept\", \"tcp-migrate\", \"tcp\", \"drain\", \"xdp\" or \"restart-breakdown\"")
+		fmt.Fprintln(os.Stderr, "bench: -only takes \"supervisor\", \"soak\" (with -soak-restarts > 0), \"tcp-accept\", \"tcp-migrate\", \"tcp\", \"drain\", \"xdp\", \"restart-breakdown\" or \"scale\"")
 		os.Exit(2)
 	}
 	if o.soakRestarts != 0 && (o.soakRestarts < 1000 || o.soakNewConn < 1 || o.soakTimeout <= 0) {

@@ -18,6 +18,7 @@ var onlySections = map[string]func(*env) error{
 	"drain":             (*env).drainSection,
 	"xdp":               (*env).xdpSection,
 	"restart-breakdown": (*env).restartBreakdownSection,
+	"scale":             (*env).scaleSection,
 	"tcp": func(e *env) error {
 		if err := e.tcpAcceptSection(); err != nil {
 			return err

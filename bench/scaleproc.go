@@ -1,0 +1,240 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// ---- the scale section's load processes (bench/cmd/scaleload) ----
+
+// holdCounts is a snapshot of load processes' counters (see
+// bench/cmd/scaleload).
+type holdCounts struct {
+	Sent, OK, Failed int64
+	// Broken counts connections that failed: a request on them failed,
+	// they ended under the client, or a response came from another
+	// generation than their first. Each is then replaced.
+	Broken int64
+	// DialFailed counts connects or QUIC handshakes (first request
+	// included) that failed.
+	DialFailed int64
+	// Closed counts HTTP/1.1 connections the server closed cleanly:
+	// between requests, or after a response with Connection: close. Each
+	// is replaced without a failure; this is how HTTP/1.1 moves a
+	// keep-alive client to the new generation.
+	Closed int64
+	Open   int64 // connections open now
+	// Unanswered: HTTP/1.1 requests of Failed that got no byte of
+	// response, the connection closed or reset under them.
+	Unanswered int64
+	Errors     []string
+}
+
+func (c holdCounts) sub(o holdCounts) holdCounts {
+	return holdCounts{Sent: c.Sent - o.Sent, OK: c.OK - o.OK, Failed: c.Failed - o.Failed, Broken: c.Broken - o.Broken,
+		DialFailed: c.DialFailed - o.DialFailed, Closed: c.Closed - o.Closed, Open: c.Open, Unanswered: c.Unanswered - o.Unanswered}
+}
+
+func (c holdCounts) String() string {
+	return fmt.Sprintf("open=%d sent=%d ok=%d failed=%d (unanswered=%d) broken=%d dial_failed=%d closed_by_server=%d", c.Open, c.Sent, c.OK, c.Failed, c.Unanswered, c.Broken, c.DialFailed, c.Closed)
+}
+
+// buildScaleLoad builds bench/cmd/scaleload into dir.
+func buildScaleLoad(dir string) (string, error) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		root := os.Getenv("GOROOT")
+		if root == "" {
+			return "", fmt.Errorf("build scaleload: no go command on PATH and GOROOT is not set: %w", err)
+		}
+		goBin = filepath.Join(root, "bin", "go")
+	}
+	out := filepath.Join(dir, "scaleload")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if b, err := exec.CommandContext(ctx, goBin, "build", "-o", out, "./bench/cmd/scaleload").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build bench/cmd/scaleload (run the bench from the repository's root): %w: %s", err, bytes.TrimSpace(b))
+	}
+	return out, nil
+}
+
+// loadProc is one running scaleload.
+type loadProc struct {
+	cmd  *exec.Cmd
+	in   io.WriteCloser
+	out  *bufio.Reader
+	log  string
+	mu   sync.Mutex
+	done bool
+}
+
+// loadSpec is one scaleload to start.
+type loadSpec struct {
+	proto    string // tcp or quic
+	addr     string
+	n        int
+	every    time.Duration
+	timeout  time.Duration
+	setups   int
+	srcFirst int // tcp
+	srcs     int // tcp
+}
+
+// startLoad starts scaleload inside the namespace. It dies with the bench
+// (parent-death signal) if the bench dies first.
+func (e *env) startLoad(bin string, s loadSpec) (*loadProc, error) {
+	args := []string{"-proto", s.proto, "-addr", s.addr, "-n", strconv.Itoa(s.n), "-every", s.every.String(),
+		"-timeout", s.timeout.String(), "-setups", strconv.Itoa(s.setups)}
+	if s.proto == "tcp" {
+		args = append(args, "-src-first", strconv.Itoa(s.srcFirst), "-srcs", strconv.Itoa(s.srcs))
+	}
+	cmd := e.ns.Command(bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	logPath := filepath.Join(e.dir, fmt.Sprintf("scaleload-%s-%d.log", s.proto, time.Now().UnixNano()))
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("scaleload log: %w", err)
+	}
+	defer logFile.Close()
+	cmd.Stderr = logFile
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("scaleload stdin: %w", err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("scaleload stdout: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start scaleload: %w", err)
+	}
+	return &loadProc{cmd: cmd, in: in, out: bufio.NewReader(out), log: logPath}, nil
+}
+
+// ask sends one command and reads its answer, bounded.
+func (p *loadProc) ask(command string, bound time.Duration) (holdCounts, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var c holdCounts
+	if p.done {
+		return c, errors.New("scaleload already stopped")
+	}
+	if _, err := io.WriteString(p.in, command+"\n"); err != nil {
+		return c, fmt.Errorf("scaleload %s: %w (log %s)", command, err, p.log)
+	}
+	type answer struct {
+		line []byte
+		err  error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		line, err := p.out.ReadBytes('\n')
+		ch <- answer{line, err}
+	}()
+	select {
+	case a := <-ch:
+		if a.err != nil {
+			return c, fmt.Errorf("scaleload %s: read: %w (log %s)", command, a.err, p.log)
+		}
+		if err := json.Unmarshal(a.line, &c); err != nil {
+			return c, fmt.Errorf("scaleload %s: %w", command, err)
+		}
+		return c, nil
+	case <-time.After(bound):
+		_ = p.cmd.Process.Kill()
+		return c, fmt.Errorf("scaleload %s: no answer within %s (log %s)", command, bound, p.log)
+	}
+}
+
+// stop stops the load, closes its connections and waits for the exit;
+// bounded, then killed.
+func (p *loadProc) stop() (holdCounts, error) {
+	c, err := p.ask("stop", 60*time.Second)
+	p.mu.Lock()
+	p.done = true
+	p.mu.Unlock()
+	_ = p.in.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- p.cmd.Wait() }()
+	select {
+	case werr := <-exited:
+		if werr != nil && err == nil {
+			err = fmt.Errorf("scaleload: %w (log %s)", werr, p.log)
+		}
+	case <-time.After(30 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-exited
+		if err == nil {
+			err = fmt.Errorf("scaleload did not exit within 30s of stop; killed (log %s)", p.log)
+		}
+	}
+	return c, err
+}
+
+// loadSet is several load processes read as one.
+type loadSet []*loadProc
+
+// snap sums the counters of every process.
+func (s loadSet) snap() (holdCounts, error) {
+	var sum holdCounts
+	for _, p := range s {
+		c, err := p.ask("snap", 90*time.Second)
+		if err != nil {
+			return sum, err
+		}
+		sum = addCounts(sum, c)
+	}
+	return sum, nil
+}
+
+func addCounts(a, b holdCounts) holdCounts {
+	a.Sent += b.Sent
+	a.OK += b.OK
+	a.Failed += b.Failed
+	a.Broken += b.Broken
+	a.DialFailed += b.DialFailed
+	a.Closed += b.Closed
+	a.Open += b.Open
+	a.Unanswered += b.Unanswered
+	for _, e := range b.Errors {
+		if len(a.Errors) < 12 {
+			a.Errors = append(a.Errors, e)
+		}
+	}
+	return a
+}
+
+// stopAll stops every process at once and sums their final counters.
+func (s loadSet) stopAll() (holdCounts, error) {
+	type res struct {
+		c   holdCounts
+		err error
+	}
+	ch := make(chan res, len(s))
+	for _, p := range s {
+		go func() {
+			c, err := p.stop()
+			ch <- res{c, err}
+		}()
+	}
+	var sum holdCounts
+	var errs []error
+	for range s {
+		r := <-ch
+		sum = addCounts(sum, r.c)
+		errs = append(errs, r.err)
+	}
+	return sum, errors.Join(errs...)
+}
