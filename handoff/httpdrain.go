@@ -3,6 +3,7 @@ package handoff
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +12,10 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultIdleGrace is how long HTTPDrainer leaves an idle keep-alive
@@ -39,7 +43,10 @@ var ErrUntrackedServe = errors.New("server served outside HTTPDrainer.Serve: a c
 // drainer instead stops accepting, answers every further request with
 // "Connection: close" (so each client finishes its exchange and opens its
 // next connection to the new generation), waits until the connections are
-// gone or have sat idle for IdleGrace, and only then calls Shutdown.
+// gone or have sat idle for IdleGrace, then closes each idle connection
+// that has no unread bytes in its socket (one whose next request arrived
+// but was not read yet is answered instead), and only then calls
+// Shutdown.
 //
 // Serve the server with HTTPDrainer.Serve, not srv.Serve: a connection
 // the kernel handed to Accept just before the listener closed reaches the
@@ -266,6 +273,20 @@ func (d *HTTPDrainer) Drain(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+	// Close the idle connections here rather than in Shutdown, which
+	// closes each idle one without looking: a client's next request can
+	// be in the socket, unread, while the server still counts the
+	// connection idle, and closing it loses that request. A connection
+	// with bytes waiting is left to read them; it answers with
+	// "Connection: close" and closes itself.
+	for d.closeIdle() {
+		select {
+		case <-ctx.Done():
+			d.srv.Close()
+			return errors.Join(append(errs, fmt.Errorf("drain: %w", ctx.Err()))...)
+		case <-t.C:
+		}
+	}
 	// Shutdown closes the listeners a direct srv.Serve still tracks; those
 	// are closed already, which is no failure of the drain.
 	if err := d.srv.Shutdown(ctx); err != nil && !errors.Is(err, net.ErrClosed) {
@@ -298,6 +319,51 @@ func (d *HTTPDrainer) settled(start time.Time) bool {
 		}
 	}
 	return true
+}
+
+// closeIdle closes every idle connection with nothing unread and reports
+// whether any connection is left open.
+func (d *HTTPDrainer) closeIdle() bool {
+	d.mu.Lock()
+	var idle []net.Conn
+	for c, ci := range d.conns {
+		if ci.state == http.StateIdle {
+			idle = append(idle, c)
+		}
+	}
+	d.mu.Unlock()
+	for _, c := range idle {
+		if n, ok := unread(c); ok && n > 0 {
+			continue
+		}
+		// The server's read of the next request fails and it drops
+		// the connection (StateClosed).
+		_ = c.Close()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.conns) > 0
+}
+
+// unread returns how many bytes wait in c's socket to be read (for TLS,
+// in the TCP socket beneath); ok is false when c has no socket to ask.
+func unread(c net.Conn) (n int, ok bool) {
+	if tc, isTLS := c.(*tls.Conn); isTLS {
+		c = tc.NetConn()
+	}
+	sc, isSys := c.(syscall.Conn)
+	if !isSys {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil || ierr != nil {
+		return 0, false
+	}
+	return n, true
 }
 
 // Open returns the number of tracked connections, for logs.

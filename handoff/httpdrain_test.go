@@ -424,3 +424,73 @@ func waitRefused(t *testing.T, addr net.Addr) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// TestHTTPDrainerUnreadRequest: a client's next request already sits in
+// the socket while the server still counts the connection idle (its
+// goroutine has not read it yet). Closing the connection as idle would
+// lose that request; the drainer answers it instead.
+func TestHTTPDrainerUnreadRequest(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	defer ln.Close()
+	// The server's goroutine for the connection reports StateIdle to
+	// this hook before it reads the next request; holding it there
+	// keeps the request unread while the connection counts as idle.
+	idle := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var once sync.Once
+	srv := &http.Server{Handler: helloHandler(), ReadHeaderTimeout: bound, IdleTimeout: time.Minute,
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st != http.StateIdle {
+				return
+			}
+			hold := false
+			once.Do(func() { hold = true })
+			if hold {
+				idle <- struct{}{}
+				select {
+				case <-release:
+				case <-time.After(2 * bound):
+				}
+			}
+		}}
+	d, served := startDrainer(srv, ln)
+	d.IdleGrace = 10 * time.Millisecond
+
+	c := dial(t, ln.Addr())
+	if err := c.send("/"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.response(); err != nil {
+		t.Fatalf("before the drain: %v", err)
+	}
+	select {
+	case <-idle:
+	case <-time.After(bound):
+		t.Fatal("connection never reported idle")
+	}
+	// The next request, written while the server's goroutine is held.
+	if err := c.send("/"); err != nil {
+		t.Fatal(err)
+	}
+	drained := drainAsync(d)
+	// Long past IdleGrace: the drain has had every chance to close the
+	// connection as idle.
+	time.Sleep(20*d.IdleGrace + 100*time.Millisecond)
+	close(release)
+	resp, body, err := c.response()
+	if err != nil {
+		t.Fatalf("request sent on an idle connection as the drain began was lost: %v", err)
+	}
+	if resp.StatusCode != http.StatusOK || body != "hello" || !resp.Close {
+		t.Errorf("got %s %q close=%v, want 200 \"hello\" with Connection: close", resp.Status, body, resp.Close)
+	}
+	if err := waitErr(t, drained, "Drain"); err != nil {
+		t.Errorf("Drain: %v", err)
+	}
+	if err := waitErr(t, served, "Serve"); !errors.Is(err, http.ErrServerClosed) {
+		t.Errorf("Serve returned %v, want http.ErrServerClosed", err)
+	}
+}
