@@ -258,14 +258,14 @@ func writeUDP(tw *tabwriter.Writer, ls []control.ListenerStatus) error {
 		for _, u := range l.UDP {
 			if !any {
 				fmt.Fprintln(tw)
-				fmt.Fprintln(tw, "UDP\tSLOT\tGEN\tBY CID\tBY PIN\tNEW\tFALLBACK\tERRORS\tDROPPED")
+				fmt.Fprintln(tw, "UDP\tSLOT\tGEN\tBY CID\tBY PIN\tNEW\tUNRECORDED\tFALLBACK\tERRORS\tDROPPED")
 				any = true
 			}
 			gen := "-"
 			if u.Generation > 0 {
 				gen = fmt.Sprint(u.Generation)
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", cell(l.Name), u.Slot, gen, u.CID, u.Pinned, u.New, u.Fallback, u.Errors, u.Dropped)
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", cell(l.Name), u.Slot, gen, u.CID, u.Pinned, u.New, u.Unrecorded, u.Fallback, u.Errors, u.Dropped)
 		}
 	}
 	if err := tw.Flush(); err != nil {

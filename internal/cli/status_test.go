@@ -55,9 +55,9 @@ LISTENER  URL                   FD  STEER
 http      tcp://127.0.0.1:8080  3   -
 quic      quic://:8443          4   quic, 2 per generation, working slot 3
 
-UDP   SLOT  GEN  BY CID  BY PIN  NEW  FALLBACK  ERRORS  DROPPED
-quic  2     2    120     3       0    0         0       0
-quic  3     3    40      0       9    1         0       0
+UDP   SLOT  GEN  BY CID  BY PIN  NEW  UNRECORDED  FALLBACK  ERRORS  DROPPED
+quic  2     2    120     3       0    0           0         0       0
+quic  3     3    40      0       9    0           1         0       0
 
 GEN  PID   STATE            AGE   READY   HOLDS                                                                  STATUS
 3    1234  serving          2m0s  12.3ms  -                                                                      accepting connections

@@ -394,6 +394,10 @@ type UDPStatus struct {
 	Pinned     uint64 `json:"by_pin"`
 	New        uint64 `json:"new"`
 	Fallback   uint64 `json:"fallback"`
+	// Unrecorded counts, among New, the datagrams whose flow or
+	// handshake the full flow or pin table could not record (docs/CID.md,
+	// "What happens at capacity").
+	Unrecorded uint64 `json:"unrecorded"`
 	Errors     uint64 `json:"errors"`
 	Dropped    uint64 `json:"dropped"`
 }

@@ -59,7 +59,9 @@ type Listener struct {
 type Slot struct {
 	Slot, Generation           int
 	CID, Pinned, New, Fallback uint64
-	Errors, Dropped            uint64
+	// Unrecorded is among New: flows the full table could not record.
+	Unrecorded      uint64
+	Errors, Dropped uint64
 }
 
 var (
@@ -81,10 +83,12 @@ var (
 		"Datagrams the UDP steering program gave a generation's slot, by path: cid (the slot in a QUIC connection ID), pin (a flow entry or Initial pin), new (a new flow or handshake to the working slot), fallback (unparseable or for a dead slot, to the working slot). Keyed by generation: a slot's counters restart when a new generation takes it.", []string{"listener", "generation", "slot", "path"}, nil)
 	descSteerErrors = prometheus.NewDesc("baton_udp_steering_errors_total",
 		"Datagrams for which the UDP steering program chose a slot that had no socket to select (generation \"none\": slot 0, no generation could take them).", []string{"listener", "generation", "slot"}, nil)
+	descUnrecorded = prometheus.NewDesc("baton_udp_unrecorded_total",
+		"New flows or QUIC handshakes, among the datagrams steered as new, that the steering program's full flow or pin table could not record: they stay with the working generation only until the next restart (docs/CID.md, \"What happens at capacity\").", []string{"listener", "generation", "slot"}, nil)
 	descDropped = prometheus.NewDesc("baton_udp_dropped_total",
 		"Datagrams the UDP steering program dropped because no socket could be selected.", []string{"listener"}, nil)
 
-	snapshotDescs = []*prometheus.Desc{descUp, descGenerations, descWorking, descCrashLoop, descGenInfo, descTCP, descUDPFlows, descDatagrams, descSteerErrors, descDropped}
+	snapshotDescs = []*prometheus.Desc{descUp, descGenerations, descWorking, descCrashLoop, descGenInfo, descTCP, descUDPFlows, descDatagrams, descSteerErrors, descUnrecorded, descDropped}
 )
 
 // Collector is baton's prometheus.Collector: the Store's cumulative
@@ -209,6 +213,7 @@ func (snap Snapshot) collect(ch chan<- prometheus.Metric) {
 			ch <- counter(descDatagrams, s.Pinned, l.Name, gen, slot, "pin")
 			ch <- counter(descDatagrams, s.New, l.Name, gen, slot, "new")
 			ch <- counter(descDatagrams, s.Fallback, l.Name, gen, slot, "fallback")
+			ch <- counter(descUnrecorded, s.Unrecorded, l.Name, gen, slot)
 			ch <- counter(descSteerErrors, s.Errors, l.Name, gen, slot)
 		}
 	}

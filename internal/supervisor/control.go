@@ -153,7 +153,7 @@ func wireStatus(st Status) control.Status {
 		for _, u := range l.UDP {
 			ls.UDP = append(ls.UDP, control.UDPStatus{
 				Slot: u.Slot, Generation: u.Generation, CID: u.CID, Pinned: u.Pinned, New: u.New,
-				Fallback: u.Fallback, Errors: u.Errors, Dropped: u.Dropped,
+				Fallback: u.Fallback, Unrecorded: u.Unrecorded, Errors: u.Errors, Dropped: u.Dropped,
 			})
 		}
 		if x := l.XDP; x != nil {

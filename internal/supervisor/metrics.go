@@ -138,7 +138,7 @@ func snapshotOf(st Status) metrics.Snapshot {
 		for _, c := range l.UDP {
 			ml.Slots = append(ml.Slots, metrics.Slot{
 				Slot: c.Slot, Generation: c.Generation,
-				CID: c.CID, Pinned: c.Pinned, New: c.New, Fallback: c.Fallback,
+				CID: c.CID, Pinned: c.Pinned, New: c.New, Fallback: c.Fallback, Unrecorded: c.Unrecorded,
 				Errors: c.Errors, Dropped: c.Dropped,
 			})
 		}
