@@ -79,6 +79,15 @@ func flipChild(out string) int {
 		fmt.Fprintln(os.Stderr, "ready:", err)
 		return 1
 	}
+	// Stay until the parent has taken the ready message and exited: a
+	// child that exits at once races its own ready message, and the
+	// parent may see the exit first and fail the upgrade.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := upg.WaitForParent(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "wait for the parent:", err)
+		return 1
+	}
 	return 0
 }
 
