@@ -826,8 +826,11 @@ func TestXDPCanaryShare(t *testing.T) {
 				}
 			}
 			after = p.counters(t)
-			if got := after[hit{3, cntPin}] - before[hit{3, cntPin}]; got != canary {
-				t.Errorf("mode %d, IPv6 %v: %d pinned to the canary the second time, want %d", mode, v6, got, canary)
+			// A handshake the full bucket of its pin could not record
+			// (a live canary's entries are never evicted) is new again:
+			// it must make the same choice.
+			if got := after[hit{3, cntPin}] - before[hit{3, cntPin}] + after[hit{3, cntNew}] - before[hit{3, cntNew}]; got != canary {
+				t.Errorf("mode %d, IPv6 %v: %d went to the canary the second time (pinned or new again), want %d", mode, v6, got, canary)
 			}
 		}
 	}

@@ -65,7 +65,7 @@ func TestFlowTableFullBucketIsNotOverwritten(t *testing.T) {
 	ns := newNS(t)
 	raw := newRawUDP4(t, ns)
 	// One bucket of 8 ways (see tableBuckets).
-	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, FlowEntries: tableWays / 2, FlowIdle: time.Minute})
+	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, FlowEntries: tableWays / tableFill, FlowIdle: time.Minute})
 	if n := g.objs.flows.MaxEntries(); n != 1 {
 		t.Fatalf("flow table of %d buckets, want 1", n)
 	}

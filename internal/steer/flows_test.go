@@ -217,7 +217,7 @@ func TestFlowsQUICMode(t *testing.T) {
 	expectFlows(t, g, "after InitialPin", map[int]int{gen1: 0, gen2: 0})
 }
 
-// TestFlowsFullTable: Flows over a full default table (131072 ways) written
+// TestFlowsFullTable: Flows over a full default table (262144 ways) written
 // from user space, of every kind the count must tell apart, matches the
 // count of those the table holds. Logs the time it takes.
 func TestFlowsFullTable(t *testing.T) {
@@ -256,8 +256,8 @@ func TestFlowsFullTable(t *testing.T) {
 		{dead, e2 + 1, now, false},
 	}
 	n := int(g.objs.flows.MaxEntries())
-	if n*tableWays != 2*65536 {
-		t.Fatalf("default flow table has %d buckets of %d, want room for twice 65536 entries", n, tableWays)
+	if n*tableWays != tableFill*65536 {
+		t.Fatalf("default flow table has %d buckets of %d, want room for %d times 65536 entries", n, tableWays, tableFill)
 	}
 	keys := make([]uint32, n)
 	vals := make([]bpf.SteerFlowBucket, n)

@@ -54,8 +54,8 @@ type Config struct {
 	// FlowEntries and PinEntries size the tables of flows (and, in
 	// QUIC mode, recent handshakes per 4-tuple) and Initial pins;
 	// defaults 65536 and 16384, at most 2^24. A table has buckets of 8
-	// entries, as many as hold twice the size, rounded up to a power of
-	// two (6 MB of kernel memory for the default flow table). A
+	// entries, as many as hold four times the size, rounded up to a
+	// power of two (12 MB of kernel memory for the default flow table). A
 	// new entry only replaces one whose datagrams go to the same place
 	// without it (empty, expired, of a released generation, or of the
 	// working slot while there is no canary); when its bucket holds

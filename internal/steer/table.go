@@ -15,8 +15,10 @@ import (
 const (
 	tableWays = len(bpf.SteerPinBucket{}.Way)
 	// maxTableEntries bounds FlowEntries and PinEntries: a flow table of
-	// that many entries takes 192 MB of kernel memory.
+	// that many entries takes 384 MB of kernel memory.
 	maxTableEntries = 1 << 24
+	// tableFill: a table has ways for tableFill times its entries.
+	tableFill = 4
 
 	entSlotMask    = 0x1f
 	entEpochShift  = 5
@@ -32,12 +34,14 @@ const (
 const counterUnrecorded = contract.CounterMigrate
 
 // tableBuckets is the number of buckets for a table of entries: enough
-// to hold them at half of the table's ways, rounded up to a power of two
-// (the program picks a bucket with a mask). Keys spread over buckets at
-// random, so a table filled to its ways would overflow some buckets long
-// before; at half, a bucket overflows about once in ten million.
+// to hold them in a quarter of the table's ways, rounded up to a power of
+// two (the program picks a bucket with a mask). Keys spread over buckets
+// at random (Poisson): filled to half its ways (4 keys per bucket of 8 on
+// average), 2.1% of a table's buckets would hold more than 8 keys and
+// 0.8% of its entries would find no way; at a quarter (2 per bucket),
+// 0.02% of buckets and 0.014% of entries do.
 func tableBuckets(entries int) uint32 {
-	n := uint32((2*entries + tableWays - 1) / tableWays)
+	n := uint32((tableFill*entries + tableWays - 1) / tableWays)
 	if n <= 1 {
 		return 1
 	}
