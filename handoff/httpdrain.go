@@ -73,6 +73,10 @@ type HTTPDrainer struct {
 type connInfo struct {
 	state     http.ConnState
 	idleSince time.Time
+	// pending: while idle in the drain, bytes of a next request were
+	// seen waiting in its socket; the server reads and answers them, so
+	// the drainer never closes it (until its state changes).
+	pending bool
 }
 
 // servedListener marks a listener as served through HTTPDrainer.Serve, so
@@ -327,13 +331,22 @@ func (d *HTTPDrainer) closeIdle() bool {
 	d.mu.Lock()
 	var idle []net.Conn
 	for c, ci := range d.conns {
-		if ci.state == http.StateIdle {
+		if ci.state == http.StateIdle && !ci.pending {
 			idle = append(idle, c)
 		}
 	}
 	d.mu.Unlock()
 	for _, c := range idle {
 		if n, ok := unread(c); ok && n > 0 {
+			// Once seen, for good: the server may take the bytes out
+			// of the socket before it reports the connection active,
+			// and a second look would find none.
+			d.mu.Lock()
+			if ci, found := d.conns[c]; found && ci.state == http.StateIdle {
+				ci.pending = true
+				d.conns[c] = ci
+			}
+			d.mu.Unlock()
 			continue
 		}
 		// The server's read of the next request fails and it drops
