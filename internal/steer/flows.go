@@ -40,7 +40,8 @@ const flowBatch = 4096
 // A slot with no such entry counts 0; in contract.ModeOff there are no
 // slots. The table is read in batches of 4096 buckets of 8 entries,
 // without holding the group's lock or stopping the program (15-30 ms for
-// the default table of 16384 buckets, on a loaded 2-core VM). An entry
+// a table of 16384 buckets, on a loaded 2-core VM; the default table
+// has 32768). An entry
 // that the program adds or refreshes during the read may or may not
 // count.
 //
