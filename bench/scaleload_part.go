@@ -220,7 +220,7 @@ func (e *env) scaleLoadPart(nQUIC, nTCP int, window time.Duration, upgrade bool)
 		if err != nil {
 			return err
 		}
-		w.quic, w.tcp = q1.sub(q0), t1.sub(t0)
+		w.quic, w.tcp = q1.Sub(q0), t1.Sub(t0)
 		rb1, in1 := e.udpErrors()
 		w.udpRcvbuf, w.udpIn = rb1-rb0, in1-in0
 		for _, p := range pids {

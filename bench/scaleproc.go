@@ -15,41 +15,15 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/baton-run/baton/bench/scalewire"
 )
 
 // ---- the scale section's load processes (bench/cmd/scaleload) ----
 
 // holdCounts is a snapshot of load processes' counters (see
-// bench/cmd/scaleload).
-type holdCounts struct {
-	Sent, OK, Failed int64
-	// Broken counts connections that failed: a request on them failed,
-	// they ended under the client, or a response came from another
-	// generation than their first. Each is then replaced.
-	Broken int64
-	// DialFailed counts connects or QUIC handshakes (first request
-	// included) that failed.
-	DialFailed int64
-	// Closed counts HTTP/1.1 connections the server closed cleanly:
-	// between requests, or after a response with Connection: close. Each
-	// is replaced without a failure; this is how HTTP/1.1 moves a
-	// keep-alive client to the new generation.
-	Closed int64
-	Open   int64 // connections open now
-	// Unanswered: HTTP/1.1 requests of Failed that got no byte of
-	// response, the connection closed or reset under them.
-	Unanswered int64
-	Errors     []string
-}
-
-func (c holdCounts) sub(o holdCounts) holdCounts {
-	return holdCounts{Sent: c.Sent - o.Sent, OK: c.OK - o.OK, Failed: c.Failed - o.Failed, Broken: c.Broken - o.Broken,
-		DialFailed: c.DialFailed - o.DialFailed, Closed: c.Closed - o.Closed, Open: c.Open, Unanswered: c.Unanswered - o.Unanswered}
-}
-
-func (c holdCounts) String() string {
-	return fmt.Sprintf("open=%d sent=%d ok=%d failed=%d (unanswered=%d) broken=%d dial_failed=%d closed_by_server=%d", c.Open, c.Sent, c.OK, c.Failed, c.Unanswered, c.Broken, c.DialFailed, c.Closed)
-}
+// bench/cmd/scaleload), as they send it.
+type holdCounts = scalewire.Counts
 
 // buildScaleLoad builds bench/cmd/scaleload into dir.
 func buildScaleLoad(dir string) (string, error) {
@@ -194,26 +168,9 @@ func (s loadSet) snap() (holdCounts, error) {
 		if err != nil {
 			return sum, err
 		}
-		sum = addCounts(sum, c)
+		sum = sum.Add(c)
 	}
 	return sum, nil
-}
-
-func addCounts(a, b holdCounts) holdCounts {
-	a.Sent += b.Sent
-	a.OK += b.OK
-	a.Failed += b.Failed
-	a.Broken += b.Broken
-	a.DialFailed += b.DialFailed
-	a.Closed += b.Closed
-	a.Open += b.Open
-	a.Unanswered += b.Unanswered
-	for _, e := range b.Errors {
-		if len(a.Errors) < 12 {
-			a.Errors = append(a.Errors, e)
-		}
-	}
-	return a
 }
 
 // stopAll stops every process at once and sums their final counters.
@@ -233,7 +190,7 @@ func (s loadSet) stopAll() (holdCounts, error) {
 	var errs []error
 	for range s {
 		r := <-ch
-		sum = addCounts(sum, r.c)
+		sum = sum.Add(r.c)
 		errs = append(errs, r.err)
 	}
 	return sum, errors.Join(errs...)

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-run/baton/bench/scalewire"
 	"github.com/baton-run/baton/internal/quicload"
 )
 
@@ -28,24 +29,7 @@ import (
 // that a window's figures are the difference of two snapshots.
 
 // holdCounts is a snapshot of a holder's counters.
-type holdCounts struct {
-	Sent, OK, Failed int64
-	// Broken counts connections that failed: a request on them failed,
-	// they ended under the client, or a response came from another
-	// generation than their first. Each is then replaced.
-	Broken int64
-	// DialFailed counts connects or QUIC handshakes (first request
-	// included) that failed.
-	DialFailed int64
-	// Closed counts TCP connections the server closed cleanly: between
-	// requests, or after a response with Connection: close. Each is
-	// replaced without a failure; this is how HTTP/1.1 moves a keep-alive
-	// client to the new generation.
-	Closed int64
-	Open   int64 // connections open now
-	// Unanswered: see holdCounters.unanswered.
-	Unanswered int64
-}
+type holdCounts = scalewire.Counts
 
 type holdCounters struct {
 	sent, ok, failed, broken, dialFailed, closed, open atomic.Int64

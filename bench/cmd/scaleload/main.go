@@ -24,11 +24,6 @@ import (
 )
 
 // Counts is the answer to every command.
-type Counts struct {
-	Sent, OK, Failed, Broken, DialFailed, Closed, Open, Unanswered int64
-	Errors                                                         []string
-}
-
 func main() {
 	proto := flag.String("proto", "tcp", "tcp (HTTP/1.1 keep-alive) or quic (HTTP/3)")
 	addr := flag.String("addr", "", "server address, IP:port")
@@ -61,8 +56,8 @@ func main() {
 	out := json.NewEncoder(os.Stdout)
 	answer := func() {
 		c := snap()
-		if err := out.Encode(Counts{Sent: c.Sent, OK: c.OK, Failed: c.Failed, Broken: c.Broken, DialFailed: c.DialFailed,
-			Closed: c.Closed, Open: c.Open, Unanswered: c.Unanswered, Errors: errs()}); err != nil {
+		c.Errors = errs()
+		if err := out.Encode(c); err != nil {
 			fmt.Fprintln(os.Stderr, "scaleload: write:", err)
 			os.Exit(1)
 		}
