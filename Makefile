@@ -7,8 +7,9 @@ BINARIES = baton restart httpd sdhttpd
 
 all: build
 
-# restart is built without cgo: a static binary starts and exits in about
-# half the time, and every restart's round trip pays both.
+# restart is built without cgo: a static binary needs no dynamic loader
+# and starts no cgo threads, and every restart's round trip pays its
+# start and exit.
 build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/baton ./examples/httpd ./examples/sdhttpd ./examples/udpecho ./internal/testkit/unmodified

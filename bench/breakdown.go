@@ -59,6 +59,7 @@ func (e *env) restartBreakdownSection() error {
 	phases := make([][][]time.Duration, len(modes))
 	total := make([][]time.Duration, len(modes))
 	var floor []time.Duration
+	var spareRSS string
 	err := e.inOwnNS(func(e *env) error {
 		progress("restart breakdown: %d restarts of each of %d supervisors", n, len(modes))
 		sups := make([]*testkit.Proc, len(modes))
@@ -113,6 +114,17 @@ func (e *env) restartBreakdownSection() error {
 				time.Sleep(breakdownPause)
 			}
 		}
+		// What the spare costs: its resident memory, idle.
+		st, err := e.status(modes[0].tag)
+		if err != nil {
+			return err
+		}
+		if st.SparePID == 0 {
+			return fmt.Errorf("%s: no spare process after %d restarts", modes[0].tag, n)
+		}
+		if spareRSS, err = testkit.VmRSS(st.SparePID); err != nil {
+			return err
+		}
 		for m := range sups {
 			err := stop(sups[m])
 			sups[m] = nil
@@ -166,7 +178,7 @@ func (e *env) restartBreakdownSection() error {
 	for m := range modes {
 		fmt.Fprintf(&buf, " **%.2f×** |", float64(pct(total[m], 50))/float64(pct(floor, 50)))
 	}
-	fmt.Fprintf(&buf, "\n\n")
+	fmt.Fprintf(&buf, "\n\nThe spare process, idle at the end of the run: VmRSS %s.\n\n", spareRSS)
 	return emitAfterFirst(e.o.out, buf.String(), breakdownBegin, breakdownEnd, xdpEnd, drainEnd, tcpMigrateEnd, tcpAcceptEnd, soakEnd, sectionEnd)
 }
 

@@ -52,30 +52,18 @@ func (g *Group) Members() (m Members, ok bool, err error) {
 	if g.closed {
 		return m, true, nil
 	}
-	var errs []error
-	add := func(f *os.File) {
-		if f == nil {
-			return
-		}
-		if err := addSocket(m, f); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	add(g.anchor)
+	files := []*os.File{g.anchor}
 	for _, gen := range g.gens {
 		if gen != nil {
-			for _, f := range gen.files {
-				add(f)
-			}
+			files = append(files, gen.files...)
 		}
 	}
+	var sockets *ebpf.Map
+	var n int
 	if g.objs != nil {
-		n := min(int(g.objs.sockets.MaxEntries()), contract.Slots*g.cfg.Workers)
-		if err := arrayCookies(g.objs.sockets, n, m.Cookies); err != nil {
-			errs = append(errs, err)
-		}
+		sockets, n = g.objs.sockets, min(int(g.objs.sockets.MaxEntries()), contract.Slots*g.cfg.Workers)
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err := m.collect(files, sockets, n); err != nil {
 		return m, true, fmt.Errorf("%s: members: %w", g.where, err)
 	}
 	return m, true, nil
@@ -89,28 +77,36 @@ func (g *TCPGroup) Members() (Members, error) {
 	if g.closed {
 		return m, nil
 	}
+	files := []*os.File{g.first}
+	for _, gen := range g.gens {
+		if gen != nil {
+			files = append(files, gen.file)
+		}
+	}
+	if err := m.collect(files, g.objs.Sockets, int(g.objs.Sockets.MaxEntries())); err != nil {
+		return m, fmt.Errorf("tcp %s: members: %w", g.addr, err)
+	}
+	return m, nil
+}
+
+// collect adds the sockets of files (nil ones skipped) and the cookies of
+// the first n entries of the sockets array (none when it is nil).
+func (m Members) collect(files []*os.File, sockets *ebpf.Map, n int) error {
 	var errs []error
-	add := func(f *os.File) {
+	for _, f := range files {
 		if f == nil {
-			return
+			continue
 		}
 		if err := addSocket(m, f); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	add(g.first)
-	for _, gen := range g.gens {
-		if gen != nil {
-			add(gen.file)
+	if sockets != nil {
+		if err := arrayCookies(sockets, n, m.Cookies); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if err := arrayCookies(g.objs.Sockets, int(g.objs.Sockets.MaxEntries()), m.Cookies); err != nil {
-		errs = append(errs, err)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return m, fmt.Errorf("tcp %s: members: %w", g.addr, err)
-	}
-	return m, nil
+	return errors.Join(errs...)
 }
 
 // Cookie is the socket cookie of f, for a socket that is in no group
