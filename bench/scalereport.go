@@ -155,17 +155,6 @@ func (r *scaleReport) writeLoad(w io.Writer, o options) {
 	writeErrList(w, "First HTTP/1.1 failures", l.tcpErrs)
 }
 
-func writeErrList(w io.Writer, title string, errs []string) {
-	if len(errs) == 0 {
-		return
-	}
-	fmt.Fprintf(w, "%s:\n\n", title)
-	for _, e := range errs {
-		fmt.Fprintf(w, "- `%s`\n", e)
-	}
-	fmt.Fprintln(w)
-}
-
 func batontestGens(st control.Status) string {
 	states := map[string]int{}
 	for _, g := range st.Gens {

@@ -70,11 +70,16 @@ func writeFirstFailures[T any](w io.Writer, header string, runs []T, errorsOf fu
 	for _, r := range runs {
 		lists = append(lists, errorsOf(r))
 	}
-	errs := distinctErrors(lists, 4)
+	writeErrList(w, header, distinctErrors(lists, 4))
+}
+
+// writeErrList lists errs under title, each as code; nothing when there
+// are none.
+func writeErrList(w io.Writer, title string, errs []string) {
 	if len(errs) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "%s:\n\n", header)
+	fmt.Fprintf(w, "%s:\n\n", title)
 	for _, e := range errs {
 		fmt.Fprintf(w, "- `%s`\n", e)
 	}
