@@ -217,18 +217,39 @@ func (l *Load) Open(n int) {
 			return
 		}
 		l.wg.Add(1)
-		go l.slot()
+		go l.slot(func() {})
 	}
 }
 
-// Ramp opens n connections in batches with a pause after each, so that a
-// small machine is not asked for a hundred handshakes at once.
+// Ramp opens n connections with at most batch of them setting up (the
+// handshake and the first request) at once, and a pause after every
+// batch started; it returns once every one has set up or failed to.
+//
+// Bounding set-ups in flight, not only their rate, is what keeps a slow
+// machine from failing them: quic-go's server queues at most 32
+// connections that finished their handshake but were not accepted yet
+// and refuses the next with CONNECTION_REFUSED, which a burst of
+// handshakes meeting a busy server reaches.
 func (l *Load) Ramp(n, batch int, pause time.Duration) {
 	batch = max(batch, 1)
-	for i := 0; i < n; i += batch {
-		l.Open(min(batch, n-i))
-		time.Sleep(pause)
+	tokens := make(chan struct{}, batch)
+	var setups sync.WaitGroup
+	for i := 0; i < n && !l.stopped(); i++ {
+		if i > 0 && i%batch == 0 {
+			time.Sleep(pause)
+		}
+		tokens <- struct{}{}
+		setups.Add(1)
+		var once sync.Once
+		l.wg.Add(1)
+		go l.slot(func() {
+			once.Do(func() {
+				<-tokens
+				setups.Done()
+			})
+		})
 	}
+	setups.Wait()
 }
 
 // Counts returns the requests sent, answered with a 200 and failed so far.
@@ -270,15 +291,18 @@ func (l *Load) keepErr(format string, args ...any) {
 var digits = regexp.MustCompile(`[0-9]+`)
 
 // slot runs one connection, and with Reconnect its replacements, until
-// the load stops.
-func (l *Load) slot() {
+// the load stops. setup is called once the first connection has set up
+// (its first request answered or failed) or failed to.
+func (l *Load) slot(setup func()) {
 	defer l.wg.Done()
+	defer setup()
 	for {
 		s := &connStat{wantGen: int(l.working.Load()), perGen: map[string]int64{}}
 		l.mu.Lock()
 		l.stats = append(l.stats, s)
 		l.mu.Unlock()
-		l.run(s)
+		l.run(s, setup)
+		setup = func() {}
 		if !l.cfg.Reconnect {
 			return
 		}
@@ -291,8 +315,10 @@ func (l *Load) slot() {
 }
 
 // run dials one connection and sends a GET every cfg.Every until the load
-// stops or, with Reconnect, until the connection is broken.
-func (l *Load) run(s *connStat) {
+// stops or, with Reconnect, until the connection is broken. setup is
+// called after the first request, or when run returns before one.
+func (l *Load) run(s *connStat, setup func()) {
+	defer setup()
 	// The dial is not cut short by Stop: a handshake in flight at the end
 	// of a run is not the server's failure. It is bounded by the
 	// handshake timeout.
@@ -328,6 +354,7 @@ func (l *Load) run(s *connStat) {
 		t0 := time.Now()
 		resp, err := c.GetTimeout(l.cfg.Path, l.cfg.RequestTimeout)
 		took := time.Since(t0)
+		setup()
 		var msg string
 		s.mu.Lock()
 		brokeNow := false
