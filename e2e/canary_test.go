@@ -94,7 +94,10 @@ func requireExit(t *testing.T, what string, r batontest.Restarted, code int, res
 // they reached.
 func TestCanarySplit(t *testing.T) {
 	h := newHarness(t)
-	h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD)
+	// The held connection idles while the load runs, which on a busy
+	// machine takes longer than httpd's default keep-alive timeout
+	// (60s): closed, it would reconnect and could reach the canary.
+	h.startServing("--listen", "http=tcp://"+httpAddr, "--", bin.HTTPD, "-idle-timeout", "10m")
 	held := h.heldClient()
 	if g, err := getGen(held); err != nil || g != "1" {
 		t.Fatalf("held connection: generation %q, %v", g, err)
