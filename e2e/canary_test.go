@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,6 +37,13 @@ func (h *harness) batonCmd(cmd string, args ...string) batontest.Restarted {
 	ctx, cancel := context.WithTimeout(context.Background(), restartBound)
 	defer cancel()
 	r, err := batontest.RunRestart(ctx, wrapper, h.control, nil, args...)
+	// A child that another parallel test forked between the write above
+	// and its own exec holds the script open for writing: exec fails
+	// with ETXTBSY until that child has exec'd, a moment later.
+	for tries := 0; errors.Is(err, syscall.ETXTBSY) && tries < 100 && ctx.Err() == nil; tries++ {
+		time.Sleep(10 * time.Millisecond)
+		r, err = batontest.RunRestart(ctx, wrapper, h.control, nil, args...)
+	}
 	if err != nil {
 		h.t.Fatal(err)
 	}
