@@ -58,9 +58,13 @@ func (e *env) restartBreakdownSection() error {
 	}
 	phases := make([][][]time.Duration, len(modes))
 	total := make([][]time.Duration, len(modes))
-	var floor []time.Duration
+	var floor, noop, version []time.Duration
 	var spareRSS string
-	err := e.inOwnNS(func(e *env) error {
+	noopBin, err := buildBenchCmd(e.dir, "noop")
+	if err != nil {
+		return err
+	}
+	err = e.inOwnNS(func(e *env) error {
 		progress("restart breakdown: %d restarts of each of %d supervisors", n, len(modes))
 		sups := make([]*testkit.Proc, len(modes))
 		defer func() {
@@ -111,6 +115,18 @@ func (e *env) restartBreakdownSection() error {
 					return err
 				}
 				floor = append(floor, d)
+				// What any client in Go pays to be a process, and what
+				// restart pays before and after its request.
+				for _, c := range []struct {
+					to   *[]time.Duration
+					argv []string
+				}{{&noop, []string{noopBin}}, {&version, []string{e.b.Restart, "--version"}}} {
+					d, err := runToExit(c.argv)
+					if err != nil {
+						return err
+					}
+					*c.to = append(*c.to, d)
+				}
 				time.Sleep(breakdownPause)
 			}
 		}
@@ -138,6 +154,8 @@ func (e *env) restartBreakdownSection() error {
 		return err
 	}
 	slices.Sort(floor)
+	slices.Sort(noop)
+	slices.Sort(version)
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "## Restart round trip, phase by phase, against its floor\n\n")
 	fmt.Fprintf(&buf, "Command: `go run ./bench -bin bin -only restart-breakdown -out BENCHMARKS.md`  \n")
@@ -178,7 +196,13 @@ func (e *env) restartBreakdownSection() error {
 	for m := range modes {
 		fmt.Fprintf(&buf, " **%.2f×** |", float64(pct(total[m], 50))/float64(pct(floor, 50)))
 	}
-	fmt.Fprintf(&buf, "\n\nThe spare process, idle at the end of the run: VmRSS %s.\n\n", spareRSS)
+	fmt.Fprintf(&buf, "\n\nWhat a separate client process costs, timed like `restart` (exec to exit, output read through pipes), %d times each, in between:\n\n", len(noop))
+	fmt.Fprintf(&buf, "| | median (p90) |\n|---|---|\n")
+	fmt.Fprintf(&buf, "| a Go program that does nothing (`bench/cmd/noop`, static, as `restart` is) | %s (%s) |\n", ms(pct(noop, 50)), ms(pct(noop, 90)))
+	fmt.Fprintf(&buf, "| `restart --version` (restart's start and exit, no request) | %s (%s) |\n", ms(pct(version, 50)), ms(pct(version, 90)))
+	least := pct(floor, 50) + pct(noop, 50)
+	fmt.Fprintf(&buf, "| **least round trip with any client in Go**: floor + that program | **%s**, **%.2f×** the floor |\n", ms(least), float64(least)/float64(pct(floor, 50)))
+	fmt.Fprintf(&buf, "\nThe spare process, idle at the end of the run: VmRSS %s.\n\n", spareRSS)
 	return emitAfterFirst(e.o.out, buf.String(), breakdownBegin, breakdownEnd, xdpEnd, drainEnd, tcpMigrateEnd, tcpAcceptEnd, soakEnd, sectionEnd)
 }
 
@@ -224,4 +248,19 @@ func (e *env) firstAnswer() (time.Duration, error) {
 		}
 	}
 	return 0, errors.New("httpd did not answer within 20s")
+}
+
+// runToExit runs argv to its exit, with its output read through pipes as
+// batontest.RunRestart reads restart's, and returns exec to exit.
+func runToExit(argv []string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("%v: %w: %s", argv, err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return time.Since(start), nil
 }

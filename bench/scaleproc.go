@@ -27,19 +27,27 @@ type holdCounts = scalewire.Counts
 
 // buildScaleLoad builds bench/cmd/scaleload into dir.
 func buildScaleLoad(dir string) (string, error) {
+	return buildBenchCmd(dir, "scaleload")
+}
+
+// buildBenchCmd builds bench/cmd/NAME into dir, static (CGO_ENABLED=0),
+// as restart is built.
+func buildBenchCmd(dir, name string) (string, error) {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		root := os.Getenv("GOROOT")
 		if root == "" {
-			return "", fmt.Errorf("build scaleload: no go command on PATH and GOROOT is not set: %w", err)
+			return "", fmt.Errorf("build %s: no go command on PATH and GOROOT is not set: %w", name, err)
 		}
 		goBin = filepath.Join(root, "bin", "go")
 	}
-	out := filepath.Join(dir, "scaleload")
+	out := filepath.Join(dir, name)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	if b, err := exec.CommandContext(ctx, goBin, "build", "-o", out, "./bench/cmd/scaleload").CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build bench/cmd/scaleload (run the bench from the repository's root): %w: %s", err, bytes.TrimSpace(b))
+	cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, "./bench/cmd/"+name)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build bench/cmd/%s (run the bench from the repository's root): %w: %s", name, err, bytes.TrimSpace(b))
 	}
 	return out, nil
 }
