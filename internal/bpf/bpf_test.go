@@ -89,6 +89,7 @@ func TestSpec(t *testing.T) {
 		{SteerMapConfig, ebpf.Array, 1},
 		{SteerMapFlows, ebpf.Array, 0},
 		{SteerMapInitials, ebpf.Array, 0},
+		{SteerMapTuples, ebpf.Array, 0},
 		{SteerMapCounters, ebpf.PerCPUArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_N_COUNTERS)},
 	}
 	for _, c := range checks {

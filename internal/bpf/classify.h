@@ -2,7 +2,7 @@
  * the two programs that steer one: steer.c, the sk_reuseport selector of
  * UDP and QUIC listeners, and xdp.c, the XDP program of AF_XDP listeners.
  * Both decide the same way, from the same load-time constants and the same
- * maps (config, flows, initials, and steer.h's counters), so user space
+ * maps (config, flows, tuples, initials, and steer.h's counters), so user space
  * writes both with one code path: the CID slot for short headers and
  * server-chosen long-header DCIDs, pinned Initials, the flow mode, the
  * canary's share, the working slot for the rest. What the programs do with
@@ -230,12 +230,19 @@ struct pin_bucket {
 	__u64 way[STEER_WAYS];
 };
 
-/* A bucket of flows, key struct flow_key. In flow mode an entry is a
- * flow; in QUIC mode it is the 4-tuple's record of its latest new
- * handshake, for which the way's rec holds the exact addresses and
- * check, the word they were written for (see record_put); flow mode
- * leaves it zero. The words come first: they are all a lookup reads; a
- * record's two parts are together, on one or two cache lines. */
+/* A bucket of flows in flow mode (the tuples map), key struct flow_key:
+ * words alone, one cache line, so that a table of many flows spans as
+ * few pages (TLB entries) as it can. */
+struct tuple_bucket {
+	__u64 way[STEER_WAYS];
+};
+
+/* A bucket of QUIC records (the flows map), key struct flow_key: an
+ * entry is the 4-tuple's record of its latest new handshake, for which
+ * the way's rec holds the exact addresses and check, the word they were
+ * written for (see record_put). The words come first: they are all a
+ * lookup reads; a record's two parts are together, on one or two cache
+ * lines, on the page of its word more often than not. */
 struct flow_rec {
 	__u64 check;
 	struct addrs addrs;
@@ -253,17 +260,26 @@ struct {
 	__type(value, struct config);
 } config SEC(".maps");
 
-/* Flow mode: 4-tuple (struct flow_key) -> slot. QUIC mode: 4-tuple -> slot
- * its most recent new handshake went to, which lets an Initial carrying an
- * older generation's CID (the client's Initial after a Retry) reach that
- * generation while a random client DCID that merely looks like one does
- * not. Buckets: user space sets max_entries to steer_flow_mask + 1. */
+/* QUIC mode: 4-tuple (struct flow_key) -> slot its most recent new
+ * handshake went to, which lets an Initial carrying an older generation's
+ * CID (the client's Initial after a Retry) reach that generation while a
+ * random client DCID that merely looks like one does not. Buckets: user
+ * space sets max_entries to steer_flow_mask + 1 (flow mode: 1, unused). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 8192);
 	__type(key, __u32);
 	__type(value, struct flow_bucket);
 } flows SEC(".maps");
+
+/* Flow mode: 4-tuple (struct flow_key) -> slot. Buckets: as flows, which
+ * it stands for in flow mode (QUIC mode: 1, unused). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, struct tuple_bucket);
+} tuples SEC(".maps");
 
 /* QUIC mode: pins of new handshakes (4-tuple and first DCID bytes) to
  * the generation that took their first Initial, so that their
@@ -703,7 +719,7 @@ __attribute__((noinline)) int steer_flow_insert(struct table_insert *t)
 		return 1;
 	__u32 idx = t->fp & steer_flow_mask;
 	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct flow_bucket *b = bpf_map_lookup_elem(&flows, &idx);
+	struct tuple_bucket *b = bpf_map_lookup_elem(&tuples, &idx);
 
 	if (!cfg || !b)
 		return 1;
@@ -921,7 +937,7 @@ static __always_inline void steer_flow(struct steer_pkt *p, const struct config 
 		return;
 	__u64 fp = key_fp(steer_pkt_hash(p), sport);
 	__u32 idx = fp & steer_flow_mask;
-	struct flow_bucket *b = bpf_map_lookup_elem(&flows, &idx);
+	struct tuple_bucket *b = bpf_map_lookup_elem(&tuples, &idx);
 
 	if (!b)
 		return;

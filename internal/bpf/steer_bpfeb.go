@@ -78,6 +78,11 @@ const (
 	SteerSteerModesSTEER_MODE_QUIC SteerSteerModes = 2
 )
 
+type SteerTupleBucket struct {
+	_   structs.HostLayout
+	Way [8]uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -87,6 +92,7 @@ const (
 	SteerMapFlows             = "flows"
 	SteerMapInitials          = "initials"
 	SteerMapSockets           = "sockets"
+	SteerMapTuples            = "tuples"
 	SteerProgSteer            = "steer"
 	SteerVarSteerCidLen       = "steer_cid_len"
 	SteerVarSteerFlowMask     = "steer_flow_mask"
@@ -155,6 +161,7 @@ type SteerMapSpecs struct {
 	Flows    *ebpf.MapSpec `ebpf:"flows"`
 	Initials *ebpf.MapSpec `ebpf:"initials"`
 	Sockets  *ebpf.MapSpec `ebpf:"sockets"`
+	Tuples   *ebpf.MapSpec `ebpf:"tuples"`
 }
 
 // SteerVariableSpecs contains global variables before they are loaded into the kernel.
@@ -199,6 +206,7 @@ type SteerMaps struct {
 	Flows    *ebpf.Map `ebpf:"flows"`
 	Initials *ebpf.Map `ebpf:"initials"`
 	Sockets  *ebpf.Map `ebpf:"sockets"`
+	Tuples   *ebpf.Map `ebpf:"tuples"`
 }
 
 func (m *SteerMaps) Close() error {
@@ -208,6 +216,7 @@ func (m *SteerMaps) Close() error {
 		m.Flows,
 		m.Initials,
 		m.Sockets,
+		m.Tuples,
 	)
 }
 

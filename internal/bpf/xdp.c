@@ -8,7 +8,7 @@
  * knows the flow, or for new flows the working generation (or, for its
  * share of them, a canary), exactly as steer.c does: the decision is
  * classify.h's, with the same load-time constants and maps (config,
- * flows, initials, counters) of the same types, so user space drives both
+ * flows, tuples, initials, counters) of the same types, so user space drives both
  * programs with one code path.
  *
  * What is not the listener's passes to the kernel's stack untouched

@@ -20,6 +20,7 @@ const (
 	XDPMapCounters          = "counters"
 	XDPMapFlows             = "flows"
 	XDPMapInitials          = "initials"
+	XDPMapTuples            = "tuples"
 	XDPMapXsks              = "xsks"
 	XDPProgXdpSteer         = "xdp_steer"
 	XDPVarSteerCidLen       = "steer_cid_len"
@@ -89,6 +90,7 @@ type XDPMapSpecs struct {
 	Counters *ebpf.MapSpec `ebpf:"counters"`
 	Flows    *ebpf.MapSpec `ebpf:"flows"`
 	Initials *ebpf.MapSpec `ebpf:"initials"`
+	Tuples   *ebpf.MapSpec `ebpf:"tuples"`
 	Xsks     *ebpf.MapSpec `ebpf:"xsks"`
 }
 
@@ -134,6 +136,7 @@ type XDPMaps struct {
 	Counters *ebpf.Map `ebpf:"counters"`
 	Flows    *ebpf.Map `ebpf:"flows"`
 	Initials *ebpf.Map `ebpf:"initials"`
+	Tuples   *ebpf.Map `ebpf:"tuples"`
 	Xsks     *ebpf.Map `ebpf:"xsks"`
 }
 
@@ -143,6 +146,7 @@ func (m *XDPMaps) Close() error {
 		m.Counters,
 		m.Flows,
 		m.Initials,
+		m.Tuples,
 		m.Xsks,
 	)
 }

@@ -75,6 +75,7 @@ func TestXDPSpec(t *testing.T) {
 		{XDPMapConfig, ebpf.Array, 1},
 		{XDPMapFlows, ebpf.Array, 0},
 		{XDPMapInitials, ebpf.Array, 0},
+		{XDPMapTuples, ebpf.Array, 0},
 		{XDPMapCounters, ebpf.PerCPUArray, uint32(SteerSteerLimitsSTEER_SLOTS * SteerSteerLimitsSTEER_N_COUNTERS)},
 	}
 	if len(spec.Maps) != len(checks)+1 { // and .rodata
@@ -110,6 +111,7 @@ func TestXDPSpec(t *testing.T) {
 		XDPMapConfig:   unsafe.Sizeof(SteerConfig{}),
 		XDPMapFlows:    unsafe.Sizeof(SteerFlowBucket{}),
 		XDPMapInitials: unsafe.Sizeof(SteerPinBucket{}),
+		XDPMapTuples:   unsafe.Sizeof(SteerTupleBucket{}),
 	} {
 		if got := spec.Maps[name].ValueSize; got != uint32(size) {
 			t.Errorf("map %q: value size %d, the Steer Go type's %d", name, got, size)

@@ -66,7 +66,7 @@ func TestFlowTableFullBucketIsNotOverwritten(t *testing.T) {
 	raw := newRawUDP4(t, ns)
 	// One bucket of 8 ways (see tableBuckets).
 	g := ns.group(t, "127.0.0.1:0", Config{Mode: contract.ModeFlow, FlowEntries: tableWays / tableFill, FlowIdle: time.Minute})
-	if n := g.objs.flows.MaxEntries(); n != 1 {
+	if n := g.objs.tuples.MaxEntries(); n != 1 {
 		t.Fatalf("flow table of %d buckets, want 1", n)
 	}
 	h := newHarness(t, ns, g)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -63,7 +64,7 @@ func (g *Group) Flows() (map[int]int, error) {
 	}
 	// A descriptor of its own, which Close cannot pull from under the
 	// read.
-	table, err := g.objs.flows.Clone()
+	table, err := g.objs.flowTable(g.cfg.Mode).Clone()
 	g.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
@@ -102,16 +103,25 @@ func liveSlots(kcfg bpf.SteerConfig) map[int]int {
 
 // countBuckets counts the entries of the bucket table that the program
 // would honour at now under kcfg, per live slot; shift is the program's
-// steer_time_shift.
+// steer_time_shift. The table is tuples (flow mode) or flows (QUIC mode,
+// and flow mode in programs older than tuples), told apart by their
+// buckets' size.
 func countBuckets(table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration, shift uint32) (map[int]int, error) {
+	if table.ValueSize() == uint32(unsafe.Sizeof(bpf.SteerTupleBucket{})) {
+		return countBucketsOf(table, kcfg, now, timeout, shift, func(b *bpf.SteerTupleBucket) *[tableWays]uint64 { return &b.Way })
+	}
+	return countBucketsOf(table, kcfg, now, timeout, shift, func(b *bpf.SteerFlowBucket) *[tableWays]uint64 { return &b.Way })
+}
+
+func countBucketsOf[B any](table *ebpf.Map, kcfg bpf.SteerConfig, now uint64, timeout time.Duration, shift uint32, ways func(*B) *[tableWays]uint64) (map[int]int, error) {
 	counts := liveSlots(kcfg)
 	keys := make([]uint32, flowBatch)
-	vals := make([]bpf.SteerFlowBucket, flowBatch)
+	vals := make([]B, flowBatch)
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := table.BatchLookup(&cursor, keys, vals, nil)
-		for _, b := range vals[:n] {
-			for _, w := range b.Way {
+		for i := range vals[:n] {
+			for _, w := range ways(&vals[i]) {
 				if slot, live := entryLive(w, kcfg, now, timeout, shift); live {
 					counts[slot]++
 				}

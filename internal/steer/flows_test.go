@@ -1,10 +1,14 @@
 package steer
 
 import (
+	"encoding/binary"
 	"maps"
 	"slices"
 	"testing"
 	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/baton-run/baton/internal/bpf"
 	"github.com/baton-run/baton/internal/contract"
@@ -23,8 +27,8 @@ func flowStamps(t *testing.T, g *Group) map[flowStamp]uint64 {
 	t.Helper()
 	out := map[flowStamp]uint64{}
 	var k uint32
-	var b bpf.SteerFlowBucket
-	it := g.objs.flows.Iterate()
+	var b bpf.SteerTupleBucket
+	it := g.objs.tuples.Iterate()
 	for it.Next(&k, &b) {
 		for _, w := range b.Way {
 			if w != 0 {
@@ -255,12 +259,15 @@ func TestFlowsFullTable(t *testing.T) {
 		{gen2, e2 + 100, now, false},
 		{dead, e2 + 1, now, false},
 	}
-	n := int(g.objs.flows.MaxEntries())
+	n := int(g.objs.tuples.MaxEntries())
 	if n*tableWays != tableFill*65536 {
 		t.Fatalf("default flow table has %d buckets of %d, want room for %d times 65536 entries", n, tableWays, tableFill)
 	}
+	if q := g.objs.flows.MaxEntries(); q != 1 {
+		t.Errorf("flow mode's unused QUIC table has %d buckets, want 1", q)
+	}
 	keys := make([]uint32, n)
-	vals := make([]bpf.SteerFlowBucket, n)
+	vals := make([]bpf.SteerTupleBucket, n)
 	want := map[int]int{gen1: 0, gen2: 0}
 	for i := range keys {
 		keys[i] = uint32(i)
@@ -277,7 +284,7 @@ func TestFlowsFullTable(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	if _, err := g.objs.flows.BatchUpdate(keys, vals, nil); err != nil {
+	if _, err := g.objs.tuples.BatchUpdate(keys, vals, nil); err != nil {
 		t.Fatalf("fill the flow table: %v", err)
 	}
 	t.Logf("wrote %d buckets in %v; %d entries count", n, time.Since(start), want[gen1]+want[gen2])
@@ -289,4 +296,95 @@ func TestFlowsFullTable(t *testing.T) {
 	}
 	slices.Sort(times)
 	t.Logf("Flows over %d entries: median %v (min %v, max %v)", n*tableWays, times[len(times)/2], times[0], times[len(times)-1])
+}
+
+// TestAdoptPreTuplesProgram: a successor adopts the program of the
+// baton before the tuples map, whose flow mode kept its flows in the
+// flows map's buckets, which hold QUIC records' addresses too (testdata
+// holds that version's object): both modes steer as before across the
+// handover, and the adopted table's entries are counted.
+func TestAdoptPreTuplesProgram(t *testing.T) {
+	if binary.NativeEndian.Uint16([]byte{1, 0}) != 1 {
+		t.Skip("testdata holds the little-endian object only")
+	}
+	older := func() (*ebpf.CollectionSpec, error) {
+		return ebpf.LoadCollectionSpec("testdata/steer_pretuples_bpfel.o")
+	}
+	for _, mode := range []contract.Mode{contract.ModeFlow, contract.ModeQUIC} {
+		t.Run(mode.String(), func(t *testing.T) {
+			ns := newNS(t)
+			cfg := Config{Mode: mode}
+			old := ns.groupWith(t, "127.0.0.1:0", cfg, program{spec: older, tick: bpf.TickNs()})
+			if old.objs.tuples != nil {
+				t.Fatal("testdata program has a tuples map")
+			}
+			if got, want := old.objs.flows.ValueSize(), uint32(unsafe.Sizeof(bpf.SteerFlowBucket{})); got != want {
+				t.Fatalf("testdata program's flow buckets have %d bytes, want %d", got, want)
+			}
+			h := newHarness(t, ns, old)
+			s1 := h.add("old")
+			// A flow, or a handshake whose first Initial the old
+			// generation took.
+			first := []byte("a flow's datagram")
+			if mode == contract.ModeQUIC {
+				first = longHeader(quicV1, "initial", clientDCID(8, s1))
+			}
+			c := ns.client(t, "udp4", "127.0.0.1:0")
+			h.expect(c, first, "old", "first datagram, older program")
+			expectFlows(t, old, "older program", map[int]int{s1: 1})
+
+			next := adoptInNS(t, ns, old, cfg)
+			defer next.Close()
+			if err := old.Thaw(true); err != nil {
+				t.Fatal(err)
+			}
+			h.g = next
+			s2 := h.add("new")
+			if err := next.SetWorking(s2); err != nil {
+				t.Fatal(err)
+			}
+			h.expect(c, first, "old", "the same flow or handshake after the handover")
+			second := []byte("another flow's datagram")
+			if mode == contract.ModeQUIC {
+				second = longHeader(quicV1, "initial", clientDCID(8, s1, s2))
+			}
+			h.expect(ns.client(t, "udp4", "127.0.0.1:0"), second, "new", "a new flow or handshake after the handover")
+			expectFlows(t, next, "adopted program", map[int]int{s1: 1, s2: 1})
+		})
+	}
+}
+
+// TestAdoptFlowModeTuples: a successor of a supervisor like itself gets
+// flow mode's tuples map too (the state says it is there, and Files
+// passes it), and counts the flows in it.
+func TestAdoptFlowModeTuples(t *testing.T) {
+	ns := newNS(t)
+	cfg := Config{Mode: contract.ModeFlow}
+	old := ns.group(t, "127.0.0.1:0", cfg)
+	h := newHarness(t, ns, old)
+	s1 := h.add("old")
+	c := ns.client(t, "udp4", "127.0.0.1:0")
+	h.expect(c, []byte("a flow's datagram"), "old", "first datagram")
+	if st := old.Freeze(); !st.Tuples || !slices.Contains(FileNames(st), filePrefixM+bpf.SteerMapTuples) {
+		t.Fatalf("handover state %+v, file names %v: want the tuples map named", st, FileNames(st))
+	}
+	if err := old.Thaw(false); err != nil {
+		t.Fatal(err)
+	}
+	next := adoptInNS(t, ns, old, cfg)
+	defer next.Close()
+	if err := old.Thaw(true); err != nil {
+		t.Fatal(err)
+	}
+	if next.objs.tuples == nil {
+		t.Fatal("the successor has no tuples map")
+	}
+	h.g = next
+	s2 := h.add("new")
+	if err := next.SetWorking(s2); err != nil {
+		t.Fatal(err)
+	}
+	h.expect(c, []byte("a flow's datagram"), "old", "the same flow after the handover")
+	h.expect(ns.client(t, "udp4", "127.0.0.1:0"), []byte("another"), "new", "a new flow after the handover")
+	expectFlows(t, next, "adopted program", map[int]int{s1: 1, s2: 1})
 }

@@ -55,7 +55,8 @@ type Config struct {
 	// QUIC mode, recent handshakes per 4-tuple) and Initial pins;
 	// defaults 65536 and 16384, at most 2^24. A table has buckets of 8
 	// entries, as many as hold four times the size, rounded up to a
-	// power of two (12 MB of kernel memory for the default flow table). A
+	// power of two (2 MB of kernel memory for the default flow table in
+	// flow mode, 12 MB with the records' addresses in QUIC mode). A
 	// new entry only replaces one whose datagrams go to the same place
 	// without it (empty, expired, of a released generation, or of the
 	// working slot while there is no canary); when its bucket holds
@@ -309,7 +310,7 @@ func (g *Group) loadAndAttach(prog program) error {
 	// spec, and a program older than some of them (a test loads one)
 	// lacks those.
 	loaded := new(steerLoaded)
-	if err := spec.LoadAndAssign(loaded, nil); err != nil {
+	if err := loadSteer(spec, loaded); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) && !errors.Is(err, unix.EPERM) {
 			// A verifier rejection is a bug here, not a setup

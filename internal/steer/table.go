@@ -15,7 +15,8 @@ import (
 const (
 	tableWays = len(bpf.SteerPinBucket{}.Way)
 	// maxTableEntries bounds FlowEntries and PinEntries: a flow table of
-	// that many entries takes 384 MB of kernel memory.
+	// that many entries takes 64 MB of kernel memory in flow mode, 384 MB
+	// with QUIC records' addresses.
 	maxTableEntries = 1 << 24
 	// tableFill: a table has ways for tableFill times its entries.
 	tableFill = 4
@@ -82,6 +83,15 @@ func sizeTables(spec *ebpf.CollectionSpec, cfg Config) map[string]uint32 {
 	fb, pb := tableBuckets(cfg.FlowEntries), tableBuckets(cfg.PinEntries)
 	spec.Maps[bpf.SteerMapFlows].MaxEntries = fb
 	spec.Maps[bpf.SteerMapInitials].MaxEntries = pb
+	// Flow mode keeps its flows in tuples (words only), QUIC mode its
+	// records in flows; the other mode's table is one bucket, unused. A
+	// program older than tuples keeps both in flows.
+	if tuples := spec.Maps[bpf.SteerMapTuples]; tuples != nil {
+		tuples.MaxEntries = 1
+		if cfg.Mode == contract.ModeFlow {
+			tuples.MaxEntries, spec.Maps[bpf.SteerMapFlows].MaxEntries = fb, 1
+		}
+	}
 	return map[string]uint32{
 		bpf.SteerVarSteerFlowMask:  fb - 1,
 		bpf.SteerVarSteerPinMask:   pb - 1,

@@ -56,6 +56,9 @@ type UpgradeState struct {
 	Canary         int         `json:"canary,omitempty"`
 	CanaryPermille int         `json:"canary_permille,omitempty"`
 	Slots          []SlotState `json:"slots"`
+	// Tuples says the program has flow mode's tuples map, which Files
+	// then passes (a program older than it has none).
+	Tuples bool `json:"tuples,omitempty"`
 	// XDP is an xdp listener's data plane; absent for UDP.
 	XDP *XDPUpgrade `json:"xdp,omitempty"`
 }
@@ -112,6 +115,14 @@ func (g *Group) Files() (map[string]*os.File, error) {
 			return fail(err)
 		}
 	}
+	for name, m := range g.objs.optionalMaps() {
+		if *m == nil {
+			continue
+		}
+		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
+			return fail(err)
+		}
+	}
 	return out, nil
 }
 
@@ -128,6 +139,7 @@ func (g *Group) Freeze() UpgradeState {
 		FlowEntries: g.cfg.FlowEntries, PinEntries: g.cfg.PinEntries,
 		Epoch: g.epoch, Working: g.working, Slots: []SlotState{},
 		Canary: int(g.kcfg.Canary), CanaryPermille: int(g.kcfg.CanaryPermille),
+		Tuples: g.objs != nil && g.objs.tuples != nil,
 	}
 	for slot, gen := range g.gens {
 		if gen != nil {
@@ -309,6 +321,23 @@ func adoptObjects(files map[string]*os.File) (*objects, error) {
 	if err := adoptKernelObjects(files, &objs.prog, objs.maps(), objs.Close); err != nil {
 		return nil, err
 	}
+	// Those the predecessor had (FileNames asked for them as its state
+	// said).
+	for name, p := range objs.optionalMaps() {
+		if files[filePrefixM+name] == nil {
+			continue
+		}
+		fd, err := takeFD(files, filePrefixM+name)
+		if err != nil {
+			objs.Close()
+			return nil, err
+		}
+		if *p, err = ebpf.NewMapFromFD(fd); err != nil {
+			unix.Close(fd)
+			objs.Close()
+			return nil, fmt.Errorf("map %s: %w", name, err)
+		}
+	}
 	return objs, nil
 }
 
@@ -366,6 +395,9 @@ func FileNames(st UpgradeState) []string {
 	names = append(names, FileProgram)
 	for m := range new(objects).maps() {
 		names = append(names, filePrefixM+m)
+	}
+	if st.Tuples {
+		names = append(names, filePrefixM+bpf.SteerMapTuples)
 	}
 	if st.XDP != nil {
 		names = append(slices.DeleteFunc(names, func(n string) bool { return n == FileAnchor }), xdpFileNames(st)...)

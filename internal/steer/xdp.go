@@ -185,7 +185,7 @@ func (g *Group) loadXDP(ifindex int, port uint16) error {
 		return xdpError(g.where, "load program", err)
 	}
 	objs := &objects{prog: loaded.XdpSteer, config: loaded.Config, counters: loaded.Counters,
-		flows: loaded.Flows, initials: loaded.Initials, sockets: loaded.Xsks}
+		flows: loaded.Flows, initials: loaded.Initials, sockets: loaded.Xsks, tuples: loaded.Tuples}
 	size, err := checkConfigSize(objs.config)
 	if err != nil {
 		objs.Close()
