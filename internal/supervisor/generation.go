@@ -131,14 +131,15 @@ type spawnOpts struct {
 	spare *spare
 }
 
-// prepareStart checks what a fork of generation num fixes and makes its
-// process group.
-func prepareStart(procs *procgroup.Tracker, num int, cfg *config.Config) (*procgroup.Group, *syscall.SysProcAttr, error) {
-	cred, err := credential(cfg.User, cfg.Group)
+// prepareStart checks what a fork of generation num fixes (its user,
+// group and working directory) and makes its process group: for a
+// generation's start and for a spare's alike.
+func prepareStart(procs *procgroup.Tracker, num int, userName, groupName, dir string) (*procgroup.Group, *syscall.SysProcAttr, error) {
+	cred, err := credential(userName, groupName)
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := checkDir(cfg.Dir); err != nil {
+	if err := checkDir(dir); err != nil {
 		return nil, nil, err
 	}
 	grp, err := procs.NewGroup("gen-" + strconv.Itoa(num))
@@ -194,7 +195,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		grp = sp.grp
 	} else {
 		var err error
-		if grp, attr, err = prepareStart(o.procs, o.num, cfg); err != nil {
+		if grp, attr, err = prepareStart(o.procs, o.num, cfg.User, cfg.Group, cfg.Dir); err != nil {
 			return nil, err
 		}
 	}

@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -210,17 +209,8 @@ func (s *Supervisor) dropSpare() {
 // places. It runs on the spawner's thread, like a generation's start, so
 // that the parent-death signal fires only when the supervisor exits.
 func forkSpare(sp *spawner, procs *procgroup.Tracker, num, nfds int, userName, groupName, dir, self string) (*spare, error) {
-	cred, err := credential(userName, groupName)
+	grp, attr, err := prepareStart(procs, num, userName, groupName, dir)
 	if err != nil {
-		return nil, err
-	}
-	grp, err := procs.NewGroup("gen-" + strconv.Itoa(num))
-	if err != nil {
-		return nil, err
-	}
-	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: cred}
-	if err := grp.Prepare(attr); err != nil {
-		grp.Close()
 		return nil, err
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
