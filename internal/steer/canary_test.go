@@ -556,16 +556,7 @@ func TestAdoptPreCanaryProgram(t *testing.T) {
 	h.expect(c, oldConn, "old", "old connection")
 	h.expect(c, longHeader(quicV1, "initial", clientDCID(8, s1)), "old", "handshake on the old program")
 
-	next := adoptInNS(t, ns, old, cfg)
-	defer next.Close()
-	if err := old.Thaw(true); err != nil {
-		t.Fatal(err)
-	}
-	h.g = next
-	s2 := h.add("new")
-	if err := next.SetWorking(s2); err != nil {
-		t.Fatal(err)
-	}
+	next, s2 := h.handOver(cfg)
 	if err := next.SetCanary(s1, 100); !errors.Is(err, ErrCanaryUnsupported) {
 		t.Errorf("SetCanary on a program without a canary: %v, want ErrCanaryUnsupported", err)
 	}

@@ -333,16 +333,7 @@ func TestAdoptPreTuplesProgram(t *testing.T) {
 			h.expect(c, first, "old", "first datagram, older program")
 			expectFlows(t, old, "older program", map[int]int{s1: 1})
 
-			next := adoptInNS(t, ns, old, cfg)
-			defer next.Close()
-			if err := old.Thaw(true); err != nil {
-				t.Fatal(err)
-			}
-			h.g = next
-			s2 := h.add("new")
-			if err := next.SetWorking(s2); err != nil {
-				t.Fatal(err)
-			}
+			next, s2 := h.handOver(cfg)
 			h.expect(c, first, "old", "the same flow or handshake after the handover")
 			second := []byte("another flow's datagram")
 			if mode == contract.ModeQUIC {
@@ -371,18 +362,9 @@ func TestAdoptFlowModeTuples(t *testing.T) {
 	if err := old.Thaw(false); err != nil {
 		t.Fatal(err)
 	}
-	next := adoptInNS(t, ns, old, cfg)
-	defer next.Close()
-	if err := old.Thaw(true); err != nil {
-		t.Fatal(err)
-	}
+	next, s2 := h.handOver(cfg)
 	if next.objs.tuples == nil {
 		t.Fatal("the successor has no tuples map")
-	}
-	h.g = next
-	s2 := h.add("new")
-	if err := next.SetWorking(s2); err != nil {
-		t.Fatal(err)
 	}
 	h.expect(c, []byte("a flow's datagram"), "old", "the same flow after the handover")
 	h.expect(ns.client(t, "udp4", "127.0.0.1:0"), []byte("another"), "new", "a new flow after the handover")

@@ -7,7 +7,7 @@ import (
 )
 
 // adoptInNS hands g to a successor group, as a new supervisor would get it.
-func adoptInNS(t *testing.T, ns *testNS, g *Group, cfg Config) *Group {
+func adoptInNS(t testing.TB, ns *testNS, g *Group, cfg Config) *Group {
 	t.Helper()
 	files, err := g.Files()
 	if err != nil {
@@ -23,6 +23,26 @@ func adoptInNS(t *testing.T, ns *testNS, g *Group, cfg Config) *Group {
 		t.Fatalf("Adopt: %v", err)
 	}
 	return next
+}
+
+// handOver hands h's group to a successor (adoptInNS), completes the
+// handover on the old group, points h at the successor, and adds the
+// successor's first generation ("new") as its working one; it returns
+// the successor, closed at the end of the test, and that slot.
+func (h *harness) handOver(cfg Config) (*Group, int) {
+	h.t.Helper()
+	old := h.g
+	next := adoptInNS(h.t, h.ns, old, cfg)
+	h.t.Cleanup(func() { next.Close() })
+	if err := old.Thaw(true); err != nil {
+		h.t.Fatal(err)
+	}
+	h.g = next
+	slot := h.add("new")
+	if err := next.SetWorking(slot); err != nil {
+		h.t.Fatal(err)
+	}
+	return next, slot
 }
 
 // TestHandoverKeepsOldSlots: a successor supervisor adopts the group. The
