@@ -110,17 +110,14 @@ func (g *Group) Files() (map[string]*os.File, error) {
 	if err := dup(FileProgram, g.objs.prog.FD()); err != nil {
 		return fail(err)
 	}
-	for name, m := range g.objs.maps() {
-		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
-			return fail(err)
-		}
-	}
-	for name, m := range g.objs.optionalMaps() {
-		if *m == nil {
-			continue
-		}
-		if err := dup(filePrefixM+name, (*m).FD()); err != nil {
-			return fail(err)
+	for _, maps := range []map[string]**ebpf.Map{g.objs.maps(), g.objs.optionalMaps()} {
+		for name, m := range maps {
+			if *m == nil {
+				continue // an optional map the program lacks
+			}
+			if err := dup(filePrefixM+name, (*m).FD()); err != nil {
+				return fail(err)
+			}
 		}
 	}
 	return out, nil
@@ -327,16 +324,12 @@ func adoptObjects(files map[string]*os.File) (*objects, error) {
 		if files[filePrefixM+name] == nil {
 			continue
 		}
-		fd, err := takeFD(files, filePrefixM+name)
+		m, err := adoptMap(files, name)
 		if err != nil {
 			objs.Close()
 			return nil, err
 		}
-		if *p, err = ebpf.NewMapFromFD(fd); err != nil {
-			unix.Close(fd)
-			objs.Close()
-			return nil, fmt.Errorf("map %s: %w", name, err)
-		}
+		*p = m
 	}
 	return objs, nil
 }
@@ -355,20 +348,29 @@ func adoptKernelObjects(files map[string]*os.File, prog **ebpf.Program, maps map
 		return fmt.Errorf("program: %w", err)
 	}
 	for name, p := range maps {
-		fd, err := takeFD(files, filePrefixM+name)
+		m, err := adoptMap(files, name)
 		if err != nil {
 			closeAll()
 			return err
 		}
-		m, err := ebpf.NewMapFromFD(fd)
-		if err != nil {
-			unix.Close(fd)
-			closeAll()
-			return fmt.Errorf("map %s: %w", name, err)
-		}
 		*p = m
 	}
 	return nil
+}
+
+// adoptMap wraps a duplicate of the map descriptor files names
+// filePrefixM+name.
+func adoptMap(files map[string]*os.File, name string) (*ebpf.Map, error) {
+	fd, err := takeFD(files, filePrefixM+name)
+	if err != nil {
+		return nil, err
+	}
+	m, err := ebpf.NewMapFromFD(fd)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("map %s: %w", name, err)
+	}
+	return m, nil
 }
 
 // takeFD returns a close-on-exec duplicate of files[name]'s descriptor,
