@@ -23,7 +23,6 @@ import (
 	"time"
 )
 
-// Counts is the answer to every command.
 func main() {
 	proto := flag.String("proto", "tcp", "tcp (HTTP/1.1 keep-alive) or quic (HTTP/3)")
 	addr := flag.String("addr", "", "server address, IP:port")
