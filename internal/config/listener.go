@@ -264,8 +264,8 @@ func ParseListener(name, raw string) (Listener, error) {
 			l.FlowIdle = d
 		case (key == "flow_entries" || key == "pin_entries") && (l.Scheme == SchemeUDP || l.Scheme == SchemeXDP):
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 || n > MaxTableEntries {
-				return l, fmt.Errorf("listener %s: %s=%q must be 1..%d", name, key, v, MaxTableEntries)
+			if err != nil || n < 1 || n > contract.MaxTableEntries {
+				return l, fmt.Errorf("listener %s: %s=%q must be 1..%d", name, key, v, contract.MaxTableEntries)
 			}
 			if key == "flow_entries" {
 				l.FlowEntries = n
@@ -295,11 +295,6 @@ func knownOptions(scheme string) string {
 		return "backlog, mode, owner, group"
 	}
 }
-
-// MaxTableEntries bounds flow_entries and pin_entries: the steering
-// tables' entries hold 24 bits of the key's hash as its tag, and a table
-// far larger than that gains nothing.
-const MaxTableEntries = 1 << 24
 
 // validName keeps names usable in LISTEN_FDNAMES, which is colon-separated
 // and limited by systemd to 255 printable ASCII characters.

@@ -25,6 +25,13 @@ const (
 	SteerQUIC = "quic"
 )
 
+// MaxTableEntries bounds a listener's flow_entries and pin_entries (the
+// steering tables' sizes): an entry holds 24 bits of its key's hash as
+// its tag, and a table far larger than that gains nothing (a flow table
+// of that many entries takes 64 MB of kernel memory in flow mode, 384 MB
+// with QUIC records' addresses).
+const MaxTableEntries = 1 << 24
+
 // String returns the mode's name: off, flow or quic.
 func (m Mode) String() string {
 	switch m {

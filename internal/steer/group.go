@@ -112,8 +112,8 @@ func (c *Config) validate() error {
 	if c.FlowIdle < time.Millisecond || c.InitialPin < time.Millisecond {
 		errs = append(errs, fmt.Errorf("flow idle %v and initial pin %v must be at least 1ms", c.FlowIdle, c.InitialPin))
 	}
-	if c.FlowEntries < 1 || c.PinEntries < 1 || c.FlowEntries > maxTableEntries || c.PinEntries > maxTableEntries {
-		errs = append(errs, fmt.Errorf("table sizes %d and %d must be 1..%d", c.FlowEntries, c.PinEntries, maxTableEntries))
+	if c.FlowEntries < 1 || c.PinEntries < 1 || c.FlowEntries > contract.MaxTableEntries || c.PinEntries > contract.MaxTableEntries {
+		errs = append(errs, fmt.Errorf("table sizes %d and %d must be 1..%d", c.FlowEntries, c.PinEntries, contract.MaxTableEntries))
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("udp steering: config: %w", errors.Join(errs...))

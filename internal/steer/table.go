@@ -14,10 +14,6 @@ import (
 // buckets of tableWays 64-bit words, one entry per word.
 const (
 	tableWays = len(bpf.SteerPinBucket{}.Way)
-	// maxTableEntries bounds FlowEntries and PinEntries: a flow table of
-	// that many entries takes 64 MB of kernel memory in flow mode, 384 MB
-	// with QUIC records' addresses.
-	maxTableEntries = 1 << 24
 	// tableFill: a table has ways for tableFill times its entries.
 	tableFill = 4
 
