@@ -70,17 +70,14 @@ func (g *Group) Flows() (map[int]int, error) {
 		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	defer table.Close()
-	timeout := g.cfg.FlowIdle
-	if g.cfg.Mode == contract.ModeQUIC {
-		timeout = g.cfg.InitialPin
-	}
+	timeout := g.cfg.tableTimeout()
 	now, err := bpf.NowNs(g.tick)
 	if err != nil {
 		return nil, fmt.Errorf("%s: flows: %w", g.where, err)
 	}
 	var counts map[int]int
 	if table.Type() == ebpf.Array {
-		counts, err = countBuckets(table, kcfg, now, timeout, timeShift(g.cfg.tableTimeout()))
+		counts, err = countBuckets(table, kcfg, now, timeout, timeShift(timeout))
 	} else {
 		counts, err = countFlows(table, kcfg, now, timeout)
 	}
