@@ -33,6 +33,10 @@ type cgTracker struct {
 	baseRel string
 	hasKill bool // cgroup.kill (Linux 5.14)
 	pid     int
+	// marked: the base directory carries ownerAttr, so a sweep takes
+	// only directories that carry it too. False where the cgroup file
+	// system has no user xattrs; then the name alone decides.
+	marked bool
 }
 
 type cgGroup struct {
@@ -48,6 +52,29 @@ type cgGroup struct {
 // batonDir matches the directories trackers create; the pid is the
 // baton's. A "-N" suffix is a second tracker in one process.
 var batonDir = regexp.MustCompile(`^baton-([0-9]+)(?:-[0-9]+)?$`)
+
+// ownerAttr marks a directory a tracker created; its value is the
+// directory's name. A name alone is not proof: anything else in baton's
+// cgroup may be called baton-<digits> (a container's cgroup named after
+// it, another tool's), and a sweep kills every process in what it takes
+// for baton's. Only the directory's owner (or root) can set a user xattr
+// on it, and cgroup2 has them since Linux 5.7, which cgroup mode needs
+// anyway.
+const ownerAttr = "user.baton.owner"
+
+// xattrsWork reports whether the file system of dir has user xattrs:
+// asking for one it lacks is ENODATA there, EOPNOTSUPP elsewhere.
+func xattrsWork(dir string) bool {
+	_, err := unix.Getxattr(dir, ownerAttr, nil)
+	return err == nil || errors.Is(err, unix.ENODATA)
+}
+
+// ownerMark reports whether dir carries the mark of a tracker named name.
+func ownerMark(dir, name string) bool {
+	buf := make([]byte, 64)
+	n, err := unix.Getxattr(dir, ownerAttr, buf)
+	return err == nil && string(buf[:n]) == name
+}
 
 func newCgTracker(seq int, log *slog.Logger) (*cgTracker, error) {
 	ownRel, err := cgroupOf("self")
@@ -79,13 +106,23 @@ func newCgTracker(seq int, log *slog.Logger) (*cgTracker, error) {
 	err = os.Mkdir(c.base, 0o755)
 	if errors.Is(err, fs.ErrExist) {
 		// Left by an earlier baton with this pid (a pid namespace restarts
-		// its numbering): nothing of this process is in it yet.
+		// its numbering): nothing of this process is in it yet. One
+		// without the mark is not known to be baton's; its processes are
+		// not killed.
+		if !ownerMark(c.base, name) && xattrsWork(c.ownDir) {
+			return nil, fmt.Errorf("%s exists and was not made by baton (it has no %s attribute); remove it, or move what runs in it elsewhere", c.base, ownerAttr)
+		}
 		if err = killAndRemove(c.base); err == nil {
 			err = os.Mkdir(c.base, 0o755)
 		}
 	}
 	if err != nil {
 		return nil, mkdirError(c.base, err)
+	}
+	if err := unix.Setxattr(c.base, ownerAttr, []byte(name), 0); err == nil {
+		c.marked = true
+	} else {
+		log.Warn("cannot mark baton's cgroup directory; a later baton will take any baton-<digits> directory here for a stale one of baton's", "dir", c.base, "attr", ownerAttr, "err", err)
 	}
 	_, kerr := os.Stat(filepath.Join(c.base, "cgroup.kill"))
 	c.hasKill = kerr == nil
@@ -545,6 +582,9 @@ func (c *cgTracker) sweep() ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(c.ownDir, e.Name())
+		if c.marked && !ownerMark(dir, e.Name()) {
+			continue
+		}
 		if err := killAndRemove(dir); err != nil {
 			errs = append(errs, err)
 			continue

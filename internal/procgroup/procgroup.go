@@ -239,8 +239,9 @@ func (t *Tracker) NewGroup(name string) (*Group, error) {
 }
 
 // Sweep kills and removes what batons that no longer run left behind:
-// in cgroup mode the baton-<pid> directories in baton's cgroup whose pid
-// is not a process in that cgroup; in process-group mode the processes
+// in cgroup mode the baton-<pid> directories in baton's cgroup that carry
+// baton's mark (the user.baton.owner xattr) and whose pid is not a process
+// in that cgroup; in process-group mode the processes
 // whose marker names a baton of this pid namespace that has exited. It
 // returns what it removed. New calls it; call it again when a previous
 // supervisor (the one this one took over from) has exited.

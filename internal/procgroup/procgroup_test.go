@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -347,16 +348,27 @@ func TestStaleCgroupsRemovedOnNew(t *testing.T) {
 
 	stale := filepath.Join(own, fmt.Sprintf("baton-%d", deadPID))
 	other := filepath.Join(own, fmt.Sprintf("baton-%d", live.Process.Pid))
+	// A cgroup someone else made with a name like baton's (a test's
+	// container cgroup was once called baton-49672590, and a sweep killed
+	// the container): no mark, so not baton's.
+	foreign := filepath.Join(own, "baton-49672590")
 	staleSleep := sleepInCgroup(t, filepath.Join(stale, "gen-7"))
 	otherSleep := sleepInCgroup(t, filepath.Join(other, "gen-1"))
-	t.Cleanup(func() {
-		if err := killAndRemove(other); err != nil {
-			t.Errorf("cleanup %s: %v", other, err)
-		}
-	})
+	foreignSleep := sleepInCgroup(t, filepath.Join(foreign, "payload"))
+	markOwner(t, stale)
+	markOwner(t, other)
+	for _, d := range []string{other, foreign} {
+		t.Cleanup(func() {
+			if err := killAndRemove(d); err != nil {
+				t.Errorf("cleanup %s: %v", d, err)
+			}
+		})
+	}
 
 	tr := newTracker(t, Cgroup)
-	_ = tr
+	if !tr.cg.marked {
+		t.Fatalf("the tracker did not mark %s with %s", tr.cg.base, ownerAttr)
+	}
 	eventually(t, "the stale group's process killed", func() bool { return !running(staleSleep) })
 	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("%s still there: %v", stale, err)
@@ -366,6 +378,61 @@ func TestStaleCgroupsRemovedOnNew(t *testing.T) {
 	}
 	if _, err := os.Stat(other); err != nil {
 		t.Errorf("the running baton's cgroup: %v", err)
+	}
+	// Sweep again, as a supervisor does after its predecessor exits.
+	if _, err := tr.Sweep(); err != nil {
+		t.Fatal(err)
+	}
+	if !running(foreignSleep) {
+		t.Errorf("the process (pid %d) in %s, which baton did not make, was killed", foreignSleep.pid, foreign)
+	}
+	if _, err := os.Stat(foreign); err != nil {
+		t.Errorf("%s, which baton did not make: %v", foreign, err)
+	}
+}
+
+// TestUnmarkedOwnDirectoryKept: a directory with the very name a new
+// tracker wants, but without baton's mark, is not emptied: New fails and
+// says what to do.
+func TestUnmarkedOwnDirectoryKept(t *testing.T) {
+	requireRoot(t)
+	probe := newTracker(t, Cgroup)
+	trackerSeq.Lock()
+	defer trackerSeq.Unlock()
+	seq := trackerSeq.n
+	dir := filepath.Join(probe.cg.ownDir, fmt.Sprintf("baton-%d-%d", os.Getpid(), seq))
+	sleep := sleepInCgroup(t, filepath.Join(dir, "payload"))
+	t.Cleanup(func() {
+		if err := killAndRemove(dir); err != nil {
+			t.Errorf("cleanup %s: %v", dir, err)
+		}
+	})
+	c, err := newCgTracker(seq, slog.New(slog.DiscardHandler))
+	if err == nil {
+		c.close()
+		t.Fatalf("a tracker took %s, which baton did not make", dir)
+	}
+	if !strings.Contains(err.Error(), ownerAttr) || !strings.Contains(err.Error(), dir) {
+		t.Errorf("error %q does not name the directory and the attribute", err)
+	}
+	if !running(sleep) {
+		t.Errorf("the process in %s was killed", dir)
+	}
+	// With the mark it is a stale one of baton's, and emptied.
+	markOwner(t, dir)
+	c, err = newCgTracker(seq, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	eventually(t, "the marked directory's process killed", func() bool { return !running(sleep) })
+}
+
+// markOwner marks dir as a tracker's, as newCgTracker does.
+func markOwner(t *testing.T, dir string) {
+	t.Helper()
+	if err := unix.Setxattr(dir, ownerAttr, []byte(filepath.Base(dir)), 0); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -153,7 +153,10 @@ func (m *Machine) makeCgroups() error {
 		return err
 	}
 	for _, d := range dirs {
-		c := filepath.Join(d, m.Name)
+		// Not m.Name: a baton in the test's cgroup sweeps directories
+		// named baton-<digits> (it checks its own mark first, but the
+		// container's cgroup should not look like one of its at all).
+		c := filepath.Join(d, "nspawn-"+m.Name)
 		if err := os.Mkdir(c, 0o755); err != nil {
 			return fmt.Errorf("nspawn: cgroup for the container: %w", err)
 		}
