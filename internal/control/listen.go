@@ -110,8 +110,8 @@ func Listen(path string, opts Options) (*Server, error) {
 		}
 	}
 
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("control socket %s: create parent directory: %w", path, err)
+	if err := unixsock.MkdirAll(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	// Whoever can replace the socket can answer restart requests (clients
 	// check SO_PEERCRED, but a denial is still an outage) and, while it

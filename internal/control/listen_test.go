@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/baton-run/baton/internal/testenv"
 )
 
 // makeStaleSocket leaves a socket file nobody listens on, as a supervisor
@@ -273,4 +275,42 @@ func TestListenRefusesDirectoryOthersCanWrite(t *testing.T) {
 		t.Fatalf("Listen in a sticky directory: %v", err)
 	}
 	s.Close()
+}
+
+// TestListenRefusesAnotherUsersSymlink: in a sticky directory another
+// user's symlink is theirs to rename over, so a socket reached through it
+// is theirs to replace (and clients would trust them as the directory's
+// owner). Listen refuses it, and creates nothing where it points first.
+func TestListenRefusesAnotherUsersSymlink(t *testing.T) {
+	testenv.RequireRoot(t, "chown a symlink to uid 65534")
+	base := t.TempDir()
+	sticky, target := filepath.Join(base, "sticky"), filepath.Join(base, "rootonly")
+	for _, d := range []string{sticky, target} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Chmod(sticky, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(sticky, "run")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{filepath.Join(link, "baton.sock"), filepath.Join(link, "sub", "baton.sock")} {
+		s, err := Listen(path, Options{})
+		if err == nil {
+			s.Close()
+			t.Fatalf("Listen(%s) through uid 65534's symlink succeeded", path)
+		}
+		if !strings.Contains(err.Error(), "symbolic link owned by uid 65534") {
+			t.Errorf("Listen(%s): %v; want it to name the link's owner", path, err)
+		}
+	}
+	if ents, err := os.ReadDir(target); err != nil || len(ents) != 0 {
+		t.Errorf("the link's target holds %v (%v); want nothing created there", ents, err)
+	}
 }

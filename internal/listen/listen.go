@@ -158,8 +158,8 @@ func backlog(n int) int {
 func openUnix(spec config.Listener) (*Socket, error) {
 	path := spec.Addr
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("listener %s: create the socket's directory: %w", spec.Name, err)
+	if err := unixsock.MkdirAll(dir); err != nil {
+		return nil, fmt.Errorf("listener %s: the socket's directory: %w", spec.Name, err)
 	}
 	if who := unixsock.Writers(dir); who != "" {
 		// A legitimate layout (a directory the service user owns), but

@@ -3,6 +3,7 @@ package unixsock
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,20 +15,53 @@ import (
 // replace what sits at a path inside dir: neither dir nor any directory
 // above it (through symlinks too) may be writable by another user, unless
 // it is sticky and owned by root or this user (like /tmp), which keeps
-// others from renaming entries they do not own. The error names the
-// directory and what to do.
+// others from renaming entries they do not own; and every symlink on the
+// way must be owned by root or this user. The error names the directory
+// or link and what to do.
 func CheckDir(dir string) error {
 	return checkPath(dir, os.Geteuid(), 0)
 }
 
 // Writers describes who besides root and this process's user can replace
-// entries in dir, or "" if nobody can. It is meant for warnings.
+// entries in dir, or "" if nobody can. It is meant for warnings. It walks
+// the whole path as CheckDir does: a safe directory reached through a
+// directory or a symlink another user controls is not safe.
 func Writers(dir string) string {
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return ""
+	if err := CheckDir(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err.Error()
 	}
-	return unsafeDir(&st, os.Geteuid())
+	return ""
+}
+
+// MkdirAll creates dir and its missing parents (mode 0755), but only below
+// a directory that passes CheckDir: made as root through a path another
+// user controls, the directories would land wherever that user points
+// (another user's symlink is followed before any check of dir itself).
+// An existing dir is left to the caller to judge.
+func MkdirAll(dir string) error {
+	dir = filepath.Clean(dir)
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err == nil {
+		return nil
+	}
+	existing := dir
+	for {
+		parent := filepath.Dir(existing)
+		if parent == existing {
+			break
+		}
+		existing = parent
+		if err := unix.Lstat(existing, &st); err == nil {
+			break
+		}
+	}
+	if err := CheckDir(existing); err != nil {
+		return fmt.Errorf("not creating %s: %w", dir, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	return nil
 }
 
 const maxSymlinks = 40
@@ -49,6 +83,13 @@ func checkPath(path string, euid, depth int) error {
 			return fmt.Errorf("%s: %w", cur, err)
 		}
 		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			// Its directory is safe, but a link is its owner's: in a
+			// sticky directory like /tmp, the owner can rename another
+			// link over it and send the path anywhere.
+			if owner := int(st.Uid); owner != 0 && owner != euid {
+				return fmt.Errorf("%s is a symbolic link owned by uid %d, who could point it elsewhere and replace the socket: "+
+					"use a path without it, or a link owned by root or uid %d", cur, owner, euid)
+			}
 			target, err := os.Readlink(cur)
 			if err != nil {
 				return fmt.Errorf("%s: %w", cur, err)
@@ -56,7 +97,7 @@ func checkPath(path string, euid, depth int) error {
 			if !filepath.IsAbs(target) {
 				target = filepath.Join(filepath.Dir(cur), target)
 			}
-			// The link's own directory was checked already; now the
+			// The link's own directory and owner were checked; now the
 			// directories it leads through.
 			return checkPath(filepath.Join(append([]string{target}, rest[i:]...)...), euid, depth+1)
 		}

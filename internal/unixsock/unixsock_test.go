@@ -259,6 +259,20 @@ func TestCheckDir(t *testing.T) {
 	if err := os.Symlink(world, link); err != nil {
 		t.Fatal(err)
 	}
+	// A link to a safe directory, in a sticky one: safe when root owns
+	// it; another user's can be renamed over (as /tmp allows its owner)
+	// to point anywhere.
+	rootLink := filepath.Join(sticky, "rootlink")
+	if err := os.Symlink(good, rootLink); err != nil {
+		t.Fatal(err)
+	}
+	otherLink := filepath.Join(sticky, "otherlink")
+	if err := os.Symlink(good, otherLink); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(otherLink, nobody, -1); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		dir  string
 		want string // "" = accepted
@@ -271,6 +285,9 @@ func TestCheckDir(t *testing.T) {
 		{other, "owned by uid 65534"},
 		{stickyOther, "owned by uid 65534"},
 		{link, "writable by every user"},
+		{rootLink, ""},
+		{otherLink, "symbolic link owned by uid 65534"},
+		{filepath.Join(otherLink, "sub"), "symbolic link owned by uid 65534"},
 	} {
 		err := CheckDir(tc.dir)
 		switch {
@@ -288,6 +305,74 @@ func TestCheckDir(t *testing.T) {
 	}
 	if err := CheckDir(inner); err == nil || !strings.Contains(err.Error(), world) {
 		t.Errorf("CheckDir(%s) = %v; want it to name %s", inner, err, world)
+	}
+
+	// Writers, for the warning of a Unix listener, judges the same way.
+	for dir, want := range map[string]string{
+		good:                           "",
+		rootLink:                       "",
+		inner:                          world,
+		otherLink:                      "symbolic link owned by uid 65534",
+		world:                          "writable by every user",
+		filepath.Join(good, "missing"): "",
+	} {
+		got := Writers(dir)
+		if want == "" && got != "" || want != "" && !strings.Contains(got, want) {
+			t.Errorf("Writers(%s) = %q; want %q", dir, got, want)
+		}
+	}
+}
+
+// TestMkdirAllOnlyBelowSafeDirectories: missing directories are made only
+// below a directory CheckDir accepts, so root never creates them where
+// another user's symlink points.
+func TestMkdirAllOnlyBelowSafeDirectories(t *testing.T) {
+	testenv.RequireRoot(t, "chown a symlink to another user")
+	base := t.TempDir()
+	target := filepath.Join(base, "rootonly")
+	sticky := filepath.Join(base, "sticky")
+	world := filepath.Join(base, "world")
+	for _, d := range []string{target, sticky, world} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Chmod(sticky, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Chmod(world, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(sticky, "link")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, nobody, -1); err != nil {
+		t.Fatal(err)
+	}
+	for dir, want := range map[string]string{
+		filepath.Join(link, "x", "y"):  "symbolic link owned by uid 65534",
+		filepath.Join(world, "x", "y"): "writable by every user",
+	} {
+		if err := MkdirAll(dir); err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), dir) {
+			t.Errorf("MkdirAll(%s) = %v; want an error naming it and saying %q", dir, err, want)
+		}
+	}
+	for _, made := range []string{filepath.Join(target, "x"), filepath.Join(world, "x")} {
+		if _, err := os.Lstat(made); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s was created (%v)", made, err)
+		}
+	}
+	good := filepath.Join(target, "a", "b")
+	if err := MkdirAll(good); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(good); err != nil || !st.IsDir() {
+		t.Errorf("MkdirAll(%s) made %v, %v", good, st, err)
+	}
+	// An existing directory is the caller's to judge.
+	if err := MkdirAll(world); err != nil {
+		t.Errorf("MkdirAll(%s) of an existing directory: %v", world, err)
 	}
 }
 
