@@ -275,7 +275,14 @@ func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
 	cmd.Dir = cfg.Dir
 	cmd.Env = append(childEnv(os.Environ(), cfg.Env), grp.Env()...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	// The check runs the application's code (typically its binary with a
+	// -check flag): as the application's user, like a generation, never
+	// with the supervisor's privileges.
+	cred, err := credential(cfg.User, cfg.Group)
+	if err != nil {
+		return "", err
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	if err := grp.Prepare(cmd.SysProcAttr); err != nil {
 		return "", err
 	}

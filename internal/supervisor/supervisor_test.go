@@ -22,6 +22,7 @@ import (
 	"github.com/baton-run/baton/handoff"
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/listen"
+	"github.com/baton-run/baton/internal/testenv"
 	"github.com/baton-run/baton/internal/upgrade"
 )
 
@@ -339,6 +340,28 @@ func TestCheckCommandFailureSpawnsNothing(t *testing.T) {
 	}
 	if st := h.sup.Status(context.Background()); len(st.Gens) != 1 || st.Gens[0].Num != 1 {
 		t.Fatalf("status = %+v", st)
+	}
+}
+
+// TestCheckCommandRunsAsTheUser: --check-cmd runs the application's code,
+// so it runs as --user like a generation, not as the supervisor (root).
+func TestCheckCommandRunsAsTheUser(t *testing.T) {
+	testenv.RequireRoot(t, "runs the check as uid 65534")
+	h := newHarness(t, "ready", nil)
+	h.waitWorking(1)
+	// The check fails on purpose, so that its output comes back in the
+	// result and no generation needs to start as nobody.
+	h.cfg = func(c *config.Config) {
+		c.User = "nobody"
+		c.Dir = "/"
+		c.CheckCmd = `echo "check ran as uid $(id -u) gid $(id -g)"; exit 1`
+	}
+	res := h.restart()
+	if res.Code != CheckFailed {
+		t.Fatalf("result = %+v", res)
+	}
+	if !strings.Contains(res.Message, "check ran as uid 65534 gid 65534") {
+		t.Fatalf("the check did not run as nobody: %q", res.Message)
 	}
 }
 
