@@ -188,6 +188,7 @@ type canaryCmd struct {
 }
 
 func canaryMain(c canaryCmd, args []string, env func(string) string, stdout, stderr io.Writer) int {
+	stdout, stderr = terminalSafe(stdout), terminalSafe(stderr)
 	fs := flag.NewFlagSet(c.prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")
 	instanceFlag := fs.String("instance", "", "")

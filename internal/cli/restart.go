@@ -80,6 +80,7 @@ Exit codes:
 
 // RestartMain runs the `restart` command and returns its exit code.
 func RestartMain(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	stdout, stderr = terminalSafe(stdout), terminalSafe(stderr)
 	const prog = "restart"
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")

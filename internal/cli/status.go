@@ -41,6 +41,7 @@ this user), 1 anything else.
 
 // StatusMain runs the `status` command and returns its exit code.
 func StatusMain(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	stdout, stderr = terminalSafe(stdout), terminalSafe(stderr)
 	const prog = "baton status"
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	controlFlag := fs.String("control", "", "")
