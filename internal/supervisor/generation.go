@@ -15,6 +15,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/baton-run/baton/internal/config"
 	"github.com/baton-run/baton/internal/contract"
@@ -431,6 +432,9 @@ func (g *generation) handleAssignments(lines []string, via string, post func(fun
 				post(func() { g.markReady(via) })
 			}
 		case contract.KeyStatus:
+			// Bounded: every status answer carries each generation's
+			// line, and a client reads at most 1 MiB per answer.
+			v = truncateText(v, maxStatusText)
 			post(func() { g.status = v })
 		case contract.KeyStopping:
 			if v == contract.FlagOn {
@@ -521,6 +525,22 @@ func (g *generation) probeTCP(addr string, post func(func())) {
 	}
 }
 
+// maxStatusText bounds a generation's STATUS= text, in bytes.
+const maxStatusText = 512
+
+// truncateText cuts s to at most max bytes, at a rune boundary, marking
+// the cut with an ellipsis.
+func truncateText(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}
+
 // lineTail keeps the last max lines written to it.
 type lineTail struct {
 	mu    sync.Mutex
@@ -531,10 +551,7 @@ type lineTail struct {
 func (t *lineTail) add(line []byte) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := string(bytes.TrimRight(line, "\r\n"))
-	if len(s) > 512 {
-		s = s[:512] + "…"
-	}
+	s := truncateText(string(bytes.TrimRight(line, "\r\n")), 512)
 	t.lines = append(t.lines, s)
 	if len(t.lines) > t.max {
 		t.lines = t.lines[len(t.lines)-t.max:]

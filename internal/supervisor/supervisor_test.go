@@ -64,6 +64,9 @@ func child(mode string) int {
 		}
 		c.Write([]byte("STATUS=up\nREADY=1"))
 		c.Close()
+	case "bigstatus":
+		fmt.Fprintln(pipe, "STATUS="+strings.Repeat("<", 65000))
+		fmt.Fprintln(pipe, handoff.ReadyLine)
 	case "crash":
 		fmt.Fprintln(pipe, handoff.ReadyLine)
 		time.Sleep(20 * time.Millisecond)
@@ -284,6 +287,24 @@ func TestNotifyReadiness(t *testing.T) {
 	}
 	if st.Gens[0].Status != "up" {
 		t.Fatalf("STATUS= not recorded: %+v", st.Gens[0])
+	}
+}
+
+// TestStatusTextBounded: a generation's STATUS= line is kept to 512
+// bytes. Every status answer carries each generation's line (a '<' is six
+// bytes in JSON), and clients read at most 1 MiB per answer: three
+// generations with 65,000-byte lines made `baton status` fail.
+func TestStatusTextBounded(t *testing.T) {
+	h := newHarness(t, "bigstatus", nil)
+	st := h.waitWorking(1)
+	deadline := time.Now().Add(2 * time.Second)
+	for st.Gens[0].Status == "" && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		st = h.sup.Status(context.Background())
+	}
+	got := st.Gens[0].Status
+	if want := strings.Repeat("<", maxStatusText) + "…"; got != want {
+		t.Fatalf("STATUS= recorded as %d bytes (%.20q…), want the first %d and an ellipsis", len(got), got, maxStatusText)
 	}
 }
 
