@@ -43,6 +43,9 @@ func (e *fileErrors) Unwrap() []error { return e.errs }
 
 // applyFile applies the TOML text data, read from path, to c.
 func (c *Config) applyFile(path string, data []byte) error {
+	if err := checkNesting(data); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
 	var raw map[string]any
 	md, err := toml.Decode(string(data), &raw)
 	if err != nil {
