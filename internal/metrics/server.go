@@ -17,11 +17,28 @@ import (
 // nothing, or stops reading, must not hold a goroutine and a descriptor
 // of the supervisor for long.
 const (
-	readHeaderTimeout = 5 * time.Second
-	readTimeout       = 10 * time.Second
-	writeTimeout      = 30 * time.Second
-	idleTimeout       = 60 * time.Second
-	maxHeaderBytes    = 16 << 10
+	// maxConns connections are held at once; more wait in the listen
+	// queue (see capListener). A Prometheus server scrapes a target over
+	// one connection, so a pair of them, a few dashboards and a curl fit
+	// many times over; yet it is a small share of any descriptor limit
+	// (even the 1024 of a bare shell), whoever can connect.
+	maxConns = 32
+	// While every slot is taken, a connection lasts one request, and
+	// these bound it: a scrape that waits in the queue gets a slot within
+	// readHeaderTimeout of clients that stall their headers, readTimeout
+	// of ones that stall a body, writeTimeout of ones that read slowly.
+	// A Prometheus request arrives in one segment: 3 s leave room for
+	// retransmissions.
+	readHeaderTimeout = 3 * time.Second
+	readTimeout       = 5 * time.Second
+	// writeTimeout runs from the end of the headers: room for a scrape
+	// that takes its whole scrapeTimeout, and for sending its answer.
+	writeTimeout = scrapeTimeout + 5*time.Second
+	// idleTimeout is short: scrapes come every 15 s or more, so keeping a
+	// connection between them saves little, and every idle one is a
+	// descriptor held for whoever opened it.
+	idleTimeout    = 5 * time.Second
+	maxHeaderBytes = 16 << 10
 	// scrapeTimeout bounds one scrape's work, snapshot included.
 	scrapeTimeout = 10 * time.Second
 	// maxInFlight scrapes at once; more get 503.
@@ -34,14 +51,15 @@ const (
 // from a previous supervisor).
 type Server struct {
 	srv  *http.Server
-	ln   net.Listener
+	ln   *capListener
 	log  *slog.Logger
 	once sync.Once
 	done chan struct{}
 }
 
 // NewServer prepares a server of c (with the Go runtime's and the
-// process's metrics) on ln; Serve starts it.
+// process's metrics) on ln; Serve starts it. It holds at most maxConns
+// connections of ln at once.
 func NewServer(ln net.Listener, c prometheus.Collector, log *slog.Logger) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
@@ -67,6 +85,7 @@ func NewServer(ln net.Listener, c prometheus.Collector, log *slog.Logger) (*Serv
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("baton: metrics at /metrics\n"))
 	})
+	capped := newCapListener(ln, maxConns, log)
 	return &Server{
 		srv: &http.Server{
 			Handler:           mux,
@@ -76,8 +95,9 @@ func NewServer(ln net.Listener, c prometheus.Collector, log *slog.Logger) (*Serv
 			IdleTimeout:       idleTimeout,
 			MaxHeaderBytes:    maxHeaderBytes,
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+			ConnState:         capped.connState,
 		},
-		ln:   ln,
+		ln:   capped,
 		log:  log,
 		done: make(chan struct{}),
 	}, nil
