@@ -354,6 +354,55 @@ func TestEscapedDaemonDies(t *testing.T) {
 	}
 }
 
+// TestKilledBatonsDaemonDoesNotBlockTheNext: baton is SIGKILLed while a
+// generation's setsid daemon, which inherited the listener, keeps running
+// and holding the port. The next baton in the same place kills what the
+// dead one left before it binds, so it starts and serves instead of
+// failing with "address already in use".
+func TestKilledBatonsDaemonDoesNotBlockTheNext(t *testing.T) {
+	for _, mode := range []string{"cgroup", "process-group"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t)
+			arg := uniqueSleep(t)
+			daemon := []string{"sleep", arg}
+			script := "setsid sleep " + arg + " & exec " + bin.HTTPD
+			args := []string{"--listen", "http=tcp://" + httpAddr, "--process-tracking", mode, "--", "/bin/sh", "-c", script}
+			b, _ := h.startServing(args...)
+			left := waitProcs(t, 10*time.Second, daemon...)
+			t.Cleanup(func() {
+				for _, p := range left {
+					if p.Alive() {
+						_ = syscall.Kill(p.PID, syscall.SIGKILL)
+					}
+				}
+			})
+			// Not b.WaitExit: that also waits for baton's output to end,
+			// and the daemon holds the output pipe.
+			batonProc := testkit.LookupProc(b.PID())
+			if err := b.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			if err := testkit.WaitExited(batonProc, 5*time.Second); err != nil {
+				t.Fatalf("baton after SIGKILL: %v", err)
+			}
+			for _, p := range left {
+				if !p.Alive() {
+					t.Fatalf("the daemon (pid %d) died with baton; the test proves nothing", p.PID)
+				}
+			}
+			b2, _ := h.startServing(args...)
+			for _, p := range left {
+				if err := testkit.WaitGone(p, 10*time.Second); err != nil {
+					t.Errorf("the dead baton's daemon: %v", err)
+				}
+			}
+			if got := b2.Out.String(); !strings.Contains(got, "left behind") {
+				t.Errorf("the new baton did not log what it removed:\n%s", got)
+			}
+		})
+	}
+}
+
 // TestControlDirectoryOthersCanWrite: a control socket in a directory
 // another user can write to could be swapped for a socket of theirs;
 // baton refuses to start there, says why and what to do, once.

@@ -133,6 +133,23 @@ func Main(args []string, env Env, stderr io.Writer) int {
 		return 1
 	}
 	defer upg.Stop()
+	// Before the listeners: the tracker's first act is to kill what a
+	// SIGKILLed baton left running, and those processes may still hold
+	// the very ports about to be bound (a daemonized worker of an old
+	// generation keeps serving on its socket).
+	mode, err := procgroup.ParseMode(cfg.ProcessTracking)
+	if err != nil {
+		log.Error("process tracking", "err", err)
+		return 2
+	}
+	procs, err := procgroup.New(procgroup.Options{Mode: mode, Logger: log})
+	if err != nil {
+		log.Error("cannot track the processes of generations", "err", err)
+		return 1
+	}
+	defer procs.Close()
+	log.Info("process tracking", "mode", procs.Mode().String(), "where", procs.Describe())
+
 	socks, succ, src, err := openSockets(env, upg, cfg.Listeners)
 	if err != nil {
 		if src == fromPredecessor {
@@ -159,19 +176,6 @@ func Main(args []string, env Env, stderr io.Writer) int {
 	for i, sk := range socks {
 		log.Info("listener", "name", sk.Spec.Name, "url", sk.Spec.URL, "fd", 3+i, "systemd", sk.Activated)
 	}
-
-	mode, err := procgroup.ParseMode(cfg.ProcessTracking)
-	if err != nil {
-		log.Error("process tracking", "err", err)
-		return 2
-	}
-	procs, err := procgroup.New(procgroup.Options{Mode: mode, Logger: log})
-	if err != nil {
-		log.Error("cannot track the processes of generations", "err", err)
-		return 1
-	}
-	defer procs.Close()
-	log.Info("process tracking", "mode", procs.Mode().String(), "where", procs.Describe())
 
 	opts := supervisor.Options{Load: load, Logger: log, Sockets: socks, Upgrader: upg, Successor: succ, Procs: procs}
 	ctx, cancel := context.WithCancel(context.Background())
