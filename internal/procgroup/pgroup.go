@@ -66,6 +66,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -631,6 +632,7 @@ func (p *pgTracker) sweep() ([]string, error) {
 	}
 	var done []string
 	var errs []error
+	var killed []procKey
 	for _, pid := range pids {
 		if pid == p.self {
 			continue
@@ -654,9 +656,36 @@ func (p *pgTracker) sweep() ([]string, error) {
 			errs = append(errs, fmt.Errorf("kill pid %d: %w", pid, err))
 			continue
 		}
+		killed = append(killed, st.key())
 		done = append(done, fmt.Sprintf("pid %d (%s=%s)", pid, EnvMarker, v))
 	}
+	// A kill is delivered, not done: until each has exited it still holds
+	// its descriptors, a listener among them, which the caller is about to
+	// bind again.
+	if err := waitExited(killed, closeTimeout); err != nil {
+		errs = append(errs, err)
+	}
 	return done, errors.Join(errs...)
+}
+
+// waitExited waits up to d until every process in keys has exited (a
+// zombie has closed its descriptors) or is gone.
+func waitExited(keys []procKey, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for len(keys) > 0 {
+		keys = slices.DeleteFunc(keys, func(k procKey) bool {
+			st, err := readStat(k.pid)
+			return err != nil || st.start != k.start || st.dead()
+		})
+		if len(keys) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pid %d still running %s after SIGKILL", keys[0].pid, d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil
 }
 
 // parseMarker splits "<ns>-<pid>-<start>.<group>".
