@@ -478,6 +478,12 @@ func (s *Supervisor) flip(g *generation, cfg *config.Config, reason string) (*ge
 	s.working = g
 	s.cfg = cfg
 	g.state = Serving
+	if reason == reasonRequest || reason == reasonPromote {
+		// An operator's restart (a fixed config, a new build) starts a
+		// new series: a crash loop of the old one says nothing of it, and
+		// its next crash is respawned at the first backoff step.
+		s.consecCrashes = 0
+	}
 	if g.listenerPlan != nil {
 		s.applyListeners(g.listenerPlan)
 		g.listenerPlan = nil

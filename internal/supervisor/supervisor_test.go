@@ -611,6 +611,17 @@ func TestCrashLoopVisible(t *testing.T) {
 			if st.Crashes < 1 || st.LastCrash == "" {
 				t.Fatalf("crash loop without crashes recorded: %+v", st)
 			}
+			// The operator fixes the server and restarts: the loop is
+			// over, and status says so at once.
+			h.mu.Lock()
+			h.mode = "ready"
+			h.mu.Unlock()
+			if res := h.restart(); res.Code != OK {
+				t.Fatalf("restart after the fix: %+v", res)
+			}
+			if st := h.sup.Status(context.Background()); st.CrashLoop {
+				t.Fatalf("still a crash loop after a successful restart: %+v", st)
+			}
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
