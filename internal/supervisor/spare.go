@@ -304,8 +304,16 @@ func (s *spare) exited() bool {
 	case <-s.done:
 		return true
 	default:
-		return false
 	}
+	// The goroutine that waits for it may not have run yet after its
+	// exit: ask the kernel, without reaping (WNOWAIT), so that a restart
+	// right after the spare was killed forks instead of failing.
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_PID, s.pid(), &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT|unix.WALL, nil)
+	if err != nil {
+		return errors.Is(err, unix.ECHILD)
+	}
+	return info.Signo != 0
 }
 
 // launch sends the spare its command, environment and descriptors: files

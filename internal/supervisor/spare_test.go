@@ -141,10 +141,15 @@ func TestSpareKilled(t *testing.T) {
 	if err := syscall.Kill(sp, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the killed spare reaped", func() bool { return !pidAlive(sp) })
+	// Not pidAlive: a multithreaded process's main thread shows Z while
+	// its other threads are still dying, and until the last one is gone
+	// the process is neither waitable nor done with its descriptors.
+	waitFor(t, "the supervisor to see the spare exited", func() bool {
+		return h.sup.Status(context.Background()).SparePID != sp
+	})
 	res := h.restart()
 	if res.Code != OK || res.PID == sp {
-		t.Fatalf("restart after the spare was killed = %+v", res)
+		t.Fatalf("restart after the spare (pid %d) was killed = %+v", sp, res)
 	}
 	if next := h.waitSpare(); next == sp {
 		t.Fatalf("spare still pid %d", sp)
