@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"syscall"
 	"time"
@@ -208,6 +209,10 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("listener name %q is used twice", l.Name))
 		}
 		seen[l.Name] = true
+		if c.Ready.Kind == ReadyTCPConnect && l.Scheme == "tcp" && sameTCPEndpoint(c.Ready.Addr, l.Addr) {
+			errs = append(errs, fmt.Errorf("ready %s connects to baton's own listener %s (%s): the kernel completes that connection on baton's socket whether or not the server runs, so it proves nothing; "+
+				"give an address the server opens itself (an admin or health port), or use the inheritance pipe or sd_notify", c.Ready, l.Name, l.URL))
+		}
 	}
 	for _, d := range []struct {
 		name string
@@ -326,4 +331,27 @@ func SignalName(s syscall.Signal) string {
 		return n
 	}
 	return fmt.Sprint(int(s))
+}
+
+// sameTCPEndpoint reports whether a connection to dial (host:port) would
+// reach a listener bound to bound (host:port): the same port, and the
+// same host or a listener on every address.
+func sameTCPEndpoint(dial, bound string) bool {
+	dh, dp, err1 := net.SplitHostPort(dial)
+	bh, bp, err2 := net.SplitHostPort(bound)
+	if err1 != nil || err2 != nil || dp != bp {
+		return false
+	}
+	if bh == "" || bh == dh {
+		return true
+	}
+	bip := net.ParseIP(bh)
+	if bip != nil && bip.IsUnspecified() {
+		return true
+	}
+	dip := net.ParseIP(dh)
+	if dh == "localhost" {
+		return bip != nil && bip.IsLoopback()
+	}
+	return dip != nil && bip != nil && dip.Equal(bip)
 }

@@ -210,6 +210,42 @@ func TestDuplicateListenerNames(t *testing.T) {
 	}
 }
 
+// TestReadyTCPConnectToOwnListener: tcp-connect to one of baton's own TCP
+// listeners would succeed at once (the kernel accepts on baton's socket),
+// whether or not the server came up; it is refused, and other addresses
+// are not.
+func TestReadyTCPConnectToOwnListener(t *testing.T) {
+	for _, tc := range []struct {
+		listen, ready string
+		refused       bool
+	}{
+		{"tcp://127.0.0.1:8080", "127.0.0.1:8080", true},
+		{"tcp://:8080", "127.0.0.1:8080", true},
+		{"tcp://0.0.0.0:8080", "192.0.2.1:8080", true},
+		{"tcp://[::]:8080", "[::1]:8080", true},
+		{"tcp://127.0.0.1:8080", "localhost:8080", true},
+		{"tcp://127.0.0.1:8080", "127.0.0.1:9090", false},
+		{"tcp://192.0.2.1:8080", "127.0.0.1:8080", false},
+		{"udp://127.0.0.1:8080", "127.0.0.1:8080", false},
+	} {
+		c := Defaults()
+		c.Command = []string{"x"}
+		l, err := ParseListen("web=" + tc.listen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Listeners = []Listener{l}
+		if c.Ready, err = parseReady("tcp-connect:" + tc.ready); err != nil {
+			t.Fatal(err)
+		}
+		err = c.Validate()
+		refused := err != nil && strings.Contains(err.Error(), "baton's own listener web")
+		if refused != tc.refused {
+			t.Errorf("listen %s, ready tcp-connect:%s: Validate() = %v; want refused %v", tc.listen, tc.ready, err, tc.refused)
+		}
+	}
+}
+
 func TestParseReadyAndSignal(t *testing.T) {
 	for in, want := range map[string]string{"auto": "auto", "delay:2s": "delay:2s", "tcp-connect:127.0.0.1:80": "tcp-connect:127.0.0.1:80", "notify": "auto"} {
 		r, err := parseReady(in)

@@ -33,7 +33,8 @@ func (r Ready) String() string {
 }
 
 // parseReady parses the ready key and --ready: auto, delay:2s or
-// tcp-connect:127.0.0.1:8080.
+// tcp-connect:127.0.0.1:9090 (a port the server opens itself; Validate
+// refuses one of baton's listeners).
 func parseReady(s string) (Ready, error) {
 	kind, arg, _ := strings.Cut(s, ":")
 	switch kind {
