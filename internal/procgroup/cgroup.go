@@ -57,9 +57,9 @@ var batonDir = regexp.MustCompile(`^baton-([0-9]+)(?:-[0-9]+)?$`)
 // directory's name. A name alone is not proof: anything else in baton's
 // cgroup may be called baton-<digits> (a container's cgroup named after
 // it, another tool's), and a sweep kills every process in what it takes
-// for baton's. Only the directory's owner (or root) can set a user xattr
-// on it, and cgroup2 has them since Linux 5.7, which cgroup mode needs
-// anyway.
+// for baton's. Only who may write to the directory itself (for a cgroup,
+// its owner or root) can set a user xattr on it, and cgroup2 has them
+// since Linux 5.7, which cgroup mode needs anyway.
 const ownerAttr = "user.baton.owner"
 
 // xattrsWork reports whether the file system of dir has user xattrs:
