@@ -132,10 +132,10 @@ type spawnOpts struct {
 	spare *spare
 }
 
-// prepareStart checks what a fork of generation num fixes (its user,
-// group and working directory) and makes its process group: for a
-// generation's start and for a spare's alike.
-func prepareStart(procs *procgroup.Tracker, num int, userName, groupName, dir string) (*procgroup.Group, *syscall.SysProcAttr, error) {
+// prepareStart checks what a fork of the application's code fixes (its
+// user, group and working directory) and makes its process group, named
+// name: for a generation's start, a spare's and a check command's alike.
+func prepareStart(procs *procgroup.Tracker, name, userName, groupName, dir string) (*procgroup.Group, *syscall.SysProcAttr, error) {
 	cred, err := credential(userName, groupName)
 	if err != nil {
 		return nil, nil, err
@@ -143,7 +143,7 @@ func prepareStart(procs *procgroup.Tracker, num int, userName, groupName, dir st
 	if err := checkDir(dir); err != nil {
 		return nil, nil, err
 	}
-	grp, err := procs.NewGroup("gen-" + strconv.Itoa(num))
+	grp, err := procs.NewGroup(name)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -159,6 +159,9 @@ func prepareStart(procs *procgroup.Tracker, num int, userName, groupName, dir st
 	}
 	return grp, attr, nil
 }
+
+// genGroup names generation num's process group.
+func genGroup(num int) string { return "gen-" + strconv.Itoa(num) }
 
 // checkDir checks the working directory before a fork: exec would report
 // a missing one as the shim's own "fork/exec /proc/self/exe: no such file
@@ -196,7 +199,7 @@ func startGeneration(o spawnOpts) (*generation, error) {
 		grp = sp.grp
 	} else {
 		var err error
-		if grp, attr, err = prepareStart(o.procs, o.num, cfg.User, cfg.Group, cfg.Dir); err != nil {
+		if grp, attr, err = prepareStart(o.procs, genGroup(o.num), cfg.User, cfg.Group, cfg.Dir); err != nil {
 			return nil, err
 		}
 	}

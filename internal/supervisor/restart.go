@@ -265,7 +265,10 @@ func (s *Supervisor) loadConfig() (*config.Config, error) {
 // starts is in one process group, killed as a whole when it times out and
 // when the shell exits, so nothing it started outlives it.
 func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker, n int64, log *slog.Logger) (string, error) {
-	grp, err := procs.NewGroup(fmt.Sprintf("check-%d", n))
+	// The check runs the application's code (typically its binary with a
+	// -check flag): prepared as a generation is, as the application's
+	// user, never with the supervisor's privileges.
+	grp, attr, err := prepareStart(procs, fmt.Sprintf("check-%d", n), cfg.User, cfg.Group, cfg.Dir)
 	if err != nil {
 		return "", err
 	}
@@ -275,17 +278,7 @@ func runCheck(stop context.Context, cfg *config.Config, procs *procgroup.Tracker
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.CheckCmd)
 	cmd.Dir = cfg.Dir
 	cmd.Env = append(childEnv(os.Environ(), cfg.Env), grp.Env()...)
-	// The check runs the application's code (typically its binary with a
-	// -check flag): as the application's user, like a generation, never
-	// with the supervisor's privileges.
-	cred, err := credential(cfg.User, cfg.Group)
-	if err != nil {
-		return "", err
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	if err := grp.Prepare(cmd.SysProcAttr); err != nil {
-		return "", err
-	}
+	cmd.SysProcAttr = attr
 	cmd.Cancel = grp.Kill
 	// A background process holding the output pipe must not keep the
 	// check waiting once the shell is gone.

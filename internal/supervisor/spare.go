@@ -209,7 +209,7 @@ func (s *Supervisor) dropSpare() {
 // places. It runs on the spawner's thread, like a generation's start, so
 // that the parent-death signal fires only when the supervisor exits.
 func forkSpare(sp *spawner, procs *procgroup.Tracker, num, nfds int, userName, groupName, dir, self string) (*spare, error) {
-	grp, attr, err := prepareStart(procs, num, userName, groupName, dir)
+	grp, attr, err := prepareStart(procs, genGroup(num), userName, groupName, dir)
 	if err != nil {
 		return nil, err
 	}
